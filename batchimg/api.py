@@ -1,0 +1,114 @@
+"""The Python API: `batchimg.run(...)` and `await batchimg.arun(...)`; the CLI calls these."""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from . import specs
+from .client import ImagesClient
+from .config import PROVIDERS, ClientConfig, RunConfig, Secret
+from .engine import Engine, ProgressCallback, Summary
+from .errors import UsageError
+from .manifest import Defaults
+from .retry import RetryPolicy
+
+
+def _check_manifest(path: Path) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot read manifest {str(path)!r}: {exc.strerror or exc}") from None
+
+
+async def arun(
+    manifest: str | Path,
+    out: str | Path,
+    *,
+    provider: str = "openai",
+    base_url: str | None = None,
+    api_key: str | None = None,
+    api_key_env: str | None = None,
+    mock: bool = False,
+    concurrency: int = 8,
+    max_attempts: int = 6,
+    backoff_base_s: float = 0.5,
+    max_backoff_s: float = 30.0,
+    connect_timeout_s: float = 30.0,
+    timeout_s: float = 600.0,
+    azure_deployment: str | None = None,
+    azure_api_version: str | None = None,
+    defaults: Defaults | None = None,
+    progress: ProgressCallback | None = None,
+    handle_signals: bool = False,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+) -> Summary:
+    """Generate every image a manifest asks for into `out`; re-running resumes.
+
+    Raises UsageError (before sending anything) for a bad option, a missing key or an
+    unreadable manifest. `api_key` wins over the environment; `mock=True` runs against an
+    embedded mock server and needs no key.
+    """
+    manifest, out = Path(manifest), Path(out)
+    _check_manifest(manifest)
+    defaults = defaults or Defaults()
+    try:
+        defaults.check()
+    except specs.ParamError as exc:
+        raise UsageError(f"bad default --{exc.param.replace('_', '-')}: {exc}") from None
+    if provider not in PROVIDERS:
+        raise UsageError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
+    run_config = RunConfig(
+        manifest=manifest,
+        out_dir=out,
+        defaults=defaults,
+        concurrency=concurrency,
+        retry=RetryPolicy(
+            max_attempts=max_attempts, backoff_base_s=backoff_base_s, max_backoff_s=max_backoff_s
+        ),
+    )
+    client_options: dict[str, Any] = {
+        "connect_timeout_s": connect_timeout_s,
+        "timeout_s": timeout_s,
+        "azure_deployment": azure_deployment,
+    }
+    if azure_api_version:
+        client_options["azure_api_version"] = azure_api_version
+
+    async def go(client_config: ClientConfig) -> Summary:
+        async with ImagesClient(client_config, pool_size=concurrency) as client:
+            engine = Engine(run_config, client, progress=progress, sleep=sleep)
+            return await engine.run(handle_signals=handle_signals)
+
+    if mock:
+        from .mock import MockConfig, MockServer  # Pillow is only needed when mocking
+
+        key = secrets.token_urlsafe(16)
+        async with MockServer(MockConfig(api_key=key)) as server:
+            return await go(
+                ClientConfig(base_url=server.base_url, api_key=Secret(key), **client_options)
+            )
+    preset = PROVIDERS[provider]
+    url = base_url or preset.default_base_url
+    if not url:
+        raise UsageError(f"--base-url is required for provider {provider} (your resource URL)")
+    secret = Secret(api_key) if api_key else preset.api_key_from_env(key_env=api_key_env)
+    return await go(
+        ClientConfig(
+            base_url=url,
+            api_key=secret,
+            provider=preset.name,
+            **client_options,
+        )
+    )
+
+
+def run(manifest: str | Path, out: str | Path, **options: Any) -> Summary:
+    """Blocking form of `arun` (same options); for scripts and notebooks without a loop."""
+    return anyio.run(functools.partial(arun, manifest, out, **options))

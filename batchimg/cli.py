@@ -1,0 +1,221 @@
+"""The `batchimg` command: a thin shell over the Python API (`batchimg.api`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import click
+
+from . import specs
+from .api import arun
+from .config import DEFAULT_AZURE_API_VERSION, PROVIDERS
+from .engine import Summary
+from .errors import UsageError
+from .manifest import Defaults
+
+ALL_SIZES = sorted(set(specs.GPT_SIZES + specs.DALLE2_SIZES + specs.DALLE3_SIZES))
+ALL_QUALITIES = list(specs.GPT_QUALITIES + specs.DALLE3_QUALITIES)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="batchimg")
+def cli() -> None:
+    """Generate images in bulk from a JSONL manifest, fast, resumably, with a cost ledger."""
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output directory: images/ and ledger.jsonl go here. Re-use it to resume.",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(list(PROVIDERS)),
+    default="openai",
+    show_default=True,
+    help="API preset: default base URL and key variable.",
+)
+@click.option(
+    "--base-url",
+    help="API base URL, e.g. https://api.openai.com/v1 "
+    "(for azure: https://RESOURCE.openai.azure.com).",
+)
+@click.option(
+    "--api-key-env",
+    metavar="NAME",
+    help="Read the API key from this environment variable instead of "
+    "BATCHIMG_API_KEY / the provider's usual one.",
+)
+@click.option(
+    "--mock",
+    is_flag=True,
+    help="Run against the embedded mock server (no key, no network, real images).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Requests in flight at most.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    default=6,
+    show_default=True,
+    help="Tries per item for rate limits, 5xx and network errors.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds one request may take in all.",
+)
+@click.option(
+    "--connect-timeout",
+    "connect_timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for a connection.",
+)
+@click.option(
+    "--model", default="gpt-image-1", show_default=True, help="Model for lines that name none."
+)
+@click.option(
+    "--n",
+    "n",
+    type=click.IntRange(1, specs.MAX_N),
+    help="Images per prompt for lines that set none.",
+)
+@click.option("--size", type=click.Choice(ALL_SIZES), help="Size for lines that set none.")
+@click.option(
+    "--quality", type=click.Choice(ALL_QUALITIES), help="Quality for lines that set none."
+)
+@click.option(
+    "--output-format",
+    type=click.Choice(specs.OUTPUT_FORMATS),
+    help="Image format for lines that set none (GPT image models).",
+)
+@click.option(
+    "--output-compression",
+    type=click.IntRange(0, 100),
+    help="0-100, for jpeg/webp output (GPT image models).",
+)
+@click.option(
+    "--background",
+    type=click.Choice(specs.BACKGROUNDS),
+    help="transparent needs png or webp output (GPT image models).",
+)
+@click.option(
+    "--moderation",
+    type=click.Choice(specs.MODERATIONS),
+    help="Moderation level for lines that set none (GPT image models).",
+)
+@click.option("--azure-deployment", help="Azure deployment name (default: the model name).")
+@click.option(
+    "--azure-api-version",
+    default=DEFAULT_AZURE_API_VERSION,
+    show_default=True,
+    help="Azure api-version query parameter.",
+)
+def run(manifest: Path, out: Path, **options: Any) -> None:
+    """Generate every image in MANIFEST into --out; re-running the same command resumes.
+
+    Exit status: 0 all ok, 1 some items failed, 2 bad invocation, 3 stopped early
+    (bad key, quota), 130 interrupted.
+    """
+    default_fields = (
+        "model",
+        "n",
+        "size",
+        "quality",
+        "output_format",
+        "output_compression",
+        "background",
+        "moderation",
+    )
+    defaults = Defaults(**{k: options.pop(k) for k in default_fields})
+    try:
+        summary = anyio.run(
+            lambda: arun(manifest, out, defaults=defaults, handle_signals=True, **options)
+        )
+    except UsageError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(format_summary(summary), err=True)
+    sys.exit(summary.exit_code)
+
+
+def format_summary(summary: Summary) -> str:
+    """The end-of-run summary a person reads."""
+    s = summary
+    lines = [
+        f"batchimg: {s.ok} ok, {s.failed} failed, {s.skipped} already done"
+        + (f", {s.not_attempted} not attempted" if s.not_attempted else ""),
+        f"  images: {s.images}   tokens: {s.input_tokens:,} in / {s.output_tokens:,} out"
+        f"   cost: ${s.cost_usd:.4f}" + (f" (+{s.unpriced} unpriced)" if s.unpriced else ""),
+        f"  wall time: {s.wall_s:.1f} s   images: {s.out_dir / 'images'}   ledger: {s.ledger_path}",
+    ]
+    if s.failures:
+        counts = ", ".join(f"{code} x{count}" for code, count in sorted(s.failures.items()))
+        lines.append(f"  failures: {counts} (details in the ledger)")
+    if s.interrupted:
+        lines.append("  interrupted: re-run the same command to resume")
+    elif s.stop_reason:
+        lines.append(f"  stopped early: {s.stop_reason}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on (0 picks a free one).",
+)
+@click.option("--api-key", help="Accept only this bearer key (default: any non-empty key).")
+@click.option("--no-auth", is_flag=True, help="Accept requests without any key.")
+@click.option(
+    "--latency",
+    "latency_s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds added to every image request.",
+)
+@click.option(
+    "--error-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Fraction of requests answered 500 server_error.",
+)
+@click.option(
+    "--rate-limit-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Fraction of requests answered 429 rate_limit_exceeded.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for injected faults.")
+def mock(host: str, port: int, api_key: str | None, no_auth: bool, **faults: Any) -> None:
+    """Serve an OpenAI-compatible mock Images API (real images, usage, errors) on loopback."""
+    from .mock import MockConfig, serve
+
+    serve(MockConfig(api_key=api_key, require_auth=not no_auth, **faults), host, port)
+
+
+def main() -> None:
+    cli()

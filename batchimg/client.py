@@ -1,0 +1,161 @@
+"""HTTP client for the Images API: one aiohttp session per run, one request per call.
+
+`ImagesClient.generate` sends exactly one request and either returns the parsed answer or
+raises an `errors.RequestError` subclass saying whether to retry; retrying is the caller's job
+(see `retry.py`). The API key only ever lives in request headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .config import ClientConfig
+from .errors import ErrorInfo, RequestError, TransportError, classify
+
+USER_AGENT = "batchimg/0.1"
+MAX_RETRY_AFTER_S = 600.0
+
+
+@dataclass(frozen=True)
+class ImagesResult:
+    """A successful answer: the `data` entries, `usage` verbatim, and how long it took."""
+
+    data: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+    request_id: str | None
+    latency_s: float
+    echo: dict[str, Any]  # size / quality / output_format / background, where the API said
+
+
+def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
+    """Seconds the server asks us to wait: `retry-after-ms`, else `retry-after` (secs or date)."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, min(float(ms) / 1000, MAX_RETRY_AFTER_S))
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, min(float(value), MAX_RETRY_AFTER_S))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, min(when.timestamp() - now, MAX_RETRY_AFTER_S))
+
+
+def _should_retry(headers: Any) -> bool | None:
+    value = (headers.get("x-should-retry") or "").strip().lower()
+    return {"true": True, "false": False}.get(value)
+
+
+class ImagesClient:
+    """Sends image requests over one pooled session; use as an async context manager."""
+
+    def __init__(self, config: ClientConfig, *, pool_size: int = 8) -> None:
+        self._config = config
+        self._pool_size = pool_size
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ImagesClient:
+        timeout = aiohttp.ClientTimeout(
+            total=self._config.timeout_s, sock_connect=self._config.connect_timeout_s
+        )
+        connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=self._pool_size)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            headers={"User-Agent": USER_AGENT},
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("ImagesClient used outside 'async with'")
+        return self._session
+
+    async def generate(self, params: dict[str, Any]) -> ImagesResult:
+        """POST one generations request; raise a RequestError subclass on any failure."""
+        url = self._config.endpoint_url("generations", str(params.get("model", "")))
+        headers = {**self._config.auth_headers(), "Content-Type": "application/json"}
+        started = time.monotonic()
+        try:
+            async with self.session.post(url, data=orjson.dumps(params), headers=headers) as resp:
+                body = await resp.read()
+                status, resp_headers = resp.status, resp.headers
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _transport_error(exc) from None
+        latency_s = time.monotonic() - started
+        request_id = resp_headers.get("x-request-id")
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        if status >= 400:
+            raise classify(
+                status,
+                parsed,
+                request_id=request_id,
+                retry_after_s=parse_retry_after(resp_headers),
+                should_retry=_should_retry(resp_headers),
+            )
+        data = parsed.get("data") if isinstance(parsed, dict) else None
+        if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
+            what = "not JSON" if parsed is None else "JSON without a 'data' list"
+            raise TransportError(
+                ErrorInfo(
+                    message=f"HTTP {status} answer was {what} ({len(body)} bytes)",
+                    code="bad_response",
+                    http_status=status,
+                    request_id=request_id,
+                )
+            )
+        assert isinstance(parsed, dict)
+        usage = parsed.get("usage")
+        echo = {
+            k: parsed[k] for k in ("size", "quality", "output_format", "background") if k in parsed
+        }
+        return ImagesResult(
+            data=data,
+            usage=usage if isinstance(usage, dict) else None,
+            request_id=request_id,
+            latency_s=latency_s,
+            echo=echo,
+        )
+
+    async def download(self, url: str) -> bytes:
+        """Fetch an image `url` answer (they expire, so at once); no API key is sent with it."""
+        try:
+            async with self.session.get(url) as resp:
+                body = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _transport_error(exc) from None
+        if status >= 400:
+            raise classify(status, None)
+        return body
+
+
+def _transport_error(exc: BaseException) -> RequestError:
+    kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connection_error"
+    message = str(exc) or type(exc).__name__
+    return TransportError(ErrorInfo(message=f"{type(exc).__name__}: {message}", code=kind))

@@ -1,0 +1,555 @@
+"""An OpenAI-compatible mock of the Images API, embedded so tests and `batchimg run --mock` can
+exercise the whole engine over real HTTP, and so the official `openai` client works against it.
+
+Surface::
+
+    POST /v1/images/generations                          JSON body
+    POST /v1/images/edits                                multipart: image | image[] (1-16), mask
+    POST /openai/deployments/{dep}/images/generations    Azure shape (api-version query ignored,
+    POST /openai/deployments/{dep}/images/edits          model defaults to the deployment name)
+    GET  /v1/_mock/files/{token}                         what `url` data items point at
+
+    auth       Authorization: Bearer KEY (Azure paths also take `api-key: KEY`)   -> 401
+    every response carries `x-request-id: req_<hex>`; errors use the official envelope
+    {"error": {"message", "type", "param", "code"}}
+
+A request goes through: auth (401) -> body parsing (400) -> `latency_s` -> configured faults
+(429 / 500, one RNG draw per request) -> parameter validation with `batchimg.specs` (400)
+-> input images and mask (400) -> prompt directives -> success (200, `ImagesResponse`).
+Edit inputs are judged by their declared part Content-Type, as OpenAI does: a part sent as
+application/octet-stream is a 400 `unsupported_file_mimetype` even if its bytes are a PNG.
+
+`MockServer.requests` records every image request (`MockRequest`), and `max_in_flight` the
+most answered at once, so tests can check what a client sent and how concurrently.
+
+Prompt directives, for deterministic tests (several may appear in one prompt):
+
+    [[mock:moderation]]   400 moderation_blocked (type image_generation_user_error)
+    [[mock:corrupt]]      200, but each b64_json decodes to bytes that are not an image
+    [[mock:datauri]]      b64_json carries a `data:image/<fmt>;base64,` prefix
+    [[mock:fail=N]]       the first N valid requests with this exact prompt get 500
+                          server_error (counted per prompt, per server); later ones succeed
+    [[mock:url]]          answer with `url` items even for GPT image models
+
+Images are real (decodable, exact size and format) but cheap: see `batchimg._mockimages`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import re
+import secrets
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from aiohttp import BodyPartReader, web
+from aiohttp.typedefs import Handler
+
+from batchimg import specs
+from batchimg._mockimages import (
+    CORRUPT,
+    EncodedImage,
+    InputImage,
+    UploadedFile,
+    check_inputs,
+    render_response,
+)
+from batchimg.specs import ParamError
+
+__all__ = [
+    "Directives",
+    "Fault",
+    "MockConfig",
+    "MockRequest",
+    "MockServer",
+    "decide_fault",
+    "serve",
+]
+
+#: OpenAI's own default model is dall-e-2; batchimg's users mean gpt-image, so the mock says so.
+DEFAULT_MODEL = "gpt-image-1"
+#: Besides `specs.API_FIELDS`, what the SDK may send that the mock accepts (and ignores).
+EXTRA_FIELDS = ("stream", "partial_images", "safety_identifier")
+_INT_FORM_FIELDS = ("n", "output_compression", "partial_images")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MockConfig:
+    """How the mock behaves; the fault rates draw from an RNG seeded with `seed`."""
+
+    api_key: str | None = None  # if set, only this key is accepted; else any non-empty key
+    require_auth: bool = True  # False: no auth check at all
+    latency_s: float = 0.0  # added before answering every authenticated image request
+    error_rate: float = 0.0  # fraction of requests answered 500 server_error
+    rate_limit_rate: float = 0.0  # fraction answered 429 rate_limit_exceeded
+    retry_after_s: float = 0.05  # what the 429s ask for
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        rates = (self.error_rate, self.rate_limit_rate)
+        if any(not 0.0 <= r <= 1.0 for r in rates) or sum(rates) > 1.0:
+            raise ValueError("error_rate and rate_limit_rate must be in [0, 1] and sum to <= 1")
+        if self.latency_s < 0 or self.retry_after_s < 0:
+            raise ValueError("latency_s and retry_after_s must be >= 0")
+
+
+@dataclass
+class MockRequest:
+    """One image request as the mock received it (errors included; 401s carry no body data)."""
+
+    endpoint: str  # "generations" | "edits"
+    prompt: str | None
+    model: str | None  # the effective model, after defaulting
+    n: int | None
+    status: int
+    request_id: str
+    params: dict[str, Any]  # the form/JSON fields as received (no file bytes)
+    image_count: int = 0  # edits: number of input images
+    has_mask: bool = False
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)  # exceptions compare by identity
+class _ApiError(Exception):
+    """An error answer in the official envelope; raised anywhere in a handler."""
+
+    status: int
+    message: str
+    type_: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def response(self) -> web.Response:
+        error = {
+            "message": self.message,
+            "type": self.type_,
+            "param": self.param,
+            "code": self.code,
+        }
+        return _json(self.status, {"error": error}, self.headers)
+
+
+def _json(
+    status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers
+    )
+
+
+def _server_error() -> _ApiError:
+    message = "The server had an error while processing your request. Sorry about that!"
+    return _ApiError(500, message, type_="server_error", code="server_error")
+
+
+def _rate_limited(retry_after_s: float) -> _ApiError:
+    headers = {
+        "retry-after-ms": str(round(retry_after_s * 1000)),
+        # HTTP wants whole seconds here; clients should prefer the precise retry-after-ms.
+        "retry-after": str(math.ceil(retry_after_s)),
+    }
+    message = f"Rate limit reached for images per min. Please try again in {retry_after_s:g}s."
+    return _ApiError(429, message, type_="requests", code="rate_limit_exceeded", headers=headers)
+
+
+# -- faults and directives -------------------------------------------------------------------
+
+Fault = Literal["rate_limit", "server_error"]
+
+
+def decide_fault(draw: float, config: MockConfig) -> Fault | None:
+    """The configured fault for one request, given a uniform draw in [0, 1); None: no fault."""
+    rates: tuple[tuple[Fault, float], ...] = (
+        ("rate_limit", config.rate_limit_rate),
+        ("server_error", config.error_rate),
+    )
+    threshold = 0.0
+    for fault, rate in rates:
+        threshold += rate
+        if draw < threshold:
+            return fault
+    return None
+
+
+def _fault_error(fault: Fault, config: MockConfig) -> _ApiError:
+    if fault == "rate_limit":
+        return _rate_limited(config.retry_after_s)
+    return _server_error()
+
+
+_DIRECTIVE = re.compile(r"\[\[mock:([a-z_]+)(?:=(\d+))?\]\]")
+
+
+@dataclass(frozen=True)
+class Directives:
+    """The `[[mock:...]]` directives found in a prompt (see the module docstring)."""
+
+    moderation: bool = False
+    corrupt: bool = False
+    datauri: bool = False
+    url: bool = False
+    fail: int = 0
+
+    @classmethod
+    def parse(cls, prompt: str) -> Directives:
+        found = dict(_DIRECTIVE.findall(prompt))
+        unknown = set(found) - {"moderation", "corrupt", "datauri", "url", "fail"}
+        if unknown:
+            raise ParamError("prompt", f"Unknown mock directive(s): {', '.join(sorted(unknown))}.")
+        return cls(
+            moderation="moderation" in found,
+            corrupt="corrupt" in found,
+            datauri="datauri" in found,
+            url="url" in found,
+            fail=int(found.get("fail") or 0),
+        )
+
+
+# -- request parsing -------------------------------------------------------------------------
+
+
+@dataclass
+class _Body:
+    params: dict[str, Any]
+    edit: bool = False
+    images: list[UploadedFile] = field(default_factory=list)
+    mask: UploadedFile | None = None
+
+
+async def _read_json(request: web.Request) -> _Body:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        raise _ApiError(
+            400,
+            "We could not parse the JSON body of your request. "
+            "The OpenAI API expects a JSON object as payload.",
+        )
+    return _Body(params=body)
+
+
+def _form_value(name: str, text: str) -> Any:
+    """Multipart fields arrive as text; give numbers and booleans their JSON types back."""
+    if name in _INT_FORM_FIELDS and re.fullmatch(r"-?\d+", text.strip()):
+        return int(text)
+    if name == "stream" and text in ("true", "false"):
+        return text == "true"
+    return text
+
+
+async def _read_form(request: web.Request) -> _Body:
+    if request.content_type != "multipart/form-data":
+        raise _ApiError(400, "Image edits take a multipart/form-data body.")
+    body = _Body(params={}, edit=True)
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise _ApiError(400, "Nested multipart bodies are not supported.")
+        name = part.name or ""
+        data = bytes(await part.read())
+        if name in ("image", "image[]", "mask"):
+            # RFC 7578: a part without Content-Type is text/plain.
+            mime = part.headers.get("Content-Type", "text/plain").split(";")[0].strip().lower()
+            file_part = UploadedFile(name, mime, data)
+            if name == "mask":
+                body.mask = file_part
+            else:
+                body.images.append(file_part)
+        else:
+            body.params[name] = _form_value(name, data.decode("utf-8", errors="replace"))
+    return body
+
+
+def _check_fields(params: dict[str, Any]) -> None:
+    for name in params:
+        if name not in specs.API_FIELDS and name not in EXTRA_FIELDS:
+            raise ParamError(name, f"Unknown parameter: '{name}'.", "unknown_parameter")
+    if params.get("stream"):
+        raise ParamError(
+            "stream", "The mock does not stream; send stream=false.", "unsupported_value"
+        )
+
+
+def _usage(params: dict[str, Any], n: int, inputs: list[InputImage]) -> dict[str, Any]:
+    # Unknown GPT models fall back to gpt-image-1's table inside specs.
+    output = (specs.output_tokens_per_image(params) or 0) * n
+    text = specs.estimate_text_tokens(params["prompt"])
+    image = sum(specs.image_input_tokens(i.width, i.height) for i in inputs)
+    return {
+        "total_tokens": text + image + output,
+        "input_tokens": text + image,
+        "output_tokens": output,
+        "input_tokens_details": {"text_tokens": text, "image_tokens": image},
+    }
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+def _new_request_id() -> str:
+    return f"req_{secrets.token_hex(16)}"
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> _ApiError:
+    """aiohttp's own errors (no route, body too large) in the official envelope."""
+    message = f"Invalid URL ({request.method} {request.path})" if exc.status == 404 else exc.reason
+    return _ApiError(exc.status, message)
+
+
+@web.middleware
+async def _envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer routing errors in the official envelope and stamp every response's request id."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = _http_error(request, exc).response()
+    if "x-request-id" not in response.headers:
+        response.headers["x-request-id"] = _new_request_id()
+    return response
+
+
+class MockServer:
+    """The mock Images API on a loopback port; `async with` it, or `start_in_thread()` it."""
+
+    def __init__(
+        self, config: MockConfig = MockConfig(), *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.requests: list[MockRequest] = []
+        self.in_flight = 0  # image requests being answered right now
+        self.max_in_flight = 0  # the most seen at once: what a concurrency limit should bound
+        self._requested_port = port
+        self._port: int | None = None
+        self._rng = random.Random(self.config.seed)
+        self._fail_counts: Counter[str] = Counter()
+        self._files: dict[str, EncodedImage] = {}
+        self._runner: web.AppRunner | None = None
+        self._thread: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the mock server is not started")
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        """The URL to give an OpenAI client as `base_url`, e.g. http://127.0.0.1:PORT/v1."""
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/v1"
+
+    def count(self, prompt: str) -> int:
+        """How many requests carried this prompt."""
+        return sum(1 for r in self.requests if r.prompt == prompt)
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("the mock server is already started")
+        app = web.Application(middlewares=[_envelope_middleware])
+        for prefix in ("/v1", "/openai/deployments/{deployment}"):
+            app.router.add_post(f"{prefix}/images/generations", self._images)
+            app.router.add_post(f"{prefix}/images/edits", self._images)
+        app.router.add_get("/v1/_mock/files/{token}", self._file)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self._requested_port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> MockServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def start_in_thread(self) -> None:
+        """Serve from a daemon thread with its own event loop (for sync clients)."""
+        if self._thread is not None:
+            raise RuntimeError("the mock server is already running in a thread")
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="batchimg-mock", daemon=True)
+        thread.start()
+        self._thread = (loop, thread)
+        try:
+            asyncio.run_coroutine_threadsafe(self.start(), loop).result()
+        except BaseException:
+            self.stop_in_thread()
+            raise
+
+    def stop_in_thread(self) -> None:
+        if self._thread is None:
+            return
+        loop, thread = self._thread
+        self._thread = None
+        asyncio.run_coroutine_threadsafe(self.stop(), loop).result()
+        asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+    # -- handlers --
+
+    async def _images(self, request: web.Request) -> web.Response:
+        endpoint: specs.Endpoint = "edits" if request.path.endswith("/edits") else "generations"
+        record = MockRequest(
+            endpoint=endpoint,
+            prompt=None,
+            model=None,
+            n=None,
+            status=0,
+            request_id=_new_request_id(),
+            params={},
+        )
+        self.requests.append(record)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            response = await self._answer(request, endpoint, record)
+        except _ApiError as error:
+            response = error.response()
+        except web.HTTPException as exc:
+            response = _http_error(request, exc).response()
+        finally:
+            self.in_flight -= 1
+        record.status = response.status
+        response.headers["x-request-id"] = record.request_id
+        return response
+
+    async def _answer(
+        self, request: web.Request, endpoint: specs.Endpoint, record: MockRequest
+    ) -> web.Response:
+        deployment = request.match_info.get("deployment")
+        self._check_auth(request, azure=deployment is not None)
+        body = await (_read_form(request) if endpoint == "edits" else _read_json(request))
+        params = body.params
+        record.params = dict(params)
+        record.image_count, record.has_mask = len(body.images), body.mask is not None
+        record.prompt = params["prompt"] if isinstance(params.get("prompt"), str) else None
+        record.n = params["n"] if isinstance(params.get("n"), int) else None
+        params = {"model": deployment or DEFAULT_MODEL, **params}
+        record.model = params["model"] if isinstance(params["model"], str) else None
+
+        if self.config.latency_s:
+            await asyncio.sleep(self.config.latency_s)
+        fault = decide_fault(self._rng.random(), self.config)
+        if fault is not None:
+            raise _fault_error(fault, self.config)
+
+        try:
+            _check_fields(params)
+            specs.validate_params(params, endpoint)
+            inputs = (
+                await check_inputs(body.images, body.mask, params["model"]) if body.edit else []
+            )
+            directives = Directives.parse(params["prompt"])
+        except specs.ParamError as e:
+            raise _ApiError(400, str(e), param=e.param, code=e.code) from e
+
+        prompt: str = params["prompt"]
+        if directives.fail:
+            self._fail_counts[prompt] += 1
+            if self._fail_counts[prompt] <= directives.fail:
+                raise _server_error()
+        if directives.moderation:
+            raise _ApiError(
+                400,
+                "Your request was rejected as a result of our safety system.",
+                type_="image_generation_user_error",
+                code="moderation_blocked",
+            )
+        return await self._succeed(request, params, directives, inputs)
+
+    def _check_auth(self, request: web.Request, *, azure: bool) -> None:
+        if not self.config.require_auth:
+            return
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        key = key.strip() if scheme.lower() == "bearer" else ""
+        if azure and not key:
+            key = request.headers.get("api-key", "").strip()
+        if not key:
+            message = "You didn't provide an API key (Authorization: Bearer KEY)."
+        elif self.config.api_key is not None and key != self.config.api_key:
+            message = f"Incorrect API key provided: {key[:3]}***{key[-4:] if len(key) > 8 else ''}."
+        else:
+            return
+        raise _ApiError(401, message, code="invalid_api_key")
+
+    async def _succeed(
+        self,
+        request: web.Request,
+        params: dict[str, Any],
+        directives: Directives,
+        inputs: list[InputImage],
+    ) -> web.Response:
+        model, prompt = params["model"], params["prompt"]
+        fam = specs.family(model)
+        n = params.get("n") or 1
+        fmt = specs.output_format(params)
+        images = [CORRUPT] * n if directives.corrupt else await render_response(params, n)
+        as_url = directives.url or (fam != "gpt" and params.get("response_format") != "b64_json")
+        data: list[dict[str, str]] = []
+        for image in images:
+            if as_url:
+                token = secrets.token_urlsafe(16)
+                self._files[token] = image
+                data.append({"url": f"{request.scheme}://{request.host}/v1/_mock/files/{token}"})
+            elif directives.datauri:
+                data.append({"b64_json": f"data:{image.mime};base64,{image.b64}"})
+            else:
+                data.append({"b64_json": image.b64})
+            if fam == "dall-e-3":
+                data[-1]["revised_prompt"] = prompt
+        payload: dict[str, Any] = {"created": int(time.time()), "data": data}
+        if fam == "gpt":
+            transparent = params.get("background") == "transparent"
+            payload["background"] = "transparent" if transparent else "opaque"
+            payload["output_format"] = fmt
+            payload["size"] = specs.resolved_size(params)
+            payload["quality"] = specs.resolved_quality(params)
+            payload["usage"] = _usage(params, n, inputs)
+        return _json(200, payload)
+
+    async def _file(self, request: web.Request) -> web.Response:
+        image = self._files.get(request.match_info["token"])
+        if image is None:
+            return _ApiError(
+                404, "No such file (mock file links live as long as the server)."
+            ).response()
+        return web.Response(body=image.data, content_type=image.mime)
+
+
+def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the mock in the foreground; prints its base URL once listening; Ctrl-C stops it."""
+
+    async def main() -> None:
+        async with MockServer(config, host=host, port=port) as server:
+            print(server.base_url, flush=True)
+            await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

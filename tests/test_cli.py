@@ -1,0 +1,166 @@
+"""The `batchimg` command as a user runs it: a real process, real exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from batchimg.mock import MockConfig, MockServer
+from tests.helpers import check_ok_record, ledger
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY_VARS = ("BATCHIMG_API_KEY", "OPENAI_API_KEY", "MODELVERSE_API_KEY", "AZURE_OPENAI_API_KEY")
+
+
+def batchimg(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
+    return subprocess.run(
+        [sys.executable, "-m", "batchimg", *args],
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def threaded_server() -> Iterator[MockServer]:
+    server = MockServer(MockConfig(api_key="sk-cli-secret-value-42"))
+    server.start_in_thread()
+    try:
+        yield server
+    finally:
+        server.stop_in_thread()
+
+
+def test_readme_quickstart_runs_the_example_job_on_the_mock(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = batchimg("run", "jobs/example.jsonl", "--out", str(out), "--mock")
+    assert result.returncode == 0, result.stderr
+    records = ledger(out)
+    assert len(records) == 26
+    for record in records:
+        check_ok_record(out, record)
+    assert "26 ok, 0 failed" in result.stderr
+    assert "ledger" in result.stderr and "cost: $" in result.stderr
+    again = batchimg("run", "jobs/example.jsonl", "--out", str(out), "--mock")
+    assert again.returncode == 0
+    assert "0 ok, 0 failed, 26 already done" in again.stderr
+    assert len(ledger(out)) == 26
+
+
+def test_missing_key_exits_2_naming_the_variables(tmp_path: Path) -> None:
+    result = batchimg("run", "jobs/example.jsonl", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "BATCHIMG_API_KEY" in result.stderr and "OPENAI_API_KEY" in result.stderr
+    assert "--mock" in result.stderr
+    modelverse = batchimg(
+        "run", "jobs/example.jsonl", "--out", str(tmp_path / "o"), "--provider", "modelverse"
+    )
+    assert modelverse.returncode == 2 and "MODELVERSE_API_KEY" in modelverse.stderr
+    named = batchimg(
+        "run", "jobs/example.jsonl", "--out", str(tmp_path / "o"), "--api-key-env", "MY_KEY"
+    )
+    assert named.returncode == 2 and "MY_KEY" in named.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--concurrency", "0"], "--concurrency"),
+        (["--size", "999x999"], "--size"),
+        (["--n", "11"], "--n"),
+        (["--provider", "nope"], "--provider"),
+        (["--bogus"], "--bogus"),
+    ],
+)
+def test_bad_flag_exits_2_with_an_actionable_message(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    result = batchimg("run", "jobs/example.jsonl", "--out", str(tmp_path / "o"), "--mock", *args)
+    assert result.returncode == 2
+    assert expected in result.stderr
+
+
+def test_default_illegal_for_the_default_model_exits_2(tmp_path: Path) -> None:
+    result = batchimg(
+        "run", "jobs/example.jsonl", "--out", str(tmp_path / "o"), "--mock", "--size", "256x256"
+    )
+    assert result.returncode == 2
+    assert "--size" in result.stderr and "256x256" in result.stderr
+
+
+def test_unreadable_manifest_exits_2(tmp_path: Path) -> None:
+    result = batchimg(
+        "run", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"), "--mock"
+    )
+    assert result.returncode == 2
+    assert "missing.jsonl" in result.stderr
+
+
+def test_some_items_failing_exits_1(tmp_path: Path, write_manifest: Callable[..., Path]) -> None:
+    manifest = write_manifest([{"prompt": "a fine boat"}, {"prompt": "bad", "n": 0}])
+    result = batchimg("run", str(manifest), "--out", str(tmp_path / "o"), "--mock")
+    assert result.returncode == 1
+    assert "1 ok, 1 failed" in result.stderr
+
+
+def test_real_provider_path_with_key_from_env_never_leaks_the_key(
+    tmp_path: Path, threaded_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(
+        [{"prompt": "a blue heron"}, {"prompt": "[[mock:moderation]] x"}, "{oops"]
+    )
+    out = tmp_path / "o"
+    result = batchimg(
+        "run",
+        str(manifest),
+        "--out",
+        str(out),
+        "--base-url",
+        threaded_server.base_url,
+        env={"OPENAI_API_KEY": "sk-cli-secret-value-42"},
+    )
+    assert result.returncode == 1, result.stderr
+    assert len(threaded_server.requests) == 2
+    secret = "sk-cli-secret-value-42"
+    assert secret not in result.stdout + result.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_wrong_key_exits_3_and_says_what_to_do(
+    tmp_path: Path, threaded_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest([{"prompt": f"egret {i}"} for i in range(20)])
+    result = batchimg(
+        "run",
+        str(manifest),
+        "--out",
+        str(tmp_path / "o"),
+        "--base-url",
+        threaded_server.base_url,
+        "--concurrency",
+        "2",
+        env={"BATCHIMG_API_KEY": "sk-not-the-right-one"},
+    )
+    assert result.returncode == 3
+    assert "stopped early" in result.stderr and "invalid_api_key" in result.stderr
+    assert "sk-not-the-right-one" not in result.stderr
+    assert len(threaded_server.requests) <= 2
+
+
+def test_help_lists_commands_and_options() -> None:
+    top = batchimg("--help")
+    assert top.returncode == 0 and "run" in top.stdout and "mock" in top.stdout
+    run_help = batchimg("run", "--help")
+    for option in ("--out", "--mock", "--concurrency", "--api-key-env", "--provider", "--size"):
+        assert option in run_help.stdout

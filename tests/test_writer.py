@@ -1,0 +1,168 @@
+"""The writer: decode b64 answers, check the format, store files atomically without overwriting."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from batchimg.errors import ItemFailed
+from batchimg.writer import ImageStore, StoredFile, check_format, decode_b64_image
+
+
+def image_bytes(fmt: str, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """A real 8x8 image in `fmt` (png, jpeg or webp)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format=fmt.upper())
+    return buf.getvalue()
+
+
+PNG = image_bytes("png")
+JPEG = image_bytes("jpeg")
+WEBP = image_bytes("webp")
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.rglob("*") if p.name.endswith(".part"))
+
+
+# --- decode_b64_image -------------------------------------------------------------------------
+
+
+def test_plain_b64_json_decodes_to_the_image_bytes() -> None:
+    assert decode_b64_image(base64.b64encode(PNG).decode()) == PNG
+
+
+@pytest.mark.parametrize("mime", ["image/png", "image/jpeg", "image/webp"])
+def test_data_uri_prefix_is_stripped(mime: str) -> None:
+    # Some gateways prefix b64_json with a data URI (API_NOTES.md; the seed strips it too).
+    value = f"data:{mime};base64," + base64.b64encode(PNG).decode()
+    assert decode_b64_image(value) == PNG
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["not base64 at all!", "abc", "QUJD$$$", "data:image/png;base64,%%%", "data:image/png;base64"],
+)
+def test_corrupt_base64_fails_the_item(value: str) -> None:
+    with pytest.raises(ItemFailed) as info:
+        decode_b64_image(value)
+    assert info.value.info.code == "bad_image"
+    assert info.value.retry_after_s is None
+
+
+# --- check_format -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("data", "fmt"), [(PNG, "png"), (JPEG, "jpeg"), (WEBP, "webp")])
+def test_image_of_the_requested_format_passes(data: bytes, fmt: str) -> None:
+    check_format(data, fmt)  # raises if it does not pass
+
+
+def test_wrong_format_fails_the_item_with_both_formats_named() -> None:
+    with pytest.raises(ItemFailed) as info:
+        check_format(JPEG, "png")
+    message = str(info.value.info.message)
+    assert "asked for png" in message
+    assert "got jpeg" in message
+
+
+@pytest.mark.parametrize(("data", "expected"), [(PNG, "webp"), (WEBP, "jpeg")])
+def test_any_format_mismatch_fails_the_item(data: bytes, expected: str) -> None:
+    with pytest.raises(ItemFailed, match=f"asked for {expected}"):
+        check_format(data, expected)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"<html>502 Bad Gateway</html>", b'{"error": "x"}', b"\x89PN", b"RIFF\0\0\0\0WAVE"],
+)
+def test_non_image_bytes_fail_the_item(data: bytes) -> None:
+    with pytest.raises(ItemFailed) as info:
+        check_format(data, "png")
+    assert "not a PNG, JPEG or WebP image" in info.value.info.message
+    assert info.value.info.code == "bad_image"
+
+
+# --- ImageStore -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "ext", "data"), [("png", "png", PNG), ("jpeg", "jpg", JPEG), ("webp", "webp", WEBP)]
+)
+def test_save_writes_named_files_under_images(
+    tmp_path: Path, fmt: str, ext: str, data: bytes
+) -> None:
+    store = ImageStore(tmp_path)
+    other = image_bytes(fmt, (0, 0, 255))
+    stored = store.save("cat-01", [data, other], fmt)
+
+    assert [s.path for s in stored] == [f"images/cat-01-0.{ext}", f"images/cat-01-1.{ext}"]
+    for entry, expected in zip(stored, [data, other], strict=True):
+        on_disk = (tmp_path / entry.path).read_bytes()
+        assert on_disk == expected
+        assert entry.bytes == len(expected)
+        assert entry.sha256 == hashlib.sha256(expected).hexdigest()
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
+        f"cat-01-0.{ext}",
+        f"cat-01-1.{ext}",
+    ]
+    assert leftovers(tmp_path) == []
+
+
+def test_save_returns_stored_files_in_order(tmp_path: Path) -> None:
+    images = [image_bytes("png", (i * 40, 0, 0)) for i in range(4)]
+    stored = ImageStore(tmp_path).save("x", images, "png")
+    assert stored == [
+        StoredFile(f"images/x-{i}.png", len(d), hashlib.sha256(d).hexdigest())
+        for i, d in enumerate(images)
+    ]
+
+
+def test_store_creates_the_images_directory(tmp_path: Path) -> None:
+    out = tmp_path / "deep" / "out"
+    ImageStore(out)
+    assert (out / "images").is_dir()
+
+
+def test_stale_temp_files_are_removed_when_a_store_is_opened(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    stale = [images / ".cat-0.png.1a2b3c4d.part", images / ".x-3.webp.deadbeef.part"]
+    for path in stale:
+        path.write_bytes(b"half an image")
+    keep = images / "cat-0.png"
+    keep.write_bytes(PNG)
+
+    ImageStore(tmp_path)
+
+    assert not any(p.exists() for p in stale)
+    assert keep.read_bytes() == PNG
+
+
+def test_existing_file_is_moved_to_orphans_not_overwritten(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    old = image_bytes("png", (1, 2, 3))
+    (tmp_path / "images" / "cat-0.png").write_bytes(old)
+
+    (stored,) = store.save("cat", [PNG], "png")
+
+    assert (tmp_path / stored.path).read_bytes() == PNG
+    orphans = list((tmp_path / "orphans").iterdir())
+    assert [p.read_bytes() for p in orphans] == [old]
+    assert orphans[0].suffix == ".png"
+    assert orphans[0].name.startswith("cat-0")
+
+
+def test_saving_the_same_stem_twice_keeps_both_versions(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    first, second = image_bytes("png", (9, 9, 9)), image_bytes("png", (99, 99, 99))
+    store.save("dup", [first], "png")
+    store.save("dup", [second], "png")
+    assert (tmp_path / "images" / "dup-0.png").read_bytes() == second
+    assert [p.read_bytes() for p in (tmp_path / "orphans").iterdir()] == [first]
+    assert leftovers(tmp_path) == []
