@@ -11,13 +11,14 @@ import asyncio
 import email.utils
 import time
 from dataclasses import dataclass
+from datetime import timezone
 from typing import Any
 
 import aiohttp
 import orjson
 
 from .config import ClientConfig
-from .errors import ErrorInfo, RequestError, TransportError, classify
+from .errors import ErrorInfo, ItemFailed, RequestError, RunFatal, TransportError, classify
 
 USER_AGENT = "batchimg/0.1"
 MAX_RETRY_AFTER_S = 600.0
@@ -53,6 +54,8 @@ def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # an HTTP-date is always GMT
+        when = when.replace(tzinfo=timezone.utc)
     now = time.time() if now is None else now
     return max(0.0, min(when.timestamp() - now, MAX_RETRY_AFTER_S))
 
@@ -151,7 +154,9 @@ class ImagesClient:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _transport_error(exc) from None
         if status >= 400:
-            raise classify(status, None)
+            error = classify(status, None)
+            # A signed link that expired answers 403: that item is lost, not the whole run.
+            raise ItemFailed(error.info) if isinstance(error, RunFatal) else error
         return body
 
 

@@ -119,7 +119,8 @@ def classify(
         request_id=request_id,
     )
     quota = code is not None and (code in QUOTA_CODES or code.endswith("_spend_limit_exceeded"))
-    if status in (401, 403) or (status == 429 and quota):
+    # Exhausted accounts answer 429 insufficient_quota, but also 400 billing_hard_limit_reached.
+    if status in (401, 403) or quota:
         return RunFatal(info)
     if should_retry is True:
         cls: type[RequestError] = RateLimited if status == 429 else ServerError

@@ -7,6 +7,7 @@ number). Memory does not grow with the manifest's length beyond the compact id s
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -42,15 +43,19 @@ class Defaults:
     background: str | None = None
     moderation: str | None = None
 
+    @functools.cached_property
+    def _given(self) -> dict[str, Any]:
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
+
     def fill(self, params: dict[str, Any]) -> None:
         """Set every default the line left out, where the line's model takes that field."""
         params.setdefault("model", self.model)
         gpt = specs.family(str(params["model"])) == "gpt"
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None or (f.name in GPT_ONLY_FIELDS and not gpt):
-                continue
-            params.setdefault(f.name, value)
+        for name, value in self._given.items():
+            if gpt or name not in GPT_ONLY_FIELDS:
+                params.setdefault(name, value)
 
     def check(self) -> None:
         """Raise specs.ParamError if a default is illegal for the default model."""
@@ -167,8 +172,8 @@ def _parse(raw: bytes, number: int, ids: _Ids, defaults: Defaults) -> Item | Bad
     def bad(reason: str) -> BadLine:
         return BadLine(item_id, number, f"line {number}: {reason}", prompt, metadata)
 
-    unknown = sorted(k for k in obj if k not in KNOWN_KEYS)
-    if unknown:
+    if not KNOWN_KEYS.issuperset(obj):
+        unknown = sorted(k for k in obj if k not in KNOWN_KEYS)
         names = ", ".join(repr(k) for k in unknown)
         return bad(f"unknown field(s) {names}; put your own data under 'metadata'")
     if any(k in obj for k in EDIT_KEYS):

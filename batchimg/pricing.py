@@ -60,8 +60,8 @@ def _int(mapping: Mapping[str, Any], key: str) -> int:
 def usage_cost_usd(model: str, usage: Mapping[str, Any]) -> float | None:
     """Cost of one answer from its `usage`, or None if the model's prices are unknown."""
     prices = TOKEN_PRICES.get(model)
-    if prices is None:
-        return None
+    if prices is None or not isinstance(usage.get("output_tokens"), int):
+        return None  # a missing count is unknown, and unknown must never read as $0
     details = usage.get("input_tokens_details")
     details = details if isinstance(details, Mapping) else {}
     if "text_tokens" in details or "image_tokens" in details:

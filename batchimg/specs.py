@@ -7,6 +7,7 @@ place means the manifest loader rejects exactly what the mock server (and the re
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -132,6 +133,30 @@ def validate_params(params: Mapping[str, Any], endpoint: Endpoint = "generations
             "prompt",
             f"'prompt' has {len(prompt)} characters; {model} takes {MAX_PROMPT_CHARS[fam]} at most",
         )
+    # Manifests repeat a few option sets over many prompts: check each set once.
+    try:
+        key = tuple(sorted((k, type(v), v) for k, v in params.items() if k != "prompt"))
+        error = _options_error(endpoint, key)
+    except TypeError:  # an unhashable value (a list, a dict): check it uncached
+        _check_options(params, endpoint)
+        return
+    if error is not None:
+        raise ParamError(*error)
+
+
+@functools.lru_cache(maxsize=4096)
+def _options_error(endpoint: Endpoint, key: tuple[Any, ...]) -> tuple[str, str, str] | None:
+    try:
+        _check_options({k: v for k, _, v in key}, endpoint)
+    except ParamError as exc:
+        return exc.param, str(exc), exc.code
+    return None
+
+
+def _check_options(params: Mapping[str, Any], endpoint: Endpoint) -> None:
+    """Every rule on the fields other than `prompt` (the model is known to be a string)."""
+    model = str(params["model"])
+    fam = family(model)
     n = params.get("n")
     if n is not None:
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:

@@ -42,6 +42,8 @@ def decode_b64_image(value: str) -> bytes:
         _, sep, value = value.partition(",")
         if not sep:
             raise _bad_image("data URI without a ',' before its payload")
+    if "\n" in value or "\r" in value:  # some gateways wrap base64 at 76 columns
+        value = "".join(value.split())
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -284,6 +284,25 @@ async def test_expired_download_link_fails_the_item(api: FakeAPI) -> None:
             await client.download(f"{api.url}/files/img.png")
 
 
+@pytest.mark.parametrize("status", [401, 403])
+async def test_forbidden_download_link_fails_the_item_not_the_run(
+    api: FakeAPI, status: int
+) -> None:
+    # DALL·E `url` answers are signed blob links; once expired the storage host answers 403
+    # (Azure Blob: AuthenticationFailed). That says nothing about the API key, so it must not
+    # stop the run the way a 401/403 from the Images API does.
+    api.reply(
+        status,
+        text="<Error><Code>AuthenticationFailed</Code></Error>",
+        content_type="application/xml",
+    )
+    async with ImagesClient(openai_config(api)) as client:
+        with pytest.raises(RequestError) as info:
+            await client.download(f"{api.url}/private/img.png?se=2020-01-01&sig=abc")
+    assert type(info.value) is ItemFailed
+    assert info.value.info.http_status == status
+
+
 async def test_client_used_outside_async_with_raises() -> None:
     client = ImagesClient(ClientConfig(base_url="http://127.0.0.1:9", api_key=Secret(KEY)))
     with pytest.raises(RuntimeError, match="async with"):
