@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,17 +135,7 @@ def run(manifest: Path, out: Path, **options: Any) -> None:
     Exit status: 0 all ok, 1 some items failed, 2 bad invocation, 3 stopped early
     (bad key, quota), 130 interrupted.
     """
-    default_fields = (
-        "model",
-        "n",
-        "size",
-        "quality",
-        "output_format",
-        "output_compression",
-        "background",
-        "moderation",
-    )
-    defaults = Defaults(**{k: options.pop(k) for k in default_fields})
+    defaults = Defaults(**{f.name: options.pop(f.name) for f in dataclasses.fields(Defaults)})
     try:
         summary = anyio.run(
             lambda: arun(manifest, out, defaults=defaults, handle_signals=True, **options)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from batchimg.mock import MockConfig, MockServer
-from tests.helpers import check_ok_record, ledger
+from tests.helpers import check_ok_record, last_states, ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_VARS = ("BATCHIMG_API_KEY", "OPENAI_API_KEY", "MODELVERSE_API_KEY", "AZURE_OPENAI_API_KEY")
@@ -164,3 +167,64 @@ def test_help_lists_commands_and_options() -> None:
     run_help = batchimg("run", "--help")
     for option in ("--out", "--mock", "--concurrency", "--api-key-env", "--provider", "--size"):
         assert option in run_help.stdout
+
+
+def _wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_sigint_drains_in_flight_exits_130_and_rerun_finishes(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    server = MockServer(MockConfig(api_key="sk-sig", latency_s=0.3))
+    server.start_in_thread()
+    try:
+        manifest = write_manifest([{"id": f"s{i}", "prompt": f"stone {i}"} for i in range(12)])
+        out = tmp_path / "o"
+        args = [sys.executable, "-m", "batchimg", "run", str(manifest), "--out", str(out)]
+        args += ["--base-url", server.base_url, "--concurrency", "2"]
+        env = {**os.environ, "BATCHIMG_API_KEY": "sk-sig"}
+        proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        ledger_path = out / "ledger.jsonl"
+        _wait_for(lambda: ledger_path.exists() and ledger_path.stat().st_size > 0)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+        assert "re-run" in stderr
+        first = ledger(out)
+        assert 1 <= len(first) < 12
+        assert all(r["status"] == "ok" for r in first)  # in-flight items finished, not failed
+        sent_before = len(server.requests)
+        assert sent_before == len(first)  # nothing was left half-done
+        rerun = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert rerun.returncode == 0, rerun.stderr
+        states = last_states(out)
+        assert len(states) == 12 and all(r["status"] == "ok" for r in states.values())
+        assert len(server.requests) == 12  # no ok item was requested twice
+    finally:
+        server.stop_in_thread()
+
+
+def test_mock_command_serves_on_a_free_port() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "batchimg", "mock", "--port", "0", "--api-key", "k1"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            base_url = proc.stdout.readline().strip()
+            assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")
+            client = openai.OpenAI(base_url=base_url, api_key="k1", max_retries=0)
+            result = client.images.generate(model="gpt-image-1", prompt="a moth", quality="low")
+            client.close()
+            assert result.data and result.data[0].b64_json
+            assert result.usage is not None and result.usage.output_tokens == 272
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+    assert proc.returncode == 0
