@@ -5,15 +5,16 @@ palette colour with a centred block, encoded once per `ImageSpec` and then serve
 cache (bytes and base64 alike). Encoding runs in a worker thread so a cache miss does not stall
 the server's event loop.
 
-Sent (edits): every input image must declare and be PNG / JPEG / WebP and decode with Pillow;
-the mask must be a PNG with an alpha channel, the size of the first image. Violations raise
-`specs.ParamError`, which the server answers with a 400 like any other parameter error.
+Sent (edits): every input part must declare an image type the API takes, then pass the same
+rules the client applies before sending (`batchimg.inputs.check_edit_inputs`), on fully decoded
+bytes. Violations raise `specs.ParamError`, answered with a 400 like any other parameter error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import threading
 import zlib
@@ -21,9 +22,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from batchimg import specs
+from batchimg.inputs import ImageInfo, check_edit_inputs, probe
 from batchimg.specs import ParamError
 
 #: Eight clearly different colours, so images for different prompts (and the n images of one
@@ -38,9 +40,6 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (240, 130, 50),
     (120, 120, 120),
 )
-MAX_INPUT_IMAGES = 16
-MAX_IMAGE_BYTES = 50 * 1024 * 1024
-MAX_MASK_BYTES = 4 * 1024 * 1024
 INPUT_MIMES = ("image/png", "image/jpeg", "image/webp")
 _CACHE_MAX = 256
 
@@ -62,10 +61,16 @@ class EncodedImage:
     data: bytes
     b64: str
     mime: str
+    sha256: str
 
 
 def _encoded(data: bytes, mime: str) -> EncodedImage:
-    return EncodedImage(data=data, b64=base64.b64encode(data).decode("ascii"), mime=mime)
+    return EncodedImage(
+        data=data,
+        b64=base64.b64encode(data).decode("ascii"),
+        mime=mime,
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
 
 
 #: What `[[mock:corrupt]]` answers with: valid base64, but the bytes are no image.
@@ -142,37 +147,20 @@ async def render_response(params: Mapping[str, Any], n: int) -> list[EncodedImag
 @dataclass(frozen=True)
 class UploadedFile:
     field: str  # image | image[] | mask
+    filename: str
     content_type: str  # as declared by the multipart part
     data: bytes
 
-
-@dataclass(frozen=True)
-class InputImage:
-    """What the mock learnt from decoding an uploaded image."""
-
-    fmt: str | None  # png | jpeg | webp, or None for other formats Pillow can read
-    width: int
-    height: int
-    has_alpha: bool
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
 
 
-def probe(data: bytes) -> InputImage | None:
-    """Decode an uploaded image fully; None when Pillow cannot read it."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            fmt = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}.get(image.format or "")
-            has_alpha = "A" in image.getbands() or "transparency" in image.info
-            return InputImage(fmt=fmt, width=image.width, height=image.height, has_alpha=has_alpha)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
-        return None
-
-
-async def _check_file(upload: UploadedFile, allowed: tuple[str, ...], limit: int) -> InputImage:
-    param = "mask" if upload.field == "mask" else "image"
+def _check_declared_type(upload: UploadedFile, allowed: tuple[str, ...]) -> None:
+    # The real API judges the declared MIME type, not the file name: the SDK sends a nameless
+    # BytesIO as application/octet-stream, and that is rejected.
     if upload.content_type not in allowed:
-        # The real API judges the declared MIME type, not the file name or the bytes: the SDK
-        # sends a nameless BytesIO as application/octet-stream, and that is rejected.
+        param = "mask" if upload.field == "mask" else "image"
         supported = ", ".join(f"'{m}'" for m in allowed)
         raise ParamError(
             param,
@@ -180,40 +168,21 @@ async def _check_file(upload: UploadedFile, allowed: tuple[str, ...], limit: int
             f"Supported file formats are {supported}.",
             "unsupported_file_mimetype",
         )
-    if len(upload.data) > limit:
-        raise ParamError(param, f"Invalid file '{param}': larger than {limit // 2**20} MB.")
-    info = await asyncio.to_thread(probe, upload.data)
-    if info is None or info.fmt is None or specs.IMAGE_MIME[info.fmt] not in allowed:
-        kinds = " / ".join(m.removeprefix("image/").upper() for m in allowed)
-        raise ParamError(param, f"Invalid file '{param}': not a decodable {kinds} image.")
-    return info
+
+
+def _probe(upload: UploadedFile) -> ImageInfo:
+    return probe(upload.data, upload.filename, len(upload.data), decode=True)
 
 
 async def check_inputs(
     images: list[UploadedFile], mask: UploadedFile | None, model: str
-) -> list[InputImage]:
-    """Validate an edit's images and mask (raising ParamError); describe the images."""
-    if not images:
-        raise ParamError(
-            "image", "Missing required parameter: 'image'.", "missing_required_parameter"
-        )
-    fam = specs.family(model)
-    if fam == "dall-e-3":
-        raise ParamError("model", "dall-e-3 does not support image edits.")
-    most = 1 if fam == "dall-e-2" else MAX_INPUT_IMAGES
-    if len(images) > most:
-        raise ParamError("image", f"Too many images: {len(images)} (at most {most}).")
-    allowed = ("image/png",) if fam == "dall-e-2" else INPUT_MIMES
-    infos = [await _check_file(upload, allowed, MAX_IMAGE_BYTES) for upload in images]
+) -> list[ImageInfo]:
+    """Validate an edit's images and mask with the shared rules (ParamError); describe them."""
+    for upload in images:
+        _check_declared_type(upload, INPUT_MIMES)
     if mask is not None:
-        info = await _check_file(mask, ("image/png",), MAX_MASK_BYTES)
-        first = infos[0]
-        if not info.has_alpha:
-            raise ParamError("mask", "Invalid mask: it must be a PNG with an alpha channel.")
-        if (info.width, info.height) != (first.width, first.height):
-            raise ParamError(
-                "mask",
-                f"Invalid mask: {info.width}x{info.height} does not match the first image "
-                f"({first.width}x{first.height}).",
-            )
+        _check_declared_type(mask, ("image/png",))
+    infos = [await asyncio.to_thread(_probe, upload) for upload in images]
+    mask_info = await asyncio.to_thread(_probe, mask) if mask is not None else None
+    check_edit_inputs(infos, mask_info, model)
     return infos

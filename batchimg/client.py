@@ -8,8 +8,10 @@ raises an `errors.RequestError` subclass saying whether to retry; retrying is th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timezone
 from typing import Any
@@ -19,6 +21,7 @@ import orjson
 
 from .config import ClientConfig
 from .errors import ErrorInfo, ItemFailed, RequestError, RunFatal, TransportError, classify
+from .inputs import InputFile
 
 USER_AGENT = "batchimg/0.1"
 MAX_RETRY_AFTER_S = 600.0
@@ -100,9 +103,42 @@ class ImagesClient:
         """POST one generations request; raise a RequestError subclass on any failure."""
         url = self._config.endpoint_url("generations", str(params.get("model", "")))
         headers = {**self._config.auth_headers(), "Content-Type": "application/json"}
+        return await self._post(url, orjson.dumps(params), headers)
+
+    async def edit(
+        self, params: dict[str, Any], images: Sequence[InputFile], mask: InputFile | None = None
+    ) -> ImagesResult:
+        """POST one edits request (multipart); the body is built afresh for every call."""
+        url = self._config.endpoint_url("edits", str(params.get("model", "")))
+        try:
+            return await self._post_form(url, params, images, mask)
+        except OSError as exc:  # an input file vanished or became unreadable mid-run
+            info = ErrorInfo(message=f"cannot read input file: {exc}", code="input_error")
+            raise ItemFailed(info) from None
+
+    async def _post_form(
+        self, url: str, params: dict[str, Any], images: Sequence[InputFile], mask: InputFile | None
+    ) -> ImagesResult:
+        with contextlib.ExitStack() as files:
+            form = aiohttp.FormData()
+            for name, value in params.items():
+                form.add_field(name, str(value))
+            # One input goes as `image`; several as repeated `image[]`, as the official SDK does.
+            field = "image" if len(images) == 1 else "image[]"
+            parts = [(field, f) for f in images] + ([("mask", mask)] if mask else [])
+            for name, source in parts:
+                form.add_field(
+                    name,
+                    files.enter_context(open(source.path, "rb")),  # streamed, not held
+                    filename=source.path.name,
+                    content_type=source.content_type,
+                )
+            return await self._post(url, form, self._config.auth_headers())
+
+    async def _post(self, url: str, body: Any, headers: dict[str, str]) -> ImagesResult:
         started = time.monotonic()
         try:
-            async with self.session.post(url, data=orjson.dumps(params), headers=headers) as resp:
+            async with self.session.post(url, data=body, headers=headers) as resp:
                 body = await resp.read()
                 status, resp_headers = resp.status, resp.headers
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

@@ -102,7 +102,7 @@ def _record(
         "id": item.id,
         "line": item.line,
         "status": status,
-        "endpoint": "generations",
+        "endpoint": item.endpoint,
         "model": params.get("model"),
         "prompt": item.prompt,
         "n": params.get("n", 1) if params else None,
@@ -123,6 +123,10 @@ def _record(
         "finished_at": _now(),
         "metadata": item.metadata,
     }
+    if isinstance(item, Item) and item.endpoint == "edits":
+        # So a dataset can trace every output back to the exact inputs it was made from.
+        record["inputs"] = [f.as_record() for f in item.images]
+        record["mask"] = item.mask.as_record() if item.mask else None
     if error is not None:
         record["error"] = error.as_record()
     return record
@@ -257,7 +261,7 @@ class Engine:
                     attempts = attempt.retry_state.attempt_number
                     if attempts > 1:
                         self._emit(ProgressEvent("retry", item_id=item.id))
-                    result = await self.client.generate(item.params)
+                    result = await self._send(item)
             assert result is not None
             cost = request_cost_usd(item.params, result.usage)
             images = await self._fetch_images(item, result)
@@ -291,6 +295,11 @@ class Engine:
                 cost_usd=cost,
             )
         )
+
+    async def _send(self, item: Item) -> ImagesResult:
+        if item.endpoint == "edits":
+            return await self.client.edit(item.params, item.images, item.mask)
+        return await self.client.generate(item.params)
 
     async def _fetch_images(self, item: Item, result: ImagesResult) -> list[bytes]:
         """The answer's images as verified bytes: b64 decoded, urls downloaded at once."""

@@ -19,6 +19,7 @@ import orjson
 
 from . import specs
 from ._idset import IdSet
+from .inputs import MAX_EDIT_IMAGES, InputFile, check_edit_inputs, load_input
 
 #: Keys a line may carry besides the API fields.
 ITEM_KEYS = ("id", "metadata")
@@ -26,6 +27,7 @@ EDIT_KEYS = ("image", "mask", "endpoint")
 KNOWN_KEYS = frozenset(specs.API_FIELDS + ITEM_KEYS + EDIT_KEYS)
 #: Fields only GPT image models take: CLI defaults for them skip DALL·E lines.
 GPT_ONLY_FIELDS = frozenset({"output_format", "output_compression", "background", "moderation"})
+GENERATIONS_ONLY_FIELDS = frozenset({"moderation"})
 
 MAX_FILE_STEM = 80
 
@@ -49,12 +51,14 @@ class Defaults:
             f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
         }
 
-    def fill(self, params: dict[str, Any]) -> None:
-        """Set every default the line left out, where the line's model takes that field."""
+    def fill(self, params: dict[str, Any], endpoint: specs.Endpoint = "generations") -> None:
+        """Set every default the line left out, where the line's model and endpoint take it."""
         params.setdefault("model", self.model)
         gpt = specs.family(str(params["model"])) == "gpt"
         for name, value in self._given.items():
-            if gpt or name not in GPT_ONLY_FIELDS:
+            if (gpt or name not in GPT_ONLY_FIELDS) and (
+                endpoint == "generations" or name not in GENERATIONS_ONLY_FIELDS
+            ):
                 params.setdefault(name, value)
 
     def check(self) -> None:
@@ -73,6 +77,8 @@ class Item:
     params: dict[str, Any]
     metadata: Any = None
     endpoint: specs.Endpoint = "generations"
+    images: tuple[InputFile, ...] = ()
+    mask: InputFile | None = None
 
     @property
     def prompt(self) -> str:
@@ -100,6 +106,7 @@ class BadLine:
     reason: str
     prompt: str | None = None
     metadata: Any = None
+    endpoint: specs.Endpoint = "generations"
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -148,7 +155,9 @@ class _Ids:
         return item_id
 
 
-def _parse(raw: bytes, number: int, ids: _Ids, defaults: Defaults) -> Item | BadLine:
+def _parse(
+    raw: bytes, number: int, ids: _Ids, defaults: Defaults, base_dir: Path
+) -> Item | BadLine:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -170,21 +179,63 @@ def _parse(raw: bytes, number: int, ids: _Ids, defaults: Defaults) -> Item | Bad
         return BadLine(fallback, number, f"line {number}: {exc}", prompt, metadata)
 
     def bad(reason: str) -> BadLine:
-        return BadLine(item_id, number, f"line {number}: {reason}", prompt, metadata)
+        endpoint: specs.Endpoint = "edits" if "image" in obj else "generations"
+        return BadLine(item_id, number, f"line {number}: {reason}", prompt, metadata, endpoint)
 
     if not KNOWN_KEYS.issuperset(obj):
         unknown = sorted(k for k in obj if k not in KNOWN_KEYS)
         names = ", ".join(repr(k) for k in unknown)
         return bad(f"unknown field(s) {names}; put your own data under 'metadata'")
-    if any(k in obj for k in EDIT_KEYS):
-        return bad("image edits ('image', 'mask', 'endpoint') are not supported yet")
-    params = {k: v for k, v in obj.items() if k in specs.API_FIELDS and v is not None}
-    defaults.fill(params)
     try:
-        specs.validate_params(params, "generations")
+        endpoint = _endpoint(obj)
+        params = {k: v for k, v in obj.items() if k in specs.API_FIELDS and v is not None}
+        defaults.fill(params, endpoint)
+        specs.validate_params(params, endpoint)
+        if endpoint == "generations":
+            return Item(item_id, number, params, metadata)
+        images, mask = _edit_inputs(obj, params, base_dir)
     except specs.ParamError as exc:
         return bad(str(exc))
-    return Item(item_id, number, params, metadata)
+    return Item(item_id, number, params, metadata, endpoint, images, mask)
+
+
+def _endpoint(obj: dict[str, Any]) -> specs.Endpoint:
+    """`edits` when the line has `image` (or says so), else `generations`."""
+    endpoint = obj.get("endpoint")
+    if endpoint is None:
+        if "mask" in obj and "image" not in obj:
+            raise specs.ParamError("mask", "'mask' needs an 'image' to apply to")
+        return "edits" if "image" in obj else "generations"
+    if endpoint == "edits":
+        if "image" not in obj:
+            raise specs.ParamError("image", "'endpoint' is 'edits' but the line has no 'image'")
+        return "edits"
+    if endpoint == "generations":
+        if "image" in obj or "mask" in obj:
+            raise specs.ParamError("image", "'image' and 'mask' need 'endpoint': 'edits'")
+        return "generations"
+    raise specs.ParamError(
+        "endpoint", f"'endpoint' must be 'generations' or 'edits', got {endpoint!r}"
+    )
+
+
+def _edit_inputs(
+    obj: dict[str, Any], params: dict[str, Any], base_dir: Path
+) -> tuple[tuple[InputFile, ...], InputFile | None]:
+    """Resolve, probe and check an edit line's `image` and `mask` files (ParamError if bad)."""
+    given = obj["image"]
+    names = [given] if isinstance(given, str) else given
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise specs.ParamError("image", "'image' must be a path or a non-empty list of paths")
+    if len(names) > MAX_EDIT_IMAGES:
+        raise specs.ParamError("image", f"{len(names)} input images; at most {MAX_EDIT_IMAGES}")
+    mask_name = obj.get("mask")
+    if mask_name is not None and (not isinstance(mask_name, str) or not mask_name):
+        raise specs.ParamError("mask", "'mask' must be a path")
+    loaded = [load_input(name, base_dir) for name in names]
+    mask = load_input(mask_name, base_dir) if mask_name else None
+    check_edit_inputs([info for _, info in loaded], mask[1] if mask else None, str(params["model"]))
+    return tuple(f for f, _ in loaded), (mask[0] if mask else None)
 
 
 def read_manifest(path: str | Path, defaults: Defaults | None = None) -> Iterator[Item | BadLine]:
@@ -194,9 +245,10 @@ def read_manifest(path: str | Path, defaults: Defaults | None = None) -> Iterato
     """
     defaults = defaults or Defaults()
     ids = _Ids()
+    base_dir = Path(path).resolve().parent  # edit inputs are relative to the manifest
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, start=1):
             raw = line.strip()
             if not raw or raw.startswith(b"#"):
                 continue
-            yield _parse(raw, number, ids, defaults)
+            yield _parse(raw, number, ids, defaults, base_dir)

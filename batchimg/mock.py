@@ -56,11 +56,11 @@ from batchimg import specs
 from batchimg._mockimages import (
     CORRUPT,
     EncodedImage,
-    InputImage,
     UploadedFile,
     check_inputs,
     render_response,
 )
+from batchimg.inputs import ImageInfo
 from batchimg.specs import ParamError
 
 __all__ = [
@@ -113,6 +113,10 @@ class MockRequest:
     params: dict[str, Any]  # the form/JSON fields as received (no file bytes)
     image_count: int = 0  # edits: number of input images
     has_mask: bool = False
+    #: edits: (field, filename, content type, sha256) of every file part, in order
+    files: list[tuple[str, str, str, str]] = field(default_factory=list)
+    #: sha256 of every image served in a 200 answer, in order
+    served_sha256: list[str] = field(default_factory=list)
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -262,7 +266,7 @@ async def _read_form(request: web.Request) -> _Body:
         if name in ("image", "image[]", "mask"):
             # RFC 7578: a part without Content-Type is text/plain.
             mime = part.headers.get("Content-Type", "text/plain").split(";")[0].strip().lower()
-            file_part = UploadedFile(name, mime, data)
+            file_part = UploadedFile(name, part.filename or "", mime, data)
             if name == "mask":
                 body.mask = file_part
             else:
@@ -282,7 +286,7 @@ def _check_fields(params: dict[str, Any]) -> None:
         )
 
 
-def _usage(params: dict[str, Any], n: int, inputs: list[InputImage]) -> dict[str, Any]:
+def _usage(params: dict[str, Any], n: int, inputs: list[ImageInfo]) -> dict[str, Any]:
     # Unknown GPT models fall back to gpt-image-1's table inside specs.
     output = (specs.output_tokens_per_image(params) or 0) * n
     text = specs.estimate_text_tokens(params["prompt"])
@@ -449,6 +453,8 @@ class MockServer:
         params = body.params
         record.params = dict(params)
         record.image_count, record.has_mask = len(body.images), body.mask is not None
+        uploads = body.images + ([body.mask] if body.mask else [])
+        record.files = [(u.field, u.filename, u.content_type, u.sha256) for u in uploads]
         record.prompt = params["prompt"] if isinstance(params.get("prompt"), str) else None
         record.n = params["n"] if isinstance(params.get("n"), int) else None
         params = {"model": deployment or DEFAULT_MODEL, **params}
@@ -482,7 +488,7 @@ class MockServer:
                 type_="image_generation_user_error",
                 code="moderation_blocked",
             )
-        return await self._succeed(request, params, directives, inputs)
+        return await self._succeed(request, params, directives, inputs, record)
 
     def _check_auth(self, request: web.Request, *, azure: bool) -> None:
         if not self.config.require_auth:
@@ -504,13 +510,15 @@ class MockServer:
         request: web.Request,
         params: dict[str, Any],
         directives: Directives,
-        inputs: list[InputImage],
+        inputs: list[ImageInfo],
+        record: MockRequest,
     ) -> web.Response:
         model, prompt = params["model"], params["prompt"]
         fam = specs.family(model)
         n = params.get("n") or 1
         fmt = specs.output_format(params)
         images = [CORRUPT] * n if directives.corrupt else await render_response(params, n)
+        record.served_sha256 = [image.sha256 for image in images]
         as_url = directives.url or (fam != "gpt" and params.get("response_format") != "b64_json")
         data: list[dict[str, str]] = []
         for image in images:

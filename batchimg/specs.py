@@ -192,8 +192,10 @@ def _check_options(params: Mapping[str, Any], endpoint: Endpoint) -> None:
         _only_for(params, "style", "dall-e-3")
         if endpoint == "generations":
             _only_for(params, "input_fidelity", "edits")
-        elif model == "gpt-image-1-mini":
-            _only_for(params, "input_fidelity", "edits with models other than gpt-image-1-mini")
+        else:
+            _only_for(params, "moderation", "generations")
+            if model == "gpt-image-1-mini":
+                _only_for(params, "input_fidelity", "edits with models other than gpt-image-1-mini")
     else:
         sizes = DALLE2_SIZES if fam == "dall-e-2" else DALLE3_SIZES
         _choice(params, "size", sizes, model)
