@@ -42,6 +42,9 @@ async def arun(
     max_backoff_s: float = 30.0,
     connect_timeout_s: float = 30.0,
     timeout_s: float = 600.0,
+    item_deadline_s: float | None = None,
+    stall_timeout_s: float = 900.0,
+    grace_period_s: float = 30.0,
     azure_deployment: str | None = None,
     azure_api_version: str | None = None,
     defaults: Defaults | None = None,
@@ -70,8 +73,13 @@ async def arun(
         defaults=defaults,
         concurrency=concurrency,
         retry=RetryPolicy(
-            max_attempts=max_attempts, backoff_base_s=backoff_base_s, max_backoff_s=max_backoff_s
+            max_attempts=max_attempts,
+            backoff_base_s=backoff_base_s,
+            max_backoff_s=max_backoff_s,
+            deadline_s=item_deadline_s,
         ),
+        stall_timeout_s=stall_timeout_s,
+        grace_period_s=grace_period_s,
     )
     client_options: dict[str, Any] = {
         "connect_timeout_s": connect_timeout_s,

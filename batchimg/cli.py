@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import click
@@ -17,6 +18,7 @@ from .engine import Summary
 from .errors import UsageError
 from .manifest import Defaults
 
+FC = TypeVar("FC", bound=Callable[..., Any])
 ALL_SIZES = sorted(set(specs.GPT_SIZES + specs.DALLE2_SIZES + specs.DALLE3_SIZES))
 ALL_QUALITIES = list(specs.GPT_QUALITIES + specs.DALLE3_QUALITIES)
 
@@ -72,6 +74,28 @@ def cli() -> None:
     default=6,
     show_default=True,
     help="Tries per item for rate limits, 5xx and network errors.",
+)
+@click.option(
+    "--item-deadline",
+    "item_deadline_s",
+    type=click.FloatRange(min=1),
+    help="Seconds after an item's first try when no new try starts (default: no deadline).",
+)
+@click.option(
+    "--stall-timeout",
+    "stall_timeout_s",
+    type=click.FloatRange(min=1),
+    default=900.0,
+    show_default=True,
+    help="Stop the run (exit 3) if no request finishes for this many seconds.",
+)
+@click.option(
+    "--grace-period",
+    "grace_period_s",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="After the first Ctrl-C, seconds in-flight requests get to finish.",
 )
 @click.option(
     "--timeout",
@@ -167,6 +191,13 @@ def format_summary(summary: Summary) -> str:
     return "\n".join(lines)
 
 
+def _rate(flag: str, what: str) -> Callable[[FC], FC]:
+    return click.option(
+        flag, type=click.FloatRange(0, 1), default=0.0, show_default=True,
+        help=f"Fraction of requests {what}.",
+    )  # fmt: skip
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
@@ -186,26 +217,56 @@ def format_summary(summary: Summary) -> str:
     show_default=True,
     help="Seconds added to every image request.",
 )
+@_rate("--rate-limit-rate", "answered 429 rate_limit_exceeded")
+@_rate("--error-rate", "answered 500 server_error")
+@_rate("--html-error-rate", "answered 502 with an HTML page, as proxies do")
+@_rate("--truncate-rate", "answered 200 with the body cut off mid-stream")
+@_rate("--drop-rate", "whose connection is closed with no answer")
+@_rate("--slow-rate", "answered only after --slow seconds")
+@_rate("--datauri-rate", "whose b64_json carries a data: URI prefix")
 @click.option(
-    "--error-rate",
-    type=click.FloatRange(0, 1),
-    default=0.0,
+    "--slow",
+    "slow_s",
+    type=click.FloatRange(min=0),
+    default=5.0,
     show_default=True,
-    help="Fraction of requests answered 500 server_error.",
+    help="Seconds a --slow-rate answer is held back.",
 )
 @click.option(
-    "--rate-limit-rate",
-    type=click.FloatRange(0, 1),
-    default=0.0,
+    "--retry-after",
+    "retry_after_s",
+    type=click.FloatRange(min=0),
+    default=0.05,
     show_default=True,
-    help="Fraction of requests answered 429 rate_limit_exceeded.",
+    help="Seconds a 429 asks the client to wait.",
+)
+@click.option(
+    "--retry-after-style",
+    type=click.Choice(["both", "ms", "seconds", "date", "mixed", "none"]),
+    default="both",
+    show_default=True,
+    help="How 429s say when to retry: retry-after-ms, retry-after seconds, an HTTP-date.",
+)
+@click.option(
+    "--quota-after",
+    type=click.IntRange(min=0),
+    help="After this many successes, answer 429 insufficient_quota (credit ran out).",
+)
+@click.option(
+    "--auth-fail-after",
+    type=click.IntRange(min=0),
+    help="After this many requests, answer 401 (key revoked); 0: always.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for injected faults.")
 def mock(host: str, port: int, api_key: str | None, no_auth: bool, **faults: Any) -> None:
     """Serve an OpenAI-compatible mock Images API (real images, usage, errors) on loopback."""
     from .mock import MockConfig, serve
 
-    serve(MockConfig(api_key=api_key, require_auth=not no_auth, **faults), host, port)
+    try:
+        config = MockConfig(api_key=api_key, require_auth=not no_auth, **faults)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    serve(config, host, port)
 
 
 def main() -> None:

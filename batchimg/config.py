@@ -111,9 +111,13 @@ class RunConfig:
     defaults: Defaults = field(default_factory=Defaults)
     concurrency: int = 8
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    stall_timeout_s: float = 900.0  # stop if nothing finishes this long while requests are out
+    grace_period_s: float = 30.0  # after the first Ctrl-C, how long in-flight requests may take
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise UsageError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.stall_timeout_s <= 0 or self.grace_period_s < 0:
+            raise UsageError("stall timeout must be > 0 and grace period >= 0")
         if self.retry.max_attempts < 1:
             raise UsageError(f"max attempts must be at least 1, got {self.retry.max_attempts}")

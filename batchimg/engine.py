@@ -1,10 +1,16 @@
 """The engine: the one place that wires manifest → client → writer → ledger.
 
 A producer streams the manifest into a bounded queue; `concurrency` workers take items from it,
-send each with retries, store its images and append its ledger line. A run-fatal error (bad key,
-no quota) or a first SIGINT/SIGTERM stops admission: in-flight items finish, queued ones are left
-for the next run. A second signal aborts at once; the ledger stays consistent because each line is
-written whole after its files are durable.
+send each with retries, store its images and append its ledger line.
+
+Stopping early, and what each way of stopping keeps:
+- run-fatal answer (bad key, no quota), a disk that refuses writes, or a stall (nothing finished
+  for `stall_timeout_s`): admission stops at once, in-flight requests finish (a stall cancels
+  them), items waiting to retry are abandoned, the rest of the manifest is only counted; exit 3.
+- first SIGINT/SIGTERM: the same, but in-flight requests get `grace_period_s` to finish; exit 130.
+  A second signal aborts at once.
+Whatever happens, each ledger line is written whole after its files are durable, so a re-run of
+the same command picks up exactly what is missing.
 """
 
 from __future__ import annotations
@@ -19,14 +25,14 @@ from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
-from anyio import CancelScope
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import specs
 from .client import ImagesClient, ImagesResult
 from .config import RunConfig
-from .errors import ErrorInfo, ItemFailed, RequestError, RunFatal
-from .ledger import LEDGER_NAME, LedgerWriter, completed_ids
+from .errors import ErrorInfo, ItemFailed, RequestError, RunFatal, StorageError
+from .ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerWriter, completed_ids
 from .manifest import BadLine, Item, read_manifest
 from .pricing import PRICE_TABLE, request_cost_usd
 from .retry import retrying
@@ -132,6 +138,10 @@ def _record(
     return record
 
 
+class _Abandoned(Exception):
+    """An item was waiting to retry when the run stopped: leave it for the next run."""
+
+
 class Engine:
     """Runs one manifest to completion (or to a stop); see the module docstring."""
 
@@ -142,89 +152,147 @@ class Engine:
         *,
         progress: ProgressCallback | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        store: ImageStore | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self.progress = progress
         self.sleep = sleep
+        self.store = store or ImageStore(config.out_dir)
         ledger_path = config.out_dir / LEDGER_NAME
         self.summary = Summary(out_dir=config.out_dir, ledger_path=ledger_path)
-        self._stopping = False
+        self._stop_event = anyio.Event()
+        self._interrupt_now = False  # a stop that should not even count what is left
+        self._in_flight = 0
+        self._last_progress = time.monotonic()
+        self._work_scope: anyio.CancelScope | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_event.is_set()
 
     def _emit(self, event: ProgressEvent) -> None:
         if self.progress is not None:
             self.progress(event)
 
-    def stop(self, reason: str | None, *, interrupted: bool = False) -> None:
-        """Stop admitting new items; in-flight ones finish."""
+    def stop(self, reason: str, *, interrupted: bool = False) -> None:
+        """Stop admitting new items; in-flight ones finish. The first reason given is kept."""
         if interrupted:
             self.summary.interrupted = True
-        if reason and self.summary.stop_reason is None:
+            self._interrupt_now = True
+        if self.summary.stop_reason is None:
             self.summary.stop_reason = reason
-        if not self._stopping:
-            self._stopping = True
+        if not self.stopping:
+            self._stop_event.set()
             self._emit(ProgressEvent("stopping", message=reason))
 
     async def run(self, *, handle_signals: bool = False) -> Summary:
         started = time.monotonic()
-        self.config.out_dir.mkdir(parents=True, exist_ok=True)
         self._done = completed_ids(self.summary.ledger_path)
-        self._store = ImageStore(self.config.out_dir)
         with LedgerWriter(self.summary.ledger_path) as self._ledger:
             async with anyio.create_task_group() as outer:
+                outer.start_soon(self._sync_ledger)
+                outer.start_soon(self._watch_for_stalls)
                 if handle_signals:
-                    outer.start_soon(self._watch_signals, outer.cancel_scope)
+                    outer.start_soon(self._watch_signals, outer)
                 send, receive = anyio.create_memory_object_stream[Item](
                     max_buffer_size=self.config.concurrency * 2
                 )
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._produce, send)
+                async with anyio.create_task_group() as work:
+                    self._work_scope = work.cancel_scope
+                    work.start_soon(self._produce, send)
                     async with receive:
                         for _ in range(self.config.concurrency):
-                            tg.start_soon(self._work, receive.clone())
+                            work.start_soon(self._work, receive.clone())
                 outer.cancel_scope.cancel()
         self.summary.wall_s = time.monotonic() - started
         return self.summary
 
-    async def _watch_signals(self, scope: CancelScope) -> None:
+    # -- the background watchers --
+
+    async def _sync_ledger(self) -> None:
+        while True:
+            await anyio.sleep(FSYNC_INTERVAL_S)
+            self._ledger.sync()
+
+    async def _watch_for_stalls(self) -> None:
+        limit_s = self.config.stall_timeout_s
+        while True:
+            await anyio.sleep(min(1.0, limit_s / 4))
+            idle_s = time.monotonic() - self._last_progress
+            if self._in_flight and idle_s > limit_s:
+                self.stop(
+                    f"stalled: no request finished in {limit_s:g} s with {self._in_flight} in "
+                    "flight; check the network and the provider's status, then re-run"
+                )
+                if self._work_scope is not None:
+                    self._work_scope.cancel()  # the requests in flight are stuck: drop them
+                return
+
+    async def _watch_signals(self, outer: TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 if self.summary.interrupted:
-                    scope.cancel()
+                    outer.cancel_scope.cancel()  # second signal: abort now
                     return
                 name = signal.Signals(signum).name
-                self.stop(f"{name}: finishing in-flight requests", interrupted=True)
+                self.stop(f"{name}: finished in-flight requests", interrupted=True)
+                outer.start_soon(self._abort_after_grace)
+
+    async def _abort_after_grace(self) -> None:
+        await anyio.sleep(self.config.grace_period_s)
+        if self._work_scope is not None:
+            self._work_scope.cancel()
+
+    # -- producer and workers --
 
     async def _produce(self, send: MemoryObjectSendStream[Item]) -> None:
         async with send:
-            for count, entry in enumerate(
-                read_manifest(self.config.manifest, self.config.defaults)
-            ):
-                if self._stopping:
-                    return
+            entries = read_manifest(self.config.manifest, self.config.defaults)
+            for count, entry in enumerate(entries):
                 if count % 256 == 0:
                     await anyio.lowlevel.checkpoint()
-                if isinstance(entry, BadLine):
+                if self.stopping:
+                    if self._interrupt_now:
+                        return
+                    self._count_left(entry)  # say how much is left, send nothing
+                elif isinstance(entry, BadLine):
                     self._finish_bad_line(entry)
                 elif entry.id in self._done:
                     self.summary.skipped += 1
                 else:
                     await send.send(entry)
 
+    def _count_left(self, entry: Item | BadLine) -> None:
+        if isinstance(entry, Item) and entry.id in self._done:
+            self.summary.skipped += 1
+        else:
+            self.summary.not_attempted += 1
+
     async def _work(self, receive: MemoryObjectReceiveStream[Item]) -> None:
         async with receive:
             async for item in receive:
-                if self._stopping:
+                if self.stopping:
                     self.summary.not_attempted += 1
                     continue
-                await self._process(item)
+                try:
+                    await self._process(item)
+                except _Abandoned:
+                    self.summary.not_attempted += 1
+                except StorageError as exc:
+                    self.stop(f"{exc}; free space (or fix the output directory), then re-run")
 
     def _finish_bad_line(self, bad: BadLine) -> None:
         info = ErrorInfo(message=bad.reason, code="invalid_manifest_line", type="manifest_error")
         self._append(_record(bad, status="error", started_at=_now(), attempts=0, error=info))
 
     def _append(self, record: dict[str, Any]) -> None:
-        self._ledger.append(record)
+        try:
+            self._ledger.append(record)
+        except StorageError as exc:
+            self.stop(f"{exc}; free space, then re-run")
+            return
+        self._last_progress = time.monotonic()
         summary = self.summary
         if record["status"] == "ok":
             summary.ok += 1
@@ -251,12 +319,22 @@ class Engine:
             )
         )
 
+    async def _retry_wait(self, delay_s: float) -> None:
+        """Wait before a retry, unless the run stops meanwhile."""
+        if self.sleep is not None:
+            await self.sleep(delay_s)
+        else:
+            with anyio.move_on_after(delay_s):
+                await self._stop_event.wait()
+        if self.stopping:
+            raise _Abandoned
+
     async def _process(self, item: Item) -> None:
         started_at = _now()
         attempts = 0
         result: ImagesResult | None = None
         try:
-            async for attempt in retrying(self.config.retry, sleep=self.sleep):
+            async for attempt in retrying(self.config.retry, sleep=self._retry_wait):
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
                     if attempts > 1:
@@ -266,8 +344,24 @@ class Engine:
             cost = request_cost_usd(item.params, result.usage)
             images = await self._fetch_images(item, result)
             stored = await anyio.to_thread.run_sync(
-                self._store.save, item.file_stem, images, specs.output_format(item.params)
+                self.store.save, item.file_stem, images, specs.output_format(item.params)
             )
+        except StorageError as exc:
+            # Paid for but not kept: say so in the ledger if it can still be written.
+            info = ErrorInfo(message=str(exc), code="storage_error", type="local_error")
+            cost = request_cost_usd(item.params, result.usage) if result else None
+            self._append(
+                _record(
+                    item,
+                    status="error",
+                    started_at=started_at,
+                    attempts=attempts,
+                    result=result,
+                    cost_usd=cost,
+                    error=info,
+                )
+            )
+            raise
         except RequestError as exc:
             # An answer that arrived but could not be stored was still paid for: keep its usage.
             self._append(
@@ -297,9 +391,14 @@ class Engine:
         )
 
     async def _send(self, item: Item) -> ImagesResult:
-        if item.endpoint == "edits":
-            return await self.client.edit(item.params, item.images, item.mask)
-        return await self.client.generate(item.params)
+        self._in_flight += 1
+        try:
+            if item.endpoint == "edits":
+                return await self.client.edit(item.params, item.images, item.mask)
+            return await self.client.generate(item.params)
+        finally:
+            self._in_flight -= 1
+            self._last_progress = time.monotonic()
 
     async def _fetch_images(self, item: Item, result: ImagesResult) -> list[bytes]:
         """The answer's images as verified bytes: b64 decoded, urls downloaded at once."""

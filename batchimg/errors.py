@@ -2,6 +2,8 @@
 
     BatchimgError
     ├── UsageError            bad invocation or unreadable manifest: exit 2, nothing sent
+    ├── StorageError          the output directory cannot be written (disk full, read-only):
+    │                         the run stops (exit 3) with the ledger still whole
     └── RequestError          one request to the API went wrong; carries what the API said
         ├── Retryable         try the same request again (after `retry_after_s` if the server said)
         │   ├── RateLimited       429 rate_limit_exceeded
@@ -34,6 +36,10 @@ class BatchimgError(Exception):
 
 class UsageError(BatchimgError):
     """The run cannot start as invoked (bad option, missing key, unreadable manifest)."""
+
+
+class StorageError(BatchimgError):
+    """Images or ledger lines cannot be written; nothing more can be kept, so stop."""
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,15 @@
 """The ledger: `DIR/ledger.jsonl`, one JSON object per finished item, append-only.
 
 The last line for an id is that item's state. Each line is written whole and flushed only after
-the item's image files are durable; the file is fsynced at least once a second and on close. A
+the item's image files are durable; the engine fsyncs it at least once a second, and on close. A
 line torn by a crash mid-write is cut off when the ledger is next opened, and skipped by readers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ from typing import Any
 import orjson
 
 from ._idset import IdSet
+from .errors import StorageError
 
 LEDGER_NAME = "ledger.jsonl"
-FSYNC_INTERVAL_S = 1.0
+FSYNC_INTERVAL_S = 1.0  # the engine syncs the ledger at least this often
 
 
 def read_ledger(path: Path) -> Iterator[dict[str, Any]]:
@@ -71,28 +73,50 @@ def _cut_torn_tail(path: Path) -> None:
 
 
 class LedgerWriter:
-    """Appends records to the ledger; use as a context manager so the file is synced on exit."""
+    """Appends records to the ledger; use as a context manager so the file is synced on exit.
+
+    A write that fails (disk full, file too large) is rolled back to the last whole line and
+    raised as StorageError, so the ledger never holds a torn line the process could have avoided.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         if path.exists():
             _cut_torn_tail(path)
-        self._fh = open(path, "ab")  # noqa: SIM115 - closed in close()
-        self._last_sync = time.monotonic()
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._fd).st_size
+        self._dirty = False
 
     def append(self, record: dict[str, Any]) -> None:
-        self._fh.write(orjson.dumps(record) + b"\n")
-        self._fh.flush()
-        now = time.monotonic()
-        if now - self._last_sync >= FSYNC_INTERVAL_S:
-            os.fsync(self._fh.fileno())
-            self._last_sync = now
+        """Write one whole line (one write call, no user-space buffer); raise StorageError."""
+        line = orjson.dumps(record) + b"\n"
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):  # a short write: the disk filled up mid-line
+                raise OSError(errno.ENOSPC, "short write to the ledger")
+        except OSError as exc:
+            self._rollback()
+            raise StorageError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
+        self._size += written
+        self._dirty = True
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._size)
+
+    def sync(self) -> None:
+        """fsync what was appended since the last sync (the engine calls this every second)."""
+        if self._dirty:
+            self._dirty = False
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+        if self._fd >= 0:
+            self._dirty = True
+            self.sync()
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> LedgerWriter:
         return self

@@ -25,11 +25,17 @@ most answered at once, so tests can check what a client sent and how concurrentl
 Prompt directives, for deterministic tests (several may appear in one prompt):
 
     [[mock:moderation]]   400 moderation_blocked (type image_generation_user_error)
+    [[mock:quota]]        429 insufficient_quota (the account is out of credit)
     [[mock:corrupt]]      200, but each b64_json decodes to bytes that are not an image
     [[mock:datauri]]      b64_json carries a `data:image/<fmt>;base64,` prefix
     [[mock:fail=N]]       the first N valid requests with this exact prompt get 500
                           server_error (counted per prompt, per server); later ones succeed
     [[mock:url]]          answer with `url` items even for GPT image models
+
+Faults on demand (`MockConfig`, seeded so a test sees the same sequence every run): rates of
+429s (retry-after-ms, retry-after seconds or HTTP-date, or none), 500s, HTML 502 pages, bodies
+cut off mid-stream, dropped connections and slow answers; data-URI answers; quota that runs out
+after N successes (429 insufficient_quota); a key revoked after N requests (401).
 
 Images are real (decodable, exact size and format) but cheap: see `batchimg._mockimages`.
 """
@@ -38,6 +44,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import email.utils
 import math
 import random
 import re
@@ -87,17 +95,36 @@ class MockConfig:
     api_key: str | None = None  # if set, only this key is accepted; else any non-empty key
     require_auth: bool = True  # False: no auth check at all
     latency_s: float = 0.0  # added before answering every authenticated image request
-    error_rate: float = 0.0  # fraction of requests answered 500 server_error
-    rate_limit_rate: float = 0.0  # fraction answered 429 rate_limit_exceeded
+    # Fault rates: fractions of requests, one seeded draw per request (they must sum to <= 1).
+    rate_limit_rate: float = 0.0  # 429 rate_limit_exceeded, with `retry_after_style` headers
+    error_rate: float = 0.0  # 500 server_error (JSON envelope)
+    html_error_rate: float = 0.0  # 502 with an HTML page, as proxies answer
+    truncate_rate: float = 0.0  # 200 whose body is cut off mid-stream
+    drop_rate: float = 0.0  # connection closed with no answer at all
+    slow_rate: float = 0.0  # answered normally, but `slow_s` later
+    slow_s: float = 5.0
+    datauri_rate: float = 0.0  # successes whose b64_json carry a data: URI prefix (own draw)
     retry_after_s: float = 0.05  # what the 429s ask for
+    #: both: retry-after-ms + retry-after seconds; ms / seconds / date: only that form;
+    #: mixed: one of ms / seconds / date per 429 (seeded); none: no header at all
+    retry_after_style: RetryAfterStyle = "both"
+    quota_after: int | None = None  # after this many 200s, every request: 429 insufficient_quota
+    auth_fail_after: int | None = None  # after this many requests, every one: 401 (0: always)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        rates = (self.error_rate, self.rate_limit_rate)
-        if any(not 0.0 <= r <= 1.0 for r in rates) or sum(rates) > 1.0:
-            raise ValueError("error_rate and rate_limit_rate must be in [0, 1] and sum to <= 1")
-        if self.latency_s < 0 or self.retry_after_s < 0:
-            raise ValueError("latency_s and retry_after_s must be >= 0")
+        rates = (
+            self.rate_limit_rate,
+            self.error_rate,
+            self.html_error_rate,
+            self.truncate_rate,
+            self.drop_rate,
+            self.slow_rate,
+        )
+        if any(not 0.0 <= r <= 1.0 for r in (*rates, self.datauri_rate)) or sum(rates) > 1.0:
+            raise ValueError("fault rates must be in [0, 1] and sum to <= 1")
+        if self.latency_s < 0 or self.retry_after_s < 0 or self.slow_s < 0:
+            raise ValueError("latency_s, slow_s and retry_after_s must be >= 0")
 
 
 @dataclass
@@ -111,6 +138,7 @@ class MockRequest:
     status: int
     request_id: str
     params: dict[str, Any]  # the form/JSON fields as received (no file bytes)
+    fault: str | None = None  # the injected fault, if any (see MockConfig)
     image_count: int = 0  # edits: number of input images
     has_mask: bool = False
     #: edits: (field, filename, content type, sha256) of every file part, in order
@@ -156,19 +184,40 @@ def _server_error() -> _ApiError:
     return _ApiError(500, message, type_="server_error", code="server_error")
 
 
-def _rate_limited(retry_after_s: float) -> _ApiError:
-    headers = {
-        "retry-after-ms": str(round(retry_after_s * 1000)),
+def _retry_after_headers(retry_after_s: float, style: str) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if style in ("both", "ms"):
+        headers["retry-after-ms"] = str(round(retry_after_s * 1000))
+    if style in ("both", "seconds"):
         # HTTP wants whole seconds here; clients should prefer the precise retry-after-ms.
-        "retry-after": str(math.ceil(retry_after_s)),
-    }
+        headers["retry-after"] = str(math.ceil(retry_after_s))
+    if style == "date":
+        headers["retry-after"] = email.utils.formatdate(time.time() + retry_after_s, usegmt=True)
+    return headers
+
+
+def _rate_limited(retry_after_s: float, style: str = "both") -> _ApiError:
+    headers = _retry_after_headers(retry_after_s, style)
     message = f"Rate limit reached for images per min. Please try again in {retry_after_s:g}s."
     return _ApiError(429, message, type_="requests", code="rate_limit_exceeded", headers=headers)
 
 
+def _quota_exhausted() -> _ApiError:
+    message = "You exceeded your current quota, please check your plan and billing details."
+    return _ApiError(429, message, type_="insufficient_quota", code="insufficient_quota")
+
+
+_HTML_502 = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
+
+
 # -- faults and directives -------------------------------------------------------------------
 
-Fault = Literal["rate_limit", "server_error"]
+Fault = Literal["rate_limit", "server_error", "html_error", "truncate", "drop", "slow"]
+RetryAfterStyle = Literal["both", "ms", "seconds", "date", "mixed", "none"]
 
 
 def decide_fault(draw: float, config: MockConfig) -> Fault | None:
@@ -176,6 +225,10 @@ def decide_fault(draw: float, config: MockConfig) -> Fault | None:
     rates: tuple[tuple[Fault, float], ...] = (
         ("rate_limit", config.rate_limit_rate),
         ("server_error", config.error_rate),
+        ("html_error", config.html_error_rate),
+        ("truncate", config.truncate_rate),
+        ("drop", config.drop_rate),
+        ("slow", config.slow_rate),
     )
     threshold = 0.0
     for fault, rate in rates:
@@ -183,12 +236,6 @@ def decide_fault(draw: float, config: MockConfig) -> Fault | None:
         if draw < threshold:
             return fault
     return None
-
-
-def _fault_error(fault: Fault, config: MockConfig) -> _ApiError:
-    if fault == "rate_limit":
-        return _rate_limited(config.retry_after_s)
-    return _server_error()
 
 
 _DIRECTIVE = re.compile(r"\[\[mock:([a-z_]+)(?:=(\d+))?\]\]")
@@ -199,6 +246,7 @@ class Directives:
     """The `[[mock:...]]` directives found in a prompt (see the module docstring)."""
 
     moderation: bool = False
+    quota: bool = False
     corrupt: bool = False
     datauri: bool = False
     url: bool = False
@@ -207,11 +255,12 @@ class Directives:
     @classmethod
     def parse(cls, prompt: str) -> Directives:
         found = dict(_DIRECTIVE.findall(prompt))
-        unknown = set(found) - {"moderation", "corrupt", "datauri", "url", "fail"}
+        unknown = set(found) - {"moderation", "quota", "corrupt", "datauri", "url", "fail"}
         if unknown:
             raise ParamError("prompt", f"Unknown mock directive(s): {', '.join(sorted(unknown))}.")
         return cls(
             moderation="moderation" in found,
+            quota="quota" in found,
             corrupt="corrupt" in found,
             datauri="datauri" in found,
             url="url" in found,
@@ -338,6 +387,7 @@ class MockServer:
         self._requested_port = port
         self._port: int | None = None
         self._rng = random.Random(self.config.seed)
+        self._successes = 0
         self._fail_counts: Counter[str] = Counter()
         self._files: dict[str, EncodedImage] = {}
         self._runner: web.AppRunner | None = None
@@ -418,7 +468,7 @@ class MockServer:
 
     # -- handlers --
 
-    async def _images(self, request: web.Request) -> web.Response:
+    async def _images(self, request: web.Request) -> web.StreamResponse:
         endpoint: specs.Endpoint = "edits" if request.path.endswith("/edits") else "generations"
         record = MockRequest(
             endpoint=endpoint,
@@ -441,7 +491,27 @@ class MockServer:
         finally:
             self.in_flight -= 1
         record.status = response.status
+        if response.status == 200:
+            self._successes += 1
+        return await self._deliver(request, response, record)
+
+    async def _deliver(
+        self, request: web.Request, response: web.Response, record: MockRequest
+    ) -> web.StreamResponse:
+        """Send the answer, or break it the way `record.fault` says."""
         response.headers["x-request-id"] = record.request_id
+        transport = request.transport
+        if record.fault == "drop" and transport is not None:
+            transport.close()
+            return response
+        if record.fault == "truncate" and response.status == 200 and transport is not None:
+            body = bytes(response.body) if isinstance(response.body, (bytes, bytearray)) else b""
+            stream = web.StreamResponse(status=200, headers=response.headers)
+            stream.content_length = len(body)
+            await stream.prepare(request)
+            await stream.write(body[: len(body) // 2])
+            transport.close()
+            return stream
         return response
 
     async def _answer(
@@ -460,11 +530,26 @@ class MockServer:
         params = {"model": deployment or DEFAULT_MODEL, **params}
         record.model = params["model"] if isinstance(params["model"], str) else None
 
-        if self.config.latency_s:
-            await asyncio.sleep(self.config.latency_s)
-        fault = decide_fault(self._rng.random(), self.config)
-        if fault is not None:
-            raise _fault_error(fault, self.config)
+        config = self.config
+        if config.auth_fail_after is not None and len(self.requests) > config.auth_fail_after:
+            raise _ApiError(401, "This API key has been revoked.", code="invalid_api_key")
+        if config.latency_s:
+            await asyncio.sleep(config.latency_s)
+        fault = record.fault = decide_fault(self._rng.random(), config)
+        datauri = self._rng.random() < config.datauri_rate
+        if fault == "slow":
+            await asyncio.sleep(config.slow_s)
+        elif fault == "rate_limit":
+            style = config.retry_after_style
+            if style == "mixed":
+                style = self._rng.choice(("ms", "seconds", "date"))
+            raise _rate_limited(config.retry_after_s, style)
+        elif fault == "server_error":
+            raise _server_error()
+        elif fault == "html_error":
+            return web.Response(status=502, body=_HTML_502, content_type="text/html")
+        if config.quota_after is not None and self._successes >= config.quota_after:
+            raise _quota_exhausted()
 
         try:
             _check_fields(params)
@@ -481,6 +566,8 @@ class MockServer:
             self._fail_counts[prompt] += 1
             if self._fail_counts[prompt] <= directives.fail:
                 raise _server_error()
+        if directives.quota:
+            raise _quota_exhausted()
         if directives.moderation:
             raise _ApiError(
                 400,
@@ -488,6 +575,8 @@ class MockServer:
                 type_="image_generation_user_error",
                 code="moderation_blocked",
             )
+        if datauri:
+            directives = dataclasses.replace(directives, datauri=True)
         return await self._succeed(request, params, directives, inputs, record)
 
     def _check_auth(self, request: web.Request, *, azure: bool) -> None:

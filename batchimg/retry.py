@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+)
 from tenacity.wait import wait_base, wait_random_exponential
 
 from .errors import RequestError, Retryable
@@ -22,6 +28,7 @@ class RetryPolicy:
     max_attempts: int = 6
     backoff_base_s: float = 0.5
     max_backoff_s: float = 30.0
+    deadline_s: float | None = None  # no new try would start later than this after the first
 
 
 class wait_server_or_backoff(wait_base):
@@ -44,7 +51,11 @@ def retrying(
     """A tenacity controller applying `policy`; re-raises the last error when it gives up."""
     extra = {} if sleep is None else {"sleep": sleep}
     return AsyncRetrying(
-        stop=stop_after_attempt(policy.max_attempts),
+        stop=(
+            stop_after_attempt(policy.max_attempts)
+            if policy.deadline_s is None
+            else stop_after_attempt(policy.max_attempts) | stop_before_delay(policy.deadline_s)
+        ),
         wait=wait_server_or_backoff(
             wait_random_exponential(multiplier=policy.backoff_base_s, max=policy.max_backoff_s)
         ),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import specs
-from .errors import ErrorInfo, ItemFailed
+from .errors import ErrorInfo, ItemFailed, StorageError
 
 IMAGES_DIR = "images"
 ORPHANS_DIR = "orphans"
@@ -73,18 +73,30 @@ class ImageStore:
         return f"{stem}-{index}.{specs.FILE_EXTENSION[fmt]}"
 
     def save(self, stem: str, images: list[bytes], fmt: str) -> list[StoredFile]:
-        """Write every image of one item durably; return what was stored, in order."""
-        stored = [self._write(self.file_name(stem, i, fmt), data) for i, data in enumerate(images)]
-        _fsync_dir(self.images_dir)
+        """Write every image of one item durably; return what was stored, in order.
+
+        Raises StorageError (leaving no partial file behind) when the disk refuses.
+        """
+        try:
+            stored = [
+                self._write(self.file_name(stem, i, fmt), data) for i, data in enumerate(images)
+            ]
+            _fsync_dir(self.images_dir)
+        except OSError as exc:
+            raise StorageError(f"cannot write images to {self.images_dir}: {exc}") from exc
         return stored
 
     def _write(self, name: str, data: bytes) -> StoredFile:
         final = self.images_dir / name
         temp = self.images_dir / f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
-        with open(temp, "xb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(temp, "xb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
         if final.exists():
             self._set_aside(final)
         os.replace(temp, final)
