@@ -167,6 +167,9 @@ def run(manifest: Path, out: Path, **options: Any) -> None:
     except UsageError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # before the engine took over the signal: nothing was sent
+        click.echo("interrupted before the run started", err=True)
+        sys.exit(130)
     click.echo(format_summary(summary), err=True)
     sys.exit(summary.exit_code)
 
@@ -250,7 +253,7 @@ def _rate(flag: str, what: str) -> Callable[[FC], FC]:
 @click.option(
     "--quota-after",
     type=click.IntRange(min=0),
-    help="After this many successes, answer 429 insufficient_quota (credit ran out).",
+    help="After this many requests, answer 429 insufficient_quota (credit ran out).",
 )
 @click.option(
     "--auth-fail-after",

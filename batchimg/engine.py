@@ -165,7 +165,7 @@ class Engine:
         self._interrupt_now = False  # a stop that should not even count what is left
         self._in_flight = 0
         self._last_progress = time.monotonic()
-        self._work_scope: anyio.CancelScope | None = None
+        self._item_scopes: set[anyio.CancelScope] = set()  # one per item being processed
 
     @property
     def stopping(self) -> bool:
@@ -199,7 +199,6 @@ class Engine:
                     max_buffer_size=self.config.concurrency * 2
                 )
                 async with anyio.create_task_group() as work:
-                    self._work_scope = work.cancel_scope
                     work.start_soon(self._produce, send)
                     async with receive:
                         for _ in range(self.config.concurrency):
@@ -225,8 +224,7 @@ class Engine:
                     f"stalled: no request finished in {limit_s:g} s with {self._in_flight} in "
                     "flight; check the network and the provider's status, then re-run"
                 )
-                if self._work_scope is not None:
-                    self._work_scope.cancel()  # the requests in flight are stuck: drop them
+                self._cancel_in_flight()  # the requests in flight are stuck: drop them
                 return
 
     async def _watch_signals(self, outer: TaskGroup) -> None:
@@ -241,8 +239,12 @@ class Engine:
 
     async def _abort_after_grace(self) -> None:
         await anyio.sleep(self.config.grace_period_s)
-        if self._work_scope is not None:
-            self._work_scope.cancel()
+        self._cancel_in_flight()
+
+    def _cancel_in_flight(self) -> None:
+        """Drop the items being processed (no ledger line: the next run sends them again)."""
+        for scope in list(self._item_scopes):
+            scope.cancel()
 
     # -- producer and workers --
 
@@ -275,12 +277,18 @@ class Engine:
                 if self.stopping:
                     self.summary.not_attempted += 1
                     continue
-                try:
-                    await self._process(item)
-                except _Abandoned:
+                with anyio.CancelScope() as scope:
+                    self._item_scopes.add(scope)
+                    try:
+                        await self._process(item)
+                    except _Abandoned:
+                        self.summary.not_attempted += 1
+                    except StorageError as exc:
+                        self.stop(f"{exc}; free space (or fix the output directory), then re-run")
+                    finally:
+                        self._item_scopes.discard(scope)
+                if scope.cancelled_caught:
                     self.summary.not_attempted += 1
-                except StorageError as exc:
-                    self.stop(f"{exc}; free space (or fix the output directory), then re-run")
 
     def _finish_bad_line(self, bad: BadLine) -> None:
         info = ErrorInfo(message=bad.reason, code="invalid_manifest_line", type="manifest_error")

@@ -13,9 +13,9 @@ Surface::
     every response carries `x-request-id: req_<hex>`; errors use the official envelope
     {"error": {"message", "type", "param", "code"}}
 
-A request goes through: auth (401) -> body parsing (400) -> `latency_s` -> configured faults
-(429 / 500, one RNG draw per request) -> parameter validation with `batchimg.specs` (400)
--> input images and mask (400) -> prompt directives -> success (200, `ImagesResponse`).
+A request goes through: auth (401) -> body parsing (400) -> `latency_s` -> parameter
+validation with `batchimg.specs` (400) -> input images and mask (400) -> prompt directives ->
+configured faults (one seeded draw per request) -> quota -> success (200, `ImagesResponse`).
 Edit inputs are judged by their declared part Content-Type, as OpenAI does: a part sent as
 application/octet-stream is a 400 `unsupported_file_mimetype` even if its bytes are a PNG.
 
@@ -108,7 +108,7 @@ class MockConfig:
     #: both: retry-after-ms + retry-after seconds; ms / seconds / date: only that form;
     #: mixed: one of ms / seconds / date per 429 (seeded); none: no header at all
     retry_after_style: RetryAfterStyle = "both"
-    quota_after: int | None = None  # after this many 200s, every request: 429 insufficient_quota
+    quota_after: int | None = None  # after this many requests, every one: 429 insufficient_quota
     auth_fail_after: int | None = None  # after this many requests, every one: 401 (0: always)
     seed: int = 0
 
@@ -387,7 +387,7 @@ class MockServer:
         self._requested_port = port
         self._port: int | None = None
         self._rng = random.Random(self.config.seed)
-        self._successes = 0
+        self._admitted = 0  # requests let through the quota gate
         self._fail_counts: Counter[str] = Counter()
         self._files: dict[str, EncodedImage] = {}
         self._runner: web.AppRunner | None = None
@@ -491,8 +491,6 @@ class MockServer:
         finally:
             self.in_flight -= 1
         record.status = response.status
-        if response.status == 200:
-            self._successes += 1
         return await self._deliver(request, response, record)
 
     async def _deliver(
@@ -535,22 +533,6 @@ class MockServer:
             raise _ApiError(401, "This API key has been revoked.", code="invalid_api_key")
         if config.latency_s:
             await asyncio.sleep(config.latency_s)
-        fault = record.fault = decide_fault(self._rng.random(), config)
-        datauri = self._rng.random() < config.datauri_rate
-        if fault == "slow":
-            await asyncio.sleep(config.slow_s)
-        elif fault == "rate_limit":
-            style = config.retry_after_style
-            if style == "mixed":
-                style = self._rng.choice(("ms", "seconds", "date"))
-            raise _rate_limited(config.retry_after_s, style)
-        elif fault == "server_error":
-            raise _server_error()
-        elif fault == "html_error":
-            return web.Response(status=502, body=_HTML_502, content_type="text/html")
-        if config.quota_after is not None and self._successes >= config.quota_after:
-            raise _quota_exhausted()
-
         try:
             _check_fields(params)
             specs.validate_params(params, endpoint)
@@ -561,6 +543,7 @@ class MockServer:
         except specs.ParamError as e:
             raise _ApiError(400, str(e), param=e.param, code=e.code) from e
 
+        # A test's explicit directives decide before the random faults do.
         prompt: str = params["prompt"]
         if directives.fail:
             self._fail_counts[prompt] += 1
@@ -575,8 +558,26 @@ class MockServer:
                 type_="image_generation_user_error",
                 code="moderation_blocked",
             )
-        if datauri:
+
+        fault = record.fault = decide_fault(self._rng.random(), config)
+        if self._rng.random() < config.datauri_rate:
             directives = dataclasses.replace(directives, datauri=True)
+        if fault == "slow":
+            await asyncio.sleep(config.slow_s)
+        elif fault == "rate_limit":
+            style = config.retry_after_style
+            if style == "mixed":
+                style = self._rng.choice(("ms", "seconds", "date"))
+            raise _rate_limited(config.retry_after_s, style)
+        elif fault == "server_error":
+            raise _server_error()
+        elif fault == "html_error":
+            return web.Response(status=502, body=_HTML_502, content_type="text/html")
+        if config.quota_after is not None:
+            # Counted when admitted, so concurrent requests cannot overdraw the credit.
+            if self._admitted >= config.quota_after:
+                raise _quota_exhausted()
+            self._admitted += 1
         return await self._succeed(request, params, directives, inputs, record)
 
     def _check_auth(self, request: web.Request, *, azure: bool) -> None:
