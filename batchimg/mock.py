@@ -419,7 +419,8 @@ class MockServer:
             app.router.add_post(f"{prefix}/images/generations", self._images)
             app.router.add_post(f"{prefix}/images/edits", self._images)
         app.router.add_get("/v1/_mock/files/{token}", self._file)
-        runner = web.AppRunner(app, access_log=None)
+        # On stop, answers still being held back (latency, slow faults) are cut short.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.host, self._requested_port).start()
