@@ -43,6 +43,10 @@ async def arun(
     connect_timeout_s: float = 30.0,
     timeout_s: float = 600.0,
     item_deadline_s: float | None = None,
+    rpm: float | None = None,
+    ipm: float | None = None,
+    tpm: float | None = None,
+    adaptive_rate: bool = True,
     stall_timeout_s: float = 900.0,
     grace_period_s: float = 30.0,
     azure_deployment: str | None = None,
@@ -80,6 +84,10 @@ async def arun(
         ),
         stall_timeout_s=stall_timeout_s,
         grace_period_s=grace_period_s,
+        rpm=rpm,
+        ipm=ipm,
+        tpm=tpm,
+        adaptive_rate=adaptive_rate,
     )
     client_options: dict[str, Any] = {
         "connect_timeout_s": connect_timeout_s,

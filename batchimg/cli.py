@@ -76,6 +76,29 @@ def cli() -> None:
     help="Tries per item for rate limits, 5xx and network errors.",
 )
 @click.option(
+    "--rpm",
+    type=click.FloatRange(min=0.01),
+    help="Requests per minute to send at most (default: learn from the server).",
+)
+@click.option(
+    "--ipm",
+    type=click.FloatRange(min=0.01),
+    help="Images per minute at most; a request counts its n (gpt-image tiers: 5-250).",
+)
+@click.option(
+    "--tpm",
+    type=click.FloatRange(min=1),
+    help="Tokens per minute at most, estimated from the published token table.",
+)
+@click.option(
+    "--no-adaptive",
+    "adaptive_rate",
+    is_flag=True,
+    flag_value=False,
+    default=True,
+    help="Do not learn limits from x-ratelimit-* headers and 429s; use only --rpm/--ipm/--tpm.",
+)
+@click.option(
     "--item-deadline",
     "item_deadline_s",
     type=click.FloatRange(min=1),
@@ -184,6 +207,21 @@ def format_summary(summary: Summary) -> str:
         f"   cost: ${s.cost_usd:.4f}" + (f" (+{s.unpriced} unpriced)" if s.unpriced else ""),
         f"  wall time: {s.wall_s:.1f} s   images: {s.out_dir / 'images'}   ledger: {s.ledger_path}",
     ]
+    if s.limiter is not None and (s.limiter.rate_limited or s.limiter.learned_rpm):
+        lim = s.limiter
+        learned = ", ".join(
+            f"{value:,} {unit}"
+            for value, unit in (
+                (lim.learned_rpm, "rpm"),
+                (lim.learned_ipm, "ipm"),
+                (lim.learned_tpm, "tpm"),
+            )
+            if value
+        )
+        lines.append(
+            f"  rate limits: {lim.rate_limited} x 429, paused {lim.paused_s:.1f} s"
+            + (f", learned {learned}" if learned else "")
+        )
     if s.failures:
         counts = ", ".join(f"{code} x{count}" for code, count in sorted(s.failures.items()))
         lines.append(f"  failures: {counts} (details in the ledger)")
@@ -249,6 +287,16 @@ def _rate(flag: str, what: str) -> Callable[[FC], FC]:
     default="both",
     show_default=True,
     help="How 429s say when to retry: retry-after-ms, retry-after seconds, an HTTP-date.",
+)
+@click.option(
+    "--rpm-limit",
+    type=click.IntRange(min=1),
+    help="Hard requests-per-minute limit, enforced per second as providers do (429s).",
+)
+@click.option(
+    "--ipm-limit",
+    type=click.IntRange(min=1),
+    help="Hard images-per-minute limit (a request weighs its n).",
 )
 @click.option(
     "--quota-after",

@@ -22,6 +22,7 @@ import orjson
 from .config import ClientConfig
 from .errors import ErrorInfo, ItemFailed, RequestError, RunFatal, TransportError, classify
 from .inputs import InputFile
+from .limiter import RateLimitHeaders
 
 USER_AGENT = "batchimg/0.1"
 MAX_RETRY_AFTER_S = 600.0
@@ -36,6 +37,7 @@ class ImagesResult:
     request_id: str | None
     latency_s: float
     echo: dict[str, Any]  # size / quality / output_format / background, where the API said
+    ratelimit: RateLimitHeaders | None = None
 
 
 def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
@@ -149,14 +151,17 @@ class ImagesClient:
             parsed = orjson.loads(body) if body else None
         except orjson.JSONDecodeError:
             parsed = None
+        ratelimit = RateLimitHeaders.parse(resp_headers)
         if status >= 400:
-            raise classify(
+            error = classify(
                 status,
                 parsed,
                 request_id=request_id,
                 retry_after_s=parse_retry_after(resp_headers),
                 should_retry=_should_retry(resp_headers),
             )
+            error.ratelimit = ratelimit
+            raise error
         data = parsed.get("data") if isinstance(parsed, dict) else None
         if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
             what = "not JSON" if parsed is None else "JSON without a 'data' list"
@@ -179,6 +184,7 @@ class ImagesClient:
             request_id=request_id,
             latency_s=latency_s,
             echo=echo,
+            ratelimit=ratelimit,
         )
 
     async def download(self, url: str) -> bytes:

@@ -111,6 +111,10 @@ class RunConfig:
     defaults: Defaults = field(default_factory=Defaults)
     concurrency: int = 8
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    rpm: float | None = None  # requests per minute the client admits at most
+    ipm: float | None = None  # images per minute (a request weighs its n)
+    tpm: float | None = None  # tokens per minute (estimated, corrected by actual usage)
+    adaptive_rate: bool = True  # learn limits from x-ratelimit-* headers and 429s
     stall_timeout_s: float = 900.0  # stop if nothing finishes this long while requests are out
     grace_period_s: float = 30.0  # after the first Ctrl-C, how long in-flight requests may take
 

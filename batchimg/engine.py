@@ -31,8 +31,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from . import specs
 from .client import ImagesClient, ImagesResult
 from .config import RunConfig
-from .errors import ErrorInfo, ItemFailed, RequestError, RunFatal, StorageError
+from .errors import ErrorInfo, ItemFailed, RateLimited, RequestError, RunFatal, StorageError
 from .ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerWriter, completed_ids
+from .limiter import Limiter, LimiterStats
 from .manifest import BadLine, Item, read_manifest
 from .pricing import PRICE_TABLE, request_cost_usd
 from .retry import retrying
@@ -74,6 +75,7 @@ class Summary:
     wall_s: float = 0.0
     stop_reason: str | None = None
     interrupted: bool = False
+    limiter: LimiterStats | None = None  # rate limits learned, 429s seen, admitted rate
     failures: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -99,6 +101,7 @@ def _record(
     files: list[StoredFile] | None = None,
     cost_usd: float | None = None,
     error: ErrorInfo | None = None,
+    rate_limited: int = 0,
 ) -> dict[str, Any]:
     """One ledger line, with every field of the ledger contract (DESIGN.md)."""
     params = item.params if isinstance(item, Item) else {}
@@ -123,6 +126,7 @@ def _record(
         "cost_usd": cost_usd,
         "price_table": PRICE_TABLE,
         "attempts": attempts,
+        "rate_limited": rate_limited,
         "latency_s": round(result.latency_s, 4) if result else None,
         "request_id": (result.request_id if result else None) or (error and error.request_id),
         "started_at": started_at,
@@ -153,12 +157,20 @@ class Engine:
         progress: ProgressCallback | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         store: ImageStore | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self.progress = progress
         self.sleep = sleep
         self.store = store or ImageStore(config.out_dir)
+        self.limiter = limiter or Limiter(
+            rpm=config.rpm,
+            ipm=config.ipm,
+            tpm=config.tpm,
+            adaptive=config.adaptive_rate,
+            sleep=self._admission_wait,
+        )
         ledger_path = config.out_dir / LEDGER_NAME
         self.summary = Summary(out_dir=config.out_dir, ledger_path=ledger_path)
         self._stop_event = anyio.Event()
@@ -205,6 +217,7 @@ class Engine:
                             work.start_soon(self._work, receive.clone())
                 outer.cancel_scope.cancel()
         self.summary.wall_s = time.monotonic() - started
+        self.summary.limiter = self.limiter.stats()
         return self.summary
 
     # -- the background watchers --
@@ -328,27 +341,48 @@ class Engine:
         )
 
     async def _retry_wait(self, delay_s: float) -> None:
-        """Wait before a retry, unless the run stops meanwhile."""
+        """Wait before a retry (on the injected clock, if any), unless the run stops meanwhile."""
         if self.sleep is not None:
             await self.sleep(delay_s)
+            if self.stopping:
+                raise _Abandoned
         else:
-            with anyio.move_on_after(delay_s):
-                await self._stop_event.wait()
+            await self._admission_wait(delay_s)
+
+    async def _admission_wait(self, delay_s: float) -> None:
+        """Wait until the limiter lets the next request go, unless the run stops meanwhile."""
+        with anyio.move_on_after(delay_s):
+            await self._stop_event.wait()
         if self.stopping:
             raise _Abandoned
 
     async def _process(self, item: Item) -> None:
         started_at = _now()
-        attempts = 0
+        attempts = rate_limited = 0
         result: ImagesResult | None = None
+        tokens = specs.estimate_request_tokens(item.params)
+        limiter = self.limiter
         try:
             async for attempt in retrying(self.config.retry, sleep=self._retry_wait):
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
                     if attempts > 1:
                         self._emit(ProgressEvent("retry", item_id=item.id))
-                    result = await self._send(item)
+                    sent_at = await limiter.acquire(images=item.n, tokens=tokens)
+                    try:
+                        result = await self._send(item)
+                    except RateLimited as exc:
+                        rate_limited += 1
+                        limiter.on_rate_limited(exc.retry_after_s, exc.ratelimit, sent_at)
+                        raise
+                    except RequestError as exc:
+                        limiter.observe(exc.ratelimit)
+                        raise
+                    limiter.observe(result.ratelimit)
+                    limiter.on_success()
             assert result is not None
+            if result.usage and isinstance(result.usage.get("total_tokens"), int):
+                limiter.settle_tokens(tokens, result.usage["total_tokens"])
             cost = request_cost_usd(item.params, result.usage)
             images = await self._fetch_images(item, result)
             stored = await anyio.to_thread.run_sync(
@@ -367,6 +401,7 @@ class Engine:
                     result=result,
                     cost_usd=cost,
                     error=info,
+                    rate_limited=rate_limited,
                 )
             )
             raise
@@ -381,6 +416,7 @@ class Engine:
                     result=result,
                     cost_usd=request_cost_usd(item.params, result.usage) if result else None,
                     error=exc.info,
+                    rate_limited=rate_limited,
                 )
             )
             if isinstance(exc, RunFatal):
@@ -395,6 +431,7 @@ class Engine:
                 result=result,
                 files=stored,
                 cost_usd=cost,
+                rate_limited=rate_limited,
             )
         )
 
@@ -428,7 +465,7 @@ class Engine:
         return images
 
     async def _download(self, url: str) -> bytes:
-        async for attempt in retrying(self.config.retry, sleep=self.sleep):
+        async for attempt in retrying(self.config.retry, sleep=self._retry_wait):
             with attempt:
                 return await self.client.download(url)
         raise AssertionError("unreachable: retrying re-raises the last error")

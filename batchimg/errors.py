@@ -22,7 +22,10 @@ status codes or error codes to decide on retries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .limiter import RateLimitHeaders
 
 #: 429 codes that mean the account, not the moment, is the problem.
 QUOTA_CODES = frozenset(
@@ -65,10 +68,17 @@ class ErrorInfo:
 class RequestError(BatchimgError):
     """One request failed; `info` says how, in the API's own words where it gave any."""
 
-    def __init__(self, info: ErrorInfo, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        info: ErrorInfo,
+        *,
+        retry_after_s: float | None = None,
+        ratelimit: RateLimitHeaders | None = None,
+    ) -> None:
         super().__init__(info.message)
         self.info = info
         self.retry_after_s = retry_after_s
+        self.ratelimit = ratelimit  # the answer's x-ratelimit-* headers, for the limiter
 
     def __str__(self) -> str:
         parts = [f"HTTP {self.info.http_status}" if self.info.http_status else None, self.info.code]

@@ -52,7 +52,7 @@ import re
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -108,6 +108,11 @@ class MockConfig:
     #: both: retry-after-ms + retry-after seconds; ms / seconds / date: only that form;
     #: mixed: one of ms / seconds / date per 429 (seeded); none: no header at all
     retry_after_style: RetryAfterStyle = "both"
+    #: Hard limits, as providers enforce them: per minute, in slices of max(1 s, 60/limit) s
+    #: (so 1200 rpm is 20 requests in each second); every answer carries x-ratelimit-* headers.
+    rpm_limit: int | None = None
+    ipm_limit: int | None = None  # images per minute (a request weighs its n)
+    ratelimit_headers: bool = True  # False: enforce the limits but send no x-ratelimit-* headers
     quota_after: int | None = None  # after this many requests, every one: 429 insufficient_quota
     auth_fail_after: int | None = None  # after this many requests, every one: 401 (0: always)
     seed: int = 0
@@ -139,6 +144,7 @@ class MockRequest:
     request_id: str
     params: dict[str, Any]  # the form/JSON fields as received (no file bytes)
     fault: str | None = None  # the injected fault, if any (see MockConfig)
+    received_at: float = 0.0  # time.monotonic() when the request arrived
     image_count: int = 0  # edits: number of input images
     has_mask: bool = False
     #: edits: (field, filename, content type, sha256) of every file part, in order
@@ -212,6 +218,62 @@ _HTML_502 = (
     b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
     b"</body>\r\n</html>\r\n"
 )
+
+
+# -- hard rate limits ------------------------------------------------------------------------
+
+
+def format_go_duration(seconds: float) -> str:
+    """A duration the way OpenAI's reset headers write it: `12ms`, `1.5s`, `6m0s`."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.0f}s"
+
+
+class _SlicedLimit:
+    """A per-minute limit enforced in slices, plus the per-minute view the headers report."""
+
+    def __init__(self, per_min: int) -> None:
+        self.per_min = per_min
+        self.slice_s = max(1.0, 60 / per_min)
+        self.per_slice = per_min * self.slice_s / 60
+        self._slice = -1
+        self._used = 0.0
+        self._minute: deque[tuple[float, float]] = deque()  # (when, weight) in the last 60 s
+        self._minute_used = 0.0
+
+    def _roll(self, now: float) -> None:
+        current = int(now // self.slice_s)
+        if current != self._slice:
+            self._slice, self._used = current, 0.0
+        while self._minute and self._minute[0][0] <= now - 60:
+            self._minute_used -= self._minute.popleft()[1]
+
+    def wait_s(self, weight: float, now: float) -> float:
+        """0 if `weight` fits in this slice, else the seconds until the next slice opens."""
+        self._roll(now)
+        if self._used + weight <= self.per_slice or self._used == 0:
+            return 0.0
+        return (self._slice + 1) * self.slice_s - now
+
+    def take(self, weight: float, now: float) -> None:
+        self._roll(now)
+        self._used += weight
+        self._minute.append((now, weight))
+        self._minute_used += weight
+
+    def headers(self, kind: str, now: float) -> dict[str, str]:
+        self._roll(now)
+        used = self._minute_used
+        reset = (self._minute[0][0] + 60 - now) if self._minute else 0.0
+        return {
+            f"x-ratelimit-limit-{kind}": str(self.per_min),
+            f"x-ratelimit-remaining-{kind}": str(max(0, int(self.per_min - used))),
+            f"x-ratelimit-reset-{kind}": format_go_duration(reset),
+        }
 
 
 # -- faults and directives -------------------------------------------------------------------
@@ -388,6 +450,11 @@ class MockServer:
         self._port: int | None = None
         self._rng = random.Random(self.config.seed)
         self._admitted = 0  # requests let through the quota gate
+        self._limits = {
+            kind: _SlicedLimit(per_min)
+            for kind, per_min in (("requests", config.rpm_limit), ("images", config.ipm_limit))
+            if per_min
+        }
         self._fail_counts: Counter[str] = Counter()
         self._files: dict[str, EncodedImage] = {}
         self._runner: web.AppRunner | None = None
@@ -419,6 +486,7 @@ class MockServer:
             app.router.add_post(f"{prefix}/images/generations", self._images)
             app.router.add_post(f"{prefix}/images/edits", self._images)
         app.router.add_get("/v1/_mock/files/{token}", self._file)
+        app.router.add_get("/v1/_mock/stats", self._stats)
         # On stop, answers still being held back (latency, slow faults) are cut short.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
@@ -479,6 +547,7 @@ class MockServer:
             status=0,
             request_id=_new_request_id(),
             params={},
+            received_at=time.monotonic(),
         )
         self.requests.append(record)
         self.in_flight += 1
@@ -499,6 +568,10 @@ class MockServer:
     ) -> web.StreamResponse:
         """Send the answer, or break it the way `record.fault` says."""
         response.headers["x-request-id"] = record.request_id
+        if self.config.ratelimit_headers:
+            now = time.monotonic()
+            for kind, limit in self._limits.items():
+                response.headers.update(limit.headers(kind, now))
         transport = request.transport
         if record.fault == "drop" and transport is not None:
             transport.close()
@@ -532,6 +605,7 @@ class MockServer:
         config = self.config
         if config.auth_fail_after is not None and len(self.requests) > config.auth_fail_after:
             raise _ApiError(401, "This API key has been revoked.", code="invalid_api_key")
+        self._enforce_limits(params, record)
         if config.latency_s:
             await asyncio.sleep(config.latency_s)
         try:
@@ -580,6 +654,22 @@ class MockServer:
                 raise _quota_exhausted()
             self._admitted += 1
         return await self._succeed(request, params, directives, inputs, record)
+
+    def _enforce_limits(self, params: dict[str, Any], record: MockRequest) -> None:
+        """The hard per-slice limits: a 429 saying when the next slice opens."""
+        now = time.monotonic()
+        n = params.get("n")
+        weights = {"requests": 1, "images": n if isinstance(n, int) else 1}
+        waits = [limit.wait_s(weights[kind], now) for kind, limit in self._limits.items()]
+        wait = max(waits, default=0.0)
+        if wait > 0:
+            record.fault = "rate_limit"
+            style = self.config.retry_after_style
+            if style == "mixed":
+                style = self._rng.choice(("ms", "seconds", "date"))
+            raise _rate_limited(wait, style)
+        for kind, limit in self._limits.items():
+            limit.take(weights[kind], now)
 
     def _check_auth(self, request: web.Request, *, azure: bool) -> None:
         if not self.config.require_auth:
@@ -631,6 +721,13 @@ class MockServer:
             payload["size"] = specs.resolved_size(params)
             payload["quality"] = specs.resolved_quality(params)
             payload["usage"] = _usage(params, n, inputs)
+        return _json(200, payload)
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        """Counts for benchmarks and scripts that run the mock in another process."""
+        statuses = Counter(str(r.status) for r in self.requests)
+        faults = Counter(r.fault for r in self.requests if r.fault)
+        payload = {"requests": len(self.requests), "by_status": statuses, "faults": faults}
         return _json(200, payload)
 
     async def _file(self, request: web.Request) -> web.Response:

@@ -13,7 +13,7 @@ from PIL import Image
 LEDGER_FIELDS = {
     "id", "line", "status", "endpoint", "model", "prompt", "n", "size", "quality",
     "output_format", "files", "bytes", "sha256", "usage", "cost_usd", "price_table",
-    "attempts", "latency_s", "request_id", "started_at", "finished_at", "metadata",
+    "attempts", "rate_limited", "latency_s", "request_id", "started_at", "finished_at", "metadata",
 }  # fmt: skip
 
 

@@ -1,0 +1,309 @@
+"""Admission control: send as fast as the account's limits allow, and no faster.
+
+Three optional static budgets from the user (`rpm`, `ipm`, `tpm`) are token buckets refilled
+continuously with a short burst. With no flags the limiter learns from the server:
+
+- every answer's `x-ratelimit-limit-*` headers set a ceiling (requests, images and tokens per
+  minute); `remaining` at zero pauses admission until the matching `reset`;
+- a 429 pauses *all* admission until the server's retry time and cuts the admission rate
+  (multiplicative decrease); each success raises it again by about one request per second per
+  second (additive increase), never above a learned ceiling.
+
+Concurrency stays a ceiling set elsewhere; this module only decides *when* the next request may
+go. A request heavier than a bucket's size is admitted when the bucket is full and leaves it in
+debt, so large weights never deadlock. The clock and the sleep are injectable for tests.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import anyio
+
+#: Longest a server-requested pause is honoured for (a bad header must not stall a run).
+MAX_PAUSE_S = 120.0
+#: The admission rate never drops below this (requests per second).
+MIN_RATE_PER_S = 0.05
+#: How much burst a bucket allows, in seconds of its rate.
+BURST_S = 0.1
+DECREASE = 0.8  # multiplicative decrease on a 429
+INCREASE_PER_S = 1.0  # additive increase: requests/s gained per second of successes
+
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
+_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_go_duration(value: str | None) -> float | None:
+    """Seconds in a Go-style duration (`1s`, `6m0s`, `12ms`, `1m30.5s`); None if not one."""
+    if not value:
+        return None
+    text = value.strip()
+    if text in ("0", "0s"):
+        return 0.0
+    pos, total = 0, 0.0
+    for match in _GO_PART.finditer(text):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        pos = match.end()
+    return total if pos == len(text) and pos > 0 else None
+
+
+@dataclass(frozen=True)
+class RateLimitHeaders:
+    """The `x-ratelimit-*` headers of one answer, parsed; None where absent or garbled."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+    limit_images: int | None = None
+    remaining_images: int | None = None
+    reset_images_s: float | None = None
+
+    @classmethod
+    def parse(cls, headers: Mapping[str, str]) -> RateLimitHeaders | None:
+        values: dict[str, int | float | None] = {}
+        for kind in ("requests", "tokens", "images"):
+            values[f"limit_{kind}"] = _count(headers.get(f"x-ratelimit-limit-{kind}"))
+            values[f"remaining_{kind}"] = _count(headers.get(f"x-ratelimit-remaining-{kind}"))
+            values[f"reset_{kind}_s"] = parse_go_duration(headers.get(f"x-ratelimit-reset-{kind}"))
+        if all(v is None for v in values.values()):
+            return None
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _count(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value.strip())
+    except ValueError:
+        return None
+    return number if number >= 0 else None
+
+
+class TokenBucket:
+    """`rate_per_s` tokens a second up to `capacity`; weights above capacity go into debt."""
+
+    def __init__(self, rate_per_s: float, clock: Callable[[], float], burst_s: float = BURST_S):
+        self.clock = clock
+        self.burst_s = burst_s
+        self.rate_per_s = rate_per_s
+        self.capacity = max(1.0, rate_per_s * burst_s)
+        self.tokens = self.capacity
+        self._updated = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self._updated) * self.rate_per_s)
+        self._updated = now
+
+    def set_rate(self, rate_per_s: float) -> None:
+        self._refill()
+        self.rate_per_s = rate_per_s
+        self.capacity = max(1.0, rate_per_s * self.burst_s)
+        self.tokens = min(self.tokens, self.capacity)
+
+    def wait_s(self, weight: float) -> float:
+        """Seconds until `weight` may be taken (0: now)."""
+        self._refill()
+        need = min(weight, self.capacity)
+        if self.tokens >= need:
+            return 0.0
+        return (need - self.tokens) / self.rate_per_s
+
+    def take(self, weight: float) -> None:
+        self._refill()
+        self.tokens -= weight
+
+    def give_back(self, weight: float) -> None:
+        """Return over-estimated weight (e.g. tokens a request did not use)."""
+        self._refill()
+        self.tokens = min(self.capacity, self.tokens + weight)
+
+
+@dataclass(frozen=True)
+class LimiterStats:
+    """What a progress view and the end summary show."""
+
+    admitted_per_min: float  # admissions over the last 10 s, per minute
+    rate_cap_per_min: float | None  # the adaptive admission rate now (None: not limiting)
+    learned_rpm: int | None
+    learned_ipm: int | None
+    learned_tpm: int | None
+    rate_limited: int  # 429 answers seen
+    paused_s: float  # time all admission was paused by 429s and exhausted budgets
+
+
+class Limiter:
+    """Decides when each request may be sent; one per run, shared by all workers."""
+
+    def __init__(
+        self,
+        *,
+        rpm: float | None = None,
+        ipm: float | None = None,
+        tpm: float | None = None,
+        adaptive: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self.clock = clock
+        self.sleep = sleep
+        self.adaptive = adaptive
+        self._static = {
+            kind: TokenBucket(per_min / 60, clock)
+            for kind, per_min in (("requests", rpm), ("images", ipm), ("tokens", tpm))
+            if per_min
+        }
+        self._learned: dict[str, TokenBucket] = {}
+        self._learned_limits: dict[str, int] = {}
+        self._rate: TokenBucket | None = None  # adaptive request rate; None until needed
+        self._pause_until = 0.0
+        self._last_cut = -math.inf
+        self._admitted: deque[float] = deque()
+        self.rate_limited = 0
+        self.paused_s = 0.0
+
+    # -- admission --
+
+    async def acquire(self, *, images: int = 1, tokens: int = 0) -> float:
+        """Wait until one request of `images` images and ~`tokens` tokens may go.
+
+        Returns the admission time, to hand back to `on_rate_limited` if the request gets a 429.
+        """
+        weights = {"requests": 1.0, "images": float(images), "tokens": float(tokens)}
+        while True:
+            now = self.clock()
+            wait = self._pause_until - now
+            buckets = self._buckets()
+            for kind, bucket in buckets:
+                wait = max(wait, bucket.wait_s(weights[kind]))
+            if wait <= 0:
+                for kind, bucket in buckets:
+                    bucket.take(weights[kind])
+                self._admitted.append(now)
+                return now
+            await self.sleep(wait)
+
+    def _buckets(self) -> list[tuple[str, TokenBucket]]:
+        found = list(self._static.items()) + list(self._learned.items())
+        if self._rate is not None:
+            found.append(("requests", self._rate))
+        return found
+
+    def settle_tokens(self, estimated: int, actual: int) -> None:
+        """Correct the token budgets once a request's real usage is known."""
+        for buckets in (self._static, self._learned):
+            bucket = buckets.get("tokens")
+            if bucket is not None:
+                if actual > estimated:
+                    bucket.take(actual - estimated)
+                else:
+                    bucket.give_back(estimated - actual)
+
+    # -- feedback --
+
+    def observe(self, headers: RateLimitHeaders | None) -> None:
+        """Learn ceilings from `x-ratelimit-*`; pause when a budget reports none remaining."""
+        if headers is None or not self.adaptive:
+            return
+        for kind in ("requests", "images", "tokens"):
+            limit = getattr(headers, f"limit_{kind}")
+            if limit:
+                self._learn(kind, limit)
+            remaining = getattr(headers, f"remaining_{kind}")
+            reset_s = getattr(headers, f"reset_{kind}_s")
+            if remaining == 0 and reset_s:
+                self._pause(reset_s)
+
+    def _learn(self, kind: str, per_min: int) -> None:
+        if self._learned_limits.get(kind) == per_min:
+            return
+        self._learned_limits[kind] = per_min
+        rate = per_min / 60
+        if kind in self._learned:
+            self._learned[kind].set_rate(rate)
+        else:
+            self._learned[kind] = TokenBucket(rate, self.clock)
+        if kind == "requests" and self._rate is not None and self._rate.rate_per_s > rate:
+            self._rate.set_rate(rate)
+
+    def on_success(self) -> None:
+        """Additive increase of the adaptive rate, up to the learned ceiling.
+
+        Each success adds step/rate, so the rate grows by `step` per second of successes; the
+        step is 1 request/s, or 5 % of the rate when that is more (fast accounts recover fast).
+        """
+        if self._rate is None:
+            return
+        rate = self._rate.rate_per_s
+        rate += max(INCREASE_PER_S, rate * 0.05) / max(rate, 1.0)
+        ceiling = self._learned_limits.get("requests")
+        if ceiling is not None:
+            rate = min(rate, ceiling / 60)
+        self._rate.set_rate(rate)
+
+    def on_rate_limited(
+        self,
+        retry_after_s: float | None,
+        headers: RateLimitHeaders | None,
+        sent_at: float | None = None,
+    ) -> None:
+        """A 429: pause everyone until the server's retry time and cut the admission rate.
+
+        Only a request admitted after the last cut is evidence against the current rate: 429s
+        for requests sent before it (one burst) do not cut again.
+        """
+        self.rate_limited += 1
+        if not self.adaptive:
+            return  # static budgets only: each item waits its own retry-after
+        self.observe(headers)
+        self._pause(retry_after_s if retry_after_s is not None else 1.0)
+        now = self.clock()
+        if (sent_at is not None and sent_at < self._last_cut) or now - self._last_cut < 0.25:
+            return  # one burst of 429s is one congestion signal, not many
+        self._last_cut = now
+        base = self._rate.rate_per_s if self._rate is not None else self._recent_rate_per_s(now)
+        rate = max(MIN_RATE_PER_S, base * DECREASE)
+        if self._rate is None:
+            self._rate = TokenBucket(rate, self.clock)
+            self._rate.tokens = 0.0  # no burst right after a 429
+        else:
+            self._rate.set_rate(rate)
+
+    def _pause(self, seconds: float) -> None:
+        now = self.clock()
+        until = now + min(seconds, MAX_PAUSE_S)
+        if until > self._pause_until:
+            self.paused_s += until - max(now, self._pause_until)
+            self._pause_until = until
+
+    def _recent_rate_per_s(self, now: float, window_s: float = 10.0) -> float:
+        admitted = self._admitted
+        while admitted and admitted[0] < now - window_s:
+            admitted.popleft()
+        if not admitted:
+            return MIN_RATE_PER_S
+        span = max(1.0, now - admitted[0])
+        return len(admitted) / span
+
+    def stats(self) -> LimiterStats:
+        now = self.clock()
+        return LimiterStats(
+            admitted_per_min=self._recent_rate_per_s(now) * 60 if self._admitted else 0.0,
+            rate_cap_per_min=self._rate.rate_per_s * 60 if self._rate is not None else None,
+            learned_rpm=self._learned_limits.get("requests"),
+            learned_ipm=self._learned_limits.get("images"),
+            learned_tpm=self._learned_limits.get("tokens"),
+            rate_limited=self.rate_limited,
+            paused_s=self.paused_s,
+        )
