@@ -187,7 +187,7 @@ class Limiter:
             buckets = self._buckets()
             for kind, bucket in buckets:
                 wait = max(wait, bucket.wait_s(weights[kind]))
-            if wait <= 0:
+            if wait <= 1e-6:  # float dust must not turn into an endless loop of tiny sleeps
                 for kind, bucket in buckets:
                     bucket.take(weights[kind])
                 self._admitted.append(now)
