@@ -16,6 +16,7 @@ from .config import PROVIDERS, ClientConfig, RunConfig, Secret
 from .engine import Engine, ProgressCallback, Summary
 from .errors import UsageError
 from .manifest import Defaults
+from .pricing import PriceTable
 from .retry import RetryPolicy
 
 
@@ -47,6 +48,8 @@ async def arun(
     ipm: float | None = None,
     tpm: float | None = None,
     adaptive_rate: bool = True,
+    max_cost_usd: float | None = None,
+    prices: str | Path | PriceTable | None = None,
     stall_timeout_s: float = 900.0,
     grace_period_s: float = 30.0,
     azure_deployment: str | None = None,
@@ -65,10 +68,9 @@ async def arun(
     manifest, out = Path(manifest), Path(out)
     _check_manifest(manifest)
     defaults = defaults or Defaults()
-    try:
-        defaults.check()
-    except specs.ParamError as exc:
-        raise UsageError(f"bad default --{exc.param.replace('_', '-')}: {exc}") from None
+    check_defaults(defaults)
+    if max_cost_usd is not None and max_cost_usd <= 0:
+        raise UsageError(f"--max-cost must be a positive amount in USD, got {max_cost_usd}")
     if provider not in PROVIDERS:
         raise UsageError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
     run_config = RunConfig(
@@ -88,6 +90,8 @@ async def arun(
         ipm=ipm,
         tpm=tpm,
         adaptive_rate=adaptive_rate,
+        max_cost_usd=max_cost_usd,
+        prices=load_prices(prices),
     )
     client_options: dict[str, Any] = {
         "connect_timeout_s": connect_timeout_s,
@@ -123,6 +127,23 @@ async def arun(
             **client_options,
         )
     )
+
+
+def check_defaults(defaults: Defaults) -> None:
+    """UsageError naming the flag if a manifest default is illegal for the default model."""
+    try:
+        defaults.check()
+    except specs.ParamError as exc:
+        raise UsageError(f"bad default --{exc.param.replace('_', '-')}: {exc}") from None
+
+
+def load_prices(prices: str | Path | PriceTable | None) -> PriceTable:
+    """The built-in table, extended (or overridden per model) by a price file if given."""
+    if prices is None:
+        return PriceTable.default()
+    if isinstance(prices, PriceTable):
+        return prices
+    return PriceTable.default().extended(PriceTable.load(prices))
 
 
 def run(manifest: str | Path, out: str | Path, **options: Any) -> Summary:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import anyio
 import click
 
 from . import specs
-from .api import arun
+from .api import arun, check_defaults
 from .config import DEFAULT_AZURE_API_VERSION, PROVIDERS
 from .engine import Summary
 from .errors import UsageError
@@ -21,6 +22,63 @@ from .manifest import Defaults
 FC = TypeVar("FC", bound=Callable[..., Any])
 ALL_SIZES = sorted(set(specs.GPT_SIZES + specs.DALLE2_SIZES + specs.DALLE3_SIZES))
 ALL_QUALITIES = list(specs.GPT_QUALITIES + specs.DALLE3_QUALITIES)
+
+
+#: The flags that fill what manifest lines leave out (`Defaults`), shared by every command that
+#: reads a manifest.
+_DEFAULT_OPTIONS: list[Callable[[Any], Any]] = [
+    click.option(
+        "--model", default="gpt-image-1", show_default=True, help="Model for lines that name none."
+    ),
+    click.option(
+        "--n",
+        "n",
+        type=click.IntRange(1, specs.MAX_N),
+        help="Images per prompt for lines that set none.",
+    ),
+    click.option("--size", type=click.Choice(ALL_SIZES), help="Size for lines that set none."),
+    click.option(
+        "--quality", type=click.Choice(ALL_QUALITIES), help="Quality for lines that set none."
+    ),
+    click.option(
+        "--output-format",
+        type=click.Choice(specs.OUTPUT_FORMATS),
+        help="Image format for lines that set none (GPT image models).",
+    ),
+    click.option(
+        "--output-compression",
+        type=click.IntRange(0, 100),
+        help="0-100, for jpeg/webp output (GPT image models).",
+    ),
+    click.option(
+        "--background",
+        type=click.Choice(specs.BACKGROUNDS),
+        help="transparent needs png or webp output (GPT image models).",
+    ),
+    click.option(
+        "--moderation",
+        type=click.Choice(specs.MODERATIONS),
+        help="Moderation level for lines that set none (GPT image models).",
+    ),
+]
+
+
+def default_options(command: FC) -> FC:
+    """Add the manifest-default flags; the command receives them as `defaults: Defaults`."""
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        fields = dataclasses.fields(Defaults)
+        defaults = Defaults(**{f.name: kwargs.pop(f.name) for f in fields})
+        try:
+            check_defaults(defaults)
+        except UsageError as exc:
+            raise click.UsageError(str(exc)) from None
+        return command(defaults=defaults, **kwargs)
+
+    for option in reversed(_DEFAULT_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -74,6 +132,20 @@ def cli() -> None:
     default=6,
     show_default=True,
     help="Tries per item for rate limits, 5xx and network errors.",
+)
+@click.option(
+    "--max-cost",
+    "max_cost_usd",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="USD",
+    help="Budget cap in USD, never exceeded: each request's worst case is reserved before it is "
+    "sent. Spend already in this --out ledger counts against it, so raising the cap and "
+    "re-running continues where the money ran out.",
+)
+@click.option(
+    "--prices",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON price file that overrides or extends the built-in table, per model.",
 )
 @click.option(
     "--rpm",
@@ -136,39 +208,7 @@ def cli() -> None:
     show_default=True,
     help="Seconds to wait for a connection.",
 )
-@click.option(
-    "--model", default="gpt-image-1", show_default=True, help="Model for lines that name none."
-)
-@click.option(
-    "--n",
-    "n",
-    type=click.IntRange(1, specs.MAX_N),
-    help="Images per prompt for lines that set none.",
-)
-@click.option("--size", type=click.Choice(ALL_SIZES), help="Size for lines that set none.")
-@click.option(
-    "--quality", type=click.Choice(ALL_QUALITIES), help="Quality for lines that set none."
-)
-@click.option(
-    "--output-format",
-    type=click.Choice(specs.OUTPUT_FORMATS),
-    help="Image format for lines that set none (GPT image models).",
-)
-@click.option(
-    "--output-compression",
-    type=click.IntRange(0, 100),
-    help="0-100, for jpeg/webp output (GPT image models).",
-)
-@click.option(
-    "--background",
-    type=click.Choice(specs.BACKGROUNDS),
-    help="transparent needs png or webp output (GPT image models).",
-)
-@click.option(
-    "--moderation",
-    type=click.Choice(specs.MODERATIONS),
-    help="Moderation level for lines that set none (GPT image models).",
-)
+@default_options
 @click.option("--azure-deployment", help="Azure deployment name (default: the model name).")
 @click.option(
     "--azure-api-version",
@@ -176,13 +216,12 @@ def cli() -> None:
     show_default=True,
     help="Azure api-version query parameter.",
 )
-def run(manifest: Path, out: Path, **options: Any) -> None:
+def run(manifest: Path, out: Path, defaults: Defaults, **options: Any) -> None:
     """Generate every image in MANIFEST into --out; re-running the same command resumes.
 
     Exit status: 0 all ok, 1 some items failed, 2 bad invocation, 3 stopped early
     (bad key, quota), 130 interrupted.
     """
-    defaults = Defaults(**{f.name: options.pop(f.name) for f in dataclasses.fields(Defaults)})
     try:
         summary = anyio.run(
             lambda: arun(manifest, out, defaults=defaults, handle_signals=True, **options)
@@ -225,6 +264,8 @@ def format_summary(summary: Summary) -> str:
     if s.failures:
         counts = ", ".join(f"{code} x{count}" for code, count in sorted(s.failures.items()))
         lines.append(f"  failures: {counts} (details in the ledger)")
+    if s.spent_total_usd > s.cost_usd + 1e-9 and not (s.stop_reason or "").startswith("budget"):
+        lines.append(f"  spent in this ledger over all runs: ${s.spent_total_usd:.4f}")
     if s.interrupted:
         lines.append("  interrupted: re-run the same command to resume")
     elif s.stop_reason:

@@ -13,6 +13,7 @@ from typing import Literal
 
 from .errors import UsageError
 from .manifest import Defaults
+from .pricing import PriceTable
 from .retry import RetryPolicy
 
 ProviderName = Literal["openai", "azure", "modelverse"]
@@ -115,6 +116,8 @@ class RunConfig:
     ipm: float | None = None  # images per minute (a request weighs its n)
     tpm: float | None = None  # tokens per minute (estimated, corrected by actual usage)
     adaptive_rate: bool = True  # learn limits from x-ratelimit-* headers and 429s
+    max_cost_usd: float | None = None  # budget cap, earlier runs' spend in the ledger included
+    prices: PriceTable | None = None  # None: the built-in table
     stall_timeout_s: float = 900.0  # stop if nothing finishes this long while requests are out
     grace_period_s: float = 30.0  # after the first Ctrl-C, how long in-flight requests may take
 

@@ -29,13 +29,14 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import specs
+from .budget import Budget
 from .client import ImagesClient, ImagesResult
 from .config import RunConfig
 from .errors import ErrorInfo, ItemFailed, RateLimited, RequestError, RunFatal, StorageError
-from .ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerWriter, completed_ids
+from .ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerWriter, scan_ledger
 from .limiter import Limiter, LimiterStats
 from .manifest import BadLine, Item, read_manifest
-from .pricing import PRICE_TABLE, request_cost_usd
+from .pricing import PRICE_TABLE, PriceTable
 from .retry import retrying
 from .writer import ImageStore, StoredFile, check_format, decode_b64_image
 
@@ -76,6 +77,7 @@ class Summary:
     stop_reason: str | None = None
     interrupted: bool = False
     limiter: LimiterStats | None = None  # rate limits learned, 429s seen, admitted rate
+    spent_total_usd: float = 0.0  # this run and every earlier run in the same ledger
     failures: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -102,6 +104,7 @@ def _record(
     cost_usd: float | None = None,
     error: ErrorInfo | None = None,
     rate_limited: int = 0,
+    price_table: str = PRICE_TABLE,
 ) -> dict[str, Any]:
     """One ledger line, with every field of the ledger contract (DESIGN.md)."""
     params = item.params if isinstance(item, Item) else {}
@@ -124,7 +127,7 @@ def _record(
         "sha256": [f.sha256 for f in files],
         "usage": result.usage if result else None,
         "cost_usd": cost_usd,
-        "price_table": PRICE_TABLE,
+        "price_table": price_table,
         "attempts": attempts,
         "rate_limited": rate_limited,
         "latency_s": round(result.latency_s, 4) if result else None,
@@ -140,6 +143,14 @@ def _record(
     if error is not None:
         record["error"] = error.as_record()
     return record
+
+
+@dataclass
+class _Tally:
+    """Per-item counts across attempts."""
+
+    attempts: int = 0
+    rate_limited: int = 0
 
 
 class _Abandoned(Exception):
@@ -164,6 +175,8 @@ class Engine:
         self.progress = progress
         self.sleep = sleep
         self.store = store or ImageStore(config.out_dir)
+        self.prices = config.prices or PriceTable.default()
+        self.budget = Budget(config.max_cost_usd)
         self.limiter = limiter or Limiter(
             rpm=config.rpm,
             ipm=config.ipm,
@@ -200,7 +213,9 @@ class Engine:
 
     async def run(self, *, handle_signals: bool = False) -> Summary:
         started = time.monotonic()
-        self._done = completed_ids(self.summary.ledger_path)
+        state = scan_ledger(self.summary.ledger_path)
+        self._done = state.done
+        self.budget.spent_usd = state.spent_usd  # earlier runs' spend counts against the cap
         with LedgerWriter(self.summary.ledger_path) as self._ledger:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._sync_ledger)
@@ -218,6 +233,9 @@ class Engine:
                 outer.cancel_scope.cancel()
         self.summary.wall_s = time.monotonic() - started
         self.summary.limiter = self.limiter.stats()
+        self.summary.spent_total_usd = self.budget.spent_usd
+        if self.summary.stop_reason == "budget":
+            self.summary.stop_reason = self.budget.message(self.summary.not_attempted)
         return self.summary
 
     # -- the background watchers --
@@ -358,82 +376,83 @@ class Engine:
 
     async def _process(self, item: Item) -> None:
         started_at = _now()
-        attempts = rate_limited = 0
+        tally = _Tally()
         result: ImagesResult | None = None
-        tokens = specs.estimate_request_tokens(item.params)
-        limiter = self.limiter
+
+        def finish(status: str, error: ErrorInfo | None = None, **fields: Any) -> None:
+            # An answer that arrived but could not be stored was still paid for: keep its usage.
+            cost = self.prices.request_cost(item.params, result.usage) if result else None
+            self._append(
+                _record(
+                    item,
+                    status=status,
+                    started_at=started_at,
+                    attempts=tally.attempts,
+                    rate_limited=tally.rate_limited,
+                    result=result,
+                    cost_usd=cost,
+                    price_table=self.prices.name,
+                    error=error,
+                    **fields,
+                )
+            )
+
         try:
             async for attempt in retrying(self.config.retry, sleep=self._retry_wait):
                 with attempt:
-                    attempts = attempt.retry_state.attempt_number
-                    if attempts > 1:
+                    tally.attempts = attempt.retry_state.attempt_number
+                    if tally.attempts > 1:
                         self._emit(ProgressEvent("retry", item_id=item.id))
-                    sent_at = await limiter.acquire(images=item.n, tokens=tokens)
-                    try:
-                        result = await self._send(item)
-                    except RateLimited as exc:
-                        rate_limited += 1
-                        limiter.on_rate_limited(exc.retry_after_s, exc.ratelimit, sent_at)
-                        raise
-                    except RequestError as exc:
-                        limiter.observe(exc.ratelimit)
-                        raise
-                    limiter.observe(result.ratelimit)
-                    limiter.on_success()
+                    result = await self._attempt(item, tally)
             assert result is not None
-            if result.usage and isinstance(result.usage.get("total_tokens"), int):
-                limiter.settle_tokens(tokens, result.usage["total_tokens"])
-            cost = request_cost_usd(item.params, result.usage)
             images = await self._fetch_images(item, result)
             stored = await anyio.to_thread.run_sync(
                 self.store.save, item.file_stem, images, specs.output_format(item.params)
             )
         except StorageError as exc:
-            # Paid for but not kept: say so in the ledger if it can still be written.
-            info = ErrorInfo(message=str(exc), code="storage_error", type="local_error")
-            cost = request_cost_usd(item.params, result.usage) if result else None
-            self._append(
-                _record(
-                    item,
-                    status="error",
-                    started_at=started_at,
-                    attempts=attempts,
-                    result=result,
-                    cost_usd=cost,
-                    error=info,
-                    rate_limited=rate_limited,
-                )
-            )
+            finish("error", ErrorInfo(message=str(exc), code="storage_error", type="local_error"))
             raise
         except RequestError as exc:
-            # An answer that arrived but could not be stored was still paid for: keep its usage.
-            self._append(
-                _record(
-                    item,
-                    status="error",
-                    started_at=started_at,
-                    attempts=attempts,
-                    result=result,
-                    cost_usd=request_cost_usd(item.params, result.usage) if result else None,
-                    error=exc.info,
-                    rate_limited=rate_limited,
-                )
-            )
+            finish("error", exc.info)
             if isinstance(exc, RunFatal):
                 self.stop(f"{exc} — fix the account or key, then re-run the same command")
             return
-        self._append(
-            _record(
-                item,
-                status="ok",
-                started_at=started_at,
-                attempts=attempts,
-                result=result,
-                files=stored,
-                cost_usd=cost,
-                rate_limited=rate_limited,
-            )
-        )
+        finish("ok", files=stored)
+
+    async def _attempt(self, item: Item, tally: _Tally) -> ImagesResult:
+        """One try: reserve its worst-case cost, wait for admission, send, report back."""
+        worst_usd = 0.0
+        if self.budget.cap_usd is not None:
+            worst = self.prices.worst_case_usd(item.params, item.image_tokens)
+            if worst is None:
+                message = f"no price for model {item.model!r}: --max-cost cannot bound it"
+                raise ItemFailed(ErrorInfo(message=message + " (add it with --prices)",
+                                           code="unpriced_model", type="local_error"))  # fmt: skip
+            if not self.budget.try_reserve(worst):
+                self.stop("budget")  # the final message is written when the run ends
+                raise _Abandoned
+            worst_usd = worst
+        tokens = specs.estimate_request_tokens(item.params, item.image_tokens)
+        limiter, actual_usd = self.limiter, 0.0
+        try:
+            sent_at = await limiter.acquire(images=item.n, tokens=tokens)
+            try:
+                result = await self._send(item)
+            except RateLimited as exc:
+                tally.rate_limited += 1
+                limiter.on_rate_limited(exc.retry_after_s, exc.ratelimit, sent_at)
+                raise
+            except RequestError as exc:
+                limiter.observe(exc.ratelimit)
+                raise
+            limiter.observe(result.ratelimit)
+            limiter.on_success()
+            if result.usage and isinstance(result.usage.get("total_tokens"), int):
+                limiter.settle_tokens(tokens, result.usage["total_tokens"])
+            actual_usd = self.prices.request_cost(item.params, result.usage) or 0.0
+            return result
+        finally:
+            self.budget.settle(worst_usd, actual_usd)
 
     async def _send(self, item: Item) -> ImagesResult:
         self._in_flight += 1

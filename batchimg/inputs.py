@@ -122,6 +122,13 @@ class InputFile:
     given: str  # as written in the manifest (what the ledger shows)
     fmt: str
     sha256: str
+    width: int = 0
+    height: int = 0
+
+    @property
+    def input_tokens(self) -> int:
+        """What the API bills for this image as input (the mock bills exactly this)."""
+        return specs.image_input_tokens(self.width, self.height) if self.width else 0
 
     @property
     def content_type(self) -> str:
@@ -162,4 +169,5 @@ def _load(path: Path, given: str, mtime_ns: int, size: int) -> tuple[InputFile, 
             fh.seek(0)
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)
-    return InputFile(path, given, info.fmt or "png", digest.hexdigest()), info
+    file = InputFile(path, given, info.fmt or "png", digest.hexdigest(), info.width, info.height)
+    return file, info

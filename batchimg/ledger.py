@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,30 @@ def read_ledger(path: Path) -> Iterator[dict[str, Any]]:
                 yield record
 
 
-def completed_ids(path: Path) -> IdSet:
-    """Ids whose last ledger state is `ok`: a re-run skips them."""
-    done = IdSet()
+@dataclass
+class LedgerState:
+    """What a re-run needs from an existing ledger, read in one pass."""
+
+    done: IdSet  # ids whose last state is ok: skipped
+    spent_usd: float = 0.0  # every billed answer recorded, across all earlier runs
+
+
+def scan_ledger(path: Path) -> LedgerState:
+    state = LedgerState(IdSet())
     for record in read_ledger(path):
         if record.get("status") == "ok":
-            done.add(record["id"])
+            state.done.add(record["id"])
         else:
-            done.discard(record["id"])
-    return done
+            state.done.discard(record["id"])
+        cost = record.get("cost_usd")
+        if isinstance(cost, (int, float)):
+            state.spent_usd += cost
+    return state
+
+
+def completed_ids(path: Path) -> IdSet:
+    """Ids whose last ledger state is `ok`: a re-run skips them."""
+    return scan_ledger(path).done
 
 
 def _cut_torn_tail(path: Path) -> None:

@@ -5,9 +5,9 @@ continuously with a short burst. With no flags the limiter learns from the serve
 
 - every answer's `x-ratelimit-limit-*` headers set a ceiling (requests, images and tokens per
   minute); `remaining` at zero pauses admission until the matching `reset`;
-- a 429 pauses *all* admission until the server's retry time and cuts the admission rate
-  (multiplicative decrease); each success raises it again by about one request per second per
-  second (additive increase), never above a learned ceiling.
+- a 429 pauses *all* admission until the server's retry time and cuts the admission rate by a
+  fifth; each success raises it again by 5 %, never above a learned ceiling. Increases are
+  proportional rather than additive because image limits span 5 images/min to many requests/s.
 
 Concurrency stays a ceiling set elsewhere; this module only decides *when* the next request may
 go. A request heavier than a bucket's size is admitted when the bucket is full and leaves it in
@@ -32,7 +32,9 @@ MIN_RATE_PER_S = 0.05
 #: How much burst a bucket allows, in seconds of its rate.
 BURST_S = 0.1
 DECREASE = 0.8  # multiplicative decrease on a 429
-INCREASE_PER_S = 1.0  # additive increase: requests/s gained per second of successes
+#: Growth per success. Scale-free, so it suits 5 images/min and 50 requests/s alike; and above
+#: ln(1/DECREASE)/(1/p - 1) for a 429 share p of 12 %, so random 429s do not collapse the rate.
+INCREASE = 0.05
 
 _GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
 _GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -238,15 +240,14 @@ class Limiter:
             self._rate.set_rate(rate)
 
     def on_success(self) -> None:
-        """Additive increase of the adaptive rate, up to the learned ceiling.
-
-        Each success adds step/rate, so the rate grows by `step` per second of successes; the
-        step is 1 request/s, or 5 % of the rate when that is more (fast accounts recover fast).
-        """
+        """Raise the adaptive rate after a success, up to the learned ceiling."""
         if self._rate is None:
             return
-        rate = self._rate.rate_per_s
-        rate += max(INCREASE_PER_S, rate * 0.05) / max(rate, 1.0)
+        current = self._rate.rate_per_s
+        used = self._recent_rate_per_s(self.clock())
+        if current > 2 * used:
+            return  # the rate is not what holds requests back: growing it would only overshoot
+        rate = current * (1 + INCREASE)
         ceiling = self._learned_limits.get("requests")
         if ceiling is not None:
             rate = min(rate, ceiling / 60)

@@ -93,6 +93,11 @@ class Item:
         return int(self.params.get("n") or 1)
 
     @property
+    def image_tokens(self) -> int:
+        """Input tokens the edit's images will be billed as (0 for generations)."""
+        return sum(f.input_tokens for f in self.images)
+
+    @property
     def file_stem(self) -> str:
         return safe_file_stem(self.id)
 

@@ -249,12 +249,12 @@ def output_tokens_per_image(params: Mapping[str, Any]) -> int | None:
     return table.get((resolved_quality(params), resolved_size(params)))
 
 
-def estimate_request_tokens(params: Mapping[str, Any]) -> int:
+def estimate_request_tokens(params: Mapping[str, Any], image_tokens: int = 0) -> int:
     """Tokens one request will use, before it is sent: output from the table, text estimated."""
     n = int(params.get("n") or 1)
     prompt = params.get("prompt")
     text = estimate_text_tokens(prompt) if isinstance(prompt, str) else 0
-    return (output_tokens_per_image(params) or 0) * n + text
+    return (output_tokens_per_image(params) or 0) * n + text + image_tokens
 
 
 def estimate_text_tokens(prompt: str) -> int:

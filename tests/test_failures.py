@@ -62,7 +62,14 @@ async def test_each_retry_after_form_sets_the_wait(
                         retry_after_style=style)  # fmt: skip
     async with MockServer(config) as server:
         manifest = write_manifest(items(1))
-        summary = await run(manifest, tmp_path / "out", server, max_attempts=3, sleep=fake_sleep)
+        summary = await run(
+            manifest,
+            tmp_path / "out",
+            server,
+            max_attempts=3,
+            sleep=fake_sleep,
+            adaptive_rate=False,
+        )  # per-item waits only: no global pause
     assert summary.failed == 1
     (record,) = ledger(tmp_path / "out")
     assert record["attempts"] == 3 and record["error"]["code"] == "rate_limit_exceeded"
@@ -428,7 +435,8 @@ def test_random_fault_sequences_never_lose_or_double_write_an_item(
     async def scenario() -> batchimg.Summary:
         async with MockServer(config) as server:
             return await run(manifest, tmp / "out", server, max_attempts=4,
-                             concurrency=concurrency, backoff_base_s=0.0)  # fmt: skip
+                             concurrency=concurrency, backoff_base_s=0.0,
+                             adaptive_rate=False)  # fmt: skip
 
     summary = anyio.run(scenario)
     records = ledger(tmp / "out")
