@@ -20,7 +20,8 @@ from .pricing import PriceTable
 from .retry import RetryPolicy
 
 
-def _check_manifest(path: Path) -> None:
+def check_manifest(path: Path) -> None:
+    """UsageError unless the manifest can be opened."""
     try:
         with open(path, "rb"):
             pass
@@ -66,7 +67,7 @@ async def arun(
     embedded mock server and needs no key.
     """
     manifest, out = Path(manifest), Path(out)
-    _check_manifest(manifest)
+    check_manifest(manifest)
     defaults = defaults or Defaults()
     check_defaults(defaults)
     if max_cost_usd is not None and max_cost_usd <= 0:

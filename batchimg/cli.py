@@ -11,9 +11,10 @@ from typing import Any, TypeVar
 
 import anyio
 import click
+import orjson
 
 from . import specs
-from .api import arun, check_defaults
+from .api import arun, check_defaults, check_manifest, load_prices
 from .config import DEFAULT_AZURE_API_VERSION, PROVIDERS
 from .engine import Summary
 from .errors import UsageError
@@ -271,6 +272,84 @@ def format_summary(summary: Summary) -> str:
     elif s.stop_reason:
         lines.append(f"  stopped early: {s.stop_reason}")
     return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="table for people, json for scripts.",
+)
+@click.option(
+    "--prices",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON price file that overrides or extends the built-in table, per model.",
+)
+@default_options
+def estimate(manifest: Path, fmt: str, prices: Path | None, defaults: Defaults) -> None:
+    """Price MANIFEST before running it: items, images, tokens and cost, nothing sent.
+
+    Takes the same default flags as `run`, so it prices exactly what `run` would send.
+    """
+    from .estimate import estimate_manifest
+    from .estimate import format_table as estimate_table
+
+    try:
+        check_manifest(manifest)
+        result = estimate_manifest(manifest, defaults, load_prices(prices))
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    if fmt == "json":
+        click.echo(orjson.dumps(result.as_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(estimate_table(result))
+
+
+@cli.command()
+@click.argument("targets", nargs=-1, required=True, metavar="DIR_OR_LEDGER...")
+@click.option(
+    "--by",
+    default="",
+    metavar="FIELD,...",
+    help="Group by any of: model, size, quality, status, endpoint, day, metadata.KEY.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="table for people; json or csv for scripts and sheets.",
+)
+@click.option(
+    "--prices",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Reprice every record from its usage with this price file (plus built-ins).",
+)
+def report(targets: tuple[str, ...], by: str, fmt: str, prices: Path | None) -> None:
+    """Totals and groups from one or many ledgers: items, failures, images, tokens, cost.
+
+    Give output directories or ledger files; shards of several runs merge (a later one wins
+    for the same item, and each billed answer counts once).
+    """
+    from .report import build_report, format_csv
+    from .report import format_table as report_table
+
+    fields = [name.strip() for name in by.split(",") if name.strip()]
+    try:
+        result = build_report(targets, fields, load_prices(prices) if prices else None)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    if fmt == "json":
+        click.echo(orjson.dumps(result.as_json(), option=orjson.OPT_INDENT_2).decode())
+    elif fmt == "csv":
+        click.echo(format_csv(result), nl=False)
+    else:
+        click.echo(report_table(result))
 
 
 def _rate(flag: str, what: str) -> Callable[[FC], FC]:

@@ -149,6 +149,7 @@ class MockRequest:
     has_mask: bool = False
     #: edits: (field, filename, content type, sha256) of every file part, in order
     files: list[tuple[str, str, str, str]] = field(default_factory=list)
+    usage: dict[str, Any] | None = None  # what the mock billed, for 200 answers
     #: sha256 of every image served in a 200 answer, in order
     served_sha256: list[str] = field(default_factory=list)
 
@@ -720,7 +721,7 @@ class MockServer:
             payload["output_format"] = fmt
             payload["size"] = specs.resolved_size(params)
             payload["quality"] = specs.resolved_quality(params)
-            payload["usage"] = _usage(params, n, inputs)
+            payload["usage"] = record.usage = _usage(params, n, inputs)
         return _json(200, payload)
 
     async def _stats(self, request: web.Request) -> web.Response:

@@ -1,0 +1,300 @@
+"""`batchimg report`: what a run (or many) produced and cost, from its ledgers alone.
+
+Ledgers are read backwards, newest file first, in blocks: the first record met for an id is its
+last state, which counts its item (ok or failed, images, latency); every billed answer counts its
+tokens and cost once (deduplicated by request id, so a ledger given twice is not billed twice).
+Memory holds the groups and two compact id sets, not the records. `--prices` reprices every
+record from its verbatim `usage`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ._idset import IdSet
+from .errors import UsageError
+from .estimate import render_rows
+from .ledger import LEDGER_NAME
+from .pricing import PriceTable
+
+GROUP_FIELDS = ("model", "size", "quality", "status", "endpoint", "day")
+_BUCKET = math.log(1.02)  # latency histogram: 2 % wide buckets, so p95 is within 2 %
+
+
+def ledger_paths(targets: Sequence[str | Path]) -> list[Path]:
+    """Each target is a run's output directory or a ledger file; UsageError if neither."""
+    paths = []
+    for target in map(Path, targets):
+        path = target / LEDGER_NAME if target.is_dir() else target
+        if not path.is_file():
+            raise UsageError(f"no ledger at {str(path)!r} (give an output directory or a file)")
+        paths.append(path)
+    return paths
+
+
+def read_backwards(path: Path, block_size: int = 1 << 16) -> Iterator[dict[str, Any]]:
+    """The whole records of a ledger, last line first; torn or garbled lines are skipped."""
+    with open(path, "rb") as fh:
+        position = fh.seek(0, os.SEEK_END)
+        tail = b""
+        first_block = True
+        while position > 0:
+            start = max(0, position - block_size)
+            fh.seek(start)
+            chunk = fh.read(position - start) + tail
+            position = start
+            lines = chunk.split(b"\n")
+            tail = lines.pop(0)  # maybe the end of a line that starts in an earlier block
+            if first_block:
+                first_block = False
+                lines.pop()  # after the final newline: empty, or a torn line (no newline)
+            yield from _parse_lines(reversed(lines))
+        yield from _parse_lines([tail])
+
+
+def _parse_lines(lines: Any) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("id"), str):
+            yield record
+
+
+@dataclass
+class Group:
+    """Totals for one group of records (or for all of them)."""
+
+    key: dict[str, Any]
+    items: int = 0
+    ok: int = 0
+    failed: int = 0
+    images: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    latency_sum_s: float = 0.0
+    latency_count: int = 0
+    latency_buckets: Counter[int] = field(default_factory=Counter)
+    first_started: str | None = None
+    last_finished: str | None = None
+
+    def add_item(self, record: dict[str, Any]) -> None:
+        """The record is its id's last state."""
+        self.items += 1
+        if record.get("status") == "ok":
+            self.ok += 1
+            self.images += len(record.get("files") or [])
+            latency = record.get("latency_s")
+            if isinstance(latency, (int, float)) and latency > 0:
+                self.latency_sum_s += latency
+                self.latency_count += 1
+                self.latency_buckets[math.floor(math.log(latency) / _BUCKET)] += 1
+        else:
+            self.failed += 1
+            error = record.get("error") or {}
+            self.failures[str(error.get("code") or "error")] += 1
+        started, finished = record.get("started_at"), record.get("finished_at")
+        if isinstance(started, str) and (
+            self.first_started is None or started < self.first_started
+        ):
+            self.first_started = started
+        if isinstance(finished, str) and (
+            self.last_finished is None or finished > self.last_finished
+        ):
+            self.last_finished = finished
+
+    def add_billing(self, usage: Any, cost: float | None, billed: bool) -> None:
+        """A billed answer (or a record that may carry one)."""
+        if isinstance(usage, dict):
+            self.input_tokens += int(usage.get("input_tokens") or 0)
+            self.output_tokens += int(usage.get("output_tokens") or 0)
+        if cost is not None:
+            self.cost_usd += cost
+        elif billed:
+            self.unpriced += 1
+
+    def latency_p95_s(self) -> float | None:
+        if not self.latency_count:
+            return None
+        rank = math.ceil(0.95 * self.latency_count)
+        seen = 0
+        for bucket in sorted(self.latency_buckets):
+            seen += self.latency_buckets[bucket]
+            if seen >= rank:
+                return math.exp((bucket + 0.5) * _BUCKET)  # the bucket's middle
+        return None
+
+    def images_per_minute(self) -> float | None:
+        if not (self.first_started and self.last_finished and self.images):
+            return None
+        span_s = (_time(self.last_finished) - _time(self.first_started)).total_seconds()
+        return self.images / (span_s / 60) if span_s > 0 else None
+
+    def as_json(self) -> dict[str, Any]:
+        p95 = self.latency_p95_s()
+        per_min = self.images_per_minute()
+        return {
+            **({"key": self.key} if self.key else {}),
+            "items": self.items,
+            "ok": self.ok,
+            "failed": self.failed,
+            "images": self.images,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_usd": round(self.cost_usd, 6),
+            "unpriced_answers": self.unpriced,
+            "failures": dict(self.failures),
+            "latency_avg_s": round(self.latency_sum_s / self.latency_count, 4)
+            if self.latency_count
+            else None,
+            "latency_p95_s": round(p95, 4) if p95 is not None else None,
+            "images_per_minute": round(per_min, 2) if per_min is not None else None,
+        }
+
+
+def _time(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def group_value(record: dict[str, Any], name: str) -> Any:
+    """The value a record has for a `--by` field (`day`, `metadata.KEY`, or a ledger field)."""
+    if name == "day":
+        finished = record.get("finished_at")
+        return finished[:10] if isinstance(finished, str) else None
+    if name.startswith("metadata."):
+        metadata = record.get("metadata")
+        value = metadata.get(name.split(".", 1)[1]) if isinstance(metadata, dict) else None
+        return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+    return record.get(name)
+
+
+def check_group_fields(by: Sequence[str]) -> None:
+    for name in by:
+        if name not in GROUP_FIELDS and not (name.startswith("metadata.") and len(name) > 9):
+            allowed = ", ".join((*GROUP_FIELDS, "metadata.KEY"))
+            raise UsageError(f"cannot group by {name!r}: choose from {allowed}")
+
+
+@dataclass
+class Report:
+    price_table: str | None
+    total: Group
+    groups: dict[tuple[Any, ...], Group]
+    by: tuple[str, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        total = self.total.as_json()
+        total["total_cost_usd"] = total.pop("cost_usd")
+        return {
+            "price_table": self.price_table,
+            **total,
+            "groups": [g.as_json() for g in self.groups.values()],
+        }
+
+
+def build_report(
+    targets: Sequence[str | Path], by: Sequence[str] = (), prices: PriceTable | None = None
+) -> Report:
+    """Read ledgers (a later target wins for the same id) into totals and groups."""
+    check_group_fields(by)
+    seen_ids, seen_requests = IdSet(), IdSet()
+    total = Group(key={})
+    groups: dict[tuple[Any, ...], Group] = {}
+    tables: set[str] = set()
+    for path in reversed(ledger_paths(targets)):
+        for record in read_backwards(path):
+            key = tuple(group_value(record, name) for name in by)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = Group(key=dict(zip(by, key, strict=True)))
+            if seen_ids.add(record["id"]):  # the first met is the id's last state
+                total.add_item(record)
+                group.add_item(record)
+            answered = record.get("usage") is not None or bool(record.get("files"))
+            request_id = record.get("request_id")
+            if answered and isinstance(request_id, str) and not seen_requests.add(request_id):
+                continue  # the same answer in two ledgers: bill it once
+            cost = _cost(record, prices)
+            if prices is None and isinstance(record.get("price_table"), str) and cost is not None:
+                tables.add(record["price_table"])
+            for target in (total, group):
+                target.add_billing(record.get("usage"), cost, answered)
+    name = prices.name if prices is not None else (", ".join(sorted(tables)) or None)
+    ordered = dict(sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])))
+    return Report(price_table=name, total=total, groups=ordered, by=tuple(by))
+
+
+def _cost(record: dict[str, Any], prices: PriceTable | None) -> float | None:
+    if prices is None:
+        cost = record.get("cost_usd")
+        return float(cost) if isinstance(cost, (int, float)) else None
+    if record.get("usage") is None and not record.get("files"):
+        return None  # never answered: nothing to reprice
+    params = {k: record.get(k) for k in ("model", "n", "size", "quality", "prompt")}
+    return prices.request_cost(params, record.get("usage"))
+
+
+_COLUMNS = ("items", "ok", "failed", "images", "in tokens", "out tokens", "cost", "avg s",
+            "p95 s", "img/min")  # fmt: skip
+
+
+def _cells(group: Group) -> tuple[str, ...]:
+    data = group.as_json()
+
+    def num(value: Any, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    return (
+        f"{group.items:,}", f"{group.ok:,}", f"{group.failed:,}", f"{group.images:,}",
+        f"{group.input_tokens:,}", f"{group.output_tokens:,}", f"${group.cost_usd:,.4f}",
+        num(data["latency_avg_s"], ".2f"), num(data["latency_p95_s"], ".2f"),
+        num(data["images_per_minute"], ",.1f"),
+    )  # fmt: skip
+
+
+def format_table(report: Report) -> str:
+    by = report.by
+    rows = (
+        [tuple(str(v) for v in key) + _cells(g) for key, g in report.groups.items()] if by else []
+    )
+    total = ("total",) + ("",) * max(0, len(by) - 1) + _cells(report.total)
+    header = (*(by or ("",)), *_COLUMNS)
+    lines = render_rows(header, [*rows, total], numeric_from=max(1, len(by)))
+    if report.total.failures:
+        counts = ", ".join(f"{c} x{n}" for c, n in report.total.failures.most_common())
+        lines.append(f"failures: {counts}")
+    if report.total.unpriced:
+        lines.append(f"{report.total.unpriced} answers have no known price (not in the cost)")
+    lines.append(f"prices: {report.price_table or 'none recorded'}")
+    return "\n".join(lines)
+
+
+def format_csv(report: Report) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    fields = ["items", "ok", "failed", "images", "input_tokens", "output_tokens", "cost_usd",
+              "latency_avg_s", "latency_p95_s", "images_per_minute"]  # fmt: skip
+    writer.writerow([*report.by, *fields])
+    rows = [(list(key), g) for key, g in report.groups.items()] if report.by else []
+    label = ["(total)"] + [""] * max(0, len(report.by) - 1) if report.by else []
+    for key, group in [*rows, (label, report.total)]:
+        data = group.as_json()
+        writer.writerow([*key, *("" if data[f] is None else data[f] for f in fields)])
+    return out.getvalue()
