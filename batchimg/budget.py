@@ -8,6 +8,8 @@ where the money ran out.
 
 from __future__ import annotations
 
+import anyio
+
 
 class Budget:
     """Committed spend, in-flight reservations and the cap (None: no cap)."""
@@ -16,22 +18,39 @@ class Budget:
         self.cap_usd = cap_usd
         self.spent_usd = spent_usd  # committed: what answers already cost, earlier runs included
         self.reserved_usd = 0.0  # worst cases of the requests in flight
-        self.exhausted = False  # a request did not fit: the run stops admitting
+        self._in_flight = 0
+        self._settled = anyio.Event()
 
-    def try_reserve(self, worst_usd: float) -> bool:
-        """Reserve a request's worst case if it fits under the cap; False (and stop) if not."""
-        if self.cap_usd is not None and self.spent_usd + self.reserved_usd + worst_usd > (
-            self.cap_usd + 1e-12
-        ):
-            self.exhausted = True
-            return False
+    def _fits(self, worst_usd: float) -> bool:
+        if self.cap_usd is None:
+            return True
+        return self.spent_usd + self.reserved_usd + worst_usd <= self.cap_usd + 1e-12
+
+    async def reserve(self, worst_usd: float) -> bool:
+        """Reserve a request's worst case; False once it cannot fit even with nothing in flight.
+
+        While other requests are in flight their reservations (worst cases) usually exceed what
+        they will cost, so a request that does not fit yet waits for them to settle first.
+        """
+        while not self._fits(worst_usd):
+            if not self._in_flight:
+                return False
+            await self._settled.wait()
         self.reserved_usd += worst_usd
+        self._in_flight += 1
         return True
+
+    def charge(self, actual_usd: float) -> None:
+        """Count what an answer cost (every answer, capped or not)."""
+        self.spent_usd += actual_usd
 
     def settle(self, reserved_usd: float, actual_usd: float) -> None:
         """A reserved request came back: it cost `actual_usd` (0 if it failed)."""
         self.reserved_usd = max(0.0, self.reserved_usd - reserved_usd)
-        self.spent_usd += actual_usd
+        self.charge(actual_usd)
+        self._in_flight -= 1
+        self._settled.set()
+        self._settled = anyio.Event()
 
     def message(self, items_left: int) -> str:
         return (

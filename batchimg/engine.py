@@ -428,7 +428,7 @@ class Engine:
                 message = f"no price for model {item.model!r}: --max-cost cannot bound it"
                 raise ItemFailed(ErrorInfo(message=message + " (add it with --prices)",
                                            code="unpriced_model", type="local_error"))  # fmt: skip
-            if not self.budget.try_reserve(worst):
+            if not await self.budget.reserve(worst):
                 self.stop("budget")  # the final message is written when the run ends
                 raise _Abandoned
             worst_usd = worst
@@ -452,7 +452,10 @@ class Engine:
             actual_usd = self.prices.request_cost(item.params, result.usage) or 0.0
             return result
         finally:
-            self.budget.settle(worst_usd, actual_usd)
+            if self.budget.cap_usd is not None:
+                self.budget.settle(worst_usd, actual_usd)
+            else:
+                self.budget.charge(actual_usd)
 
     async def _send(self, item: Item) -> ImagesResult:
         self._in_flight += 1

@@ -1,0 +1,314 @@
+"""Cost: estimates against what the mock bills, the budget cap, price overrides, reports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+import batchimg
+from batchimg.estimate import estimate_manifest
+from batchimg.mock import MockConfig, MockServer
+from batchimg.pricing import PriceTable
+from batchimg.report import build_report, format_csv, read_backwards
+from tests.conftest import TEST_KEY
+from tests.helpers import ledger
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = ROOT / "jobs"
+
+
+def billed_usd(server: MockServer) -> float:
+    """What the mock charged, priced with the built-in table (the mock's own bill)."""
+    table = PriceTable.default()
+    total = 0.0
+    for request in server.requests:
+        if request.status == 200:
+            params = {**request.params, "model": request.model, "n": request.n or 1}
+            cost = table.request_cost(params, request.usage)
+            assert cost is not None
+            total += cost
+    return total
+
+
+async def run(manifest: Path, out: Path, server: MockServer, **options: Any) -> batchimg.Summary:
+    return await batchimg.arun(manifest, out, base_url=server.base_url, api_key=TEST_KEY, **options)
+
+
+@pytest.mark.parametrize("job", ["example.jsonl", "edit-example.jsonl"])
+async def test_estimate_matches_what_the_mock_bills_within_2_percent(
+    job: str, tmp_path: Path, mock_server: MockServer
+) -> None:
+    estimate = estimate_manifest(JOBS / job)
+    summary = await run(JOBS / job, tmp_path / "out", mock_server)
+    billed = billed_usd(mock_server)
+    assert summary.ok == estimate.items and summary.images == estimate.images
+    assert estimate.total_cost_usd == pytest.approx(billed, rel=0.02)
+    assert summary.cost_usd == pytest.approx(billed, rel=1e-6)
+    assert estimate.output_tokens == summary.output_tokens
+
+
+def test_estimate_json_shape_and_groups(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(
+        [
+            {"prompt": "a", "quality": "high", "size": "1536x1024", "n": 2},
+            {"prompt": "b", "quality": "high", "size": "1536x1024"},
+            {"prompt": "c", "model": "dall-e-3", "quality": "hd", "size": "1792x1024"},
+            {"prompt": "d", "model": "gpt-image-2"},
+            {"prompt": "e", "size": "999x1"},
+        ]
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "batchimg", "estimate", str(manifest), "--format", "json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert {"items", "images", "output_tokens", "total_cost_usd", "groups"} <= set(data)
+    assert (data["items"], data["images"], data["bad_lines"], data["unpriced_items"]) == (
+        4,
+        5,
+        1,
+        1,
+    )
+    groups = {(g["model"], g["size"], g["quality"]): g for g in data["groups"]}
+    high = groups[("gpt-image-1", "1536x1024", "high")]
+    assert high["images"] == 3 and high["output_tokens"] == 3 * 6208
+    assert high["cost_usd"] == pytest.approx(3 * 6208 * 40e-6 + 2 * 1 * 5e-6, abs=1e-6)
+    assert groups[("dall-e-3", "1792x1024", "hd")]["cost_usd"] == pytest.approx(0.12)
+    assert groups[("gpt-image-2", "1024x1024", "medium")]["cost_usd"] is None  # unknown, not 0
+    assert data["total_cost_usd"] == pytest.approx(high["cost_usd"] + 0.12)
+    table = subprocess.run(
+        [sys.executable, "-m", "batchimg", "estimate", str(manifest)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert "unpriced" in table.stdout and "total" in table.stdout and "1 bad lines" in table.stdout
+
+
+def test_mini_is_estimated_from_its_per_image_prices() -> None:
+    table = PriceTable.default()
+    estimate = table.estimate(
+        {"model": "gpt-image-1-mini", "prompt": "abcd", "quality": "high", "size": "1024x1536"}
+    )
+    assert estimate.cost_usd == pytest.approx(0.052 + 1 * 2e-6)
+
+
+def test_worst_case_takes_the_dearest_auto_choice() -> None:
+    table = PriceTable.default()
+    worst = table.worst_case_usd({"model": "gpt-image-1", "prompt": "x" * 40, "n": 2})
+    assert worst == pytest.approx(2 * 6240 * 40e-6 + 40 * 5e-6)  # high, 1024x1536, 1 token a byte
+    assert table.worst_case_usd({"model": "mystery", "prompt": "x"}) is None
+
+
+async def test_prices_file_overrides_and_extends(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({
+        "name": "negotiated-2026",
+        "models": {
+            "gpt-image-1": {"per_1m_tokens": {"text_in": 1.0, "image_out": 10.0}},
+            "gpt-image-2": {"per_1m_tokens": {"text_in": 2.0, "image_out": 20.0}},
+        },
+    }))  # fmt: skip
+    manifest = write_manifest(
+        [
+            {"id": "a", "prompt": "abcd", "quality": "low"},
+            {"id": "b", "prompt": "abcd", "quality": "low", "model": "gpt-image-2"},
+            {"id": "c", "prompt": "abcd", "quality": "low", "model": "gpt-image-1.5"},
+        ]
+    )
+    await run(manifest, tmp_path / "out", mock_server, prices=prices)
+    records = {r["id"]: r for r in ledger(tmp_path / "out")}
+    assert records["a"]["cost_usd"] == pytest.approx((1 * 1.0 + 272 * 10.0) / 1e6)
+    assert records["b"]["cost_usd"] == pytest.approx((1 * 2.0 + 272 * 20.0) / 1e6)
+    assert records["c"]["cost_usd"] == pytest.approx((1 * 5.0 + 272 * 32.0) / 1e6)  # built-in
+    assert records["a"]["price_table"] == "openai-2025-10+negotiated-2026"
+
+
+async def test_unknown_model_is_priced_unknown_not_zero(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest([{"id": "x", "prompt": "p", "model": "gpt-image-2"}])
+    summary = await run(manifest, tmp_path / "out", mock_server)
+    (record,) = ledger(tmp_path / "out")
+    assert record["status"] == "ok" and record["cost_usd"] is None
+    assert summary.unpriced == 1 and summary.cost_usd == 0
+
+
+def test_bad_price_file_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "p.json"
+    bad.write_text('{"models": {"gpt-image-1": {"per_1m_tokens": {"text_in": -1}}}}')
+    for command in (
+        ["estimate", "jobs/example.jsonl"],
+        ["run", "jobs/example.jsonl", "--mock", "--out", str(tmp_path / "o")],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "batchimg", *command, "--prices", str(bad)],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 2 and "per_1m_tokens" in result.stderr
+
+
+async def test_budget_cap_is_never_exceeded_and_a_higher_cap_resumes(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    lines = [{"id": f"b{i}", "prompt": f"budget item {i}", "quality": ("low", "medium",
+              "high")[i % 3]} for i in range(40)]  # fmt: skip
+    manifest = write_manifest(lines)
+    out = tmp_path / "out"
+    cap = 0.5
+    async with MockServer(MockConfig(api_key=TEST_KEY, latency_s=0.2)) as server:
+        first = await run(manifest, out, server, concurrency=16, max_cost_usd=cap)
+        billed = billed_usd(server)
+    assert billed <= cap  # what the mock billed, not what the client believes
+    assert first.exit_code == 3 and first.stop_reason is not None
+    assert first.stop_reason.startswith("budget reached: $")
+    assert f"of ${cap:.2f} spent, {first.not_attempted} items left" in first.stop_reason
+    assert "raise --max-cost and re-run to continue" in first.stop_reason
+    assert 0 < first.ok < 40 and first.ok + first.not_attempted == 40
+    spent_before = sum(r["cost_usd"] for r in ledger(out))
+    assert spent_before == pytest.approx(billed)
+    async with MockServer(MockConfig(api_key=TEST_KEY, latency_s=0.2)) as server:
+        second = await run(manifest, out, server, concurrency=16, max_cost_usd=1.0)
+        billed_again = billed_usd(server)
+    assert spent_before + billed_again <= 1.0  # earlier spend counted against the new cap
+    assert second.skipped == first.ok and second.ok > 0
+    async with MockServer(MockConfig(api_key=TEST_KEY)) as server:
+        third = await run(manifest, out, server, concurrency=16, max_cost_usd=100.0)
+    assert third.exit_code == 0
+    assert first.ok + second.ok + third.ok == 40
+
+
+async def test_unpriced_model_under_a_cap_fails_without_being_sent(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(
+        [{"id": "u", "prompt": "p", "model": "gpt-image-2"}, {"id": "k", "prompt": "q"}]
+    )
+    summary = await run(manifest, tmp_path / "out", mock_server, max_cost_usd=5.0)
+    records = {r["id"]: r for r in ledger(tmp_path / "out")}
+    assert records["u"]["error"]["code"] == "unpriced_model"
+    assert records["k"]["status"] == "ok" and summary.ok == 1
+    assert [r.model for r in mock_server.requests] == ["gpt-image-1"]
+
+
+def _record(item_id: str, **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": item_id, "line": 1, "status": "ok", "endpoint": "generations",
+        "model": "gpt-image-1", "prompt": "p", "n": 1, "size": "1024x1024", "quality": "low",
+        "output_format": "png", "files": [f"images/{item_id}-0.png"], "bytes": [1],
+        "sha256": ["x"], "usage": {"input_tokens": 10, "output_tokens": 272,
+                                    "input_tokens_details": {"text_tokens": 10}},
+        "cost_usd": 0.01093, "price_table": "openai-2025-10", "attempts": 1,
+        "rate_limited": 0, "latency_s": 1.0, "request_id": f"req_{item_id}",
+        "started_at": "2026-11-24T10:00:00.000Z", "finished_at": "2026-11-24T10:01:00.000Z",
+        "metadata": {"shard": "a"},
+    }  # fmt: skip
+    base.update(fields)
+    return base
+
+
+def _write(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "ledger.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    return path
+
+
+def test_report_merges_shards_last_state_wins_and_bills_each_answer_once(tmp_path: Path) -> None:
+    failed = _record(
+        "b", status="error", files=[], usage=None, cost_usd=None, request_id="req_b1",
+        error={"code": "server_error", "type": None, "message": "x", "http_status": 500,
+               "request_id": "req_b1"},
+    )  # fmt: skip
+    paid_but_lost = _record("c", status="error", files=[], request_id="req_c1",
+                            error={"code": "bad_image"})  # fmt: skip
+    shard1 = _write(tmp_path / "run1", [_record("a"), failed, paid_but_lost])
+    shard2 = _write(tmp_path / "run2", [_record("b", request_id="req_b2"), _record("c")])
+    # run1 is given twice (as a directory and as a file): its answers must be billed once
+    result = build_report([shard1, shard1 / "ledger.jsonl", shard2], by=["status"])
+    data = result.as_json()
+    assert (data["items"], data["ok"], data["failed"]) == (3, 3, 0)  # b and c recovered later
+    # billed answers: a, c1 (paid, image lost), b2, c: four, each once although run1 came twice
+    assert data["total_cost_usd"] == pytest.approx(4 * 0.01093)
+    assert data["output_tokens"] == 4 * 272
+    assert {tuple(g["key"].values()) for g in data["groups"]} == {("ok",), ("error",)}
+
+
+def test_report_groups_csv_json_and_latency(tmp_path: Path) -> None:
+    records = [
+        _record(f"i{i}", quality=("low", "high")[i % 2], latency_s=float(i + 1),
+                metadata={"shard": "ab"[i % 2]}, finished_at=f"2026-11-2{4 + i % 2}T10:00:00Z")
+        for i in range(20)
+    ]  # fmt: skip
+    records.append(_record("bad", status="error", files=[], usage=None, cost_usd=None,
+                           request_id=None, error={"code": "moderation_blocked"}))  # fmt: skip
+    out = _write(tmp_path / "run", records)
+    result = build_report([out], by=["quality", "metadata.shard"])
+    data = result.as_json()
+    assert data["failures"] == {"moderation_blocked": 1}
+    assert data["latency_avg_s"] == pytest.approx(10.5)
+    assert data["latency_p95_s"] == pytest.approx(19.0, rel=0.03)
+    keys = {(g["key"]["quality"], g["key"]["metadata.shard"]) for g in data["groups"]}
+    assert keys == {("low", "a"), ("high", "b")}
+    rows = list(csv.DictReader(io.StringIO(format_csv(result))))
+    assert rows[-1]["quality"] == "(total)" and rows[-1]["items"] == "21"
+    assert sum(int(r["images"]) for r in rows[:-1]) == 20
+    by_day = build_report([out], by=["day"]).as_json()
+    assert {g["key"]["day"] for g in by_day["groups"]} == {"2026-11-24", "2026-11-25"}
+
+
+def test_report_reprices_from_usage(tmp_path: Path) -> None:
+    out = _write(tmp_path / "run", [_record("a"), _record("b")])
+    prices = tmp_path / "p.json"
+    prices.write_text('{"name": "half", "models": {"gpt-image-1": '
+                      '{"per_1m_tokens": {"text_in": 2.5, "image_out": 20.0}}}}')  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "batchimg", "report", str(out), "--prices", str(prices),
+         "--format", "json"], capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["total_cost_usd"] == pytest.approx(2 * (10 * 2.5 + 272 * 20.0) / 1e6)
+    assert data["price_table"] == "openai-2025-10+half"
+
+
+def test_report_bad_field_and_missing_ledger_exit_2(tmp_path: Path) -> None:
+    out = _write(tmp_path / "run", [_record("a")])
+    for args in ([str(out), "--by", "colour"], [str(tmp_path / "nope")]):
+        result = subprocess.run([sys.executable, "-m", "batchimg", "report", *args],
+                                capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
+        assert result.returncode == 2
+
+
+def test_ledger_is_read_backwards_whole_lines_only(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    records = [_record(f"r{i}", prompt="x" * (i * 37 % 500)) for i in range(300)]
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records) + b'{"id": "torn", "st')
+    seen = [r["id"] for r in read_backwards(path, block_size=1000)]
+    assert seen == [f"r{i}" for i in reversed(range(300))]
+
+
+def test_report_memory_does_not_hold_the_records(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    with open(path, "wb") as fh:
+        for i in range(30_000):
+            fh.write(orjson.dumps(_record(f"m{i}", prompt="p" * 200)) + b"\n")
+    assert path.stat().st_size > 20_000_000
+    tracemalloc.start()
+    data = build_report([path], by=["quality"]).as_json()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert data["items"] == 30_000
+    assert peak < 3_000_000  # a 22 MB ledger, well under 3 MB of Python objects
