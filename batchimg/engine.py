@@ -52,6 +52,7 @@ class ProgressEvent:
     status: str | None = None
     images: int = 0
     cost_usd: float | None = None
+    spent_usd: float = 0.0  # everything this ledger has cost so far, earlier runs included
     message: str | None = None
 
 
@@ -355,6 +356,7 @@ class Engine:
                 status=record["status"],
                 images=len(record["files"]),
                 cost_usd=record["cost_usd"],
+                spent_usd=self.budget.spent_usd,
             )
         )
 
