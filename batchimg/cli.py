@@ -7,7 +7,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 import click
@@ -19,6 +19,7 @@ from .config import DEFAULT_AZURE_API_VERSION, PROVIDERS
 from .engine import Summary
 from .errors import UsageError
 from .manifest import Defaults
+from .view import Mode, ProgressView, count_items
 
 FC = TypeVar("FC", bound=Callable[..., Any])
 ALL_SIZES = sorted(set(specs.GPT_SIZES + specs.DALLE2_SIZES + specs.DALLE3_SIZES))
@@ -217,24 +218,79 @@ def cli() -> None:
     show_default=True,
     help="Azure api-version query parameter.",
 )
-def run(manifest: Path, out: Path, defaults: Defaults, **options: Any) -> None:
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="Print only the end summary (no progress, no per-item errors).",
+)
+@click.option(
+    "--log-every",
+    "log_every_s",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="When stderr is not a terminal (cron, CI, nohup): seconds between progress lines.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Progress and error lines as key=value text or JSON.",
+)
+def run(
+    manifest: Path,
+    out: Path,
+    defaults: Defaults,
+    quiet: bool,
+    log_every_s: float,
+    log_format: Literal["text", "json"],
+    **options: Any,
+) -> None:
     """Generate every image in MANIFEST into --out; re-running the same command resumes.
 
     Exit status: 0 all ok, 1 some items failed, 2 bad invocation, 3 stopped early
     (bad key, quota), 130 interrupted.
     """
     try:
-        summary = anyio.run(
-            lambda: arun(manifest, out, defaults=defaults, handle_signals=True, **options)
-        )
+        check_manifest(manifest)
+        mode: Mode = "quiet" if quiet else "live" if sys.stderr.isatty() else "lines"
+        view = ProgressView(mode=mode, total=count_items(manifest), log_every_s=log_every_s,
+                            log_format=log_format)  # fmt: skip
+        try:
+            summary = anyio.run(
+                lambda: arun(
+                    manifest, out, defaults=defaults, handle_signals=True, progress=view, **options
+                )
+            )
+        finally:
+            view.close()
     except UsageError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:  # before the engine took over the signal: nothing was sent
         click.echo("interrupted before the run started", err=True)
         sys.exit(130)
-    click.echo(format_summary(summary), err=True)
+    if log_format == "json":
+        click.echo(orjson.dumps({"event": "summary", **summary_json(summary)}).decode(), err=True)
+    else:
+        click.echo(format_summary(summary), err=True)
     sys.exit(summary.exit_code)
+
+
+def summary_json(summary: Summary) -> dict[str, Any]:
+    """The end summary as data (for --log-format json)."""
+    s = summary
+    return {
+        "ok": s.ok, "failed": s.failed, "already_done": s.skipped,
+        "not_attempted": s.not_attempted, "images": s.images, "input_tokens": s.input_tokens,
+        "output_tokens": s.output_tokens, "cost_usd": round(s.cost_usd, 6),
+        "spent_total_usd": round(s.spent_total_usd, 6), "wall_s": round(s.wall_s, 3),
+        "failures": s.failures, "stop_reason": s.stop_reason, "interrupted": s.interrupted,
+        "rate_limited": s.limiter.rate_limited if s.limiter else 0,
+        "ledger": str(s.ledger_path), "exit_code": s.exit_code,
+    }  # fmt: skip
 
 
 def format_summary(summary: Summary) -> str:
@@ -272,6 +328,33 @@ def format_summary(summary: Summary) -> str:
     elif s.stop_reason:
         lines.append(f"  stopped early: {s.stop_reason}")
     return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@default_options
+def validate(manifest: Path, defaults: Defaults) -> None:
+    """Check every line of MANIFEST (edit inputs included) without sending anything.
+
+    Prints each problem as MANIFEST:LINE: reason, then a summary; exit 1 if any line is bad.
+    """
+    from .manifest import BadLine, read_manifest
+
+    try:
+        check_manifest(manifest)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    good = bad = 0
+    for entry in read_manifest(manifest, defaults):
+        if isinstance(entry, BadLine):
+            bad += 1
+            reason = entry.reason.removeprefix(f"line {entry.line}: ")
+            click.echo(f"{manifest}:{entry.line}: {reason}")
+        else:
+            good += 1
+    verdict = "all valid" if not bad else f"{bad} bad"
+    click.echo(f"{manifest}: {good + bad} lines checked, {good} valid, {verdict}")
+    sys.exit(1 if bad else 0)
 
 
 @cli.command()

@@ -32,6 +32,7 @@ from . import specs
 from .budget import Budget
 from .client import ImagesClient, ImagesResult
 from .config import RunConfig
+from .dataset import MetadataWriter
 from .errors import ErrorInfo, ItemFailed, RateLimited, RequestError, RunFatal, StorageError
 from .ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerWriter, scan_ledger
 from .limiter import Limiter, LimiterStats
@@ -40,7 +41,7 @@ from .pricing import PRICE_TABLE, PriceTable
 from .retry import retrying
 from .writer import ImageStore, StoredFile, check_format, decode_b64_image
 
-EventKind = Literal["item_finished", "retry", "stopping"]
+EventKind = Literal["started", "item_finished", "retry", "stopping"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class ProgressEvent:
     cost_usd: float | None = None
     spent_usd: float = 0.0  # everything this ledger has cost so far, earlier runs included
     message: str | None = None
+    error_code: str | None = None
+    line: int | None = None
+    engine: Engine | None = None  # on "started": where a view reads live counts
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -190,8 +194,14 @@ class Engine:
         self._stop_event = anyio.Event()
         self._interrupt_now = False  # a stop that should not even count what is left
         self._in_flight = 0
+        self.waiting_to_retry = 0  # items sleeping before their next try
         self._last_progress = time.monotonic()
         self._item_scopes: set[anyio.CancelScope] = set()  # one per item being processed
+
+    @property
+    def in_flight(self) -> int:
+        """Requests on the wire right now."""
+        return self._in_flight
 
     @property
     def stopping(self) -> bool:
@@ -217,6 +227,8 @@ class Engine:
         state = scan_ledger(self.summary.ledger_path)
         self._done = state.done
         self.budget.spent_usd = state.spent_usd  # earlier runs' spend counts against the cap
+        self._metadata = MetadataWriter(self.config.out_dir, self.summary.ledger_path)
+        self._emit(ProgressEvent("started", engine=self))
         with LedgerWriter(self.summary.ledger_path) as self._ledger:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._sync_ledger)
@@ -232,6 +244,7 @@ class Engine:
                         for _ in range(self.config.concurrency):
                             work.start_soon(self._work, receive.clone())
                 outer.cancel_scope.cancel()
+        self._metadata.close()
         self.summary.wall_s = time.monotonic() - started
         self.summary.limiter = self.limiter.stats()
         self.summary.spent_total_usd = self.budget.spent_usd
@@ -245,6 +258,7 @@ class Engine:
         while True:
             await anyio.sleep(FSYNC_INTERVAL_S)
             self._ledger.sync()
+            self._metadata.sync()
 
     async def _watch_for_stalls(self) -> None:
         limit_s = self.config.stall_timeout_s
@@ -332,6 +346,11 @@ class Engine:
         except StorageError as exc:
             self.stop(f"{exc}; free space, then re-run")
             return
+        if record["status"] == "ok":
+            try:
+                self._metadata.add(record)
+            except StorageError as exc:  # repaired from the ledger when the run restarts
+                self.stop(f"{exc}; free space, then re-run")
         self._last_progress = time.monotonic()
         summary = self.summary
         if record["status"] == "ok":
@@ -357,17 +376,24 @@ class Engine:
                 images=len(record["files"]),
                 cost_usd=record["cost_usd"],
                 spent_usd=self.budget.spent_usd,
+                message=record["error"]["message"] if "error" in record else None,
+                error_code=record["error"]["code"] if "error" in record else None,
+                line=record["line"],
             )
         )
 
     async def _retry_wait(self, delay_s: float) -> None:
         """Wait before a retry (on the injected clock, if any), unless the run stops meanwhile."""
-        if self.sleep is not None:
-            await self.sleep(delay_s)
-            if self.stopping:
-                raise _Abandoned
-        else:
-            await self._admission_wait(delay_s)
+        self.waiting_to_retry += 1
+        try:
+            if self.sleep is not None:
+                await self.sleep(delay_s)
+                if self.stopping:
+                    raise _Abandoned
+            else:
+                await self._admission_wait(delay_s)
+        finally:
+            self.waiting_to_retry -= 1
 
     async def _admission_wait(self, delay_s: float) -> None:
         """Wait until the limiter lets the next request go, unless the run stops meanwhile."""

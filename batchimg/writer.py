@@ -2,7 +2,7 @@
 
 A file appears under `DIR/images/` only whole (temp file in the same directory, fsync, rename),
 and an existing file is never overwritten: a leftover from an interrupted earlier attempt is moved
-to `DIR/orphans/` first.
+to `DIR/.orphans/` first.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from . import specs
 from .errors import ErrorInfo, ItemFailed, StorageError
 
 IMAGES_DIR = "images"
-ORPHANS_DIR = "orphans"
+ORPHANS_DIR = ".orphans"  # hidden: dataset loaders skip it
 TEMP_SUFFIX = ".part"
 
 

@@ -141,7 +141,7 @@ async def test_torn_last_ledger_line_is_ignored_and_resumed(
     records = ledger(out)  # every line whole again
     assert len(records) == 6 and {r["id"] for r in records} == {f"p{i}" for i in range(6)}
     # the re-generated items' earlier files were set aside, not overwritten
-    assert len(list((out / "orphans").iterdir())) == 2
+    assert len(list((out / ".orphans").iterdir())) == 2
 
 
 async def test_server_errors_are_retried_and_attempts_counted(

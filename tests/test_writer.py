@@ -152,7 +152,7 @@ def test_existing_file_is_moved_to_orphans_not_overwritten(tmp_path: Path) -> No
     (stored,) = store.save("cat", [PNG], "png")
 
     assert (tmp_path / stored.path).read_bytes() == PNG
-    orphans = list((tmp_path / "orphans").iterdir())
+    orphans = list((tmp_path / ".orphans").iterdir())
     assert [p.read_bytes() for p in orphans] == [old]
     assert orphans[0].suffix == ".png"
     assert orphans[0].name.startswith("cat-0")
@@ -164,5 +164,5 @@ def test_saving_the_same_stem_twice_keeps_both_versions(tmp_path: Path) -> None:
     store.save("dup", [first], "png")
     store.save("dup", [second], "png")
     assert (tmp_path / "images" / "dup-0.png").read_bytes() == second
-    assert [p.read_bytes() for p in (tmp_path / "orphans").iterdir()] == [first]
+    assert [p.read_bytes() for p in (tmp_path / ".orphans").iterdir()] == [first]
     assert leftovers(tmp_path) == []

@@ -1,0 +1,66 @@
+"""Dataset-ready output: `DIR/metadata.jsonl`, one row per image, beside `DIR/images/`.
+
+With it, `datasets.load_dataset("imagefolder", data_dir=DIR)` loads the output directory as it
+is: `file_name` (relative to DIR) plus the prompt, the request parameters, the item id, the image
+index and the line's `metadata`. Rows exist only for images of `ok` items.
+
+The ledger is the source of truth: at the start of every run the file is rebuilt from it (so a
+crash between a ledger line and its rows, or a torn row, is repaired), then rows are appended as
+items finish. Items are never re-run once ok, so rows are never duplicated.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .ledger import LedgerWriter, read_ledger
+
+METADATA_NAME = "metadata.jsonl"
+_PARAMS = ("model", "size", "quality", "output_format", "n", "endpoint")
+
+
+def metadata_rows(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The rows for one ok ledger record, one per image file."""
+    for index, file_name in enumerate(record.get("files") or []):
+        row: dict[str, Any] = {"file_name": file_name, "prompt": record.get("prompt")}
+        row.update({key: record.get(key) for key in _PARAMS})
+        row.update({"id": record["id"], "image_index": index, "line": record.get("line")})
+        row["metadata"] = record.get("metadata")
+        yield row
+
+
+def rebuild_metadata(out_dir: Path, ledger_path: Path) -> None:
+    """Write metadata.jsonl afresh from the ledger's ok records (atomically)."""
+    target = out_dir / METADATA_NAME
+    temp = out_dir / f".{METADATA_NAME}.part"
+    with open(temp, "wb") as fh:
+        for record in read_ledger(ledger_path):
+            if record.get("status") == "ok":
+                for row in metadata_rows(record):
+                    fh.write(orjson.dumps(row) + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(temp, target)
+
+
+class MetadataWriter:
+    """Keeps metadata.jsonl in step with the ledger during a run."""
+
+    def __init__(self, out_dir: Path, ledger_path: Path) -> None:
+        rebuild_metadata(out_dir, ledger_path)
+        self._writer = LedgerWriter(out_dir / METADATA_NAME)  # the same whole-line appends
+
+    def add(self, record: dict[str, Any]) -> None:
+        for row in metadata_rows(record):
+            self._writer.append(row)
+
+    def sync(self) -> None:
+        self._writer.sync()
+
+    def close(self) -> None:
+        self._writer.close()
