@@ -18,12 +18,18 @@ from .errors import (
     Retryable,
     RunFatal,
     ServerError,
+    StorageError,
     TransportError,
     UsageError,
 )
+from .estimate import ManifestEstimate, estimate_manifest
 from .ledger import read_ledger
+from .limiter import Limiter, LimiterStats
 from .manifest import BadLine, Defaults, Item, read_manifest
+from .pricing import PriceTable
+from .report import Report, build_report
 from .retry import RetryPolicy
+from .view import ProgressView
 
 __version__ = "0.1.0"
 
@@ -38,9 +44,15 @@ __all__ = [
     "ImagesResult",
     "Item",
     "ItemFailed",
+    "Limiter",
+    "LimiterStats",
+    "ManifestEstimate",
+    "PriceTable",
     "ProgressEvent",
+    "ProgressView",
     "Provider",
     "RateLimited",
+    "Report",
     "RequestError",
     "RetryPolicy",
     "Retryable",
@@ -48,11 +60,14 @@ __all__ = [
     "RunFatal",
     "Secret",
     "ServerError",
+    "StorageError",
     "Summary",
     "TransportError",
     "UsageError",
     "__version__",
     "arun",
+    "build_report",
+    "estimate_manifest",
     "read_ledger",
     "read_manifest",
     "run",

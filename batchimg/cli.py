@@ -227,7 +227,7 @@ def cli() -> None:
 @click.option(
     "--log-every",
     "log_every_s",
-    type=click.FloatRange(min=0.1),
+    type=click.FloatRange(min=0.01),
     default=30.0,
     show_default=True,
     help="When stderr is not a terminal (cron, CI, nohup): seconds between progress lines.",

@@ -1,0 +1,208 @@
+"""Operator experience: progress, logs, validate, dataset-ready output, the Python API, help."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import orjson
+import pytest
+from PIL import Image
+
+import batchimg
+from batchimg.cli import cli
+from batchimg.engine import ProgressEvent
+from batchimg.mock import MockServer
+from batchimg.view import ProgressView, count_items
+from tests.conftest import TEST_KEY
+from tests.helpers import ledger
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = ROOT / "jobs"
+
+
+def cli_run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if "API_KEY" not in k}
+    return subprocess.run([sys.executable, "-m", "batchimg", *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=timeout)  # fmt: skip
+
+
+async def test_progress_events_and_snapshot_follow_the_run(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    lines = [{"id": f"p{i}", "prompt": f"pear {i}", "quality": "low", "n": 1 + i % 2}
+             for i in range(10)]  # fmt: skip
+    lines.append({"id": "bad", "prompt": "[[mock:moderation]] x"})
+    manifest = write_manifest(lines)
+    events: list[ProgressEvent] = []
+    view = ProgressView(mode="quiet", total=count_items(manifest), stream=io.StringIO())
+
+    def record(event: ProgressEvent) -> None:
+        events.append(event)
+        view(event)
+
+    summary = await batchimg.arun(manifest, tmp_path / "out", base_url=mock_server.base_url,
+                                  api_key=TEST_KEY, progress=record)  # fmt: skip
+    view.close()
+    assert events[0].kind == "started" and events[0].engine is not None
+    finished = [e for e in events if e.kind == "item_finished"]
+    assert len(finished) == 11
+    assert Counter(e.status for e in finished) == {"ok": 10, "error": 1}
+    assert sum(e.images for e in finished) == summary.images == 15
+    (failure,) = [e for e in finished if e.status == "error"]
+    assert failure.error_code == "moderation_blocked" and failure.line == 11
+    assert finished[-1].spent_usd == pytest.approx(summary.cost_usd)
+    snap = view.snapshot()
+    assert snap is not None
+    assert (snap.done, snap.total, snap.ok, snap.failed) == (11, 11, 10, 1)
+    assert snap.images == 15 and snap.images_per_min > 0 and snap.in_flight == 0
+    assert snap.projected_usd == pytest.approx(summary.cost_usd)
+
+
+def test_non_tty_progress_lines_are_plain_and_greppable(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(f'{{"prompt": "kite {i}", "quality": "low"}}\n' for i in range(40))
+                        + '{"id": "blocked", "prompt": "[[mock:moderation]] no"}\n')  # fmt: skip
+    result = cli_run("run", str(manifest), "--out", str(tmp_path / "o"), "--mock",
+                     "--log-every", "0.05", "--concurrency", "2")  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    progress = [line for line in result.stderr.splitlines() if " progress " in line]
+    pattern = re.compile(
+        r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ progress done=\d+/41 ok=\d+ failed=\d+ inflight=\d+ "
+        r"retrying=\d+ img_per_min=[\d.]+ 429s=\d+ rate_per_min=\d+ tokens_out=\d+ "
+        r"spent_usd=[\d.]+( projected_usd=[\d.]+)?( eta=\w+)?$"
+    )
+    assert progress and all(pattern.match(line) for line in progress), progress[:3]
+    errors = [line for line in result.stderr.splitlines() if " error " in line]
+    assert len(errors) == 1 and "id=blocked" in errors[0] and "code=moderation_blocked" in errors[0]
+    assert "\x1b[" not in result.stderr  # no terminal escapes in a log file
+    assert "40 ok, 1 failed" in result.stderr  # the end summary always prints
+
+
+def test_json_log_format_and_quiet(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a"}\n{"prompt": "[[mock:moderation]] b"}\n')
+    result = cli_run("run", str(manifest), "--out", str(tmp_path / "o"), "--mock",
+                     "--log-format", "json", "--log-every", "0.05")  # fmt: skip
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    kinds = Counter(r["event"] for r in records)
+    assert kinds["error"] == 1 and kinds["summary"] == 1
+    summary = records[-1]
+    assert summary["event"] == "summary" and summary["ok"] == 1 and summary["exit_code"] == 1
+    quiet = cli_run("run", str(manifest), "--out", str(tmp_path / "q"), "--mock", "--quiet")
+    assert quiet.stderr.splitlines()[0].startswith("batchimg: 1 ok, 1 failed")
+
+
+def test_validate_lists_every_bad_line_and_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "not-image.png").write_text("hello")
+    manifest = tmp_path / "broken.jsonl"
+    manifest.write_text(
+        '{"prompt": "fine"}\n'
+        "# a comment\n"
+        "{oops\n"
+        '{"prompt": 7}\n'
+        '{"prompt": "a", "size": "2x2"}\n'
+        '{"prompt": "a", "colour": "red"}\n'
+        '{"prompt": "a", "image": "missing.png"}\n'
+        '{"prompt": "a", "image": "not-image.png"}\n'
+        '{"id": "x", "prompt": "a"}\n'
+        '{"id": "x", "prompt": "b"}\n'
+        "[1, 2]\n"
+    )
+    result = cli_run("validate", str(manifest))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    problems = [line for line in lines if re.match(rf"{re.escape(str(manifest))}:\d+: ", line)]
+    assert [int(p.split(":")[1]) for p in problems] == [3, 4, 5, 6, 7, 8, 10, 11]
+    assert "2x2" in problems[2] and "colour" in problems[3] and "missing.png" in problems[4]
+    assert "duplicate id" in problems[6]
+    assert lines[-1] == f"{manifest}: 10 lines checked, 2 valid, 8 bad"
+    good = cli_run("validate", "jobs/edit-example.jsonl")
+    assert good.returncode == 0 and good.stdout.strip().endswith("8 valid, all valid")
+    assert cli_run("validate", str(tmp_path / "nope.jsonl")).returncode == 2
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("job", ["example.jsonl", "edit-example.jsonl"])
+async def test_output_loads_with_hugging_face_imagefolder(
+    job: str, tmp_path: Path, mock_server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    summary = await batchimg.arun(JOBS / job, out, base_url=mock_server.base_url,
+                                  api_key=TEST_KEY)  # fmt: skip
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
+    assert dataset.num_rows == summary.images
+    assert {"image", "prompt", "id", "image_index", "metadata", "model"} <= set(
+        dataset.column_names
+    )
+    row = dataset[0]
+    assert isinstance(row["image"], Image.Image) and row["image"].size[0] >= 1024
+    by_id = Counter(dataset["id"])
+    assert by_id == Counter({r["id"]: r["n"] for r in ledger(out)})
+
+
+async def test_metadata_stays_in_step_with_the_ledger_across_resumes(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    lines = [{"id": f"m{i}", "prompt": f"moth {i}", "n": 1 + i % 3} for i in range(9)]
+    lines[4]["prompt"] = "[[mock:fail=1]] moth 4"
+    lines[7]["prompt"] = "[[mock:moderation]] moth 7"
+    manifest = write_manifest(lines)
+    out = tmp_path / "out"
+
+    def rows() -> list[dict[str, object]]:
+        return [orjson.loads(x) for x in (out / "metadata.jsonl").read_bytes().splitlines()]
+
+    first = await batchimg.arun(manifest, out, base_url=mock_server.base_url, api_key=TEST_KEY,
+                                max_attempts=1)  # fmt: skip
+    assert first.failed == 2
+    assert {r["id"] for r in rows()} == {f"m{i}" for i in range(9)} - {"m4", "m7"}
+    with open(out / "metadata.jsonl", "ab") as fh:
+        fh.write(b'{"file_name": "images/m0-0.png", "pro')  # a row torn by a crash
+    await batchimg.arun(manifest, out, base_url=mock_server.base_url, api_key=TEST_KEY)
+    final = rows()
+    files = [r["file_name"] for r in final]
+    assert len(files) == len(set(files))  # no duplicates
+    ok_files = [f for r in ledger(out) if r["status"] == "ok" for f in r["files"]]
+    assert sorted(files) == sorted(ok_files)
+    assert not any(r["id"] == "m7" for r in final)  # failed items have no rows
+    assert all((out / f).is_file() for f in files)
+
+
+def test_python_api_runs_the_example_job(tmp_path: Path) -> None:
+    summary = batchimg.run(JOBS / "example.jsonl", tmp_path / "out", mock=True, concurrency=4)
+    assert isinstance(summary, batchimg.Summary)
+    assert (summary.ok, summary.failed, summary.images, summary.exit_code) == (26, 0, 30, 0)
+    assert summary.cost_usd == pytest.approx(1.768, abs=1e-3)
+    with pytest.raises(batchimg.UsageError):
+        batchimg.run(tmp_path / "missing.jsonl", tmp_path / "o", mock=True)
+
+
+def test_public_names_are_exported_and_importable() -> None:
+    public = {name for name in dir(batchimg) if not name.startswith("_")}
+    modules = {name for name in public if isinstance(getattr(batchimg, name), type(batchimg))}
+    assert set(batchimg.__all__) - {"__version__"} == public - modules  # nothing left unlisted
+    for name in batchimg.__all__:
+        assert getattr(batchimg, name) is not None
+
+
+def test_every_command_and_option_has_help() -> None:
+    assert isinstance(cli, click.Group)
+    for name, command in cli.commands.items():
+        assert command.help, name
+        assert command.get_short_help_str(), name
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{name} {param.opts}"
