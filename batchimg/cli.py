@@ -512,6 +512,12 @@ def _rate(flag: str, what: str) -> Callable[[FC], FC]:
     help="After this many requests, answer 401 (key revoked); 0: always.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for injected faults.")
+@click.option(
+    "--detailed-images",
+    is_flag=True,
+    help="Serve photo-sized images (~2.5 MB PNG at 1024x1024) instead of tiny flat "
+    "ones, for payload benchmarks.",
+)
 def mock(host: str, port: int, api_key: str | None, no_auth: bool, **faults: Any) -> None:
     """Serve an OpenAI-compatible mock Images API (real images, usage, errors) on loopback."""
     from .mock import MockConfig, serve

@@ -113,6 +113,7 @@ class MockConfig:
     rpm_limit: int | None = None
     ipm_limit: int | None = None  # images per minute (a request weighs its n)
     ratelimit_headers: bool = True  # False: enforce the limits but send no x-ratelimit-* headers
+    detailed_images: bool = False  # photo-sized images (~2.5 MB PNG at 1024x1024), for benchmarks
     quota_after: int | None = None  # after this many requests, every one: 429 insufficient_quota
     auth_fail_after: int | None = None  # after this many requests, every one: 401 (0: always)
     seed: int = 0
@@ -699,7 +700,11 @@ class MockServer:
         fam = specs.family(model)
         n = params.get("n") or 1
         fmt = specs.output_format(params)
-        images = [CORRUPT] * n if directives.corrupt else await render_response(params, n)
+        images = (
+            [CORRUPT] * n
+            if directives.corrupt
+            else await render_response(params, n, detailed=self.config.detailed_images)
+        )
         record.served_sha256 = [image.sha256 for image in images]
         as_url = directives.url or (fam != "gpt" and params.get("response_format") != "b64_json")
         data: list[dict[str, str]] = []
