@@ -18,6 +18,7 @@ from .errors import UsageError
 from .manifest import Defaults
 from .pricing import PriceTable
 from .retry import RetryPolicy
+from .writer import IMAGES_DIR
 
 
 def check_manifest(path: Path) -> None:
@@ -103,7 +104,11 @@ async def arun(
         client_options["azure_api_version"] = azure_api_version
 
     async def go(client_config: ClientConfig) -> Summary:
-        async with ImagesClient(client_config, pool_size=concurrency) as client:
+        spool_dir = out / IMAGES_DIR  # answers stream into temp files beside their final names
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        async with ImagesClient(
+            client_config, pool_size=concurrency, spool_dir=spool_dir
+        ) as client:
             engine = Engine(run_config, client, progress=progress, sleep=sleep)
             return await engine.run(handle_signals=handle_signals)
 

@@ -14,11 +14,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timezone
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 
+from ._spool import BadBase64, ResponseSpool, SpooledImage, SpoolError, discard
 from .config import ClientConfig
 from .errors import ErrorInfo, ItemFailed, RequestError, RunFatal, TransportError, classify
 from .inputs import InputFile
@@ -73,9 +75,14 @@ def _should_retry(headers: Any) -> bool | None:
 class ImagesClient:
     """Sends image requests over one pooled session; use as an async context manager."""
 
-    def __init__(self, config: ClientConfig, *, pool_size: int = 8) -> None:
+    def __init__(
+        self, config: ClientConfig, *, pool_size: int = 8, spool_dir: Path | None = None
+    ) -> None:
+        """`spool_dir`: decode `b64_json` images into temp files there while answers stream
+        in (entries then carry `"spooled": SpooledImage`), instead of holding whole bodies."""
         self._config = config
         self._pool_size = pool_size
+        self._spool_dir = spool_dir
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ImagesClient:
@@ -139,18 +146,23 @@ class ImagesClient:
 
     async def _post(self, url: str, body: Any, headers: dict[str, str]) -> ImagesResult:
         started = time.monotonic()
+        spooled: list[SpooledImage] = []
         try:
             async with self.session.post(url, data=body, headers=headers) as resp:
-                body = await resp.read()
                 status, resp_headers = resp.status, resp.headers
+                if status < 400 and self._spool_dir is not None:
+                    parsed, spooled, size = await self._spool(resp, self._spool_dir)
+                else:
+                    body = await resp.read()
+                    size = len(body)
+                    try:
+                        parsed = orjson.loads(body) if body else None
+                    except orjson.JSONDecodeError:
+                        parsed = None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _transport_error(exc) from None
         latency_s = time.monotonic() - started
         request_id = resp_headers.get("x-request-id")
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
         ratelimit = RateLimitHeaders.parse(resp_headers)
         if status >= 400:
             error = classify(
@@ -164,15 +176,21 @@ class ImagesClient:
             raise error
         data = parsed.get("data") if isinstance(parsed, dict) else None
         if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
+            discard(spooled)
             what = "not JSON" if parsed is None else "JSON without a 'data' list"
             raise TransportError(
                 ErrorInfo(
-                    message=f"HTTP {status} answer was {what} ({len(body)} bytes)",
+                    message=f"HTTP {status} answer was {what} ({size} bytes)",
                     code="bad_response",
                     http_status=status,
                     request_id=request_id,
                 )
             )
+        if spooled:  # the spool left each b64_json empty; its image is on disk, in order
+            images = iter(spooled)
+            for entry in data:
+                if entry.get("b64_json") == "":
+                    entry["spooled"] = next(images)
         assert isinstance(parsed, dict)
         usage = parsed.get("usage")
         echo = {
@@ -186,6 +204,28 @@ class ImagesClient:
             echo=echo,
             ratelimit=ratelimit,
         )
+
+    async def _spool(
+        self, resp: aiohttp.ClientResponse, directory: Path
+    ) -> tuple[Any, list[SpooledImage], int]:
+        """Stream a 2xx body through a ResponseSpool: (parsed JSON or None, images, bytes)."""
+        spool = ResponseSpool(directory)
+        size = 0
+        try:
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                spool.feed(chunk)
+            parsed, spooled = spool.finish()
+        except BadBase64 as exc:
+            spool.abort()
+            raise ItemFailed(ErrorInfo(message=str(exc), code="bad_image",
+                                       type="invalid_response")) from None  # fmt: skip
+        except SpoolError:
+            return None, [], size  # reported as a body that is not the JSON promised
+        except BaseException:
+            spool.abort()
+            raise
+        return parsed, spooled, size
 
     async def download(self, url: str) -> bytes:
         """Fetch an image `url` answer (they expire, so at once); no API key is sent with it."""

@@ -29,6 +29,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import specs
+from ._spool import SpooledImage, discard
 from .budget import Budget
 from .client import ImagesClient, ImagesResult
 from .config import RunConfig
@@ -433,10 +434,13 @@ class Engine:
                         self._emit(ProgressEvent("retry", item_id=item.id))
                     result = await self._attempt(item, tally)
             assert result is not None
-            images = await self._fetch_images(item, result)
-            stored = await anyio.to_thread.run_sync(
-                self.store.save, item.file_stem, images, specs.output_format(item.params)
-            )
+            try:
+                images = await self._fetch_images(item, result)
+                stored = await anyio.to_thread.run_sync(
+                    self.store.save, item.file_stem, images, specs.output_format(item.params)
+                )
+            finally:  # whatever was spooled and not stored must not linger
+                discard([e["spooled"] for e in result.data if "spooled" in e])
         except StorageError as exc:
             finish("error", ErrorInfo(message=str(exc), code="storage_error", type="local_error"))
             raise
@@ -495,11 +499,16 @@ class Engine:
             self._in_flight -= 1
             self._last_progress = time.monotonic()
 
-    async def _fetch_images(self, item: Item, result: ImagesResult) -> list[bytes]:
-        """The answer's images as verified bytes: b64 decoded, urls downloaded at once."""
+    async def _fetch_images(self, item: Item, result: ImagesResult) -> list[bytes | SpooledImage]:
+        """The answer's images, verified: spooled to disk, b64 decoded, or urls downloaded."""
         expected = specs.output_format(item.params)
-        images = []
+        images: list[bytes | SpooledImage] = []
         for entry in result.data:
+            spooled = entry.get("spooled")
+            if isinstance(spooled, SpooledImage):
+                check_format(spooled.head, expected)
+                images.append(spooled)
+                continue
             if isinstance(entry.get("b64_json"), str):
                 data = decode_b64_image(entry["b64_json"])
             elif isinstance(entry.get("url"), str):

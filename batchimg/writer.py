@@ -7,15 +7,18 @@ to `DIR/.orphans/` first.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pybase64
+
 from . import specs
+from ._spool import SpooledImage
 from .errors import ErrorInfo, ItemFailed, StorageError
 
 IMAGES_DIR = "images"
@@ -45,7 +48,7 @@ def decode_b64_image(value: str) -> bytes:
     if "\n" in value or "\r" in value:  # some gateways wrap base64 at 76 columns
         value = "".join(value.split())
     try:
-        return base64.b64decode(value, validate=True)
+        return pybase64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise _bad_image(f"b64_json does not decode: {exc}") from None
 
@@ -72,10 +75,11 @@ class ImageStore:
     def file_name(self, stem: str, index: int, fmt: str) -> str:
         return f"{stem}-{index}.{specs.FILE_EXTENSION[fmt]}"
 
-    def save(self, stem: str, images: list[bytes], fmt: str) -> list[StoredFile]:
-        """Write every image of one item durably; return what was stored, in order.
+    def save(self, stem: str, images: Sequence[bytes | SpooledImage], fmt: str) -> list[StoredFile]:
+        """Store every image of one item durably; return what was stored, in order.
 
-        Raises StorageError (leaving no partial file behind) when the disk refuses.
+        Bytes are written to a temp file first; images already spooled to a temp file by the
+        client are fsynced and renamed. Raises StorageError (no partial file left behind).
         """
         try:
             stored = [
@@ -86,13 +90,18 @@ class ImageStore:
             raise StorageError(f"cannot write images to {self.images_dir}: {exc}") from exc
         return stored
 
-    def _write(self, name: str, data: bytes) -> StoredFile:
+    def _write(self, name: str, data: bytes | SpooledImage) -> StoredFile:
         final = self.images_dir / name
-        temp = self.images_dir / f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+        if isinstance(data, SpooledImage):
+            temp, nbytes, digest = data.path, data.nbytes, data.sha256
+        else:
+            temp = self.images_dir / f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+            nbytes, digest = len(data), hashlib.sha256(data).hexdigest()
         try:
-            with open(temp, "xb") as fh:
-                fh.write(data)
-                fh.flush()
+            with open(temp, "rb" if isinstance(data, SpooledImage) else "xb") as fh:
+                if not isinstance(data, SpooledImage):
+                    fh.write(data)
+                    fh.flush()
                 os.fsync(fh.fileno())
         except BaseException:
             temp.unlink(missing_ok=True)
@@ -100,9 +109,7 @@ class ImageStore:
         if final.exists():
             self._set_aside(final)
         os.replace(temp, final)
-        return StoredFile(
-            path=f"{IMAGES_DIR}/{name}", bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
-        )
+        return StoredFile(path=f"{IMAGES_DIR}/{name}", bytes=nbytes, sha256=digest)
 
     def _set_aside(self, path: Path) -> None:
         """Move a file no ledger line claims out of the way instead of overwriting it."""

@@ -1,0 +1,173 @@
+"""Decode an ImagesResponse while it streams in: each `b64_json` goes straight to a temp file.
+
+A photo-sized answer is ~3.4 MB of base64. Reading it whole, parsing it into a string and
+decoding that holds three copies per request in flight; this parser holds one network chunk.
+Everything outside the base64 values (usage, sizes, error envelopes) is kept and parsed with
+orjson at the end, with each `b64_json` value left as an empty string and its image returned as
+a `SpooledImage` in order. Temp files are dot-named `.part` files in the images directory, so
+`ImageStore` renames them into place atomically, or cleans them up on the next start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+import pybase64
+
+_KEY = re.compile(rb'"b64_json"\s*:\s*"')
+_KEY_MAX = 64  # longest stretch a split key may hide in (key, blanks, colon, quote)
+_ESCAPES = {b"\\/": b"/", b"\\n": b"", b"\\r": b""}
+
+
+class SpoolError(ValueError):
+    """The body is not the JSON it claims to be (cut off, or not JSON at all)."""
+
+
+class BadBase64(SpoolError):
+    """A b64_json value that does not decode: the answer arrived whole but is broken."""
+
+
+@dataclass(frozen=True)
+class SpooledImage:
+    """One decoded image, on disk under a temp name."""
+
+    path: Path
+    nbytes: int
+    sha256: str
+    head: bytes  # the first bytes, for the format check
+
+
+class _Target:
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / f".spool-{uuid.uuid4().hex}.part"
+        self.file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in finish/abort
+        self.hash = hashlib.sha256()
+        self.nbytes = 0
+        self.head = b""
+        self.pending = b""  # base64 characters not yet a multiple of 4
+        self.prefix: bytes | None = b""  # until known: the start of the value (data: URI?)
+
+    def write(self, raw: bytes) -> None:
+        data = self.pending + raw
+        cut = len(data) - len(data) % 4
+        self.pending = data[cut:]
+        if cut:
+            try:
+                decoded = pybase64.b64decode(data[:cut], validate=True)
+            except ValueError as exc:
+                raise BadBase64(f"b64_json does not decode: {exc}") from None
+            if len(self.head) < 16:
+                self.head = (self.head + decoded[:16])[:16]
+            self.hash.update(decoded)
+            self.file.write(decoded)
+            self.nbytes += len(decoded)
+
+    def finish(self) -> SpooledImage:
+        if self.pending:
+            raise BadBase64("b64_json ends in the middle of a base64 quantum")
+        self.file.close()  # fsynced by ImageStore.adopt, off the event loop
+        return SpooledImage(self.path, self.nbytes, self.hash.hexdigest(), self.head)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class ResponseSpool:
+    """Feed it the body's chunks in order, then `finish()` for (parsed JSON, images)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._json = bytearray()  # everything but the base64 values
+        self._scan_from = 0
+        self._target: _Target | None = None
+        self._escape = b""  # a backslash that ended the last chunk
+        self._done: list[SpooledImage] = []
+
+    def feed(self, chunk: bytes) -> None:
+        while chunk:
+            if self._target is None:
+                chunk = self._outside(chunk)
+            else:
+                chunk = self._inside(chunk, self._target)
+
+    def _outside(self, chunk: bytes) -> bytes:
+        self._json += chunk
+        match = _KEY.search(self._json, self._scan_from)
+        if match is None:
+            # a key may be split across chunks, but one already matched is never matched again
+            self._scan_from = max(self._scan_from, len(self._json) - _KEY_MAX)
+            return b""
+        rest = bytes(self._json[match.end() :])
+        del self._json[match.end() :]
+        self._scan_from = len(self._json)
+        self._target = _Target(self.directory)
+        return rest
+
+    def _inside(self, chunk: bytes, target: _Target) -> bytes:
+        chunk = self._escape + chunk
+        self._escape = b""
+        end = _closing_quote(chunk)
+        value, rest = (chunk, b"") if end < 0 else (chunk[:end], chunk[end:])
+        if end < 0 and value.endswith(b"\\"):
+            value, self._escape = value[:-1], b"\\"
+        if b"\\" in value:
+            for escaped, plain in _ESCAPES.items():
+                value = value.replace(escaped, plain)
+        if target.prefix is not None:  # strip a data:image/...;base64, prefix if there is one
+            value = target.prefix + value
+            target.prefix = None
+            if value.startswith(b"data:") or b"data:".startswith(value):
+                comma = value.find(b",")
+                if comma >= 0:
+                    value = value[comma + 1 :]
+                elif end < 0:
+                    target.prefix = value  # wait for the rest of the prefix
+                    return rest
+        target.write(value)
+        if end >= 0:
+            self._done.append(target.finish())
+            self._target = None
+        return rest
+
+    def finish(self) -> tuple[Any, list[SpooledImage]]:
+        """The parsed JSON (b64_json values empty) and the images; SpoolError if broken."""
+        if self._target is not None:
+            self.abort()
+            raise SpoolError("the body ended inside a b64_json value")
+        try:
+            parsed = orjson.loads(self._json)
+        except orjson.JSONDecodeError as exc:
+            self.abort()
+            raise SpoolError(f"not JSON ({len(self._json)} bytes outside images): {exc}") from None
+        return parsed, self._done
+
+    def abort(self) -> None:
+        """Remove every temp file this spool made (the answer will not be kept)."""
+        if self._target is not None:
+            self._target.abort()
+            self._target = None
+        discard(self._done)
+        self._done = []
+
+
+def discard(images: list[SpooledImage]) -> None:
+    """Remove spooled images that will not be kept."""
+    for image in images:
+        image.path.unlink(missing_ok=True)
+
+
+def _closing_quote(chunk: bytes) -> int:
+    """Index of the first unescaped `"` (base64 has no quotes, so escapes are rare)."""
+    start = 0
+    while True:
+        index = chunk.find(b'"', start)
+        if index <= 0 or chunk[index - 1 : index] != b"\\":
+            return index
+        start = index + 1
