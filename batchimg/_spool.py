@@ -1,7 +1,8 @@
 """Decode an ImagesResponse while it streams in: each `b64_json` goes straight to a temp file.
 
 A photo-sized answer is ~3.4 MB of base64. Reading it whole, parsing it into a string and
-decoding that holds three copies per request in flight; this parser holds one network chunk.
+decoding that holds three copies per request in flight; this parser holds one network chunk
+(and up to `SPILL_BYTES` of a small image, which never touches a temp file at all).
 Everything outside the base64 values (usage, sizes, error envelopes) is kept and parsed with
 orjson at the end, with each `b64_json` value left as an empty string and its image returned as
 a `SpooledImage` in order. Temp files are dot-named `.part` files in the images directory, so
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,6 +25,7 @@ import pybase64
 _KEY = re.compile(rb'"b64_json"\s*:\s*"')
 _KEY_MAX = 64  # longest stretch a split key may hide in (key, blanks, colon, quote)
 _ESCAPES = {b"\\/": b"/", b"\\n": b"", b"\\r": b""}
+SPILL_BYTES = 256 * 1024  # decoded images larger than this stream to a temp file
 
 
 class SpoolError(ValueError):
@@ -44,39 +47,55 @@ class SpooledImage:
 
 
 class _Target:
+    """One b64_json value being decoded: in memory while small, then spilled to a temp file."""
+
     def __init__(self, directory: Path) -> None:
-        self.path = directory / f".spool-{uuid.uuid4().hex}.part"
-        self.file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in finish/abort
+        self.directory = directory
+        self.path: Path | None = None
+        self.file: BinaryIO | None = None
+        self.buffer = bytearray()
         self.hash = hashlib.sha256()
         self.nbytes = 0
-        self.head = b""
         self.pending = b""  # base64 characters not yet a multiple of 4
         self.prefix: bytes | None = b""  # until known: the start of the value (data: URI?)
 
     def write(self, raw: bytes) -> None:
-        data = self.pending + raw
+        data = self.pending + raw if self.pending else raw
         cut = len(data) - len(data) % 4
         self.pending = data[cut:]
-        if cut:
-            try:
-                decoded = pybase64.b64decode(data[:cut], validate=True)
-            except ValueError as exc:
-                raise BadBase64(f"b64_json does not decode: {exc}") from None
-            if len(self.head) < 16:
-                self.head = (self.head + decoded[:16])[:16]
-            self.hash.update(decoded)
+        if not cut:
+            return
+        try:
+            decoded = pybase64.b64decode(data[:cut] if self.pending else data, validate=True)
+        except ValueError as exc:
+            raise BadBase64(f"b64_json does not decode: {exc}") from None
+        self.hash.update(decoded)
+        self.nbytes += len(decoded)
+        if self.file is not None:
             self.file.write(decoded)
-            self.nbytes += len(decoded)
+            return
+        self.buffer += decoded
+        if len(self.buffer) > SPILL_BYTES:  # big: stream the rest to disk, hold nothing
+            self.path = self.directory / f".spool-{uuid.uuid4().hex}.part"
+            self.file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/abort
+            self.file.write(self.buffer)
+            self.buffer = bytearray()
 
-    def finish(self) -> SpooledImage:
+    def finish(self) -> bytes | SpooledImage:
+        """Small images come back as bytes; big ones as a temp file (fsynced when stored)."""
         if self.pending:
             raise BadBase64("b64_json ends in the middle of a base64 quantum")
-        self.file.close()  # fsynced by ImageStore.adopt, off the event loop
-        return SpooledImage(self.path, self.nbytes, self.hash.hexdigest(), self.head)
+        if self.file is None or self.path is None:
+            return bytes(self.buffer)
+        self.file.close()
+        with open(self.path, "rb") as fh:
+            head = fh.read(16)
+        return SpooledImage(self.path, self.nbytes, self.hash.hexdigest(), head)
 
     def abort(self) -> None:
-        self.file.close()
-        self.path.unlink(missing_ok=True)
+        if self.file is not None and self.path is not None:
+            self.file.close()
+            self.path.unlink(missing_ok=True)
 
 
 class ResponseSpool:
@@ -88,7 +107,7 @@ class ResponseSpool:
         self._scan_from = 0
         self._target: _Target | None = None
         self._escape = b""  # a backslash that ended the last chunk
-        self._done: list[SpooledImage] = []
+        self._done: list[bytes | SpooledImage] = []
 
     def feed(self, chunk: bytes) -> None:
         while chunk:
@@ -136,7 +155,7 @@ class ResponseSpool:
             self._target = None
         return rest
 
-    def finish(self) -> tuple[Any, list[SpooledImage]]:
+    def finish(self) -> tuple[Any, list[bytes | SpooledImage]]:
         """The parsed JSON (b64_json values empty) and the images; SpoolError if broken."""
         if self._target is not None:
             self.abort()
@@ -157,10 +176,11 @@ class ResponseSpool:
         self._done = []
 
 
-def discard(images: list[SpooledImage]) -> None:
-    """Remove spooled images that will not be kept."""
+def discard(images: Sequence[bytes | SpooledImage]) -> None:
+    """Remove spooled images that will not be kept (in-memory ones need nothing)."""
     for image in images:
-        image.path.unlink(missing_ok=True)
+        if isinstance(image, SpooledImage):
+            image.path.unlink(missing_ok=True)
 
 
 def _closing_quote(chunk: bytes) -> int:

@@ -146,7 +146,7 @@ class ImagesClient:
 
     async def _post(self, url: str, body: Any, headers: dict[str, str]) -> ImagesResult:
         started = time.monotonic()
-        spooled: list[SpooledImage] = []
+        spooled: list[bytes | SpooledImage] = []
         try:
             async with self.session.post(url, data=body, headers=headers) as resp:
                 status, resp_headers = resp.status, resp.headers
@@ -207,7 +207,7 @@ class ImagesClient:
 
     async def _spool(
         self, resp: aiohttp.ClientResponse, directory: Path
-    ) -> tuple[Any, list[SpooledImage], int]:
+    ) -> tuple[Any, list[bytes | SpooledImage], int]:
         """Stream a 2xx body through a ResponseSpool: (parsed JSON or None, images, bytes)."""
         spool = ResponseSpool(directory)
         size = 0

@@ -439,8 +439,9 @@ class Engine:
                 stored = await anyio.to_thread.run_sync(
                     self.store.save, item.file_stem, images, specs.output_format(item.params)
                 )
-            finally:  # whatever was spooled and not stored must not linger
+            except BaseException:  # whatever was spooled and not stored must not linger
                 discard([e["spooled"] for e in result.data if "spooled" in e])
+                raise
         except StorageError as exc:
             finish("error", ErrorInfo(message=str(exc), code="storage_error", type="local_error"))
             raise
@@ -505,8 +506,9 @@ class Engine:
         images: list[bytes | SpooledImage] = []
         for entry in result.data:
             spooled = entry.get("spooled")
-            if isinstance(spooled, SpooledImage):
-                check_format(spooled.head, expected)
+            if isinstance(spooled, (bytes, SpooledImage)):
+                check_format(spooled.head if isinstance(spooled, SpooledImage) else spooled,
+                             expected)  # fmt: skip
                 images.append(spooled)
                 continue
             if isinstance(entry.get("b64_json"), str):

@@ -10,10 +10,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from batchimg._spool import BadBase64, ResponseSpool, SpoolError
+from batchimg._spool import SPILL_BYTES, BadBase64, ResponseSpool, SpooledImage, SpoolError
 
-PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
-JPEG = b"\xff\xd8\xff" + os.urandom(2000)
+PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(SPILL_BYTES + 5000)  # big: streamed to a temp file
+JPEG = b"\xff\xd8\xff" + os.urandom(2000)  # small: kept in memory, never a temp file
+
+
+def content(image: bytes | SpooledImage) -> bytes:
+    return image.path.read_bytes() if isinstance(image, SpooledImage) else image
 
 
 def body(*images: bytes, prefix: str = "", escape_slashes: bool = False) -> bytes:
@@ -31,23 +35,25 @@ def spool_in_chunks(tmp_path: Path, raw: bytes, size: int) -> tuple[dict, list]:
     return parsed, images
 
 
-@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1000, 10**6])
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1000, 65536, 10**7])
 def test_every_chunking_gives_the_same_images_and_json(tmp_path: Path, size: int) -> None:
     parsed, images = spool_in_chunks(tmp_path, body(PNG, JPEG), size)
-    assert [i.path.read_bytes() for i in images] == [PNG, JPEG]
-    assert [i.sha256 for i in images] == [hashlib.sha256(x).hexdigest() for x in (PNG, JPEG)]
-    assert [i.nbytes for i in images] == [len(PNG), len(JPEG)]
-    assert images[0].head == PNG[:16] and images[1].head == JPEG[:16]
+    assert [content(i) for i in images] == [PNG, JPEG]
+    big, small = images
+    assert isinstance(big, SpooledImage) and isinstance(small, bytes)
+    assert big.sha256 == hashlib.sha256(PNG).hexdigest() and big.nbytes == len(PNG)
+    assert big.head == PNG[:16]
+    assert [p.name for p in tmp_path.iterdir()] == [big.path.name]  # only the big one on disk
     assert parsed["usage"] == {"output_tokens": 272}
     assert [d["b64_json"] for d in parsed["data"]] == ["", ""]  # left for the caller to map
 
 
-@pytest.mark.parametrize("size", [1, 5, 4096])
+@pytest.mark.parametrize("size", [5, 4096])
 def test_data_uri_prefix_and_escaped_slashes(tmp_path: Path, size: int) -> None:
     raw = body(PNG, prefix="data:image/png;base64,", escape_slashes=True)
     assert b"\\/" in raw
     _, images = spool_in_chunks(tmp_path, raw, size)
-    assert images[0].path.read_bytes() == PNG
+    assert content(images[0]) == PNG
 
 
 def test_url_answers_and_errors_pass_through(tmp_path: Path) -> None:
