@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image, UnidentifiedImageError
-
 from . import specs
 from .specs import ParamError
 
@@ -47,6 +45,8 @@ def probe(source: bytes | BinaryIO, name: str, nbytes: int, *, decode: bool) -> 
 
     Anything Pillow cannot read, or that is not PNG / JPEG / WebP, gets `fmt=None`.
     """
+    from PIL import Image, UnidentifiedImageError  # only edits need Pillow: import it then
+
     fh = io.BytesIO(source) if isinstance(source, bytes) else source
     head = fh.read(16)
     fh.seek(0)
