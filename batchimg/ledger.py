@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from ._idset import IdSet
+from ._idset import IdSet, count_lines
 from .errors import StorageError
 
 LEDGER_NAME = "ledger.jsonl"
@@ -49,7 +49,7 @@ class LedgerState:
 
 
 def scan_ledger(path: Path) -> LedgerState:
-    state = LedgerState(IdSet())
+    state = LedgerState(IdSet(count_lines(path) if path.exists() else 16))
     for record in read_ledger(path):
         if record.get("status") == "ok":
             state.done.add(record["id"])

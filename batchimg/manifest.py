@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from . import specs
-from ._idset import IdSet
+from ._idset import IdSet, count_lines
 from .inputs import MAX_EDIT_IMAGES, InputFile, check_edit_inputs, load_input
 
 #: Keys a line may carry besides the API fields.
@@ -139,8 +139,8 @@ def _content_id(content: bytes, occurrence: int) -> str:
 class _Ids:
     """Hands out item ids and spots duplicate explicit ids."""
 
-    def __init__(self) -> None:
-        self._seen = IdSet()
+    def __init__(self, capacity: int = 1024) -> None:
+        self._seen = IdSet(capacity)
 
     def explicit(self, value: Any) -> str:
         if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -249,7 +249,7 @@ def read_manifest(path: str | Path, defaults: Defaults | None = None) -> Iterato
     Raises OSError if the file cannot be opened; every problem inside the file is a BadLine.
     """
     defaults = defaults or Defaults()
-    ids = _Ids()
+    ids = _Ids(count_lines(path))  # sized up front: the id set never has to grow
     base_dir = Path(path).resolve().parent  # edit inputs are relative to the manifest
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, start=1):

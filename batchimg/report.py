@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from ._idset import IdSet
+from ._idset import IdSet, count_lines
 from .errors import UsageError
 from .estimate import render_rows
 from .ledger import LEDGER_NAME
@@ -214,11 +214,13 @@ def build_report(
 ) -> Report:
     """Read ledgers (a later target wins for the same id) into totals and groups."""
     check_group_fields(by)
-    seen_ids, seen_requests = IdSet(), IdSet()
+    paths = ledger_paths(targets)
+    records = sum(count_lines(path) for path in paths)
+    seen_ids, seen_requests = IdSet(records), IdSet(records)
     total = Group(key={})
     groups: dict[tuple[Any, ...], Group] = {}
     tables: set[str] = set()
-    for path in reversed(ledger_paths(targets)):
+    for path in reversed(paths):
         for record in read_backwards(path):
             key = tuple(group_value(record, name) for name in by)
             group = groups.get(key)
