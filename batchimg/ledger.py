@@ -32,12 +32,18 @@ def read_ledger(path: Path) -> Iterator[dict[str, Any]]:
         for line in fh:
             if not line.endswith(b"\n"):
                 return  # torn by a crash mid-write
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("id"), str):
+            record = parse_record(line)
+            if record is not None:
                 yield record
+
+
+def parse_record(line: bytes) -> dict[str, Any] | None:
+    """One ledger line as a record; None for a garbled line or one without an id."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("id"), str) else None
 
 
 @dataclass

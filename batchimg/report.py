@@ -20,12 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from ._idset import IdSet, count_lines
 from .errors import UsageError
 from .estimate import render_rows
-from .ledger import LEDGER_NAME
+from .ledger import LEDGER_NAME, parse_record
 from .pricing import PriceTable
 
 GROUP_FIELDS = ("model", "size", "quality", "status", "endpoint", "day")
@@ -65,13 +63,8 @@ def read_backwards(path: Path, block_size: int = 1 << 16) -> Iterator[dict[str, 
 
 def _parse_lines(lines: Any) -> Iterator[dict[str, Any]]:
     for line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("id"), str):
+        record = parse_record(line) if line.strip() else None
+        if record is not None:
             yield record
 
 
