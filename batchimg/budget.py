@@ -14,9 +14,9 @@ import anyio
 class Budget:
     """Committed spend, in-flight reservations and the cap (None: no cap)."""
 
-    def __init__(self, cap_usd: float | None, spent_usd: float = 0.0) -> None:
+    def __init__(self, cap_usd: float | None) -> None:
         self.cap_usd = cap_usd
-        self.spent_usd = spent_usd  # committed: what answers already cost, earlier runs included
+        self.spent_usd = 0.0  # committed: what answers already cost, earlier runs included
         self.reserved_usd = 0.0  # worst cases of the requests in flight
         self._in_flight = 0
         self._settled = anyio.Event()

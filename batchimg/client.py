@@ -22,7 +22,15 @@ import orjson
 
 from ._spool import BadBase64, ResponseSpool, SpooledImage, SpoolError, discard
 from .config import ClientConfig
-from .errors import ErrorInfo, ItemFailed, RequestError, RunFatal, TransportError, classify
+from .errors import (
+    ErrorInfo,
+    ItemFailed,
+    RequestError,
+    RunFatal,
+    StorageError,
+    TransportError,
+    classify,
+)
 from .inputs import InputFile
 from .limiter import RateLimitHeaders
 
@@ -119,15 +127,6 @@ class ImagesClient:
     ) -> ImagesResult:
         """POST one edits request (multipart); the body is built afresh for every call."""
         url = self._config.endpoint_url("edits", str(params.get("model", "")))
-        try:
-            return await self._post_form(url, params, images, mask)
-        except OSError as exc:  # an input file vanished or became unreadable mid-run
-            info = ErrorInfo(message=f"cannot read input file: {exc}", code="input_error")
-            raise ItemFailed(info) from None
-
-    async def _post_form(
-        self, url: str, params: dict[str, Any], images: Sequence[InputFile], mask: InputFile | None
-    ) -> ImagesResult:
         with contextlib.ExitStack() as files:
             form = aiohttp.FormData()
             for name, value in params.items():
@@ -136,11 +135,13 @@ class ImagesClient:
             field = "image" if len(images) == 1 else "image[]"
             parts = [(field, f) for f in images] + ([("mask", mask)] if mask else [])
             for name, source in parts:
+                try:
+                    fh = files.enter_context(open(source.path, "rb"))  # streamed, not held
+                except OSError as exc:  # an input file vanished or became unreadable mid-run
+                    info = ErrorInfo(message=f"cannot read input file: {exc}", code="input_error")
+                    raise ItemFailed(info) from None
                 form.add_field(
-                    name,
-                    files.enter_context(open(source.path, "rb")),  # streamed, not held
-                    filename=source.path.name,
-                    content_type=source.content_type,
+                    name, fh, filename=source.path.name, content_type=source.content_type
                 )
             return await self._post(url, form, self._config.auth_headers())
 
@@ -222,6 +223,12 @@ class ImagesClient:
                                        type="invalid_response")) from None  # fmt: skip
         except SpoolError:
             return None, [], size  # reported as a body that is not the JSON promised
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            spool.abort()
+            raise
+        except OSError as exc:  # the temp file cannot be written: the disk, not the network
+            spool.abort()
+            raise StorageError(f"cannot write images to {directory}: {exc}") from exc
         except BaseException:
             spool.abort()
             raise

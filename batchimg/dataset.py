@@ -64,3 +64,9 @@ class MetadataWriter:
 
     def close(self) -> None:
         self._writer.close()
+
+    def __enter__(self) -> MetadataWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -230,7 +230,7 @@ class Engine:
         self.budget.spent_usd = state.spent_usd  # earlier runs' spend counts against the cap
         self._metadata = MetadataWriter(self.config.out_dir, self.summary.ledger_path)
         self._emit(ProgressEvent("started", engine=self))
-        with LedgerWriter(self.summary.ledger_path) as self._ledger:
+        with self._metadata, LedgerWriter(self.summary.ledger_path) as self._ledger:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._sync_ledger)
                 outer.start_soon(self._watch_for_stalls)
@@ -245,7 +245,6 @@ class Engine:
                         for _ in range(self.config.concurrency):
                             work.start_soon(self._work, receive.clone())
                 outer.cancel_scope.cancel()
-        self._metadata.close()
         self.summary.wall_s = time.monotonic() - started
         self.summary.limiter = self.limiter.stats()
         self.summary.spent_total_usd = self.budget.spent_usd
@@ -346,6 +345,7 @@ class Engine:
             self._ledger.append(record)
         except StorageError as exc:
             self.stop(f"{exc}; free space, then re-run")
+            self.summary.not_attempted += 1  # no line: the next run does it again
             return
         if record["status"] == "ok":
             try:
@@ -434,14 +434,18 @@ class Engine:
                         self._emit(ProgressEvent("retry", item_id=item.id))
                     result = await self._attempt(item, tally)
             assert result is not None
-            try:
-                images = await self._fetch_images(item, result)
-                stored = await anyio.to_thread.run_sync(
-                    self.store.save, item.file_stem, images, specs.output_format(item.params)
-                )
-            except BaseException:  # whatever was spooled and not stored must not linger
-                discard([e["spooled"] for e in result.data if "spooled" in e])
-                raise
+            # Paid for from here on: a stop or a grace-period cancel must not drop the images
+            # between the answer and its ledger line, or the next run would buy them again.
+            with anyio.CancelScope(shield=True):
+                try:
+                    images = await self._fetch_images(item, result)
+                    stored = await anyio.to_thread.run_sync(
+                        self.store.save, item.file_stem, images, specs.output_format(item.params)
+                    )
+                except BaseException:  # whatever was spooled and not stored must not linger
+                    discard([e["spooled"] for e in result.data if "spooled" in e])
+                    raise
+                finish("ok", files=stored)
         except StorageError as exc:
             finish("error", ErrorInfo(message=str(exc), code="storage_error", type="local_error"))
             raise
@@ -449,13 +453,13 @@ class Engine:
             finish("error", exc.info)
             if isinstance(exc, RunFatal):
                 self.stop(f"{exc} — fix the account or key, then re-run the same command")
-            return
-        finish("ok", files=stored)
 
     async def _attempt(self, item: Item, tally: _Tally) -> ImagesResult:
         """One try: reserve its worst-case cost, wait for admission, send, report back."""
+        tokens = specs.estimate_request_tokens(item.params, item.image_tokens)
+        capped = self.budget.cap_usd is not None
         worst_usd = 0.0
-        if self.budget.cap_usd is not None:
+        if capped:
             worst = self.prices.worst_case_usd(item.params, item.image_tokens)
             if worst is None:
                 message = f"no price for model {item.model!r}: --max-cost cannot bound it"
@@ -465,9 +469,10 @@ class Engine:
                 self.stop("budget")  # the final message is written when the run ends
                 raise _Abandoned
             worst_usd = worst
-        tokens = specs.estimate_request_tokens(item.params, item.image_tokens)
         limiter, actual_usd = self.limiter, 0.0
         try:
+            if self.stopping:  # stopped while this item waited for budget: send nothing
+                raise _Abandoned
             sent_at = await limiter.acquire(images=item.n, tokens=tokens)
             try:
                 result = await self._send(item)
@@ -477,15 +482,21 @@ class Engine:
                 raise
             except RequestError as exc:
                 limiter.observe(exc.ratelimit)
+                if capped and not (exc.info.http_status or 0) >= 400:
+                    # No error status: the answer may have been generated (and billed) before
+                    # it broke in transit. Under a cap, assume the worst rather than $0.
+                    actual_usd = worst_usd
                 raise
             limiter.observe(result.ratelimit)
             limiter.on_success()
             if result.usage and isinstance(result.usage.get("total_tokens"), int):
                 limiter.settle_tokens(tokens, result.usage["total_tokens"])
-            actual_usd = self.prices.request_cost(item.params, result.usage) or 0.0
+            cost = self.prices.request_cost(item.params, result.usage)
+            # Paid but not priceable (no usage from a gateway): under a cap, count the worst.
+            actual_usd = cost if cost is not None else worst_usd
             return result
         finally:
-            if self.budget.cap_usd is not None:
+            if capped:
                 self.budget.settle(worst_usd, actual_usd)
             else:
                 self.budget.charge(actual_usd)
@@ -526,7 +537,8 @@ class Engine:
         return images
 
     async def _download(self, url: str) -> bytes:
-        async for attempt in retrying(self.config.retry, sleep=self._retry_wait):
+        # Plain waits: the generation is paid for, so a stop must not abandon its download.
+        async for attempt in retrying(self.config.retry, sleep=self.sleep):
             with attempt:
                 return await self.client.download(url)
         raise AssertionError("unreachable: retrying re-raises the last error")

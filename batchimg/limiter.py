@@ -31,6 +31,7 @@ MAX_PAUSE_S = 120.0
 MIN_RATE_PER_S = 0.05
 #: How much burst a bucket allows, in seconds of its rate.
 BURST_S = 0.1
+RECENT_S = 10.0  # the admitted rate is measured over this window
 DECREASE = 0.8  # multiplicative decrease on a 429
 #: Growth per success. Scale-free, so it suits 5 images/min and 50 requests/s alike; and above
 #: ln(1/DECREASE)/(1/p - 1) for a 429 share p of 12 %, so random 429s do not collapse the rate.
@@ -192,7 +193,10 @@ class Limiter:
             if wait <= 1e-6:  # float dust must not turn into an endless loop of tiny sleeps
                 for kind, bucket in buckets:
                     bucket.take(weights[kind])
-                self._admitted.append(now)
+                admitted = self._admitted
+                admitted.append(now)
+                while admitted[0] < now - RECENT_S:  # only this (event-loop) side trims
+                    admitted.popleft()
                 return now
             await self.sleep(wait)
 
@@ -288,19 +292,25 @@ class Limiter:
             self.paused_s += until - max(now, self._pause_until)
             self._pause_until = until
 
-    def _recent_rate_per_s(self, now: float, window_s: float = 10.0) -> float:
+    def _recent_rate_per_s(self, now: float) -> float:
+        """Admissions per second over the last RECENT_S (event-loop side: it may trim)."""
         admitted = self._admitted
-        while admitted and admitted[0] < now - window_s:
+        while admitted and admitted[0] < now - RECENT_S:
             admitted.popleft()
         if not admitted:
             return MIN_RATE_PER_S
-        span = max(1.0, now - admitted[0])
-        return len(admitted) / span
+        return len(admitted) / max(1.0, now - admitted[0])
+
+    def _observed_per_min(self, now: float) -> float:
+        """The admitted rate for `stats()`, which a view calls from its own thread: it reads a
+        copy (list() of a deque is atomic under the GIL) and never trims."""
+        recent = [t for t in list(self._admitted) if t >= now - RECENT_S]
+        return len(recent) / max(1.0, now - recent[0]) * 60 if recent else 0.0
 
     def stats(self) -> LimiterStats:
         now = self.clock()
         return LimiterStats(
-            admitted_per_min=self._recent_rate_per_s(now) * 60 if self._admitted else 0.0,
+            admitted_per_min=self._observed_per_min(now),
             rate_cap_per_min=self._rate.rate_per_s * 60 if self._rate is not None else None,
             learned_rpm=self._learned_limits.get("requests"),
             learned_ipm=self._learned_limits.get("images"),

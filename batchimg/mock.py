@@ -114,6 +114,7 @@ class MockConfig:
     ipm_limit: int | None = None  # images per minute (a request weighs its n)
     ratelimit_headers: bool = True  # False: enforce the limits but send no x-ratelimit-* headers
     detailed_images: bool = False  # photo-sized images (~2.5 MB PNG at 1024x1024), for benchmarks
+    omit_usage: bool = False  # bill as usual but leave `usage` out of answers, as some gateways do
     quota_after: int | None = None  # after this many requests, every one: 429 insufficient_quota
     auth_fail_after: int | None = None  # after this many requests, every one: 401 (0: always)
     seed: int = 0
@@ -726,7 +727,9 @@ class MockServer:
             payload["output_format"] = fmt
             payload["size"] = specs.resolved_size(params)
             payload["quality"] = specs.resolved_quality(params)
-            payload["usage"] = record.usage = _usage(params, n, inputs)
+            record.usage = _usage(params, n, inputs)
+            if not self.config.omit_usage:
+                payload["usage"] = record.usage
         return _json(200, payload)
 
     async def _stats(self, request: web.Request) -> web.Response:

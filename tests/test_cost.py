@@ -312,3 +312,18 @@ def test_report_memory_does_not_hold_the_records(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert data["items"] == 30_000
     assert peak < 3_000_000  # a 22 MB ledger, well under 3 MB of Python objects
+
+
+async def test_cap_holds_when_a_gateway_omits_usage(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    """Paid answers without `usage` cannot be priced: under a cap they count as their worst."""
+    manifest = write_manifest(
+        [{"prompt": f"usage-less {i}", "quality": "medium"} for i in range(20)]
+    )
+    config = MockConfig(api_key=TEST_KEY, omit_usage=True, latency_s=0.05)
+    async with MockServer(config) as server:
+        summary = await run(manifest, tmp_path / "out", server, concurrency=8, max_cost_usd=0.3)
+        billed = billed_usd(server)
+    assert billed <= 0.3  # what the mock charged, although the client never saw a price
+    assert summary.exit_code == 3 and 0 < summary.ok < 20

@@ -449,3 +449,29 @@ def test_random_fault_sequences_never_lose_or_double_write_an_item(
             assert record["files"] == [] and record["attempts"] == 4
     on_disk = sorted(p.name for p in (tmp / "out" / "images").iterdir())
     assert on_disk == sorted(Path(f).name for r in records for f in r["files"])
+
+
+def test_disk_full_while_an_answer_streams_in_stops_cleanly(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    """Photo-sized answers spool to temp files; a real size limit makes that write fail."""
+    server = MockServer(MockConfig(api_key="sk-big", detailed_images=True))
+    server.start_in_thread()
+    try:
+        out = tmp_path / "out"
+        args = f"{sys.executable} -m batchimg run {write_manifest(items(6))} --out {out} " \
+            f"--base-url {server.base_url} --concurrency 2"  # fmt: skip
+        result = subprocess.run(
+            ["sh", "-c", f"trap '' XFSZ; ulimit -f 2000; exec {args}"],
+            env={**os.environ, "BATCHIMG_API_KEY": "sk-big"}, capture_output=True, text=True,
+            cwd=ROOT, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 3, result.stderr
+        assert "Traceback" not in result.stderr and "cannot write images" in result.stderr
+        assert_no_partial_files(out)
+        assert [p for p in (out / "images").iterdir() if p.name.startswith(".")] == []
+        for record in ledger(out):
+            assert record["status"] == "error"
+            assert record["error"]["code"] == "storage_error"
+    finally:
+        server.stop_in_thread()
