@@ -40,7 +40,7 @@ from .limiter import Limiter, LimiterStats
 from .manifest import BadLine, Item, read_manifest
 from .pricing import PRICE_TABLE, PriceTable
 from .retry import retrying
-from .writer import ImageStore, StoredFile, check_format, decode_b64_image
+from .writer import BatchedStore, ImageStore, StoredFile, check_format, decode_b64_image
 
 EventKind = Literal["started", "item_finished", "retry", "stopping"]
 
@@ -229,6 +229,7 @@ class Engine:
         self._done = state.done
         self.budget.spent_usd = state.spent_usd  # earlier runs' spend counts against the cap
         self._metadata = MetadataWriter(self.config.out_dir, self.summary.ledger_path)
+        self._writer = BatchedStore(self.store)
         self._emit(ProgressEvent("started", engine=self))
         with self._metadata, LedgerWriter(self.summary.ledger_path) as self._ledger:
             async with anyio.create_task_group() as outer:
@@ -245,6 +246,7 @@ class Engine:
                         for _ in range(self.config.concurrency):
                             work.start_soon(self._work, receive.clone())
                 outer.cancel_scope.cancel()
+        self._writer.close()
         self.summary.wall_s = time.monotonic() - started
         self.summary.limiter = self.limiter.stats()
         self.summary.spent_total_usd = self.budget.spent_usd
@@ -439,8 +441,8 @@ class Engine:
             with anyio.CancelScope(shield=True):
                 try:
                     images = await self._fetch_images(item, result)
-                    stored = await anyio.to_thread.run_sync(
-                        self.store.save, item.file_stem, images, specs.output_format(item.params)
+                    stored = await self._writer.save(
+                        item.file_stem, images, specs.output_format(item.params)
                     )
                 except BaseException:  # whatever was spooled and not stored must not linger
                     discard([e["spooled"] for e in result.data if "spooled" in e])

@@ -10,11 +10,17 @@ from __future__ import annotations
 import binascii
 import hashlib
 import os
+import queue
+import threading
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import pybase64
 
 from . import specs
@@ -81,14 +87,23 @@ class ImageStore:
         Bytes are written to a temp file first; images already spooled to a temp file by the
         client are fsynced and renamed. Raises StorageError (no partial file left behind).
         """
+        stored = self.write_files(stem, images, fmt)
         try:
-            stored = [
-                self._write(self.file_name(stem, i, fmt), data) for i, data in enumerate(images)
-            ]
             _fsync_dir(self.images_dir)
         except OSError as exc:
-            raise StorageError(f"cannot write images to {self.images_dir}: {exc}") from exc
+            raise StorageError(f"cannot sync {self.images_dir}: {exc}") from exc
         return stored
+
+    def write_files(
+        self, stem: str, images: Sequence[bytes | SpooledImage], fmt: str
+    ) -> list[StoredFile]:
+        """Write (or rename into place) each image, fsynced; the directory is not synced."""
+        try:
+            return [
+                self._write(self.file_name(stem, i, fmt), data) for i, data in enumerate(images)
+            ]
+        except OSError as exc:
+            raise StorageError(f"cannot write images to {self.images_dir}: {exc}") from exc
 
     def _write(self, name: str, data: bytes | SpooledImage) -> StoredFile:
         final = self.images_dir / name
@@ -124,3 +139,85 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class BatchedStore:
+    """Runs `ImageStore.save` on one writer thread that takes items in batches.
+
+    With many small images the cost is not the writing but the hand-offs: a thread-pool call
+    per item, and a directory fsync per item. Here items queue up while the thread is busy;
+    each batch is written, made durable with one directory fsync, and handed back with one
+    wake-up of the event loop.
+    """
+
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def save(
+        self, stem: str, images: Sequence[bytes | SpooledImage], fmt: str
+    ) -> list[StoredFile]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="image-writer", daemon=True)
+            self._thread.start()
+        job = _Job(stem, images, fmt, anyio.Event(), anyio.lowlevel.current_token())
+        self._jobs.put(job)
+        await job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.stored
+
+    def close(self) -> None:
+        """Let the thread end after what is queued. Not joined: a job abandoned by an abort
+        would wait for an event loop that is no longer running; its temp file is cleaned up
+        on the next start."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            batch = [job]
+            while True:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._jobs.put(None)  # finish this batch, then stop
+                    break
+                batch.append(more)
+            for item in batch:
+                try:
+                    item.stored = self.store.write_files(item.stem, item.images, item.fmt)
+                except StorageError as exc:
+                    item.error = exc
+                except Exception as exc:  # never leave an awaiting item without an answer
+                    item.error = StorageError(f"cannot write images: {exc!r}")
+            try:
+                _fsync_dir(self.store.images_dir)  # one fsync makes the whole batch durable
+            except OSError as exc:
+                for item in batch:
+                    item.error = item.error or StorageError(f"cannot sync images: {exc}")
+            for token in {id(item.token): item.token for item in batch}.values():
+                try:
+                    anyio.from_thread.run_sync(_wake, batch, token=token)
+                except RuntimeError:  # the run's event loop is gone (aborted): nobody waits
+                    return
+
+
+@dataclass
+class _Job:
+    stem: str
+    images: Sequence[bytes | SpooledImage]
+    fmt: str
+    done: anyio.Event
+    token: Any
+    stored: list[StoredFile] = field(default_factory=list)
+    error: StorageError | None = None
+
+
+def _wake(batch: list[_Job]) -> None:
+    for job in batch:
+        job.done.set()

@@ -411,11 +411,14 @@ def test_noisy_provider_done_when_scenario(
 
 
 @settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=12,
+    deadline=None,
+    derandomize=True,  # the same fault sequences on every run: CI stays deterministic
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     seed=st.integers(0, 10_000),
-    rates=st.tuples(*(st.sampled_from([0.0, 0.1, 0.25]) for _ in range(5))),
+    rates=st.tuples(*(st.sampled_from([0.0, 0.1, 0.2]) for _ in range(5))),
     concurrency=st.integers(1, 6),
 )
 def test_random_fault_sequences_never_lose_or_double_write_an_item(
