@@ -83,6 +83,11 @@ def default_options(command: FC) -> FC:
     return wrapper  # type: ignore[return-value]
 
 
+def _prices_option(help_text: str) -> Callable[[FC], FC]:
+    """`--prices FILE`, as run, estimate and report take it."""
+    return click.option("--prices", type=click.Path(dir_okay=False, path_type=Path), help=help_text)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="batchimg")
 def cli() -> None:
@@ -144,11 +149,7 @@ def cli() -> None:
     "sent. Spend already in this --out ledger counts against it, so raising the cap and "
     "re-running continues where the money ran out.",
 )
-@click.option(
-    "--prices",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="JSON price file that overrides or extends the built-in table, per model.",
-)
+@_prices_option("JSON price file that overrides or extends the built-in table, per model.")
 @click.option(
     "--rpm",
     type=click.FloatRange(min=0.01),
@@ -367,11 +368,7 @@ def validate(manifest: Path, defaults: Defaults) -> None:
     show_default=True,
     help="table for people, json for scripts.",
 )
-@click.option(
-    "--prices",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="JSON price file that overrides or extends the built-in table, per model.",
-)
+@_prices_option("JSON price file that overrides or extends the built-in table, per model.")
 @default_options
 def estimate(manifest: Path, fmt: str, prices: Path | None, defaults: Defaults) -> None:
     """Price MANIFEST before running it: items, images, tokens and cost, nothing sent.
@@ -408,11 +405,7 @@ def estimate(manifest: Path, fmt: str, prices: Path | None, defaults: Defaults) 
     show_default=True,
     help="table for people; json or csv for scripts and sheets.",
 )
-@click.option(
-    "--prices",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Reprice every record from its usage with this price file (plus built-ins).",
-)
+@_prices_option("Reprice every record from its usage with this price file (plus built-ins).")
 def report(targets: tuple[str, ...], by: str, fmt: str, prices: Path | None) -> None:
     """Totals and groups from one or many ledgers: items, failures, images, tokens, cost.
 

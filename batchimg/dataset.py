@@ -4,21 +4,23 @@ With it, `datasets.load_dataset("imagefolder", data_dir=DIR)` loads the output d
 is: `file_name` (relative to DIR) plus the prompt, the request parameters, the item id, the image
 index and the line's `metadata`. Rows exist only for images of `ok` items.
 
-The ledger is the source of truth: at the start of every run the file is rebuilt from it (so a
-crash between a ledger line and its rows, or a torn row, is repaired), then rows are appended as
-items finish. Items are never re-run once ok, so rows are never duplicated.
+The ledger is the source of truth: at the start of every run the file is rebuilt from it, in the
+same pass that reads the ledger for resuming (so a crash between a ledger line and its rows, or a
+torn row, is repaired), then rows are appended as items finish. Items are never re-run once
+ok, so rows are never duplicated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .ledger import LedgerWriter, read_ledger
+from .ledger import LedgerWriter
 
 METADATA_NAME = "metadata.jsonl"
 _PARAMS = ("model", "size", "quality", "output_format", "n", "endpoint")
@@ -34,25 +36,27 @@ def metadata_rows(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield row
 
 
-def rebuild_metadata(out_dir: Path, ledger_path: Path) -> None:
-    """Write metadata.jsonl afresh from the ledger's ok records (atomically)."""
+@contextlib.contextmanager
+def rebuild_metadata(out_dir: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """Write metadata.jsonl afresh (atomically) from the ok records given to the yielded adder."""
     target = out_dir / METADATA_NAME
     temp = out_dir / f".{METADATA_NAME}.part"
     with open(temp, "wb") as fh:
-        for record in read_ledger(ledger_path):
-            if record.get("status") == "ok":
-                for row in metadata_rows(record):
-                    fh.write(orjson.dumps(row) + b"\n")
+
+        def add(record: dict[str, Any]) -> None:
+            for row in metadata_rows(record):
+                fh.write(orjson.dumps(row) + b"\n")
+
+        yield add
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(temp, target)
 
 
 class MetadataWriter:
-    """Keeps metadata.jsonl in step with the ledger during a run."""
+    """Keeps metadata.jsonl in step with the ledger during a run (after `rebuild_metadata`)."""
 
-    def __init__(self, out_dir: Path, ledger_path: Path) -> None:
-        rebuild_metadata(out_dir, ledger_path)
+    def __init__(self, out_dir: Path) -> None:
         self._writer = LedgerWriter(out_dir / METADATA_NAME)  # the same whole-line appends
 
     def add(self, record: dict[str, Any]) -> None:

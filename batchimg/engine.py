@@ -33,7 +33,7 @@ from ._spool import SpooledImage, discard
 from .budget import Budget
 from .client import ImagesClient, ImagesResult
 from .config import RunConfig
-from .dataset import MetadataWriter
+from .dataset import MetadataWriter, rebuild_metadata
 from .errors import ErrorInfo, ItemFailed, RateLimited, RequestError, RunFatal, StorageError
 from .ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerWriter, scan_ledger
 from .limiter import Limiter, LimiterStats
@@ -225,10 +225,11 @@ class Engine:
 
     async def run(self, *, handle_signals: bool = False) -> Summary:
         started = time.monotonic()
-        state = scan_ledger(self.summary.ledger_path)
+        with rebuild_metadata(self.config.out_dir) as add_rows:
+            state = scan_ledger(self.summary.ledger_path, on_ok=add_rows)
         self._done = state.done
         self.budget.spent_usd = state.spent_usd  # earlier runs' spend counts against the cap
-        self._metadata = MetadataWriter(self.config.out_dir, self.summary.ledger_path)
+        self._metadata = MetadataWriter(self.config.out_dir)
         self._writer = BatchedStore(self.store)
         self._emit(ProgressEvent("started", engine=self))
         with self._metadata, LedgerWriter(self.summary.ledger_path) as self._ledger:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,11 +54,14 @@ class LedgerState:
     spent_usd: float = 0.0  # every billed answer recorded, across all earlier runs
 
 
-def scan_ledger(path: Path) -> LedgerState:
+def scan_ledger(path: Path, on_ok: Callable[[dict[str, Any]], None] | None = None) -> LedgerState:
+    """Read the ledger once; `on_ok` also sees every ok record (e.g. to rebuild metadata)."""
     state = LedgerState(IdSet(count_lines(path) if path.exists() else 16))
     for record in read_ledger(path):
         if record.get("status") == "ok":
             state.done.add(record["id"])
+            if on_ok is not None:
+                on_ok(record)
         else:
             state.done.discard(record["id"])
         cost = record.get("cost_usd")
