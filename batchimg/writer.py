@@ -8,7 +8,9 @@ to `DIR/.orphans/` first.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import hashlib
+import itertools
 import os
 import queue
 import threading
@@ -30,6 +32,8 @@ from .errors import ErrorInfo, ItemFailed, StorageError
 IMAGES_DIR = "images"
 ORPHANS_DIR = ".orphans"  # hidden: dataset loaders skip it
 TEMP_SUFFIX = ".part"
+WRITER_THREADS = 4  # fsyncs kept in flight at once
+MAX_BATCH = 64  # items one writer thread takes at a time
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,12 @@ def check_format(data: bytes, expected: str) -> None:
 
 
 class ImageStore:
-    """Writes an item's images under `out_dir/images`, one atomic file each."""
+    """Writes an item's images under `out_dir/images`, one atomic file each.
+
+    Storing is two steps, so that a batch of items can share the slow part: `stage` writes each
+    image to a temp file beside its final name; `publish` fsyncs the temp files and renames
+    them into place. `save` does both for one item, plus the directory fsync.
+    """
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
@@ -77,6 +86,10 @@ class ImageStore:
         self.images_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.images_dir.glob(f".*{TEMP_SUFFIX}"):
             stale.unlink(missing_ok=True)
+        self._dir = str(self.images_dir)
+        # Temp names: unique per store (a random tag) and per file (a counter).
+        self._temp_tag = uuid.uuid4().hex[:8]
+        self._temp_count = itertools.count()
 
     def file_name(self, stem: str, index: int, fmt: str) -> str:
         return f"{stem}-{index}.{specs.FILE_EXTENSION[fmt]}"
@@ -84,57 +97,94 @@ class ImageStore:
     def save(self, stem: str, images: Sequence[bytes | SpooledImage], fmt: str) -> list[StoredFile]:
         """Store every image of one item durably; return what was stored, in order.
 
-        Bytes are written to a temp file first; images already spooled to a temp file by the
-        client are fsynced and renamed. Raises StorageError (no partial file left behind).
+        Raises StorageError (no partial file left behind).
         """
-        stored = self.write_files(stem, images, fmt)
-        try:
-            _fsync_dir(self.images_dir)
-        except OSError as exc:
-            raise StorageError(f"cannot sync {self.images_dir}: {exc}") from exc
+        stored = self.publish(self.stage(stem, images, fmt))
+        self.sync_dir()
         return stored
 
-    def write_files(
-        self, stem: str, images: Sequence[bytes | SpooledImage], fmt: str
-    ) -> list[StoredFile]:
-        """Write (or rename into place) each image, fsynced; the directory is not synced."""
+    def stage(self, stem: str, images: Sequence[bytes | SpooledImage], fmt: str) -> list[Staged]:
+        """Put each image in a temp file beside its final name: whole, but not yet durable.
+
+        Images the client already spooled to a temp file are taken as they are.
+        """
+        staged: list[Staged] = []
         try:
-            return [
-                self._write(self.file_name(stem, i, fmt), data) for i, data in enumerate(images)
-            ]
+            for index, data in enumerate(images):
+                staged.append(self._stage_one(self.file_name(stem, index, fmt), data))
         except OSError as exc:
+            self.discard(staged)
             raise StorageError(f"cannot write images to {self.images_dir}: {exc}") from exc
+        return staged
 
-    def _write(self, name: str, data: bytes | SpooledImage) -> StoredFile:
-        final = self.images_dir / name
+    def _stage_one(self, name: str, data: bytes | SpooledImage) -> Staged:
         if isinstance(data, SpooledImage):
-            temp, nbytes, digest = data.path, data.nbytes, data.sha256
-        else:
-            temp = self.images_dir / f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
-            nbytes, digest = len(data), hashlib.sha256(data).hexdigest()
+            return Staged(name, str(data.path), data.nbytes, data.sha256)
+        temp = f"{self._dir}/.{name}.{self._temp_tag}{next(self._temp_count)}{TEMP_SUFFIX}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            with open(temp, "rb" if isinstance(data, SpooledImage) else "xb") as fh:
-                if not isinstance(data, SpooledImage):
-                    fh.write(data)
-                    fh.flush()
-                os.fsync(fh.fileno())
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
         except BaseException:
-            temp.unlink(missing_ok=True)
+            os.close(fd)
+            os.unlink(temp)
             raise
-        if final.exists():
-            self._set_aside(final)
-        os.replace(temp, final)
-        return StoredFile(path=f"{IMAGES_DIR}/{name}", bytes=nbytes, sha256=digest)
+        os.close(fd)
+        return Staged(name, temp, len(data), hashlib.sha256(data).hexdigest())
 
-    def _set_aside(self, path: Path) -> None:
+    def publish(self, staged: Sequence[Staged]) -> list[StoredFile]:
+        """fsync the staged files, then rename each into place (an existing file is set
+        aside, never overwritten); the directory is not synced. StorageError on failure."""
+        stored: list[StoredFile] = []
+        try:
+            for entry in staged:
+                _fsync_path(entry.temp, os.O_RDONLY)
+            for entry in staged:
+                final = f"{self._dir}/{entry.name}"
+                if os.path.lexists(final):
+                    self._set_aside(final)
+                os.replace(entry.temp, final)
+                stored.append(StoredFile(f"{IMAGES_DIR}/{entry.name}", entry.nbytes, entry.sha256))
+        except OSError as exc:
+            self.discard(staged)
+            raise StorageError(f"cannot write images to {self.images_dir}: {exc}") from exc
+        return stored
+
+    def sync_dir(self) -> None:
+        """Make the renames durable (one fsync covers every file published before it)."""
+        try:
+            _fsync_path(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise StorageError(f"cannot sync {self.images_dir}: {exc}") from exc
+
+    @staticmethod
+    def discard(staged: Sequence[Staged]) -> None:
+        """Remove temp files that will not be published (those already renamed are kept)."""
+        for entry in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.temp)
+
+    def _set_aside(self, path: str) -> None:
         """Move a file no ledger line claims out of the way instead of overwriting it."""
         orphans = self.out_dir / ORPHANS_DIR
         orphans.mkdir(exist_ok=True)
-        os.replace(path, orphans / f"{path.stem}.{uuid.uuid4().hex[:8]}{path.suffix}")
+        stem, suffix = os.path.splitext(os.path.basename(path))
+        os.replace(path, orphans / f"{stem}.{uuid.uuid4().hex[:8]}{suffix}")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+@dataclass(frozen=True)
+class Staged:
+    """An image in its temp file, waiting for `ImageStore.publish`."""
+
+    name: str  # the final file name, inside images/
+    temp: str
+    nbytes: int
+    sha256: str
+
+
+def _fsync_path(path: str, flags: int) -> None:
+    fd = os.open(path, flags | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -142,25 +192,27 @@ def _fsync_dir(path: Path) -> None:
 
 
 class BatchedStore:
-    """Runs `ImageStore.save` on one writer thread that takes items in batches.
+    """Runs `ImageStore` on a few writer threads that take items in batches.
 
-    With many small images the cost is not the writing but the hand-offs: a thread-pool call
-    per item, and a directory fsync per item. Here items queue up while the thread is busy;
-    each batch is written, made durable with one directory fsync, and handed back with one
-    wake-up of the event loop.
+    With many small images the cost is not the writing but the waiting: every file is fsynced,
+    and on a busy disk a create or an fsync can take a millisecond. Items queue up while the
+    threads are busy; each thread takes what is queued as one batch, writes it, fsyncs it,
+    renames it into place, makes it durable with one directory fsync, and hands it back with
+    one wake-up of the event loop. Several threads keep several fsyncs in flight, which the
+    filesystem can commit together.
     """
 
-    def __init__(self, store: ImageStore) -> None:
+    def __init__(self, store: ImageStore, threads: int = WRITER_THREADS) -> None:
         self.store = store
+        self.threads = threads
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._started = 0
 
     async def save(
         self, stem: str, images: Sequence[bytes | SpooledImage], fmt: str
     ) -> list[StoredFile]:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="image-writer", daemon=True)
-            self._thread.start()
+        if self._started == 0 or (self._started < self.threads and not self._jobs.empty()):
+            self._start_thread()  # the first, or one more while work queues up
         job = _Job(stem, images, fmt, anyio.Event(), anyio.lowlevel.current_token())
         self._jobs.put(job)
         await job.done.wait()
@@ -168,43 +220,66 @@ class BatchedStore:
             raise job.error
         return job.stored
 
+    def _start_thread(self) -> None:
+        self._started += 1
+        name = f"image-writer-{self._started}"
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
     def close(self) -> None:
-        """Let the thread end after what is queued. Not joined: a job abandoned by an abort
+        """Let the threads end after what is queued. Not joined: a job abandoned by an abort
         would wait for an event loop that is no longer running; its temp file is cleaned up
         on the next start."""
-        if self._thread is not None:
+        for _ in range(self._started):
             self._jobs.put(None)
-            self._thread = None
+        self._started = 0
+
+    def _take_batch(self) -> list[_Job] | None:
+        job = self._jobs.get()
+        if job is None:
+            return None
+        batch = [job]
+        while len(batch) < MAX_BATCH:
+            try:
+                more = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                self._jobs.put(None)  # finish this batch, then stop
+                break
+            batch.append(more)
+        return batch
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            batch = [job]
-            while True:
+        store = self.store
+        while (batch := self._take_batch()) is not None:
+            staged: list[tuple[_Job, list[Staged]]] = []
+            for job in batch:
                 try:
-                    more = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._jobs.put(None)  # finish this batch, then stop
-                    break
-                batch.append(more)
-            for item in batch:
-                try:
-                    item.stored = self.store.write_files(item.stem, item.images, item.fmt)
-                except StorageError as exc:
-                    item.error = exc
+                    staged.append((job, store.stage(job.stem, job.images, job.fmt)))
                 except Exception as exc:  # never leave an awaiting item without an answer
-                    item.error = StorageError(f"cannot write images: {exc!r}")
-            try:
-                _fsync_dir(self.store.images_dir)  # one fsync makes the whole batch durable
-            except OSError as exc:
-                for item in batch:
-                    item.error = item.error or StorageError(f"cannot sync images: {exc}")
-            for token in {id(item.token): item.token for item in batch}.values():
+                    job.error = _storage_error(exc)
+            for job, files in staged:
                 try:
-                    anyio.from_thread.run_sync(_wake, batch, token=token)
+                    job.stored = store.publish(files)
+                except Exception as exc:
+                    job.error = _storage_error(exc)
+            try:
+                store.sync_dir()  # one fsync makes the whole batch durable
+            except StorageError as exc:
+                for job in batch:
+                    job.error = job.error or exc
+            by_loop: dict[Any, list[_Job]] = {}  # tokens of one event loop compare equal
+            for job in batch:
+                by_loop.setdefault(job.token, []).append(job)
+            for token, jobs in by_loop.items():
+                try:
+                    anyio.from_thread.run_sync(_wake, jobs, token=token)
                 except RuntimeError:  # the run's event loop is gone (aborted): nobody waits
                     return
+
+
+def _storage_error(exc: Exception) -> StorageError:
+    return exc if isinstance(exc, StorageError) else StorageError(f"cannot write images: {exc!r}")
 
 
 @dataclass

@@ -190,7 +190,7 @@ class FullDisk(ImageStore):
         super().__init__(out_dir)
         self.room = room
 
-    def _write(self, name: str, data: bytes) -> Any:
+    def _stage_one(self, name: str, data: bytes) -> Any:
         if self.room <= 0:
             temp = self.images_dir / f".{name}.x.part"
             temp.write_bytes(data[: len(data) // 2])  # a partial write, as ENOSPC leaves one
@@ -199,7 +199,7 @@ class FullDisk(ImageStore):
             finally:
                 temp.unlink()
         self.room -= 1
-        return super()._write(name, data)
+        return super()._stage_one(name, data)
 
 
 async def test_full_disk_stops_cleanly_and_a_rerun_finishes(

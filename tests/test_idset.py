@@ -112,3 +112,19 @@ def test_churn_of_add_and_discard_keeps_membership_exact() -> None:
     assert not any(
         f"r{r}-{i}" in ids for r in range(200) for i in range(0, 50, 2) if f"r{r}-{i}" not in live
     )
+
+
+def test_a_million_ids_fit_in_about_six_bytes_each() -> None:
+    # The scale bar (issue 8): memory may grow by little more than 5 MiB per million lines.
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        ids = IdSet(capacity=1_000_000)
+        for i in range(20_000):
+            ids.add(f"id-{i}")
+        size, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 5_000_000 < size < 6_000_000
+    assert len(ids) == 20_000 and "id-19999" in ids and "id-20000" not in ids

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 from PIL import Image
 
-from batchimg.errors import ItemFailed
-from batchimg.writer import ImageStore, StoredFile, check_format, decode_b64_image
+from batchimg._spool import ResponseSpool, SpooledImage
+from batchimg.errors import ItemFailed, StorageError
+from batchimg.writer import (
+    BatchedStore,
+    ImageStore,
+    Staged,
+    StoredFile,
+    check_format,
+    decode_b64_image,
+)
 
 
 def image_bytes(fmt: str, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -165,4 +176,81 @@ def test_saving_the_same_stem_twice_keeps_both_versions(tmp_path: Path) -> None:
     store.save("dup", [second], "png")
     assert (tmp_path / "images" / "dup-0.png").read_bytes() == second
     assert [p.read_bytes() for p in (tmp_path / ".orphans").iterdir()] == [first]
+    assert leftovers(tmp_path) == []
+
+
+# --- BatchedStore: the engine's writer threads ---------------------------------------------------
+
+
+def spooled(directory: Path, data: bytes) -> SpooledImage:
+    """An image the client streamed to a temp file, as `_spool` leaves it."""
+    spool = ResponseSpool(directory)
+    spool.feed(b'{"data":[{"b64_json":"' + base64.b64encode(data) + b'"}]}')
+    _, (image,) = spool.finish()
+    assert isinstance(image, SpooledImage)
+    return image
+
+
+async def test_batched_store_keeps_every_concurrent_item_intact(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    big = image_bytes("png", (1, 2, 3)) + bytes(300_000)  # spooled: over the in-memory limit
+    items: dict[str, list[bytes | SpooledImage]] = {
+        f"item{i}": [image_bytes("png", (i, i, i)), image_bytes("png", (i, 0, 255))]
+        for i in range(120)
+    }
+    items["spooled"] = [spooled(store.images_dir, big)]
+    writer = BatchedStore(store, threads=4)
+    results: dict[str, list[StoredFile]] = {}
+
+    async def save(stem: str) -> None:
+        results[stem] = await writer.save(stem, items[stem], "png")
+
+    async with anyio.create_task_group() as tg:
+        for stem in items:
+            tg.start_soon(save, stem)
+    writer.close()
+
+    contents = {stem: images for stem, images in items.items() if stem != "spooled"}
+    contents["spooled"] = [big]
+    for stem, images in contents.items():
+        assert len(results[stem]) == len(images)
+        for index, (entry, data) in enumerate(zip(results[stem], images, strict=True)):
+            assert entry.path == f"images/{stem}-{index}.png"
+            assert (tmp_path / entry.path).read_bytes() == data
+            assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(list((tmp_path / "images").iterdir())) == 241
+    assert leftovers(tmp_path) == []
+
+
+class RefusesOne(ImageStore):
+    """A store whose disk refuses the files of one stem (as ENOSPC would), and only those."""
+
+    def _stage_one(self, name: str, data: Any) -> Staged:
+        if name.startswith("doomed-1"):  # the second image: the first is already staged
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super()._stage_one(name, data)
+
+
+async def test_a_refused_item_fails_alone_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    writer = BatchedStore(RefusesOne(tmp_path), threads=2)
+    outcome: dict[str, str] = {}
+
+    async def save(stem: str) -> None:
+        images = [PNG, image_bytes("png", (5, 5, 5))]
+        try:
+            await writer.save(stem, images, "png")
+            outcome[stem] = "ok"
+        except StorageError as exc:
+            outcome[stem] = str(exc)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(40):
+            tg.start_soon(save, "doomed" if i == 17 else f"fine{i}")
+    writer.close()
+
+    assert "No space left on device" in outcome.pop("doomed")
+    assert set(outcome.values()) == {"ok"} and len(outcome) == 39
+    names = {p.name for p in (tmp_path / "images").iterdir()}
+    assert not any(n.startswith("doomed") for n in names)
+    assert len(names) == 78
     assert leftovers(tmp_path) == []
