@@ -57,16 +57,32 @@ class _Target:
         self.hash = hashlib.sha256()
         self.nbytes = 0
         self.pending = b""  # base64 characters not yet a multiple of 4
+        self.head = b""  # the first decoded bytes, for the format check
         self.prefix: bytes | None = b""  # until known: the start of the value (data: URI?)
 
     def write(self, raw: bytes) -> None:
-        data = self.pending + raw if self.pending else raw
+        """Decode the next stretch of the value. Whole 4-character quanta are decoded straight
+        from the chunk (no copy of it); the few characters left over wait for the next one."""
+        data: bytes | memoryview = raw
+        if self.pending:  # finish the quantum the last chunk cut in two
+            need = 4 - len(self.pending)
+            bridge = self.pending + raw[:need]
+            if len(bridge) < 4:
+                self.pending = bridge
+                return
+            self.pending = b""
+            self._decode(bridge)
+            data = memoryview(raw)[need:]
         cut = len(data) - len(data) % 4
-        self.pending = data[cut:]
-        if not cut:
-            return
+        if cut < len(data):
+            self.pending = bytes(data[cut:])
+            data = memoryview(data)[:cut]
+        if cut:
+            self._decode(data)
+
+    def _decode(self, data: bytes | memoryview) -> None:
         try:
-            decoded = pybase64.b64decode(data[:cut] if self.pending else data, validate=True)
+            decoded = pybase64.b64decode(data, validate=True)
         except ValueError as exc:
             raise BadBase64(f"b64_json does not decode: {exc}") from None
         self.hash.update(decoded)
@@ -76,6 +92,7 @@ class _Target:
             return
         self.buffer += decoded
         if len(self.buffer) > SPILL_BYTES:  # big: stream the rest to disk, hold nothing
+            self.head = bytes(self.buffer[:16])
             self.path = self.directory / f".spool-{uuid.uuid4().hex}.part"
             self.file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/abort
             self.file.write(self.buffer)
@@ -88,9 +105,7 @@ class _Target:
         if self.file is None or self.path is None:
             return bytes(self.buffer)
         self.file.close()
-        with open(self.path, "rb") as fh:
-            head = fh.read(16)
-        return SpooledImage(self.path, self.nbytes, self.hash.hexdigest(), head)
+        return SpooledImage(self.path, self.nbytes, self.hash.hexdigest(), self.head)
 
     def abort(self) -> None:
         if self.file is not None and self.path is not None:

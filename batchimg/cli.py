@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -259,6 +260,9 @@ def run(
         mode: Mode = "quiet" if quiet else "live" if sys.stderr.isatty() else "lines"
         view = ProgressView(mode=mode, total=count_items(manifest), log_every_s=log_every_s,
                             log_format=log_format)  # fmt: skip
+        # What start-up made (modules, classes) lives for the whole run: keep it out of every
+        # garbage collection, which otherwise walks it again and again on a long run.
+        gc.freeze()
         try:
             summary = anyio.run(
                 lambda: arun(
