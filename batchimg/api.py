@@ -12,12 +12,13 @@ import anyio
 
 from . import specs
 from .client import ImagesClient
-from .config import PROVIDERS, ClientConfig, RunConfig, Secret
+from .config import PROVIDERS, ClientConfig, Layout, RunConfig, Secret
 from .engine import Engine, ProgressCallback, Summary
 from .errors import UsageError
 from .manifest import Defaults
 from .pricing import PriceTable
 from .retry import RetryPolicy
+from .webdataset import DEFAULT_SHARD_SIZE
 from .writer import IMAGES_DIR
 
 
@@ -54,6 +55,8 @@ async def arun(
     prices: str | Path | PriceTable | None = None,
     stall_timeout_s: float = 900.0,
     grace_period_s: float = 30.0,
+    layout: Layout = "imagefolder",
+    shard_size: int = DEFAULT_SHARD_SIZE,
     azure_deployment: str | None = None,
     azure_api_version: str | None = None,
     defaults: Defaults | None = None,
@@ -88,6 +91,8 @@ async def arun(
         ),
         stall_timeout_s=stall_timeout_s,
         grace_period_s=grace_period_s,
+        layout=layout,
+        shard_size=shard_size,
         rpm=rpm,
         ipm=ipm,
         tpm=tpm,

@@ -16,11 +16,12 @@ import orjson
 
 from . import specs
 from .api import arun, check_defaults, check_manifest, load_prices
-from .config import DEFAULT_AZURE_API_VERSION, PROVIDERS
+from .config import DEFAULT_AZURE_API_VERSION, LAYOUTS, PROVIDERS
 from .engine import Summary
 from .errors import UsageError
 from .manifest import Defaults
 from .view import Mode, ProgressView, count_items
+from .webdataset import DEFAULT_SHARD_SIZE
 
 FC = TypeVar("FC", bound=Callable[..., Any])
 ALL_SIZES = sorted(set(specs.GPT_SIZES + specs.DALLE2_SIZES + specs.DALLE3_SIZES))
@@ -212,6 +213,20 @@ def cli() -> None:
     show_default=True,
     help="Seconds to wait for a connection.",
 )
+@click.option(
+    "--format",
+    "layout",
+    type=click.Choice(LAYOUTS),
+    default="imagefolder",
+    show_default=True,
+    help="Output layout: imagefolder (images/ + metadata.jsonl, loads with `datasets`) or "
+    "webdataset (tar shards under shards/, each image with its .json and .txt).",
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    help=f"Images per webdataset shard (the last may be shorter). [default: {DEFAULT_SHARD_SIZE}]",
+)
 @default_options
 @click.option("--azure-deployment", help="Azure deployment name (default: the model name).")
 @click.option(
@@ -255,6 +270,10 @@ def run(
     Exit status: 0 all ok, 1 some items failed, 2 bad invocation, 3 stopped early
     (bad key, quota), 130 interrupted.
     """
+    if options["shard_size"] is None:
+        options["shard_size"] = DEFAULT_SHARD_SIZE
+    elif options["layout"] != "webdataset":
+        raise click.UsageError("--shard-size needs --format webdataset")
     try:
         check_manifest(manifest)
         mode: Mode = "quiet" if quiet else "live" if sys.stderr.isatty() else "lines"
@@ -294,7 +313,8 @@ def summary_json(summary: Summary) -> dict[str, Any]:
         "spent_total_usd": round(s.spent_total_usd, 6), "wall_s": round(s.wall_s, 3),
         "failures": s.failures, "stop_reason": s.stop_reason, "interrupted": s.interrupted,
         "rate_limited": s.limiter.rate_limited if s.limiter else 0,
-        "ledger": str(s.ledger_path), "exit_code": s.exit_code,
+        "ledger": str(s.ledger_path), "images_at": str(s.images_at or s.out_dir / "images"),
+        "exit_code": s.exit_code,
     }  # fmt: skip
 
 
@@ -306,7 +326,8 @@ def format_summary(summary: Summary) -> str:
         + (f", {s.not_attempted} not attempted" if s.not_attempted else ""),
         f"  images: {s.images}   tokens: {s.input_tokens:,} in / {s.output_tokens:,} out"
         f"   cost: ${s.cost_usd:.4f}" + (f" (+{s.unpriced} unpriced)" if s.unpriced else ""),
-        f"  wall time: {s.wall_s:.1f} s   images: {s.out_dir / 'images'}   ledger: {s.ledger_path}",
+        f"  wall time: {s.wall_s:.1f} s   images: {s.images_at or s.out_dir / 'images'}"
+        f"   ledger: {s.ledger_path}",
     ]
     if s.limiter is not None and (s.limiter.rate_limited or s.limiter.learned_rpm):
         lim = s.limiter

@@ -17,6 +17,9 @@ from .pricing import PriceTable
 from .retry import RetryPolicy
 
 ProviderName = Literal["openai", "azure", "modelverse"]
+#: How the output directory is laid out: loose images + metadata.jsonl, or WebDataset shards.
+Layout = Literal["imagefolder", "webdataset"]
+LAYOUTS: tuple[Layout, ...] = ("imagefolder", "webdataset")
 DEFAULT_AZURE_API_VERSION = "2025-04-01-preview"
 
 
@@ -120,11 +123,17 @@ class RunConfig:
     prices: PriceTable | None = None  # None: the built-in table
     stall_timeout_s: float = 900.0  # stop if nothing finishes this long while requests are out
     grace_period_s: float = 30.0  # after the first Ctrl-C, how long in-flight requests may take
+    layout: Layout = "imagefolder"  # or "webdataset": tar shards of shard_size images
+    shard_size: int = 1000  # samples (images) per webdataset shard
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise UsageError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.stall_timeout_s <= 0 or self.grace_period_s < 0:
             raise UsageError("stall timeout must be > 0 and grace period >= 0")
+        if self.layout not in LAYOUTS:
+            raise UsageError(f"unknown --format {self.layout!r}: choose {' or '.join(LAYOUTS)}")
+        if self.shard_size < 1:
+            raise UsageError(f"shard size must be at least 1, got {self.shard_size}")
         if self.retry.max_attempts < 1:
             raise UsageError(f"max attempts must be at least 1, got {self.retry.max_attempts}")

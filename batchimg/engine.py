@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -33,13 +34,22 @@ from ._spool import SpooledImage, discard
 from .budget import Budget
 from .client import ImagesClient, ImagesResult
 from .config import RunConfig
-from .dataset import MetadataWriter, rebuild_metadata
-from .errors import ErrorInfo, ItemFailed, RateLimited, RequestError, RunFatal, StorageError
-from .ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerWriter, scan_ledger
+from .dataset import METADATA_NAME, MetadataWriter, rebuild_metadata
+from .errors import (
+    ErrorInfo,
+    ItemFailed,
+    RateLimited,
+    RequestError,
+    RunFatal,
+    StorageError,
+    UsageError,
+)
+from .ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerState, LedgerWriter, scan_ledger
 from .limiter import Limiter, LimiterStats
 from .manifest import BadLine, Item, read_manifest
 from .pricing import PRICE_TABLE, PriceTable
 from .retry import retrying
+from .webdataset import SHARDS_DIR, ShardWriter
 from .writer import BatchedStore, ImageStore, StoredFile, check_format, decode_b64_image
 
 EventKind = Literal["started", "item_finished", "retry", "stopping"]
@@ -84,6 +94,7 @@ class Summary:
     interrupted: bool = False
     limiter: LimiterStats | None = None  # rate limits learned, 429s seen, admitted rate
     spent_total_usd: float = 0.0  # this run and every earlier run in the same ledger
+    images_at: Path | None = None  # where the images are: DIR/images, or DIR/shards (webdataset)
     failures: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -225,14 +236,14 @@ class Engine:
 
     async def run(self, *, handle_signals: bool = False) -> Summary:
         started = time.monotonic()
-        with rebuild_metadata(self.config.out_dir) as add_rows:
-            state = scan_ledger(self.summary.ledger_path, on_ok=add_rows)
+        state = self._open_output()
         self._done = state.done
         self.budget.spent_usd = state.spent_usd  # earlier runs' spend counts against the cap
-        self._metadata = MetadataWriter(self.config.out_dir)
         self._writer = BatchedStore(self.store)
         self._emit(ProgressEvent("started", engine=self))
-        with self._metadata, LedgerWriter(self.summary.ledger_path) as self._ledger:
+        with self._output, LedgerWriter(self.summary.ledger_path) as self._ledger:
+            if isinstance(self._output, ShardWriter):
+                self._output.start()
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._sync_ledger)
                 outer.start_soon(self._watch_for_stalls)
@@ -247,6 +258,10 @@ class Engine:
                         for _ in range(self.config.concurrency):
                             work.start_soon(self._work, receive.clone())
                 outer.cancel_scope.cancel()
+            # The last shard (webdataset) is written here, off the event loop.
+            await anyio.to_thread.run_sync(self._output.close)
+            if isinstance(self._output, ShardWriter) and self._output.error is not None:
+                self.stop(f"{self._output.error}; free space, then re-run to pack the rest")
         self._writer.close()
         self.summary.wall_s = time.monotonic() - started
         self.summary.limiter = self.limiter.stats()
@@ -255,13 +270,38 @@ class Engine:
             self.summary.stop_reason = self.budget.message(self.summary.not_attempted)
         return self.summary
 
+    def _open_output(self) -> LedgerState:
+        """Read the ledger (for resuming) while setting up the dataset layout from it."""
+        out = self.config.out_dir
+        shards = out / SHARDS_DIR
+        if self.config.layout == "webdataset":
+            (out / METADATA_NAME).unlink(missing_ok=True)  # its rows would point at packed files
+            writer = ShardWriter(out, self.config.shard_size, sync_ledger=self._sync_now)
+            self.summary.images_at = writer.dir
+            self._output: MetadataWriter | ShardWriter = writer
+            return scan_ledger(self.summary.ledger_path, on_ok=writer.add)
+        if shards.is_dir() and any(shards.glob("*.tar")):
+            raise UsageError(
+                f"{out} holds webdataset shards: re-run with --format webdataset (a directory "
+                "keeps the layout it was started with)"
+            )
+        with rebuild_metadata(out) as add_rows:
+            state = scan_ledger(self.summary.ledger_path, on_ok=add_rows)
+        self._output = MetadataWriter(out)
+        self.summary.images_at = self.store.images_dir
+        return state
+
+    def _sync_now(self) -> None:
+        """Make every ledger line written so far durable (called from the shard thread)."""
+        self._ledger.sync()
+
     # -- the background watchers --
 
     async def _sync_ledger(self) -> None:
         while True:
             await anyio.sleep(FSYNC_INTERVAL_S)
             self._ledger.sync()
-            self._metadata.sync()
+            self._output.sync()
 
     async def _watch_for_stalls(self) -> None:
         limit_s = self.config.stall_timeout_s
@@ -352,7 +392,7 @@ class Engine:
             return
         if record["status"] == "ok":
             try:
-                self._metadata.add(record)
+                self._output.add(record)
             except StorageError as exc:  # repaired from the ledger when the run restarts
                 self.stop(f"{exc}; free space, then re-run")
         self._last_progress = time.monotonic()

@@ -139,7 +139,7 @@ class ImageStore:
         stored: list[StoredFile] = []
         try:
             for entry in staged:
-                _fsync_path(entry.temp, os.O_RDONLY)
+                fsync_path(entry.temp, os.O_RDONLY)
             for entry in staged:
                 final = f"{self._dir}/{entry.name}"
                 if os.path.lexists(final):
@@ -154,7 +154,7 @@ class ImageStore:
     def sync_dir(self) -> None:
         """Make the renames durable (one fsync covers every file published before it)."""
         try:
-            _fsync_path(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+            fsync_path(self._dir, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise StorageError(f"cannot sync {self.images_dir}: {exc}") from exc
 
@@ -183,7 +183,8 @@ class Staged:
     sha256: str
 
 
-def _fsync_path(path: str, flags: int) -> None:
+def fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
+    """fsync a file or (with O_DIRECTORY) a directory by path."""
     fd = os.open(path, flags | os.O_CLOEXEC)
     try:
         os.fsync(fd)

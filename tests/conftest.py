@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from batchimg.mock import MockConfig, MockServer
+from tests.helpers import threaded_mock
 
 TEST_KEY = "sk-test-0123456789abcdef"
 
@@ -32,3 +33,11 @@ def write_manifest(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def slow_server() -> Iterator[MockServer]:
+    """A mock in its own thread that answers after 0.3 s: for tests that kill or signal a CLI
+    process while requests are in flight."""
+    with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.3)) as server:
+        yield server

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 from PIL import Image
+
+from batchimg.mock import MockConfig, MockServer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: Every field of the ledger contract in shared/DESIGN.md.
 LEDGER_FIELDS = {
@@ -41,3 +51,31 @@ def check_ok_record(out: Path, record: dict[str, Any]) -> None:
             assert im.format == expected_format
             if record["size"] not in (None, "auto"):
                 assert f"{im.width}x{im.height}" == record["size"]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll until predicate() holds (a condition another process brings about)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def start_cli(manifest: Path, out: Path, server: MockServer, *extra: str) -> subprocess.Popen[str]:
+    """`batchimg run` in a child process against `server`, concurrency 4 (a real process to
+    kill or signal)."""
+    args = [sys.executable, "-m", "batchimg", "run", str(manifest), "--out", str(out),
+            "--base-url", server.base_url, "--concurrency", "4", *extra]  # fmt: skip
+    env = {**os.environ, "BATCHIMG_API_KEY": server.config.api_key or ""}
+    return subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+@contextlib.contextmanager
+def threaded_mock(config: MockConfig) -> Iterator[MockServer]:
+    """The mock on a thread of its own: for sync callers (the openai client, child processes)."""
+    server = MockServer(config)
+    server.start_in_thread()
+    try:
+        yield server
+    finally:
+        server.stop_in_thread()

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from batchimg.mock import MockConfig, MockServer
-from tests.helpers import check_ok_record, last_states, ledger
+from tests.helpers import check_ok_record, last_states, ledger, threaded_mock
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_VARS = ("BATCHIMG_API_KEY", "OPENAI_API_KEY", "MODELVERSE_API_KEY", "AZURE_OPENAI_API_KEY")
@@ -34,12 +34,8 @@ def batchimg(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 @pytest.fixture
 def threaded_server() -> Iterator[MockServer]:
-    server = MockServer(MockConfig(api_key="sk-cli-secret-value-42"))
-    server.start_in_thread()
-    try:
+    with threaded_mock(MockConfig(api_key="sk-cli-secret-value-42")) as server:
         yield server
-    finally:
-        server.stop_in_thread()
 
 
 def test_readme_quickstart_runs_the_example_job_on_the_mock(tmp_path: Path) -> None:
@@ -179,9 +175,7 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
 def test_sigint_drains_in_flight_exits_130_and_rerun_finishes(
     tmp_path: Path, write_manifest: Callable[..., Path]
 ) -> None:
-    server = MockServer(MockConfig(api_key="sk-sig", latency_s=0.3))
-    server.start_in_thread()
-    try:
+    with threaded_mock(MockConfig(api_key="sk-sig", latency_s=0.3)) as server:
         manifest = write_manifest([{"id": f"s{i}", "prompt": f"stone {i}"} for i in range(12)])
         out = tmp_path / "o"
         args = [sys.executable, "-m", "batchimg", "run", str(manifest), "--out", str(out)]
@@ -204,8 +198,6 @@ def test_sigint_drains_in_flight_exits_130_and_rerun_finishes(
         states = last_states(out)
         assert len(states) == 12 and all(r["status"] == "ok" for r in states.values())
         assert len(server.requests) == 12  # no ok item was requested twice
-    finally:
-        server.stop_in_thread()
 
 
 def test_mock_command_serves_on_a_free_port() -> None:

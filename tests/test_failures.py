@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from batchimg.engine import Engine
 from batchimg.mock import MockConfig, MockServer
 from batchimg.writer import ImageStore
 from tests.conftest import TEST_KEY
-from tests.helpers import check_ok_record, last_states, ledger
+from tests.helpers import check_ok_record, last_states, ledger, start_cli, threaded_mock, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,9 +226,7 @@ def test_ledger_that_cannot_grow_stops_the_run_without_a_torn_line(
     tmp_path: Path, write_manifest: Callable[..., Path]
 ) -> None:
     """A real file-size limit (ulimit -f): the ledger write fails as on a full disk."""
-    server = MockServer(MockConfig(api_key="sk-lim"))
-    server.start_in_thread()
-    try:
+    with threaded_mock(MockConfig(api_key="sk-lim")) as server:
         manifest = write_manifest(items(80))
         out = tmp_path / "out"
         args = f"{sys.executable} -m batchimg run {manifest} --out {out} --base-url " \
@@ -252,8 +250,6 @@ def test_ledger_that_cannot_grow_stops_the_run_without_a_torn_line(
         assert sum(1 for c in counts.values() if c > 1) <= 2  # at most what was in flight
         states = last_states(out)
         assert len(states) == 80 and all(r["status"] == "ok" for r in states.values())
-    finally:
-        server.stop_in_thread()
 
 
 async def test_a_stalled_run_stops_with_a_clear_message(
@@ -270,43 +266,19 @@ async def test_a_stalled_run_stops_with_a_clear_message(
     assert summary.ok == 0 and summary.not_attempted == 5
 
 
-@pytest.fixture
-def slow_server() -> Iterator[MockServer]:
-    server = MockServer(MockConfig(api_key="sk-sig", latency_s=0.3))
-    server.start_in_thread()
-    try:
-        yield server
-    finally:
-        server.stop_in_thread()
-
-
-def _wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
-
-
-def _start_cli(manifest: Path, out: Path, server: MockServer, *extra: str) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "batchimg", "run", str(manifest), "--out", str(out),
-            "--base-url", server.base_url, "--concurrency", "4", *extra]  # fmt: skip
-    env = {**os.environ, "BATCHIMG_API_KEY": server.config.api_key or ""}
-    return subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-
-
 def test_kill_9_then_rerun_completes_and_only_in_flight_items_repeat(
     tmp_path: Path, slow_server: MockServer, write_manifest: Callable[..., Path]
 ) -> None:
     manifest = write_manifest(items(40))
     out = tmp_path / "out"
     ledger_path = out / "ledger.jsonl"
-    with _start_cli(manifest, out, slow_server) as proc:
-        _wait_for(lambda: ledger_path.exists() and ledger_path.read_bytes().count(b"\n") >= 8)
+    with start_cli(manifest, out, slow_server) as proc:
+        wait_for(lambda: ledger_path.exists() and ledger_path.read_bytes().count(b"\n") >= 8)
         proc.kill()
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     before = {r["id"]: r for r in ledger(out)}  # a torn last line would be skipped here
-    with _start_cli(manifest, out, slow_server) as proc:
+    with start_cli(manifest, out, slow_server) as proc:
         _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     counts = Counter(r.prompt for r in slow_server.requests)
@@ -322,12 +294,10 @@ def test_kill_9_then_rerun_completes_and_only_in_flight_items_repeat(
 
 
 def test_grace_period_bounds_the_drain(tmp_path: Path, write_manifest: Callable[..., Path]) -> None:
-    server = MockServer(MockConfig(api_key="sk-sig", latency_s=20.0))
-    server.start_in_thread()
-    try:
+    with threaded_mock(MockConfig(api_key="sk-sig", latency_s=20.0)) as server:
         out = tmp_path / "out"
-        with _start_cli(write_manifest(items(10)), out, server, "--grace-period", "0.5") as proc:
-            _wait_for(lambda: server.in_flight == 4)
+        with start_cli(write_manifest(items(10)), out, server, "--grace-period", "0.5") as proc:
+            wait_for(lambda: server.in_flight == 4)
             started = time.monotonic()
             proc.send_signal(signal.SIGINT)
             _, stderr = proc.communicate(timeout=30)
@@ -335,18 +305,14 @@ def test_grace_period_bounds_the_drain(tmp_path: Path, write_manifest: Callable[
         assert time.monotonic() - started < 10  # not the 20 s the requests would take
         assert ledger(out) == []  # nothing finished, nothing half-written
         assert "re-run" in stderr
-    finally:
-        server.stop_in_thread()
 
 
 def test_a_second_signal_aborts_at_once(
     tmp_path: Path, write_manifest: Callable[..., Path]
 ) -> None:
-    server = MockServer(MockConfig(api_key="sk-sig", latency_s=20.0))
-    server.start_in_thread()
-    try:
-        with _start_cli(write_manifest(items(10)), tmp_path / "out", server) as proc:
-            _wait_for(lambda: server.in_flight == 4)
+    with threaded_mock(MockConfig(api_key="sk-sig", latency_s=20.0)) as server:
+        with start_cli(write_manifest(items(10)), tmp_path / "out", server) as proc:
+            wait_for(lambda: server.in_flight == 4)
             started = time.monotonic()
             proc.send_signal(signal.SIGINT)
             time.sleep(0.2)  # let the first signal register before the second
@@ -354,8 +320,6 @@ def test_a_second_signal_aborts_at_once(
             proc.communicate(timeout=30)
         assert proc.returncode == 130
         assert time.monotonic() - started < 10  # the default 30 s grace was cut short
-    finally:
-        server.stop_in_thread()
 
 
 def test_noisy_provider_done_when_scenario(
@@ -366,9 +330,7 @@ def test_noisy_provider_done_when_scenario(
     config = MockConfig(api_key=key, rate_limit_rate=0.12, error_rate=0.08, truncate_rate=0.03,
                         datauri_rate=0.3, retry_after_s=0.01, retry_after_style="mixed",
                         seed=1234)  # fmt: skip
-    server = MockServer(config)
-    server.start_in_thread()
-    try:
+    with threaded_mock(config) as server:
         lines: list[dict[str, Any]] = []
         for i in range(150):
             line: dict[str, Any] = {"id": f"m{i}", "prompt": f"mixed item {i}"}
@@ -389,8 +351,6 @@ def test_noisy_provider_done_when_scenario(
             cwd=ROOT, timeout=180,
         )  # fmt: skip
         requests = list(server.requests)
-    finally:
-        server.stop_in_thread()
     assert result.returncode == 1, result.stderr  # the moderated ones failed
     records = ledger(out)
     assert len(records) == 150 and len({r["id"] for r in records}) == 150  # no duplicates
@@ -458,9 +418,7 @@ def test_disk_full_while_an_answer_streams_in_stops_cleanly(
     tmp_path: Path, write_manifest: Callable[..., Path]
 ) -> None:
     """Photo-sized answers spool to temp files; a real size limit makes that write fail."""
-    server = MockServer(MockConfig(api_key="sk-big", detailed_images=True))
-    server.start_in_thread()
-    try:
+    with threaded_mock(MockConfig(api_key="sk-big", detailed_images=True)) as server:
         out = tmp_path / "out"
         args = f"{sys.executable} -m batchimg run {write_manifest(items(6))} --out {out} " \
             f"--base-url {server.base_url} --concurrency 2"  # fmt: skip
@@ -476,5 +434,3 @@ def test_disk_full_while_an_answer_streams_in_stops_cleanly(
         for record in ledger(out):
             assert record["status"] == "error"
             assert record["error"]["code"] == "storage_error"
-    finally:
-        server.stop_in_thread()

@@ -17,18 +17,15 @@ import pytest
 from PIL import Image
 
 from batchimg.mock import MockConfig, MockServer
+from tests.helpers import threaded_mock
 
 KEY = "sk-mock-compat"
 
 
 @pytest.fixture
 def server() -> Iterator[MockServer]:
-    server = MockServer(MockConfig(api_key=KEY, retry_after_s=0.01))
-    server.start_in_thread()
-    try:
+    with threaded_mock(MockConfig(api_key=KEY, retry_after_s=0.01)) as server:
         yield server
-    finally:
-        server.stop_in_thread()
 
 
 @pytest.fixture
@@ -112,17 +109,13 @@ def test_moderation_directive_raises_bad_request_with_its_code(client: openai.Op
 
 
 def test_sdk_retries_429s_using_the_retry_after_headers() -> None:
-    server = MockServer(MockConfig(rate_limit_rate=1.0, retry_after_s=0.01))
-    server.start_in_thread()
-    try:
+    with threaded_mock(MockConfig(rate_limit_rate=1.0, retry_after_s=0.01)) as server:
         with (
             openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=2) as client,
             pytest.raises(openai.RateLimitError),
         ):
             client.images.generate(model="gpt-image-1", prompt="p")
         assert [r.status for r in server.requests] == [429, 429, 429]
-    finally:
-        server.stop_in_thread()
 
 
 def test_azure_client_reaches_the_deployment_path(server: MockServer) -> None:

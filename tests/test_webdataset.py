@@ -1,0 +1,249 @@
+"""`--format webdataset`: tar shards that are whole or absent, and complete after any crash."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import signal
+import tarfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import batchimg
+from batchimg.cli import cli
+from batchimg.mock import MockServer
+from batchimg.webdataset import ShardWriter, sample_key
+from tests.helpers import start_cli, wait_for
+
+
+def items(count: int) -> list[dict[str, Any]]:
+    return [
+        {"prompt": f"a heron at dawn, study {i}", "quality": "low", "metadata": {"n": i}}
+        for i in range(count)
+    ]
+
+
+def ledger_ok(out: Path) -> dict[str, dict[str, Any]]:
+    records = [orjson.loads(line) for line in (out / "ledger.jsonl").read_bytes().splitlines()]
+    return {r["id"]: r for r in records if r["status"] == "ok"}
+
+
+def shard_samples(out: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample in every finished shard: key -> {extension: bytes}; a key seen twice fails."""
+    samples: dict[str, dict[str, bytes]] = {}
+    seen: Counter[str] = Counter()
+    for path in sorted((out / "shards").glob("shard-*.tar")):
+        with tarfile.open(path) as tar:
+            members: dict[str, dict[str, bytes]] = {}
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                members.setdefault(key, {})[ext] = extracted.read()
+        for key, parts in members.items():
+            seen[key] += 1
+            samples[key] = parts
+    assert [k for k, n in seen.items() if n > 1] == []  # no sample packed twice
+    return samples
+
+
+def check_complete(out: Path) -> dict[str, dict[str, bytes]]:
+    """Each ok ledger record's images are samples whose bytes match the ledger's sha256."""
+    samples = shard_samples(out)
+    expected = 0
+    for record in ledger_ok(out).values():
+        for index, (file_name, digest) in enumerate(
+            zip(record["files"], record["sha256"], strict=True)
+        ):
+            sample = samples[sample_key(file_name)]
+            expected += 1
+            assert set(sample) == {"png", "json", "txt"}
+            assert hashlib.sha256(sample["png"]).hexdigest() == digest
+            row = orjson.loads(sample["json"])
+            assert (row["id"], row["image_index"], row["prompt"]) == (
+                record["id"],
+                index,
+                record["prompt"],
+            )
+            assert row["metadata"] == record["metadata"]
+            assert sample["txt"].decode() == record["prompt"]
+    assert len(samples) == expected
+    assert list((out / "images").glob("*.png")) == []  # packed: no loose copies left
+    assert [p.name for p in (out / "shards").iterdir() if p.name.startswith(".")] == []
+    assert not (out / "metadata.jsonl").exists()
+    return samples
+
+
+def test_cli_packs_every_image_into_shards_of_the_given_size(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(items(25))
+    out = tmp_path / "out"
+    args = ["run", str(manifest), "--out", str(out), "--mock", "--format", "webdataset",
+            "--shard-size", "10", "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert f"images: {out / 'shards'}" in result.output
+
+    samples = check_complete(out)
+    assert len(samples) == 25
+    sizes = []
+    for path in sorted((out / "shards").glob("shard-*.tar")):
+        with tarfile.open(path) as tar:
+            sizes.append(len(tar.getnames()) // 3)
+    assert sizes == [10, 10, 5]
+    png = next(iter(samples.values()))["png"]
+    assert Image.open(io.BytesIO(png)).size == (1024, 1024)
+
+
+def test_the_datasets_webdataset_loader_reads_the_shards(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b"".join(orjson.dumps(i) + b"\n" for i in items(12)))
+    out = tmp_path / "out"
+    summary = batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=5)
+    assert summary.ok == 12
+
+    ds = datasets.load_dataset(
+        "webdataset", data_files={"train": str(out / "shards" / "*.tar")}, split="train"
+    )
+    assert ds.num_rows == 12
+    assert {row["json"]["metadata"]["n"] for row in ds} == set(range(12))
+    assert all(row["txt"] == row["json"]["prompt"] for row in ds)
+    assert ds[0]["png"].size == (1024, 1024)
+
+
+def test_a_rerun_adds_new_samples_in_new_shards_and_never_repacks(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    out = tmp_path / "out"
+    batchimg.run(write_manifest(items(7)), out, mock=True, layout="webdataset", shard_size=4)
+    first = {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")}
+    assert sorted(first) == ["shard-000000.tar", "shard-000001.tar"]
+
+    summary = batchimg.run(
+        write_manifest(items(12)), out, mock=True, layout="webdataset", shard_size=4
+    )
+    assert (summary.ok, summary.skipped) == (5, 7)
+    assert {n: (out / "shards" / n).read_bytes() for n in first} == first  # untouched
+    assert len(list((out / "shards").glob("*.tar"))) == 4
+    assert len(check_complete(out)) == 12
+
+
+def test_crash_leftovers_are_packed_once_at_the_next_start(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(items(9))
+    out = tmp_path / "out"
+    batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=4)
+    samples = check_complete(out)
+    # The states a crash can leave: a half-written shard, a loose file whose shard was renamed
+    # into place before the clean-up ran, and a loose image of an ok item never packed.
+    (out / "shards" / ".shard-000007.tar.part").write_bytes(b"half a tar")
+    ok = ledger_ok(out)
+    packed_name = next(iter(ok.values()))["files"][0]
+    (out / packed_name).write_bytes(samples[sample_key(packed_name)]["png"])
+    last = max((out / "shards").glob("shard-*.tar"))
+    with tarfile.open(last) as tar:
+        names = tar.getnames()
+        unpacked = {n.split(".", 1)[0] for n in names}
+        loose = {}
+        for record in ok.values():
+            name = record["files"][0]
+            if sample_key(name) in unpacked:
+                member = tar.extractfile(f"{sample_key(name)}.png")
+                assert member is not None
+                loose[name] = member.read()
+    last.unlink()  # as if the last shard had never been written: its images still loose
+    for name, data in loose.items():
+        (out / name).write_bytes(data)
+
+    summary = batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=4)
+    assert (summary.ok, summary.skipped) == (0, 9)
+    assert len(check_complete(out)) == 9
+
+
+def test_kill_9_mid_run_then_rerun_leaves_every_sample_in_exactly_one_shard(
+    tmp_path: Path, slow_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(items(30))
+    out = tmp_path / "out"
+    ledger_path = out / "ledger.jsonl"
+    layout = ("--format", "webdataset", "--shard-size", "6", "--quiet")
+    with start_cli(manifest, out, slow_server, *layout) as proc:
+        wait_for(lambda: ledger_path.exists() and ledger_path.read_bytes().count(b"\n") >= 9)
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    with start_cli(manifest, out, slow_server, *layout) as proc:
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert len(check_complete(out)) == 30
+
+
+def test_a_shard_the_disk_refuses_stops_the_run_and_keeps_the_images_loose(
+    tmp_path: Path, write_manifest: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: ShardWriter, batch: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    manifest = write_manifest(items(8))
+    out = tmp_path / "out"
+    monkeypatch.setattr(ShardWriter, "_write_shard", refuse)
+    summary = batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=3)
+    assert summary.exit_code == 3
+    assert "No space left on device" in (summary.stop_reason or "")
+    assert list((out / "shards").glob("*.tar")) == []
+    loose = list((out / "images").glob("*.png"))
+    assert len(loose) == sum(len(r["files"]) for r in ledger_ok(out).values()) > 0
+
+    monkeypatch.undo()
+    summary = batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=3)
+    assert summary.exit_code == 0
+    assert len(check_complete(out)) == 8
+
+
+def test_shard_size_without_webdataset_is_a_usage_error(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(items(2))
+    result = CliRunner().invoke(
+        cli, ["run", str(manifest), "--out", str(tmp_path / "o"), "--mock", "--shard-size", "5"]
+    )
+    assert result.exit_code == 2
+    assert "--shard-size needs --format webdataset" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_webdataset_directory_refuses_the_imagefolder_layout(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(items(3))
+    out = tmp_path / "out"
+    batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=2)
+    result = CliRunner().invoke(cli, ["run", str(manifest), "--out", str(out), "--mock"])
+    assert result.exit_code == 2
+    assert "re-run with --format webdataset" in result.output
+    assert len(check_complete(out)) == 3
+
+
+@pytest.mark.parametrize(
+    ("file_name", "key"),
+    [("images/cat-0.png", "cat-0"), ("images/i0123abc-2.webp", "i0123abc-2")],
+)
+def test_sample_keys_are_file_stems(file_name: str, key: str) -> None:
+    assert sample_key(file_name) == key
+
+
+def test_sample_keys_never_hold_a_dot_and_stay_distinct() -> None:
+    dotted, underscored = sample_key("images/v1.2-0.png"), sample_key("images/v1_2-0.png")
+    assert "." not in dotted and dotted.startswith("v1_2-0-")
+    assert dotted != underscored == "v1_2-0"
