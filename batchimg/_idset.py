@@ -25,7 +25,7 @@ from hashlib import blake2b
 _WIDTH = 5  # bytes stored per id
 _PER_BUCKET = 32
 _BUCKET = _WIDTH * _PER_BUCKET
-_EMPTY = bytes(_WIDTH)
+_EMPTY = bytes(_WIDTH)  # never stored: an all-zero hash is remapped, like a tombstone's
 _DELETED = b"\xff" * _WIDTH
 _MAX_LOAD = 0.9
 
@@ -48,37 +48,65 @@ def _aligned_find(chunk: bytes | bytearray, pattern: bytes) -> int:
 
 
 class _Table:
-    """A fixed-size table of 5-byte slots in buckets; never resized."""
+    """A fixed-size table of 5-byte slots in buckets; never resized.
 
-    __slots__ = ("buckets", "capacity", "data", "filled", "limit")
+    A bucket's slots fill from the left and never empty again (a discarded id leaves a
+    tombstone), so one byte a bucket, `used`, says where its first empty slot is: a lookup
+    searches only the used part, and stops at the first bucket that is not full.
+    """
+
+    __slots__ = ("buckets", "capacity", "data", "filled", "limit", "tombstones", "used")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(1, capacity)
         self.buckets = math.ceil(self.capacity / _MAX_LOAD / _PER_BUCKET)
         self.data = bytearray(self.buckets * _BUCKET)
-        # Live entries plus tombstones stay below the slot count: every probe finds an end.
+        self.used = bytearray(self.buckets)
+        # Used slots stay below the slot count: every probe meets a bucket that is not full.
         slots = self.buckets * _PER_BUCKET
         self.limit = min(int(slots * _MAX_LOAD), slots - 1)
         self.filled = 0
+        self.tombstones = 0
 
-    def find(self, stored: bytes, h: int, want_free: bool = False) -> tuple[int, int]:
-        """(offset of the id or -1, and with want_free where it would go: the first tombstone or
-        empty slot on its path, else -1)."""
-        data, buckets = self.data, self.buckets
+    def find(self, stored: bytes, h: int) -> int:
+        """Offset of the id's slot, or -1."""
+        data, used, buckets = self.data, self.used, self.buckets
         bucket = h % buckets
-        reusable = -1
         while True:
+            count = used[bucket]
             start = bucket * _BUCKET
-            chunk = data[start : start + _BUCKET]
-            if (i := _aligned_find(chunk, stored)) >= 0:
-                return start + i, -1
-            if want_free and reusable < 0 and (j := _aligned_find(chunk, _DELETED)) >= 0:
-                reusable = start + j
-            if (empty := _aligned_find(chunk, _EMPTY)) >= 0:
-                if not want_free:
-                    return -1, -1
-                return -1, reusable if reusable >= 0 else start + empty
+            if count:
+                chunk = data[start : start + count * _WIDTH]
+                if (i := _aligned_find(chunk, stored)) >= 0:
+                    return start + i
+            if count < _PER_BUCKET:
+                return -1
             bucket = bucket + 1 if bucket + 1 < buckets else 0
+
+    def insert(self, stored: bytes, h: int) -> bool:
+        """Store an id known to be absent; False when the table is full."""
+        data, used, buckets = self.data, self.used, self.buckets
+        bucket = h % buckets
+        if self.tombstones:  # reuse the first tombstone on the id's probe path, if any
+            probe = bucket
+            while True:
+                count, start = used[probe], probe * _BUCKET
+                if (i := _aligned_find(data[start : start + count * _WIDTH], _DELETED)) >= 0:
+                    data[start + i : start + i + _WIDTH] = stored
+                    self.tombstones -= 1
+                    return True
+                if count < _PER_BUCKET:
+                    break
+                probe = probe + 1 if probe + 1 < buckets else 0
+        if self.filled >= self.limit:
+            return False
+        while used[bucket] >= _PER_BUCKET:
+            bucket = bucket + 1 if bucket + 1 < buckets else 0
+        offset = bucket * _BUCKET + used[bucket] * _WIDTH
+        data[offset : offset + _WIDTH] = stored
+        used[bucket] += 1
+        self.filled += 1
+        return True
 
 
 class IdSet:
@@ -93,9 +121,8 @@ class IdSet:
 
     def _locate(self, stored: bytes, h: int) -> tuple[_Table, int] | None:
         for table in self._tables:
-            found, _ = table.find(stored, h)
-            if found >= 0:
-                return table, found
+            if (offset := table.find(stored, h)) >= 0:
+                return table, offset
         return None
 
     def __contains__(self, key: object) -> bool:
@@ -104,21 +131,14 @@ class IdSet:
     def add(self, key: str) -> bool:
         """Add key; True if it was not there before."""
         stored, h = _hash(key)
-        for table in self._tables[:-1]:
-            if table.find(stored, h)[0] >= 0:
+        tables = self._tables
+        for table in tables:
+            if table.find(stored, h) >= 0:
                 return False
-        table = self._tables[-1]
-        found, free = table.find(stored, h, want_free=True)
-        if found >= 0:
-            return False
-        fresh = table.data[free : free + _WIDTH] == _EMPTY
-        if fresh and table.filled >= table.limit:
-            table = _Table(table.capacity * 4)
-            self._tables.append(table)
-            free = table.find(stored, h, want_free=True)[1]
-        if fresh:
-            table.filled += 1
-        table.data[free : free + _WIDTH] = stored
+        if not tables[-1].insert(stored, h):
+            table = _Table(tables[-1].capacity * 4)
+            tables.append(table)
+            table.insert(stored, h)
         self._len += 1
         return True
 
@@ -127,6 +147,7 @@ class IdSet:
         if located is not None:
             table, offset = located
             table.data[offset : offset + _WIDTH] = _DELETED
+            table.tombstones += 1
             self._len -= 1
 
 

@@ -58,6 +58,7 @@ class _Target:
         self.nbytes = 0
         self.pending = b""  # base64 characters not yet a multiple of 4
         self.head = b""  # the first decoded bytes, for the format check
+        self.padded = False  # a quantum ending in `=` was decoded: the value must end there
         self.prefix: bytes | None = b""  # until known: the start of the value (data: URI?)
 
     def write(self, raw: bytes) -> None:
@@ -81,10 +82,13 @@ class _Target:
             self._decode(data)
 
     def _decode(self, data: bytes | memoryview) -> None:
+        if self.padded:  # `=` ends a base64 value: nothing may follow it
+            raise BadBase64("b64_json does not decode: data after the '=' padding")
         try:
             decoded = pybase64.b64decode(data, validate=True)
         except ValueError as exc:
             raise BadBase64(f"b64_json does not decode: {exc}") from None
+        self.padded = data[-1:] == b"="
         self.hash.update(decoded)
         self.nbytes += len(decoded)
         if self.file is not None:

@@ -241,6 +241,19 @@ class Engine:
         self.budget.spent_usd = state.spent_usd  # earlier runs' spend counts against the cap
         self._writer = BatchedStore(self.store)
         self._emit(ProgressEvent("started", engine=self))
+        try:
+            await self._run_all(handle_signals)
+        finally:
+            self._writer.close()
+        self.summary.wall_s = time.monotonic() - started
+        self.summary.limiter = self.limiter.stats()
+        self.summary.spent_total_usd = self.budget.spent_usd
+        if self.summary.stop_reason == "budget":
+            self.summary.stop_reason = self.budget.message(self.summary.not_attempted)
+        return self.summary
+
+    async def _run_all(self, handle_signals: bool) -> None:
+        """Feed every item through the workers, with the ledger and the dataset output open."""
         with self._output, LedgerWriter(self.summary.ledger_path) as self._ledger:
             if isinstance(self._output, ShardWriter):
                 self._output.start()
@@ -262,13 +275,6 @@ class Engine:
             await anyio.to_thread.run_sync(self._output.close)
             if isinstance(self._output, ShardWriter) and self._output.error is not None:
                 self.stop(f"{self._output.error}; free space, then re-run to pack the rest")
-        self._writer.close()
-        self.summary.wall_s = time.monotonic() - started
-        self.summary.limiter = self.limiter.stats()
-        self.summary.spent_total_usd = self.budget.spent_usd
-        if self.summary.stop_reason == "budget":
-            self.summary.stop_reason = self.budget.message(self.summary.not_attempted)
-        return self.summary
 
     def _open_output(self) -> LedgerState:
         """Read the ledger (for resuming) while setting up the dataset layout from it."""

@@ -123,8 +123,12 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._thread is not None:  # aborted: no last shard; its images stay loose
+            self._jobs.put(None)
+            self._thread = None
 
     def close(self) -> None:
         """Pack what is left (a shorter last shard) and wait for every shard to be written."""

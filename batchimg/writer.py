@@ -90,6 +90,7 @@ class ImageStore:
         # Temp names: unique per store (a random tag) and per file (a counter).
         self._temp_tag = uuid.uuid4().hex[:8]
         self._temp_count = itertools.count()
+        self._renaming = threading.Lock()  # writer threads may publish the same name at once
 
     def file_name(self, stem: str, index: int, fmt: str) -> str:
         return f"{stem}-{index}.{specs.FILE_EXTENSION[fmt]}"
@@ -112,9 +113,11 @@ class ImageStore:
         try:
             for index, data in enumerate(images):
                 staged.append(self._stage_one(self.file_name(stem, index, fmt), data))
-        except OSError as exc:
+        except BaseException as exc:
             self.discard(staged)
-            raise StorageError(f"cannot write images to {self.images_dir}: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot write images to {self.images_dir}: {exc}") from exc
+            raise
         return staged
 
     def _stage_one(self, name: str, data: bytes | SpooledImage) -> Staged:
@@ -123,14 +126,16 @@ class ImageStore:
         temp = f"{self._dir}/.{name}.{self._temp_tag}{next(self._temp_count)}{TEMP_SUFFIX}"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
         except BaseException:
-            os.close(fd)
-            os.unlink(temp)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
             raise
-        os.close(fd)
         return Staged(name, temp, len(data), hashlib.sha256(data).hexdigest())
 
     def publish(self, staged: Sequence[Staged]) -> list[StoredFile]:
@@ -142,9 +147,10 @@ class ImageStore:
                 fsync_path(entry.temp, os.O_RDONLY)
             for entry in staged:
                 final = f"{self._dir}/{entry.name}"
-                if os.path.lexists(final):
-                    self._set_aside(final)
-                os.replace(entry.temp, final)
+                with self._renaming:  # look-then-rename: one thread at a time
+                    if os.path.lexists(final):
+                        self._set_aside(final)
+                    os.replace(entry.temp, final)
                 stored.append(StoredFile(f"{IMAGES_DIR}/{entry.name}", entry.nbytes, entry.sha256))
         except OSError as exc:
             self.discard(staged)
@@ -222,9 +228,9 @@ class BatchedStore:
         return job.stored
 
     def _start_thread(self) -> None:
-        self._started += 1
-        name = f"image-writer-{self._started}"
+        name = f"image-writer-{self._started + 1}"
         threading.Thread(target=self._run, name=name, daemon=True).start()
+        self._started += 1  # only once it runs: a job is never queued for no thread
 
     def close(self) -> None:
         """Let the threads end after what is queued. Not joined: a job abandoned by an abort

@@ -84,3 +84,17 @@ def test_html_error_page_is_not_json(tmp_path: Path) -> None:
     with pytest.raises(SpoolError) as raised:
         spool.finish()
     assert not isinstance(raised.value, BadBase64)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 4, 5])
+def test_data_after_padding_is_bad_base64_however_it_is_split(tmp_path: Path, split: int) -> None:
+    # "QQ==" is a whole value; anything after its padding is a broken answer, not more image.
+    raw = b'{"data": [{"b64_json": "QQ==QUJD"}]}'
+    start = raw.index(b"QQ==")
+    spool = ResponseSpool(tmp_path)
+    with pytest.raises(BadBase64):
+        spool.feed(raw[: start + split])
+        spool.feed(raw[start + split :])
+        spool.finish()
+    spool.abort()
+    assert list(tmp_path.iterdir()) == []

@@ -247,3 +247,22 @@ def test_sample_keys_never_hold_a_dot_and_stay_distinct() -> None:
     dotted, underscored = sample_key("images/v1.2-0.png"), sample_key("images/v1_2-0.png")
     assert "." not in dotted and dotted.startswith("v1_2-0-")
     assert dotted != underscored == "v1_2-0"
+
+
+def test_an_abort_writes_no_last_shard_and_keeps_its_images_loose(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    record = {"id": "a", "files": ["images/a-0.png"], "prompt": "p", "metadata": None}
+    (images / "a-0.png").write_bytes(b"\x89PNG\r\n\x1a\n a picture")
+    with pytest.raises(KeyboardInterrupt), ShardWriter(tmp_path, 10) as writer:
+        writer.start()
+        writer.add(record)
+        raise KeyboardInterrupt
+    assert list((tmp_path / "shards").iterdir()) == []
+    assert (images / "a-0.png").exists()
+
+    with ShardWriter(tmp_path, 10) as writer:  # the next run packs it
+        writer.start()
+        writer.add(record)
+    assert [p.name for p in (tmp_path / "shards").iterdir()] == ["shard-000000.tar"]
+    assert not (images / "a-0.png").exists()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import io
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import anyio
 import pytest
 from PIL import Image
 
+from batchimg import writer as writer_module
 from batchimg._spool import ResponseSpool, SpooledImage
 from batchimg.errors import ItemFailed, StorageError
 from batchimg.writer import (
@@ -254,3 +258,34 @@ async def test_a_refused_item_fails_alone_and_leaves_no_temp_files(tmp_path: Pat
     assert not any(n.startswith("doomed") for n in names)
     assert len(names) == 78
     assert leftovers(tmp_path) == []
+
+
+async def test_two_threads_publishing_one_name_keep_both_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two writer threads reach the look-then-rename step for the same name together (the
+    # barrier holds each until the other arrives, or 0.5 s): neither file may be lost.
+    barrier = threading.Barrier(2, timeout=0.5)
+    real_lexists = os.path.lexists
+
+    def lexists(path: str) -> bool:
+        found = real_lexists(path)
+        if path.endswith("dup-0.png"):  # both threads have looked before either renames
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()
+        return found
+
+    monkeypatch.setattr(writer_module.os.path, "lexists", lexists)
+    monkeypatch.setattr(writer_module, "MAX_BATCH", 1)  # one job per thread
+    writer = BatchedStore(ImageStore(tmp_path), threads=2)
+    writer._start_thread()
+    writer._start_thread()
+    first, second = image_bytes("png", (1, 1, 1)), image_bytes("png", (2, 2, 2))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer.save, "dup", [first], "png")
+        tg.start_soon(writer.save, "dup", [second], "png")
+    writer.close()
+
+    kept = [p.read_bytes() for p in (tmp_path / "images").iterdir()]
+    kept += [p.read_bytes() for p in (tmp_path / ".orphans").glob("*")]
+    assert sorted(kept) == sorted([first, second])
