@@ -38,11 +38,17 @@ _DEFAULT_OPTIONS: list[Callable[[Any], Any]] = [
         "--n",
         "n",
         type=click.IntRange(1, specs.MAX_N),
-        help="Images per prompt for lines that set none.",
+        help="Images per prompt for lines that set none (dall-e-3 lines keep 1).",
     ),
-    click.option("--size", type=click.Choice(ALL_SIZES), help="Size for lines that set none."),
     click.option(
-        "--quality", type=click.Choice(ALL_QUALITIES), help="Quality for lines that set none."
+        "--size",
+        type=click.Choice(ALL_SIZES),
+        help="Size for lines that set none and whose model takes it (others keep the API's).",
+    ),
+    click.option(
+        "--quality",
+        type=click.Choice(ALL_QUALITIES),
+        help="Quality for lines that set none and whose model takes it (others keep the API's).",
     ),
     click.option(
         "--output-format",

@@ -25,8 +25,6 @@ from .inputs import MAX_EDIT_IMAGES, InputFile, check_edit_inputs, load_input
 ITEM_KEYS = ("id", "metadata")
 EDIT_KEYS = ("image", "mask", "endpoint")
 KNOWN_KEYS = frozenset(specs.API_FIELDS + ITEM_KEYS + EDIT_KEYS)
-#: Fields only GPT image models take: CLI defaults for them skip DALL·E lines.
-GPT_ONLY_FIELDS = frozenset({"output_format", "output_compression", "background", "moderation"})
 GENERATIONS_ONLY_FIELDS = frozenset({"moderation"})
 
 MAX_FILE_STEM = 80
@@ -52,19 +50,24 @@ class Defaults:
         }
 
     def fill(self, params: dict[str, Any], endpoint: specs.Endpoint = "generations") -> None:
-        """Set every default the line left out, where the line's model and endpoint take it."""
-        params.setdefault("model", self.model)
-        gpt = specs.family(str(params["model"])) == "gpt"
+        """Set every default the line left out, where the line's model and endpoint take it
+        (`--quality high` fills GPT lines; a dall-e-3 line keeps the API's default)."""
+        model = str(params.setdefault("model", self.model))
         for name, value in self._given.items():
-            if (gpt or name not in GPT_ONLY_FIELDS) and (
-                endpoint == "generations" or name not in GENERATIONS_ONLY_FIELDS
+            if (
+                name not in params
+                and (endpoint == "generations" or name not in GENERATIONS_ONLY_FIELDS)
+                and specs.takes_default(model, name, value)
             ):
-                params.setdefault(name, value)
+                params[name] = value
 
     def check(self) -> None:
         """Raise specs.ParamError if a default is illegal for the default model."""
-        params: dict[str, Any] = {"prompt": "check"}
-        self.fill(params)
+        params: dict[str, Any] = {"prompt": "check", "model": self.model}
+        gpt = specs.family(self.model) == "gpt"
+        for name, value in self._given.items():  # checked as given: fill() would skip bad ones
+            if name not in params and (gpt or name not in specs.GPT_ONLY_FIELDS):
+                params[name] = value
         specs.validate_params(params)
 
 

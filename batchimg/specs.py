@@ -19,6 +19,8 @@ GPT_SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")
 DALLE2_SIZES = ("256x256", "512x512", "1024x1024")
 DALLE3_SIZES = ("1024x1024", "1792x1024", "1024x1792")
 GPT_QUALITIES = ("low", "medium", "high", "auto")
+#: Fields only GPT image models take.
+GPT_ONLY_FIELDS = frozenset({"output_format", "output_compression", "background", "moderation"})
 DALLE3_QUALITIES = ("standard", "hd")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 BACKGROUNDS = ("transparent", "opaque", "auto")
@@ -111,6 +113,23 @@ def _choice(params: Mapping[str, Any], field: str, allowed: tuple[str, ...], mod
 def _only_for(params: Mapping[str, Any], field: str, who: str) -> None:
     if params.get(field) is not None:
         raise ParamError(field, f"Unknown parameter: '{field}' ({who} only).", "unknown_parameter")
+
+
+def takes_default(model: str, field: str, value: Any) -> bool:
+    """Whether a run-wide default for `field` suits a line of `model`; where it does not (a
+    GPT-only field, or a size, quality or n the model refuses), the API's own default stands."""
+    fam = family(model)
+    if field in GPT_ONLY_FIELDS:
+        return fam == "gpt"
+    if field == "size":
+        return value in (GPT_SIZES if fam == "gpt" else DALLE2_SIZES if fam == "dall-e-2"
+                         else DALLE3_SIZES)  # fmt: skip
+    if field == "quality":
+        return value in (GPT_QUALITIES if fam == "gpt" else DALLE3_QUALITIES if fam == "dall-e-3"
+                         else ("standard",))  # fmt: skip
+    if field == "n":
+        return fam != "dall-e-3" or value == 1
+    return True
 
 
 def validate_params(params: Mapping[str, Any], endpoint: Endpoint = "generations") -> None:

@@ -334,6 +334,30 @@ def test_gpt_only_defaults_do_not_apply_to_dalle3_lines(tmp_path: Path) -> None:
         assert field not in dalle.params
 
 
+def test_size_quality_and_n_defaults_fill_only_lines_whose_model_takes_them(
+    tmp_path: Path,
+) -> None:
+    lines = [
+        {"prompt": "a"},
+        {"prompt": "b", "model": "dall-e-3"},
+        {"prompt": "c", "model": "dall-e-2"},
+    ]
+    gpt, dalle3, dalle2 = read_all(
+        tmp_path / "m.jsonl", lines, Defaults(size="1536x1024", quality="high", n=2)
+    )
+    assert isinstance(gpt, Item) and isinstance(dalle3, Item) and isinstance(dalle2, Item)
+    assert (gpt.params["size"], gpt.params["quality"], gpt.params["n"]) == ("1536x1024", "high", 2)
+    assert not {"size", "quality", "n"} & set(dalle3.params)  # the API's defaults stand
+    assert dalle2.params["n"] == 2 and not {"size", "quality"} & set(dalle2.params)
+
+    square, hd = read_all(
+        tmp_path / "m2.jsonl", lines[:2], Defaults(size="1024x1024", quality="hd")
+    )
+    assert isinstance(square, Item) and isinstance(hd, Item)
+    assert square.params["size"] == hd.params["size"] == "1024x1024"  # every model takes it
+    assert hd.params["quality"] == "hd" and "quality" not in square.params
+
+
 def test_a_default_that_makes_a_line_invalid_gives_a_bad_line(tmp_path: Path) -> None:
     (bad,) = read_all(
         tmp_path / "m.jsonl",
