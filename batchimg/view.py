@@ -94,13 +94,20 @@ class ProgressView:
             self._start()
         elif event.kind == "item_finished":
             if event.images:
+                now = time.monotonic()
                 with self._lock:
-                    self._recent.append((time.monotonic(), event.images))
+                    self._recent.append((now, event.images))
+                    self._forget_before(now - RECENT_S)  # bounded even when nothing draws
             if event.status == "error" and self.mode != "quiet":
                 self._log("error", id=event.item_id, line=event.line, code=event.error_code,
                           message=event.message)  # fmt: skip
         elif event.kind == "stopping" and self.mode != "quiet":
             self._log("warning", message=f"stopping: {event.message}")
+
+    def _forget_before(self, cutoff: float) -> None:
+        """Drop finishes older than the rate window (call with the lock held)."""
+        while self._recent and self._recent[0][0] < cutoff:
+            self._recent.popleft()
 
     def _start(self) -> None:
         if self.mode == "live":
@@ -133,8 +140,7 @@ class ProgressView:
             return None
         summary, now = engine.summary, time.monotonic()
         with self._lock:
-            while self._recent and self._recent[0][0] < now - RECENT_S:
-                self._recent.popleft()
+            self._forget_before(now - RECENT_S)
             recent_images = sum(n for _, n in self._recent)
         window = min(RECENT_S, max(now - self._started, 1e-9))
         per_min = recent_images * 60 / window

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image
 
 import batchimg
+from batchimg import view as view_module
 from batchimg.cli import cli
 from batchimg.engine import ProgressEvent
 from batchimg.mock import MockServer
@@ -65,6 +67,25 @@ async def test_progress_events_and_snapshot_follow_the_run(
     assert (snap.done, snap.total, snap.ok, snap.failed) == (11, 11, 10, 1)
     assert snap.images == 15 and snap.images_per_min > 0 and snap.in_flight == 0
     assert snap.projected_usd == pytest.approx(summary.cost_usd)
+
+
+def test_a_quiet_view_does_not_grow_with_the_number_of_items(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Nothing draws in quiet mode, so nothing reads the rate window: it must still stay bounded
+    # (it once kept every finish of a run: ~100 bytes an item, 100 MB over a million).
+    clock = [1000.0]
+    monkeypatch.setattr(view_module.time, "monotonic", lambda: clock[0])
+    view = ProgressView(mode="quiet", total=None, stream=io.StringIO())
+    tracemalloc.start()
+    try:
+        for i in range(20_000):
+            clock[0] += 0.05  # 20 finishes a second: 1,200 in any 60 s window
+            view(ProgressEvent("item_finished", item_id=f"i{i}", status="ok", images=1))
+        grown, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert grown < 300_000  # the window's ~1,200 entries, not 20,000
 
 
 def test_non_tty_progress_lines_are_plain_and_greppable(tmp_path: Path) -> None:
