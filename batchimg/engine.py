@@ -15,9 +15,12 @@ the same command picks up exactly what is missing.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +56,7 @@ from .webdataset import SHARDS_DIR, ShardWriter
 from .writer import BatchedStore, ImageStore, StoredFile, check_format, decode_b64_image
 
 EventKind = Literal["started", "item_finished", "retry", "stopping"]
+LOCK_NAME = ".batchimg.lock"  # held while a run writes into the directory
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,24 @@ class Summary:
         if self.stop_reason is not None:
             return 3
         return 1 if self.failed else 0
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold DIR/.batchimg.lock for the run: two runs on one directory would each resume from
+    the same ledger, buy the same images and (webdataset) number shards alike."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"another batchimg run is using {out_dir}: let it finish (or stop it) first"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _now() -> str:
@@ -235,6 +257,10 @@ class Engine:
             self._emit(ProgressEvent("stopping", message=reason))
 
     async def run(self, *, handle_signals: bool = False) -> Summary:
+        with _exclusive(self.config.out_dir):
+            return await self._run_locked(handle_signals)
+
+    async def _run_locked(self, handle_signals: bool) -> Summary:
         started = time.monotonic()
         state = self._open_output()
         self._done = state.done
@@ -285,7 +311,9 @@ class Engine:
             writer = ShardWriter(out, self.config.shard_size, sync_ledger=self._sync_now)
             self.summary.images_at = writer.dir
             self._output: MetadataWriter | ShardWriter = writer
-            return scan_ledger(self.summary.ledger_path, on_ok=writer.add)
+            state = scan_ledger(self.summary.ledger_path, on_ok=writer.add)
+            writer.keep_only(state.done)
+            return state
         if shards.is_dir() and any(shards.glob("*.tar")):
             raise UsageError(
                 f"{out} holds webdataset shards: re-run with --format webdataset (a directory "

@@ -17,13 +17,15 @@ shard is deleted, and a loose file whose key a shard already holds is removed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import itertools
 import os
 import queue
 import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from hashlib import blake2b
 from pathlib import Path, PurePosixPath
@@ -31,10 +33,9 @@ from typing import Any
 
 import orjson
 
-from ._idset import IdSet
 from .dataset import metadata_rows
-from .errors import StorageError
-from .writer import fsync_path
+from .errors import StorageError, UsageError
+from .writer import IMAGES_DIR, fsync_path
 
 SHARDS_DIR = "shards"
 SHARD_PREFIX = "shard-"
@@ -79,37 +80,68 @@ class ShardWriter:
         for stale in self.dir.glob(f".*{_TEMP_SUFFIX}"):
             stale.unlink(missing_ok=True)
         shards = sorted(self.dir.glob(f"{SHARD_PREFIX}*.tar"))
-        self._packed = IdSet(max(1024, len(shards) * shard_size))  # keys already in a shard
         self._next_index = 0
         for path in shards:
-            with tarfile.open(path) as tar:
-                for name in tar.getnames():
-                    self._packed.add(name.split(".", 1)[0])
             with contextlib.suppress(ValueError):
                 index = int(path.stem.removeprefix(SHARD_PREFIX))
                 self._next_index = max(self._next_index, index + 1)
-        self._pending: list[_Sample] = []
+        self._drop_packed_leftovers(shards)
+        self._pending: dict[str, _Sample] = {}  # by key: a later record for a key replaces
         self._jobs: queue.SimpleQueue[list[_Sample] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.error: StorageError | None = None  # the first shard that could not be written
-        self.shards_written = 0
+        self._abandoned = False
+
+    def _drop_packed_leftovers(self, shards: list[Path]) -> None:
+        """Delete loose images a crash left behind after their shard was written.
+
+        Exact: only the keys of loose files are looked up in the shards, and a loose file goes
+        only if the shard's sample has the same sha256 (a re-done item's newer image stays).
+        """
+        images = self.out_dir / IMAGES_DIR
+        loose = {
+            sample_key(p.name): p
+            for p in (images.iterdir() if images.is_dir() else ())
+            if not p.name.startswith(".") and p.is_file()
+        }
+        for path in shards:
+            if not loose:
+                return
+            try:
+                with tarfile.open(path) as tar:
+                    for member in tar:
+                        key, _, ext = member.name.partition(".")
+                        if ext != "json" or key not in loose:
+                            continue
+                        data = tar.extractfile(member)
+                        row = orjson.loads(data.read()) if data is not None else {}
+                        if row.get("sha256") == _sha256_of(loose[key]):
+                            loose.pop(key).unlink()
+            except (tarfile.TarError, orjson.JSONDecodeError, EOFError) as exc:
+                raise UsageError(
+                    f"{path} is not a readable shard ({exc}): move it out of {self.dir}, then "
+                    "re-run (its images are packed again only if they are still loose)"
+                ) from None
 
     def add(self, record: dict[str, Any]) -> None:
-        """Queue the images of one ok record (their ledger line is written); StorageError if
-        an earlier shard could not be written."""
+        """Queue the loose images of one ok record (its ledger line is written); StorageError
+        if an earlier shard could not be written."""
         if self.error is not None:
             raise self.error
         for row in metadata_rows(record):
-            key = sample_key(row["file_name"])
-            image = self.out_dir / row["file_name"]
-            if key in self._packed:  # packed before a crash cut the clean-up short
-                image.unlink(missing_ok=True)
+            image = self.out_dir / row.pop("file_name")
+            if not image.exists():  # packed by an earlier run (or removed by hand)
                 continue
-            if image.exists():
-                del row["file_name"]  # the image is the sample's own member now
-                self._pending.append(_Sample(key, image, row))
+            key = sample_key(image.name)
+            row["sha256"] = record["sha256"][row["image_index"]]
+            self._pending[key] = _Sample(key, image, row)
         if self._thread is not None:
             self._submit_full()
+
+    def keep_only(self, done: Container[str]) -> None:
+        """After the resume scan: drop queued images of ids whose last state is not ok (they
+        run again, and their new image is queued when it is stored)."""
+        self._pending = {k: s for k, s in self._pending.items() if s.row["id"] in done}
 
     def start(self) -> None:
         """Start the writer thread and pack what earlier runs left loose."""
@@ -126,8 +158,10 @@ class ShardWriter:
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is None:
             self.close()
-        elif self._thread is not None:  # aborted: no last shard; its images stay loose
+        elif self._thread is not None:  # aborted: finish the shard being written, no more
+            self._abandoned = True
             self._jobs.put(None)
+            self._thread.join()
             self._thread = None
 
     def close(self) -> None:
@@ -135,29 +169,26 @@ class ShardWriter:
         if self._thread is None:
             return
         if self._pending:
-            self._jobs.put(self._pending)
-            self._pending = []
+            self._jobs.put(list(self._pending.values()))
+            self._pending = {}
         self._jobs.put(None)
         self._thread.join()
         self._thread = None
 
     def _submit_full(self) -> None:
         while len(self._pending) >= self.shard_size:
-            batch, self._pending = (
-                self._pending[: self.shard_size],
-                self._pending[self.shard_size :],
-            )
-            self._jobs.put(batch)
+            keys = list(itertools.islice(self._pending, self.shard_size))
+            self._jobs.put([self._pending.pop(key) for key in keys])
 
     def _run(self) -> None:
         while (batch := self._jobs.get()) is not None:
-            if self.error is not None:
-                continue  # the disk refused a shard: the images stay loose for the next run
+            if self.error is not None or self._abandoned:
+                continue  # the images stay loose for the next run
             try:
                 if self._sync_ledger is not None:
                     self._sync_ledger()
                 self._write_shard(batch)
-            except OSError as exc:
+            except Exception as exc:
                 self.error = StorageError(f"cannot write a shard in {self.dir}: {exc}")
 
     def _write_shard(self, batch: list[_Sample]) -> None:
@@ -168,8 +199,7 @@ class ShardWriter:
         try:
             with open(temp, "wb") as fh:
                 with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                    for sample in batch:
-                        _add_sample(tar, sample)
+                    packed = [sample for sample in batch if _add_sample(tar, sample)]
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(temp, final)
@@ -177,23 +207,32 @@ class ShardWriter:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        self.shards_written += 1
-        for sample in batch:  # durable in the shard: the loose copies can go
-            self._packed.add(sample.key)
+        for sample in packed:  # durable in the shard: the loose copies can go
             with contextlib.suppress(OSError):
                 sample.image.unlink()
 
 
-def _add_sample(tar: tarfile.TarFile, sample: _Sample) -> None:
+def _sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _add_sample(tar: tarfile.TarFile, sample: _Sample) -> bool:
+    """Add one sample; False (nothing added) if the loose file is not the image its ledger
+    line names (gone, or replaced by a newer image of the same key, queued on its own)."""
+    try:
+        data = sample.image.read_bytes()
+    except FileNotFoundError:
+        return False
+    if hashlib.sha256(data).hexdigest() != sample.row["sha256"]:
+        return False
     mtime = int(time.time())
-    with open(sample.image, "rb") as image:
-        size = os.fstat(image.fileno()).st_size
-        tar.addfile(_member(f"{sample.key}{sample.image.suffix}", size, mtime), image)
-    for ext, data in (
+    tar.addfile(_member(f"{sample.key}{sample.image.suffix}", len(data), mtime), io.BytesIO(data))
+    for ext, meta in (
         ("json", orjson.dumps(sample.row)),
         ("txt", str(sample.row.get("prompt") or "").encode("utf-8")),
     ):
-        tar.addfile(_member(f"{sample.key}.{ext}", len(data), mtime), io.BytesIO(data))
+        tar.addfile(_member(f"{sample.key}.{ext}", len(meta), mtime), io.BytesIO(meta))
+    return True
 
 
 def _member(name: str, size: int, mtime: int) -> tarfile.TarInfo:

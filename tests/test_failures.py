@@ -434,3 +434,23 @@ def test_disk_full_while_an_answer_streams_in_stops_cleanly(
         for record in ledger(out):
             assert record["status"] == "error"
             assert record["error"]["code"] == "storage_error"
+
+
+def test_a_second_run_on_the_same_directory_is_refused(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".batchimg.lock", "w") as held:  # as a run in progress holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = subprocess.run(
+            [sys.executable, "-m", "batchimg", "run", str(write_manifest(items(2))), "--out",
+             str(out), "--mock"], capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert "another batchimg run is using" in result.stderr
+    assert not (out / "ledger.jsonl").exists()
+    summary = batchimg.run(write_manifest(items(2)), out, mock=True)  # released: runs
+    assert summary.ok == 2

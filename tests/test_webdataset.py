@@ -252,8 +252,11 @@ def test_sample_keys_never_hold_a_dot_and_stay_distinct() -> None:
 def test_an_abort_writes_no_last_shard_and_keeps_its_images_loose(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
-    record = {"id": "a", "files": ["images/a-0.png"], "prompt": "p", "metadata": None}
-    (images / "a-0.png").write_bytes(b"\x89PNG\r\n\x1a\n a picture")
+    picture = b"\x89PNG\r\n\x1a\n a picture"
+    (images / "a-0.png").write_bytes(picture)
+    digest = hashlib.sha256(picture).hexdigest()
+    record = {"id": "a", "files": ["images/a-0.png"], "sha256": [digest], "prompt": "p",
+              "metadata": None}  # fmt: skip
     with pytest.raises(KeyboardInterrupt), ShardWriter(tmp_path, 10) as writer:
         writer.start()
         writer.add(record)
@@ -266,3 +269,53 @@ def test_an_abort_writes_no_last_shard_and_keeps_its_images_loose(tmp_path: Path
         writer.add(record)
     assert [p.name for p in (tmp_path / "shards").iterdir()] == ["shard-000000.tar"]
     assert not (images / "a-0.png").exists()
+
+
+def newest_sample(out: Path, key: str) -> dict[str, bytes]:
+    """The sample for `key` in the newest shard that holds it (each shard holds it once)."""
+    found: dict[str, bytes] = {}
+    for path in sorted((out / "shards").glob("shard-*.tar")):
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+            assert len(names) == len(set(names))  # never a key twice in one shard
+            for name in names:
+                if name.split(".", 1)[0] == key:
+                    member = tar.extractfile(name)
+                    assert member is not None
+                    found[name.split(".", 1)[1]] = member.read()
+    return found
+
+
+def test_an_item_done_again_gets_its_new_image_packed_not_deleted(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    # ok, then the line breaks (an error record: no longer done), then it is fixed and re-run.
+    out = tmp_path / "out"
+    for line in ({"id": "x", "prompt": "first"}, {"id": "x", "prompt": "first", "bogus": 1},
+                 {"id": "x", "prompt": "second"}):  # fmt: skip
+        batchimg.run(write_manifest([line]), out, mock=True, layout="webdataset", shard_size=1)
+    last_ok = ledger_ok(out)["x"]
+    sample = newest_sample(out, "x-0")
+    assert orjson.loads(sample["json"])["prompt"] == last_ok["prompt"] == "second"
+    assert hashlib.sha256(sample["png"]).hexdigest() == last_ok["sha256"][0]
+    assert list((out / "images").glob("*.png")) == []
+
+
+def test_a_loose_image_newer_than_its_packed_sample_is_packed_not_deleted(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    out = tmp_path / "out"
+    manifest = write_manifest([{"id": "x", "prompt": "a heron"}])
+    batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=5)
+    # A crash left a re-done item's newer image loose, its ok line written, its shard not.
+    newer = io.BytesIO()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(newer, "PNG")
+    (out / "images" / "x-0.png").write_bytes(newer.getvalue())
+    record = {**ledger_ok(out)["x"], "sha256": [hashlib.sha256(newer.getvalue()).hexdigest()]}
+    with open(out / "ledger.jsonl", "ab") as fh:
+        fh.write(orjson.dumps(record) + b"\n")
+
+    summary = batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=5)
+    assert (summary.ok, summary.skipped) == (0, 1)
+    assert newest_sample(out, "x-0")["png"] == newer.getvalue()
+    assert list((out / "images").glob("*.png")) == []
