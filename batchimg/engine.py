@@ -327,7 +327,7 @@ class Engine:
 
     def _sync_now(self) -> None:
         """Make every ledger line written so far durable (called from the shard thread)."""
-        self._ledger.sync()
+        self._ledger.sync(force=True)
 
     # -- the background watchers --
 

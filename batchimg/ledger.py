@@ -129,9 +129,10 @@ class LedgerWriter:
         with contextlib.suppress(OSError):
             os.ftruncate(self._fd, self._size)
 
-    def sync(self) -> None:
-        """fsync what was appended since the last sync (the engine calls this every second)."""
-        if self._dirty:
+    def sync(self, force: bool = False) -> None:
+        """fsync what was appended since the last sync (the engine calls this every second);
+        `force` even when another thread's sync may still be in progress."""
+        if self._dirty or force:
             self._dirty = False
             with contextlib.suppress(OSError):
                 os.fsync(self._fd)
