@@ -213,7 +213,7 @@ class Engine:
         self.client = client
         self.progress = progress
         self.sleep = sleep
-        self.store = store or ImageStore(config.out_dir)
+        self.store = store or ImageStore(config.out_dir, clean=False)  # cleaned once locked
         self.prices = config.prices or PriceTable.default()
         self.budget = Budget(config.max_cost_usd)
         self.limiter = limiter or Limiter(
@@ -262,6 +262,7 @@ class Engine:
 
     async def _run_locked(self, handle_signals: bool) -> Summary:
         started = time.monotonic()
+        self.store.remove_stale_temps()  # another run's would not be stale: hence the lock
         state = self._open_output()
         self._done = state.done
         self.budget.spent_usd = state.spent_usd  # earlier runs' spend counts against the cap

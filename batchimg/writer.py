@@ -80,17 +80,22 @@ class ImageStore:
     them into place. `save` does both for one item, plus the directory fsync.
     """
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, *, clean: bool = True) -> None:
         self.out_dir = out_dir
         self.images_dir = out_dir / IMAGES_DIR
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.images_dir.glob(f".*{TEMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
+        if clean:
+            self.remove_stale_temps()
         self._dir = str(self.images_dir)
         # Temp names: unique per store (a random tag) and per file (a counter).
         self._temp_tag = uuid.uuid4().hex[:8]
         self._temp_count = itertools.count()
         self._renaming = threading.Lock()  # writer threads may publish the same name at once
+
+    def remove_stale_temps(self) -> None:
+        """Delete temp files an interrupted run left (call only while no run writes here)."""
+        for stale in self.images_dir.glob(f".*{TEMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
 
     def file_name(self, stem: str, index: int, fmt: str) -> str:
         return f"{stem}-{index}.{specs.FILE_EXTENSION[fmt]}"

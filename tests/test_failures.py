@@ -442,7 +442,9 @@ def test_a_second_run_on_the_same_directory_is_refused(
     import fcntl
 
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "images").mkdir(parents=True)
+    in_progress = out / "images" / ".x-0.png.1a2b3c4d0.part"  # the running one's temp file
+    in_progress.write_bytes(b"half an image")
     with open(out / ".batchimg.lock", "w") as held:  # as a run in progress holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         result = subprocess.run(
@@ -452,5 +454,6 @@ def test_a_second_run_on_the_same_directory_is_refused(
     assert result.returncode == 2
     assert "another batchimg run is using" in result.stderr
     assert not (out / "ledger.jsonl").exists()
+    assert in_progress.exists()  # not taken for a stale leftover
     summary = batchimg.run(write_manifest(items(2)), out, mock=True)  # released: runs
     assert summary.ok == 2
