@@ -13,7 +13,6 @@ ok, so rows are never duplicated.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import orjson
 
 from .ledger import LedgerWriter
+from .writer import atomic_file
 
 METADATA_NAME = "metadata.jsonl"
 _PARAMS = ("model", "size", "quality", "output_format", "n", "endpoint")
@@ -39,18 +39,13 @@ def metadata_rows(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
 @contextlib.contextmanager
 def rebuild_metadata(out_dir: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
     """Write metadata.jsonl afresh (atomically) from the ok records given to the yielded adder."""
-    target = out_dir / METADATA_NAME
-    temp = out_dir / f".{METADATA_NAME}.part"
-    with open(temp, "wb") as fh:
+    with atomic_file(out_dir / METADATA_NAME) as fh:
 
         def add(record: dict[str, Any]) -> None:
             for row in metadata_rows(record):
                 fh.write(orjson.dumps(row) + b"\n")
 
         yield add
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(temp, target)
 
 
 class MetadataWriter:

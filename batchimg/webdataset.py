@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import io
 import itertools
-import os
 import queue
 import tarfile
 import threading
@@ -35,12 +34,11 @@ import orjson
 
 from .dataset import metadata_rows
 from .errors import StorageError, UsageError
-from .writer import IMAGES_DIR, fsync_path
+from .writer import IMAGES_DIR, TEMP_SUFFIX, atomic_file
 
 SHARDS_DIR = "shards"
 SHARD_PREFIX = "shard-"
 DEFAULT_SHARD_SIZE = 1000
-_TEMP_SUFFIX = ".part"
 
 
 def sample_key(file_name: str) -> str:
@@ -77,7 +75,7 @@ class ShardWriter:
         self.shard_size = shard_size
         self._sync_ledger = sync_ledger
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(f".*{_TEMP_SUFFIX}"):
+        for stale in self.dir.glob(f".*{TEMP_SUFFIX}"):
             stale.unlink(missing_ok=True)
         shards = sorted(self.dir.glob(f"{SHARD_PREFIX}*.tar"))
         self._next_index = 0
@@ -194,19 +192,11 @@ class ShardWriter:
     def _write_shard(self, batch: list[_Sample]) -> None:
         name = f"{SHARD_PREFIX}{self._next_index:06d}.tar"
         self._next_index += 1
-        final = self.dir / name
-        temp = self.dir / f".{name}{_TEMP_SUFFIX}"
-        try:
-            with open(temp, "wb") as fh:
-                with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                    packed = [sample for sample in batch if _add_sample(tar, sample)]
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(temp, final)
-            fsync_path(str(self.dir), os.O_RDONLY | os.O_DIRECTORY)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        with (
+            atomic_file(self.dir / name) as fh,
+            tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            packed = [sample for sample in batch if _add_sample(tar, sample)]
         for sample in packed:  # durable in the shard: the loose copies can go
             with contextlib.suppress(OSError):
                 sample.image.unlink()

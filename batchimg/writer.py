@@ -15,10 +15,10 @@ import os
 import queue
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 import anyio.from_thread
@@ -192,6 +192,23 @@ class Staged:
     temp: str
     nbytes: int
     sha256: str
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[BinaryIO]:
+    """Write `final` whole or not at all: into a dot-named temp beside it, fsynced, renamed, the
+    directory fsynced; the temp is removed if the block raises."""
+    temp = final.with_name(f".{final.name}{TEMP_SUFFIX}")
+    try:
+        with open(temp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, final)
+        fsync_path(str(final.parent), os.O_RDONLY | os.O_DIRECTORY)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
