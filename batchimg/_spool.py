@@ -26,6 +26,7 @@ _KEY = re.compile(rb'"b64_json"\s*:\s*"')
 _KEY_MAX = 64  # longest stretch a split key may hide in (key, blanks, colon, quote)
 _ESCAPES = {b"\\/": b"/", b"\\n": b"", b"\\r": b""}
 SPILL_BYTES = 256 * 1024  # decoded images larger than this stream to a temp file
+HEAD_BYTES = 64  # kept in memory for the format check (an SVG may start with a BOM and blanks)
 
 
 class SpoolError(ValueError):
@@ -96,7 +97,7 @@ class _Target:
             return
         self.buffer += decoded
         if len(self.buffer) > SPILL_BYTES:  # big: stream the rest to disk, hold nothing
-            self.head = bytes(self.buffer[:16])
+            self.head = bytes(self.buffer[:HEAD_BYTES])
             self.path = self.directory / f".spool-{uuid.uuid4().hex}.part"
             self.file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/abort
             self.file.write(self.buffer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import secrets
 from collections.abc import Awaitable, Callable
@@ -10,11 +11,12 @@ from typing import Any
 
 import anyio
 
-from . import specs
+from . import lifecycle, specs
+from .catalog import Catalog, load_catalog, today_utc
 from .client import ImagesClient
 from .config import PROVIDERS, ClientConfig, Layout, RunConfig, Secret
 from .engine import Engine, ProgressCallback, Summary
-from .errors import UsageError
+from .errors import RequestError, UsageError
 from .manifest import Defaults
 from .pricing import PriceTable
 from .retry import RetryPolicy
@@ -53,6 +55,8 @@ async def arun(
     adaptive_rate: bool = True,
     max_cost_usd: float | None = None,
     prices: str | Path | PriceTable | None = None,
+    catalog: str | Path | Catalog | None = None,
+    check_models: bool = False,
     stall_timeout_s: float = 900.0,
     grace_period_s: float = 30.0,
     layout: Layout = "imagefolder",
@@ -66,18 +70,25 @@ async def arun(
 ) -> Summary:
     """Generate every image a manifest asks for into `out`; re-running resumes.
 
-    Raises UsageError (before sending anything) for a bad option, a missing key or an
-    unreadable manifest. `api_key` wins over the environment; `mock=True` runs against an
-    embedded mock server and needs no key.
+    Raises UsageError (before sending anything) for a bad option, a missing key, an
+    unreadable manifest, or (against OpenAI itself) a model past its shutdown date.
+    `api_key` wins over the environment; `mock=True` runs against an embedded mock server
+    and needs no key. `catalog` overlays the built-in catalog and `prices` its prices (files,
+    or objects); `check_models` asks the server's `GET /models` first.
     """
     manifest, out = Path(manifest), Path(out)
     check_manifest(manifest)
-    defaults = defaults or Defaults()
-    check_defaults(defaults)
     if max_cost_usd is not None and max_cost_usd <= 0:
         raise UsageError(f"--max-cost must be a positive amount in USD, got {max_cost_usd}")
     if provider not in PROVIDERS:
         raise UsageError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
+    preset = PROVIDERS[provider]
+    the_catalog = load_run_catalog(catalog, prices)
+    defaults = defaults or Defaults()
+    if defaults.model is None:
+        default_model = (None if mock else preset.default_model) or the_catalog.default_model
+        defaults = dataclasses.replace(defaults, model=default_model)
+    check_defaults(defaults, the_catalog)
     run_config = RunConfig(
         manifest=manifest,
         out_dir=out,
@@ -98,7 +109,7 @@ async def arun(
         tpm=tpm,
         adaptive_rate=adaptive_rate,
         max_cost_usd=max_cost_usd,
-        prices=load_prices(prices),
+        catalog=the_catalog,
     )
     client_options: dict[str, Any] = {
         "connect_timeout_s": connect_timeout_s,
@@ -108,13 +119,22 @@ async def arun(
     if azure_api_version:
         client_options["azure_api_version"] = azure_api_version
 
+    default_model = defaults.model_for(the_catalog)
+
     async def go(client_config: ClientConfig) -> Summary:
         spool_dir = out / IMAGES_DIR  # answers stream into temp files beside their final names
-        spool_dir.mkdir(parents=True, exist_ok=True)
         async with ImagesClient(
             client_config, pool_size=concurrency, spool_dir=spool_dir
         ) as client:
+            checked = (
+                await _check_models(client, client_config, manifest, default_model)
+                if check_models
+                else []
+            )
+            spool_dir.mkdir(parents=True, exist_ok=True)
             engine = Engine(run_config, client, progress=progress, sleep=sleep)
+            for line in checked:
+                engine.warn(line)
             return await engine.run(handle_signals=handle_signals)
 
     if mock:
@@ -125,10 +145,11 @@ async def arun(
             return await go(
                 ClientConfig(base_url=server.base_url, api_key=Secret(key), **client_options)
             )
-    preset = PROVIDERS[provider]
     url = base_url or preset.default_base_url
     if not url:
         raise UsageError(f"--base-url is required for provider {provider} (your resource URL)")
+    if lifecycle.is_openai(provider, url):
+        lifecycle.refuse_retired(manifest, the_catalog, default_model, today_utc(), "OpenAI")
     secret = Secret(api_key) if api_key else preset.api_key_from_env(key_env=api_key_env)
     return await go(
         ClientConfig(
@@ -140,21 +161,46 @@ async def arun(
     )
 
 
-def check_defaults(defaults: Defaults) -> None:
+async def _check_models(
+    client: ImagesClient, config: ClientConfig, manifest: Path, default_model: str
+) -> list[str]:
+    """`--check-models`: the manifest's models against the server's `GET /models`."""
+    where = f"GET {config.models_url()}"
+    if config.models_url() is None:
+        raise UsageError("--check-models needs a server with a model list (not azure)")
+    try:
+        listed = await client.list_models()
+    except RequestError as exc:
+        raise UsageError(f"--check-models: {where} failed: {exc} (nothing was sent)") from None
+    return lifecycle.check_served(manifest, default_model, listed, today_utc(), where)
+
+
+def check_defaults(defaults: Defaults, catalog: Catalog | None = None) -> None:
     """UsageError naming the flag if a manifest default is illegal for the default model."""
     try:
-        defaults.check()
+        defaults.check(catalog)
     except specs.ParamError as exc:
-        raise UsageError(f"bad default --{exc.param.replace('_', '-')}: {exc}") from None
+        hint = "" if defaults.model else " (or name a model that takes it with --model)"
+        raise UsageError(f"bad default --{exc.param.replace('_', '-')}: {exc}{hint}") from None
 
 
-def load_prices(prices: str | Path | PriceTable | None) -> PriceTable:
-    """The built-in table, extended (or overridden per model) by a price file if given."""
-    if prices is None:
-        return PriceTable.default()
+def load_run_catalog(
+    catalog: str | Path | Catalog | None = None,
+    prices: str | Path | PriceTable | None = None,
+) -> Catalog:
+    """The built-in catalog, overlaid by a `--catalog` file and then by a `--prices` file."""
     if isinstance(prices, PriceTable):
-        return prices
-    return PriceTable.default().extended(PriceTable.load(prices))
+        if catalog is not None:
+            raise UsageError("give either a PriceTable or a catalog, not both")
+        return prices.catalog
+    return load_catalog(catalog, prices)
+
+
+def load_prices(
+    prices: str | Path | PriceTable | None, catalog: str | Path | Catalog | None = None
+) -> PriceTable:
+    """The prices of the built-in catalog, overlaid by a catalog and a price file if given."""
+    return PriceTable(load_run_catalog(catalog, prices))
 
 
 def run(manifest: str | Path, out: str | Path, **options: Any) -> Summary:

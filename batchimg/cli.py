@@ -15,7 +15,8 @@ import click
 import orjson
 
 from . import specs
-from .api import arun, check_defaults, check_manifest, load_prices
+from .api import arun, check_defaults, check_manifest, load_run_catalog
+from .catalog import Catalog, today_utc
 from .config import DEFAULT_AZURE_API_VERSION, LAYOUTS, PROVIDERS
 from .engine import Summary
 from .errors import UsageError
@@ -24,66 +25,79 @@ from .view import Mode, ProgressView, count_items
 from .webdataset import DEFAULT_SHARD_SIZE
 
 FC = TypeVar("FC", bound=Callable[..., Any])
-ALL_SIZES = sorted(set(specs.GPT_SIZES + specs.DALLE2_SIZES + specs.DALLE3_SIZES))
-ALL_QUALITIES = list(specs.GPT_QUALITIES + specs.DALLE3_QUALITIES)
 
 
 #: The flags that fill what manifest lines leave out (`Defaults`), shared by every command that
-#: reads a manifest.
+#: reads a manifest. Values are checked against the catalog (with any --catalog overlay), so a
+#: model the next catalog adds takes its new values without a new batchimg.
 _DEFAULT_OPTIONS: list[Callable[[Any], Any]] = [
     click.option(
-        "--model", default="gpt-image-1", show_default=True, help="Model for lines that name none."
+        "--model",
+        help="Model for lines that name none. [default: the catalog's default model, "
+        "gpt-image-2.6-sunburst; gpt-image-1 with --provider modelverse]",
     ),
     click.option(
-        "--n",
-        "n",
-        type=click.IntRange(1, specs.MAX_N),
-        help="Images per prompt for lines that set none (dall-e-3 lines keep 1).",
+        "--n", "n", type=click.IntRange(1, 10), help="Images per prompt for lines that set none."
     ),
     click.option(
         "--size",
-        type=click.Choice(ALL_SIZES),
-        help="Size for lines that set none and whose model takes it (others keep the API's).",
+        metavar="WxH|auto",
+        help="Size for lines that set none and whose model takes it (others keep the API's); "
+        "gpt-image-2 and later take custom sizes such as 1536x864.",
     ),
     click.option(
         "--quality",
-        type=click.Choice(ALL_QUALITIES),
-        help="Quality for lines that set none and whose model takes it (others keep the API's).",
+        metavar="Q",
+        help="Quality for lines that set none and whose model takes it: low, medium, high, "
+        "auto; xhigh and max on gpt-image-2.5 and later (`batchimg models` lists them).",
     ),
     click.option(
         "--output-format",
-        type=click.Choice(specs.OUTPUT_FORMATS),
-        help="Image format for lines that set none (GPT image models).",
+        type=click.Choice(list(specs.IMAGE_MIME)),
+        help="Image format for lines that set none and whose model takes it (gif and svg: "
+        "gpt-image-2.6).",
     ),
     click.option(
         "--output-compression",
         type=click.IntRange(0, 100),
-        help="0-100, for jpeg/webp output (GPT image models).",
+        help="0-100, for jpeg/webp lines (sent with no other format).",
     ),
     click.option(
         "--background",
-        type=click.Choice(specs.BACKGROUNDS),
-        help="transparent needs png or webp output (GPT image models).",
+        type=click.Choice(["transparent", "opaque", "auto"]),
+        help="transparent needs png or webp output.",
     ),
     click.option(
         "--moderation",
-        type=click.Choice(specs.MODERATIONS),
-        help="Moderation level for lines that set none (GPT image models).",
+        type=click.Choice(["low", "auto"]),
+        help="Moderation level for generation lines that set none.",
+    ),
+    click.option(
+        "--complexity",
+        type=click.Choice(["low", "medium", "high"]),
+        help="Planning effort for lines whose model takes it (gpt-image-2.6).",
+    ),
+    click.option(
+        "--frame-count",
+        type=click.IntRange(2, 16),
+        help="Frames for gif lines that set none (default 9).",
+    ),
+    click.option(
+        "--safety-identifier",
+        metavar="ID",
+        help="A hashed id of your end user, sent with every line that sets none.",
     ),
 ]
 
 
 def default_options(command: FC) -> FC:
-    """Add the manifest-default flags; the command receives them as `defaults: Defaults`."""
+    """Add the manifest-default flags; the command receives them as `defaults: Defaults`
+    (checked against the catalog by the command, once it knows the catalog)."""
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> Any:
         fields = dataclasses.fields(Defaults)
         defaults = Defaults(**{f.name: kwargs.pop(f.name) for f in fields})
-        try:
-            check_defaults(defaults)
-        except UsageError as exc:
-            raise click.UsageError(str(exc)) from None
         return command(defaults=defaults, **kwargs)
 
     for option in reversed(_DEFAULT_OPTIONS):
@@ -94,6 +108,29 @@ def default_options(command: FC) -> FC:
 def _prices_option(help_text: str) -> Callable[[FC], FC]:
     """`--prices FILE`, as run, estimate and report take it."""
     return click.option("--prices", type=click.Path(dir_okay=False, path_type=Path), help=help_text)
+
+
+def _catalog_option(command: FC) -> FC:
+    """`--catalog FILE`: overlay or extend the built-in catalog, per model."""
+    return click.option(
+        "--catalog",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="JSON catalog file that overlays or extends the built-in one per model (rules, "
+        "token accounting, prices, lifecycle): same shape as batchimg/catalog.json.",
+    )(command)
+
+
+def _usage_error(exc: UsageError) -> click.UsageError:
+    return click.UsageError(str(exc))
+
+
+def _checked(defaults: Defaults, catalog: Catalog) -> Defaults:
+    """The defaults, checked against the catalog (click.UsageError, exit 2, if one is bad)."""
+    try:
+        check_defaults(defaults, catalog)
+    except UsageError as exc:
+        raise _usage_error(exc) from None
+    return defaults
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -157,7 +194,14 @@ def cli() -> None:
     "sent. Spend already in this --out ledger counts against it, so raising the cap and "
     "re-running continues where the money ran out.",
 )
-@_prices_option("JSON price file that overrides or extends the built-in table, per model.")
+@_prices_option("JSON price file that overrides or extends the built-in prices, per model.")
+@_catalog_option
+@click.option(
+    "--check-models",
+    is_flag=True,
+    help="Before sending, ask the server's GET /models whether it still serves the manifest's "
+    "models; exit 2 if one is missing or past its shutdown date.",
+)
 @click.option(
     "--rpm",
     type=click.FloatRange(min=0.01),
@@ -273,8 +317,8 @@ def run(
 ) -> None:
     """Generate every image in MANIFEST into --out; re-running the same command resumes.
 
-    Exit status: 0 all ok, 1 some items failed, 2 bad invocation, 3 stopped early
-    (bad key, quota), 130 interrupted.
+    Exit status: 0 all ok, 1 some items failed, 2 bad invocation (or, against OpenAI, a
+    model past its shutdown date), 3 stopped early (bad key, quota, budget), 130 interrupted.
     """
     if options["shard_size"] is None:
         options["shard_size"] = DEFAULT_SHARD_SIZE
@@ -305,7 +349,7 @@ def run(
     if log_format == "json":
         click.echo(orjson.dumps({"event": "summary", **summary_json(summary)}).decode(), err=True)
     else:
-        click.echo(format_summary(summary), err=True)
+        click.echo(format_summary(summary, warnings_shown=not quiet), err=True)
     sys.exit(summary.exit_code)
 
 
@@ -319,13 +363,15 @@ def summary_json(summary: Summary) -> dict[str, Any]:
         "spent_total_usd": round(s.spent_total_usd, 6), "wall_s": round(s.wall_s, 3),
         "failures": s.failures, "stop_reason": s.stop_reason, "interrupted": s.interrupted,
         "rate_limited": s.limiter.rate_limited if s.limiter else 0,
+        "held_back_usd": None if s.held_back_usd is None else round(s.held_back_usd, 6),
+        "unpriced_extra_usage": s.unpriced_extra, "warnings": s.warnings,
         "ledger": str(s.ledger_path), "images_at": str(s.images_at or s.out_dir / "images"),
         "exit_code": s.exit_code,
     }  # fmt: skip
 
 
-def format_summary(summary: Summary) -> str:
-    """The end-of-run summary a person reads."""
+def format_summary(summary: Summary, *, warnings_shown: bool = True) -> str:
+    """The end-of-run summary a person reads (`warnings_shown`: the log already has them)."""
     s = summary
     lines = [
         f"batchimg: {s.ok} ok, {s.failed} failed, {s.skipped} already done"
@@ -353,8 +399,20 @@ def format_summary(summary: Summary) -> str:
     if s.failures:
         counts = ", ".join(f"{code} x{count}" for code, count in sorted(s.failures.items()))
         lines.append(f"  failures: {counts} (details in the ledger)")
+    if s.unpriced_extra:
+        lines.append(
+            f"  {s.unpriced_extra} answers carry extra usage no price covers (svg_usage: the SVG "
+            "author's tokens), not in the cost; see extra_usage in the ledger"
+        )
     if s.spent_total_usd > s.cost_usd + 1e-9 and not (s.stop_reason or "").startswith("budget"):
         lines.append(f"  spent in this ledger over all runs: ${s.spent_total_usd:.4f}")
+    if s.held_back_usd is not None:
+        lines.append(f"  held back under the cap: ${s.held_back_usd:.4f}")
+    if s.warnings:
+        if warnings_shown:
+            lines.append(f"  {len(s.warnings)} warning(s), printed above")
+        else:
+            lines.extend(f"  warning: {w}" for w in s.warnings)
     if s.interrupted:
         lines.append("  interrupted: re-run the same command to resume")
     elif s.stop_reason:
@@ -365,19 +423,27 @@ def format_summary(summary: Summary) -> str:
 @cli.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
 @default_options
-def validate(manifest: Path, defaults: Defaults) -> None:
+@_catalog_option
+def validate(manifest: Path, defaults: Defaults, catalog: Path | None) -> None:
     """Check every line of MANIFEST (edit inputs included) without sending anything.
 
-    Prints each problem as MANIFEST:LINE: reason, then a summary; exit 1 if any line is bad.
+    Prints each problem as MANIFEST:LINE: reason and each warning (a model the catalog does not
+    know, a retired one) once, then a summary; exit 1 if any line is bad.
     """
     from .manifest import BadLine, read_manifest
 
     try:
         check_manifest(manifest)
+        the_catalog = load_run_catalog(catalog)
     except UsageError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise _usage_error(exc) from None
+    defaults = _checked(defaults, the_catalog)
     good = bad = 0
-    for entry in read_manifest(manifest, defaults):
+
+    def warn(message: str) -> None:
+        click.echo(f"{manifest}: warning: {message}")
+
+    for entry in read_manifest(manifest, defaults, catalog=the_catalog, warn=warn):
         if isinstance(entry, BadLine):
             bad += 1
             reason = entry.reason.removeprefix(f"line {entry.line}: ")
@@ -399,25 +465,74 @@ def validate(manifest: Path, defaults: Defaults) -> None:
     show_default=True,
     help="table for people, json for scripts.",
 )
-@_prices_option("JSON price file that overrides or extends the built-in table, per model.")
+@click.option(
+    "--from-ledger",
+    "from_ledger",
+    multiple=True,
+    metavar="DIR_OR_LEDGER",
+    help="Learn output tokens from earlier runs' ledgers (repeat for several), for models "
+    "whose counts nobody publishes (gpt-image-2 and later).",
+)
+@_prices_option("JSON price file that overrides or extends the built-in prices, per model.")
+@_catalog_option
 @default_options
-def estimate(manifest: Path, fmt: str, prices: Path | None, defaults: Defaults) -> None:
+def estimate(
+    manifest: Path,
+    fmt: str,
+    from_ledger: tuple[str, ...],
+    prices: Path | None,
+    catalog: Path | None,
+    defaults: Defaults,
+) -> None:
     """Price MANIFEST before running it: items, images, tokens and cost, nothing sent.
 
-    Takes the same default flags as `run`, so it prices exactly what `run` would send.
+    Takes the same default flags as `run`, so it prices exactly what `run` would send. Each
+    group says where its output tokens come from: published (a table or per-image prices),
+    learned (--from-ledger: the mean, with the least and most seen) or unknown.
     """
     from .estimate import estimate_manifest
     from .estimate import format_table as estimate_table
 
     try:
         check_manifest(manifest)
-        result = estimate_manifest(manifest, defaults, load_prices(prices))
+        the_catalog = load_run_catalog(catalog, prices)
+        defaults = _checked(defaults, the_catalog)
+        result = estimate_manifest(
+            manifest, defaults, catalog=the_catalog, ledgers=list(from_ledger)
+        )
     except UsageError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise _usage_error(exc) from None
     if fmt == "json":
         click.echo(orjson.dumps(result.as_json(), option=orjson.OPT_INDENT_2).decode())
     else:
         click.echo(estimate_table(result))
+
+
+@cli.command()
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="table for people, json for scripts.",
+)
+@_catalog_option
+def models(fmt: str, catalog: Path | None) -> None:
+    """List the catalog's models: status and shutdown date, replacement, sizes, qualities,
+    formats, how their tokens are known, prices."""
+    from .lifecycle import models_json, models_table
+
+    try:
+        the_catalog = load_run_catalog(catalog)
+    except UsageError as exc:
+        raise _usage_error(exc) from None
+    today = today_utc()
+    if fmt == "json":
+        data = models_json(the_catalog, today)
+        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(models_table(the_catalog, today))
 
 
 @cli.command()
@@ -426,7 +541,8 @@ def estimate(manifest: Path, fmt: str, prices: Path | None, defaults: Defaults) 
     "--by",
     default="",
     metavar="FIELD,...",
-    help="Group by any of: model, size, quality, status, endpoint, day, metadata.KEY.",
+    help="Group by any of: model, size, quality, output_format, complexity, frame_count, "
+    "status, endpoint, day, metadata.KEY.",
 )
 @click.option(
     "--format",
@@ -437,18 +553,23 @@ def estimate(manifest: Path, fmt: str, prices: Path | None, defaults: Defaults) 
     help="table for people; json or csv for scripts and sheets.",
 )
 @_prices_option("Reprice every record from its usage with this price file (plus built-ins).")
-def report(targets: tuple[str, ...], by: str, fmt: str, prices: Path | None) -> None:
+@_catalog_option
+def report(
+    targets: tuple[str, ...], by: str, fmt: str, prices: Path | None, catalog: Path | None
+) -> None:
     """Totals and groups from one or many ledgers: items, failures, images, tokens, cost.
 
     Give output directories or ledger files; shards of several runs merge (a later one wins
     for the same item, and each billed answer counts once).
     """
+    from .pricing import PriceTable
     from .report import build_report, format_csv
     from .report import format_table as report_table
 
     fields = [name.strip() for name in by.split(",") if name.strip()]
     try:
-        result = build_report(targets, fields, load_prices(prices) if prices else None)
+        repriced = PriceTable(load_run_catalog(catalog, prices)) if prices or catalog else None
+        result = build_report(targets, fields, repriced)
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
     if fmt == "json":

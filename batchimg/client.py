@@ -48,6 +48,8 @@ class ImagesResult:
     latency_s: float
     echo: dict[str, Any]  # size / quality / output_format / background, where the API said
     ratelimit: RateLimitHeaders | None = None
+    #: Usage billed apart from `usage` (e.g. `svg_usage`, the SVG author's tokens), verbatim.
+    extra_usage: dict[str, Any] | None = None
 
 
 def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
@@ -195,7 +197,12 @@ class ImagesClient:
         assert isinstance(parsed, dict)
         usage = parsed.get("usage")
         echo = {
-            k: parsed[k] for k in ("size", "quality", "output_format", "background") if k in parsed
+            k: parsed[k]
+            for k in ("size", "quality", "output_format", "background")
+            if isinstance(parsed.get(k), str)
+        }
+        extra = {
+            k: v for k, v in parsed.items() if k.endswith("_usage") and isinstance(v, dict) and v
         }
         return ImagesResult(
             data=data,
@@ -204,6 +211,7 @@ class ImagesClient:
             latency_s=latency_s,
             echo=echo,
             ratelimit=ratelimit,
+            extra_usage=extra or None,
         )
 
     async def _spool(
@@ -233,6 +241,35 @@ class ImagesClient:
             spool.abort()
             raise
         return parsed, spooled, size
+
+    async def list_models(self) -> dict[str, str | None]:
+        """`GET /models`: every model id the server lists, with its `shutdown_date` (or None).
+
+        Raises RequestError (an error answer, or one that is not a model list)."""
+        url = self._config.models_url()
+        if url is None:
+            raise ItemFailed(ErrorInfo(message="this provider has no model list", code="no_list"))
+        try:
+            async with self.session.get(url, headers=self._config.auth_headers()) as resp:
+                body, status = await resp.read(), resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _transport_error(exc) from None
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        if status >= 400:
+            raise classify(status, parsed)
+        data = parsed.get("data") if isinstance(parsed, dict) else None
+        if not isinstance(data, list):
+            info = ErrorInfo(message=f"GET {url} did not answer a model list", code="bad_response")
+            raise TransportError(info)
+        listed: dict[str, str | None] = {}
+        for entry in data:
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                date = entry.get("shutdown_date")
+                listed[entry["id"]] = date if isinstance(date, str) else None
+        return listed
 
     async def download(self, url: str) -> bytes:
         """Fetch an image `url` answer (they expire, so at once); no API key is sent with it."""

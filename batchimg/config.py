@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .catalog import Catalog
 from .errors import UsageError
 from .manifest import Defaults
-from .pricing import PriceTable
 from .retry import RetryPolicy
 
 ProviderName = Literal["openai", "azure", "modelverse"]
@@ -47,6 +47,7 @@ class Provider:
     name: ProviderName
     default_base_url: str | None
     key_env: str
+    default_model: str | None = None  # None: the catalog's default model
 
     def api_key_from_env(
         self, environ: Mapping[str, str] | None = None, key_env: str | None = None
@@ -68,10 +69,12 @@ PROVIDERS: dict[str, Provider] = {
     "openai": Provider(
         name="openai", default_base_url="https://api.openai.com/v1", key_env="OPENAI_API_KEY"
     ),
+    # The seed's gateway, which still serves gpt-image-1 (OpenAI shut it down on 2026-10-23).
     "modelverse": Provider(
         name="modelverse",
         default_base_url="https://api.modelverse.cn/v1",
         key_env="MODELVERSE_API_KEY",
+        default_model="gpt-image-1",
     ),
     # Azure has no shared endpoint: the resource URL is the user's own.
     "azure": Provider(name="azure", default_base_url=None, key_env="AZURE_OPENAI_API_KEY"),
@@ -100,6 +103,10 @@ class ClientConfig:
             )
         return f"{base}/images/{endpoint}"
 
+    def models_url(self) -> str | None:
+        """Where `GET /models` lists what the server serves (None: Azure has no such list)."""
+        return None if self.provider == "azure" else f"{self.base_url.rstrip('/')}/models"
+
     def auth_headers(self) -> dict[str, str]:
         if self.provider == "azure":
             return {"api-key": self.api_key.reveal()}
@@ -120,7 +127,7 @@ class RunConfig:
     tpm: float | None = None  # tokens per minute (estimated, corrected by actual usage)
     adaptive_rate: bool = True  # learn limits from x-ratelimit-* headers and 429s
     max_cost_usd: float | None = None  # budget cap, earlier runs' spend in the ledger included
-    prices: PriceTable | None = None  # None: the built-in table
+    catalog: Catalog | None = None  # models, rules and prices; None: the built-in catalog
     stall_timeout_s: float = 900.0  # stop if nothing finishes this long while requests are out
     grace_period_s: float = 30.0  # after the first Ctrl-C, how long in-flight requests may take
     layout: Layout = "imagefolder"  # or "webdataset": tar shards of shard_size images

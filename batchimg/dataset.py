@@ -4,6 +4,11 @@ With it, `datasets.load_dataset("imagefolder", data_dir=DIR)` loads the output d
 is: `file_name` (relative to DIR) plus the prompt, the request parameters, the item id, the image
 index and the line's `metadata`. Rows exist only for images of `ok` items.
 
+SVG files are vector text that image loaders (Pillow, and so `imagefolder`) cannot decode: a row
+for one in `metadata.jsonl` would break iterating the dataset. Their rows, of the same shape, go
+to `DIR/metadata-svg.jsonl` instead (load it with the `json` builder), which exists only when a
+run made SVGs.
+
 The ledger is the source of truth: at the start of every run the file is rebuilt from it, in the
 same pass that reads the ledger for resuming (so a crash between a ledger line and its rows, or a
 torn row, is repaired), then rows are appended as items finish. Items are never re-run once
@@ -15,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -23,7 +28,17 @@ from .ledger import LedgerWriter
 from .writer import atomic_file
 
 METADATA_NAME = "metadata.jsonl"
-_PARAMS = ("model", "size", "quality", "output_format", "n", "endpoint")
+SVG_METADATA_NAME = "metadata-svg.jsonl"
+_PARAMS = (
+    "model",
+    "size",
+    "quality",
+    "output_format",
+    "complexity",
+    "frame_count",
+    "n",
+    "endpoint",
+)
 
 
 def metadata_rows(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -36,33 +51,59 @@ def metadata_rows(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield row
 
 
+def _is_svg(row: dict[str, Any]) -> bool:
+    return str(row["file_name"]).endswith(".svg")
+
+
 @contextlib.contextmanager
 def rebuild_metadata(out_dir: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """Write metadata.jsonl afresh (atomically) from the ok records given to the yielded adder."""
-    with atomic_file(out_dir / METADATA_NAME) as fh:
+    """Write metadata.jsonl (and metadata-svg.jsonl, if any SVG is ok) afresh, atomically,
+    from the ok records given to the yielded adder."""
+    with contextlib.ExitStack() as stack:
+        raster = stack.enter_context(atomic_file(out_dir / METADATA_NAME))
+        vector: list[BinaryIO] = []
 
         def add(record: dict[str, Any]) -> None:
             for row in metadata_rows(record):
-                fh.write(orjson.dumps(row) + b"\n")
+                if _is_svg(row):
+                    if not vector:
+                        vector.append(stack.enter_context(atomic_file(out_dir / SVG_METADATA_NAME)))
+                    vector[0].write(orjson.dumps(row) + b"\n")
+                else:
+                    raster.write(orjson.dumps(row) + b"\n")
 
         yield add
+        if not vector:
+            (out_dir / SVG_METADATA_NAME).unlink(missing_ok=True)
 
 
 class MetadataWriter:
-    """Keeps metadata.jsonl in step with the ledger during a run (after `rebuild_metadata`)."""
+    """Keeps metadata.jsonl (and metadata-svg.jsonl) in step with the ledger during a run
+    (after `rebuild_metadata`)."""
 
     def __init__(self, out_dir: Path) -> None:
+        self._out_dir = out_dir
         self._writer = LedgerWriter(out_dir / METADATA_NAME)  # the same whole-line appends
+        self._svg: LedgerWriter | None = None
 
     def add(self, record: dict[str, Any]) -> None:
         for row in metadata_rows(record):
-            self._writer.append(row)
+            if _is_svg(row):
+                if self._svg is None:
+                    self._svg = LedgerWriter(self._out_dir / SVG_METADATA_NAME)
+                self._svg.append(row)
+            else:
+                self._writer.append(row)
 
     def sync(self) -> None:
         self._writer.sync()
+        if self._svg is not None:
+            self._svg.sync()
 
     def close(self) -> None:
         self._writer.close()
+        if self._svg is not None:
+            self._svg.close()
 
     def __enter__(self) -> MetadataWriter:
         return self

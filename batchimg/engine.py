@@ -35,9 +35,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from . import specs
 from ._spool import SpooledImage, discard
 from .budget import Budget
+from .catalog import Catalog
 from .client import ImagesClient, ImagesResult
 from .config import RunConfig
-from .dataset import METADATA_NAME, MetadataWriter, rebuild_metadata
+from .dataset import METADATA_NAME, SVG_METADATA_NAME, MetadataWriter, rebuild_metadata
 from .errors import (
     ErrorInfo,
     ItemFailed,
@@ -50,12 +51,13 @@ from .errors import (
 from .ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerState, LedgerWriter, scan_ledger
 from .limiter import Limiter, LimiterStats
 from .manifest import BadLine, Item, read_manifest
-from .pricing import PRICE_TABLE, PriceTable
+from .pricing import PRICE_TABLE, Bound, PriceTable
 from .retry import retrying
+from .tokens import TokenBook
 from .webdataset import SHARDS_DIR, ShardWriter
-from .writer import BatchedStore, ImageStore, StoredFile, check_format, decode_b64_image
+from .writer import BatchedStore, ImageStore, StoredFile, check_image, decode_b64_image
 
-EventKind = Literal["started", "item_finished", "retry", "stopping"]
+EventKind = Literal["started", "item_finished", "retry", "stopping", "warning"]
 LOCK_NAME = ".batchimg.lock"  # held while a run writes into the directory
 
 
@@ -100,6 +102,12 @@ class Summary:
     spent_total_usd: float = 0.0  # this run and every earlier run in the same ledger
     images_at: Path | None = None  # where the images are: DIR/images, or DIR/shards (webdataset)
     failures: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # each said once (the manifest's, mostly)
+    #: When the cap stopped the run: the money left under it, which the next item's bound
+    #: did not fit in (what a tighter bound could have spent), and that bound.
+    held_back_usd: float | None = None
+    next_bound: Bound | None = None
+    unpriced_extra: int = 0  # answers whose extra usage (svg_usage) no price covers
 
     @property
     def exit_code(self) -> int:
@@ -144,11 +152,13 @@ def _record(
     error: ErrorInfo | None = None,
     rate_limited: int = 0,
     price_table: str = PRICE_TABLE,
+    catalog: Catalog | None = None,
 ) -> dict[str, Any]:
     """One ledger line, with every field of the ledger contract (DESIGN.md)."""
     params = item.params if isinstance(item, Item) else {}
     echo = result.echo if result else {}
     files = files or []
+    fmt = echo.get("output_format") or (specs.output_format(params, catalog) if params else None)
     record: dict[str, Any] = {
         "id": item.id,
         "line": item.line,
@@ -159,8 +169,10 @@ def _record(
         "n": params.get("n", 1) if params else None,
         "size": echo.get("size") or params.get("size"),
         "quality": echo.get("quality") or params.get("quality"),
-        "output_format": echo.get("output_format")
-        or (specs.output_format(params) if params else None),
+        "output_format": fmt,
+        "complexity": echo.get("complexity")
+        or (specs.resolved_complexity(params, catalog) if params else None),
+        "frame_count": specs.resolved_frames(params, catalog) if params else None,
         "files": [f.path for f in files],
         "bytes": [f.bytes for f in files],
         "sha256": [f.sha256 for f in files],
@@ -179,6 +191,12 @@ def _record(
         # So a dataset can trace every output back to the exact inputs it was made from.
         record["inputs"] = [f.as_record() for f in item.images]
         record["mask"] = item.mask.as_record() if item.mask else None
+    if result is not None and result.extra_usage:
+        # Billed apart (the SVG author's tokens): kept verbatim, and said to be unpriced.
+        record["extra_usage"] = result.extra_usage
+        record["cost_note"] = (
+            f"{', '.join(result.extra_usage)} not priced: the catalog has no prices for it"
+        )
     if error is not None:
         record["error"] = error.as_record()
     return record
@@ -214,7 +232,9 @@ class Engine:
         self.progress = progress
         self.sleep = sleep
         self.store = store or ImageStore(config.out_dir, clean=False)  # cleaned once locked
-        self.prices = config.prices or PriceTable.default()
+        self.catalog = config.catalog or Catalog.default()
+        self.prices = PriceTable(self.catalog)
+        self.book = TokenBook()  # output tokens learned: this directory's ledger, then answers
         self.budget = Budget(config.max_cost_usd)
         self.limiter = limiter or Limiter(
             rpm=config.rpm,
@@ -244,6 +264,11 @@ class Engine:
     def _emit(self, event: ProgressEvent) -> None:
         if self.progress is not None:
             self.progress(event)
+
+    def warn(self, message: str) -> None:
+        """A warning for the person running this (each cause says it once)."""
+        self.summary.warnings.append(message)
+        self._emit(ProgressEvent("warning", message=message))
 
     def stop(self, reason: str, *, interrupted: bool = False) -> None:
         """Stop admitting new items; in-flight ones finish. The first reason given is kept."""
@@ -276,7 +301,11 @@ class Engine:
         self.summary.limiter = self.limiter.stats()
         self.summary.spent_total_usd = self.budget.spent_usd
         if self.summary.stop_reason == "budget":
-            self.summary.stop_reason = self.budget.message(self.summary.not_attempted)
+            self.summary.stop_reason = self.budget.message(
+                self.summary.not_attempted, self.summary.next_bound
+            )
+            cap = self.budget.cap_usd or 0.0
+            self.summary.held_back_usd = max(0.0, cap - self.budget.spent_usd)
         return self.summary
 
     async def _run_all(self, handle_signals: bool) -> None:
@@ -308,11 +337,12 @@ class Engine:
         out = self.config.out_dir
         shards = out / SHARDS_DIR
         if self.config.layout == "webdataset":
-            (out / METADATA_NAME).unlink(missing_ok=True)  # its rows would point at packed files
+            for name in (METADATA_NAME, SVG_METADATA_NAME):  # rows would point at packed files
+                (out / name).unlink(missing_ok=True)
             writer = ShardWriter(out, self.config.shard_size, sync_ledger=self._sync_now)
             self.summary.images_at = writer.dir
             self._output: MetadataWriter | ShardWriter = writer
-            state = scan_ledger(self.summary.ledger_path, on_ok=writer.add)
+            state = scan_ledger(self.summary.ledger_path, on_ok=writer.add, on_usage=self._learn)
             writer.keep_only(state.done)
             return state
         if shards.is_dir() and any(shards.glob("*.tar")):
@@ -321,10 +351,14 @@ class Engine:
                 "keeps the layout it was started with)"
             )
         with rebuild_metadata(out) as add_rows:
-            state = scan_ledger(self.summary.ledger_path, on_ok=add_rows)
+            state = scan_ledger(self.summary.ledger_path, on_ok=add_rows, on_usage=self._learn)
         self._output = MetadataWriter(out)
         self.summary.images_at = self.store.images_dir
         return state
+
+    def _learn(self, record: dict[str, Any]) -> None:
+        """Count an answer's output tokens in the book (earlier runs' and this run's)."""
+        self.book.learn_record(record, self.catalog)
 
     def _sync_now(self) -> None:
         """Make every ledger line written so far durable (called from the shard thread)."""
@@ -374,7 +408,9 @@ class Engine:
 
     async def _produce(self, send: MemoryObjectSendStream[Item]) -> None:
         async with send:
-            entries = read_manifest(self.config.manifest, self.config.defaults)
+            entries = read_manifest(
+                self.config.manifest, self.config.defaults, catalog=self.catalog, warn=self.warn
+            )
             for count, entry in enumerate(entries):
                 if count % 256 == 0:
                     await anyio.lowlevel.checkpoint()
@@ -416,7 +452,16 @@ class Engine:
 
     def _finish_bad_line(self, bad: BadLine) -> None:
         info = ErrorInfo(message=bad.reason, code="invalid_manifest_line", type="manifest_error")
-        self._append(_record(bad, status="error", started_at=_now(), attempts=0, error=info))
+        self._append(
+            _record(
+                bad,
+                status="error",
+                started_at=_now(),
+                attempts=0,
+                error=info,
+                price_table=self.prices.name,
+            )
+        )
 
     def _append(self, record: dict[str, Any]) -> None:
         try:
@@ -440,6 +485,10 @@ class Engine:
             code = record["error"]["code"] or "error"
             summary.failures[code] = summary.failures.get(code, 0) + 1
         usage = record["usage"]
+        if usage is not None:
+            self._learn(record)
+        if "extra_usage" in record:
+            summary.unpriced_extra += 1
         if isinstance(usage, dict):
             summary.input_tokens += int(usage.get("input_tokens") or 0)
             summary.output_tokens += int(usage.get("output_tokens") or 0)
@@ -499,6 +548,7 @@ class Engine:
                     result=result,
                     cost_usd=cost,
                     price_table=self.prices.name,
+                    catalog=self.catalog,
                     error=error,
                     **fields,
                 )
@@ -518,7 +568,7 @@ class Engine:
                 try:
                     images = await self._fetch_images(item, result)
                     stored = await self._writer.save(
-                        item.file_stem, images, specs.output_format(item.params)
+                        item.file_stem, images, specs.output_format(item.params, self.catalog)
                     )
                 except BaseException:  # whatever was spooled and not stored must not linger
                     discard([e["spooled"] for e in result.data if "spooled" in e])
@@ -534,19 +584,17 @@ class Engine:
 
     async def _attempt(self, item: Item, tally: _Tally) -> ImagesResult:
         """One try: reserve its worst-case cost, wait for admission, send, report back."""
-        tokens = specs.estimate_request_tokens(item.params, item.image_tokens)
+        estimate = self.prices.estimate(item.params, item.image_tokens, self.book)
+        tokens = estimate.input_tokens + estimate.output_tokens
         capped = self.budget.cap_usd is not None
         worst_usd = 0.0
         if capped:
-            worst = self.prices.worst_case_usd(item.params, item.image_tokens)
-            if worst is None:
-                message = f"no price for model {item.model!r}: --max-cost cannot bound it"
-                raise ItemFailed(ErrorInfo(message=message + " (add it with --prices)",
-                                           code="unpriced_model", type="local_error"))  # fmt: skip
-            if not await self.budget.reserve(worst):
+            reserved = await self.budget.reserve(lambda: self._bound(item))
+            if reserved is None:
+                self.summary.next_bound = self._bound(item)
                 self.stop("budget")  # the final message is written when the run ends
                 raise _Abandoned
-            worst_usd = worst
+            worst_usd = reserved
         limiter, actual_usd = self.limiter, 0.0
         try:
             if self.stopping:  # stopped while this item waited for budget: send nothing
@@ -579,6 +627,21 @@ class Engine:
             else:
                 self.budget.charge(actual_usd)
 
+    def _bound(self, item: Item) -> Bound:
+        """The most this item can cost now (tighter as its group's answers come in)."""
+        bound = self.prices.worst_case(item.params, item.image_tokens, self.book)
+        if bound is None:
+            prices = self.prices.prices(item.model)
+            why = (
+                f"no price for model {item.model!r}: --max-cost cannot bound it "
+                "(add it with --catalog or --prices)"
+                if prices is None
+                else f"nothing bounds model {item.model!r}'s output tokens: --max-cost cannot "
+                "bound it (give tokens.ceiling_per_megapixel in --catalog)"
+            )
+            raise ItemFailed(ErrorInfo(message=why, code="unpriced_model", type="local_error"))
+        return bound
+
     async def _send(self, item: Item) -> ImagesResult:
         self._in_flight += 1
         try:
@@ -591,13 +654,12 @@ class Engine:
 
     async def _fetch_images(self, item: Item, result: ImagesResult) -> list[bytes | SpooledImage]:
         """The answer's images, verified: spooled to disk, b64 decoded, or urls downloaded."""
-        expected = specs.output_format(item.params)
+        expected = specs.output_format(item.params, self.catalog)
         images: list[bytes | SpooledImage] = []
         for entry in result.data:
             spooled = entry.get("spooled")
             if isinstance(spooled, (bytes, SpooledImage)):
-                check_format(spooled.head if isinstance(spooled, SpooledImage) else spooled,
-                             expected)  # fmt: skip
+                check_image(spooled, expected)
                 images.append(spooled)
                 continue
             if isinstance(entry.get("b64_json"), str):
@@ -610,7 +672,7 @@ class Engine:
                         message="data entry has neither b64_json nor url", code="bad_response"
                     )
                 )
-            check_format(data, expected)
+            check_image(data, expected)
             images.append(data)
         return images
 

@@ -1,10 +1,9 @@
 """Input images for edits: the API's rules, checked before anything is sent.
 
-The same `check_edit_inputs` judges files on disk (the manifest loader, before any spend) and
-uploaded parts (the mock server), so both reject exactly what the real endpoint rejects:
-PNG / JPEG / WebP only (by their bytes, not their names), at most 16 images of at most 50 MB,
-a mask that is a PNG with an alpha channel, under 4 MB and the size of the first image, and
-dall-e-2's one square PNG under 4 MB.
+`check_edit_inputs` judges the files on disk before any spend, by the model's edit limits in
+the catalog: for GPT image models PNG / JPEG / WebP only (by their bytes, not their names), at
+most 16 images of at most 50 MB, a mask that is a PNG with an alpha channel, under 4 MB and the
+size of the first image; dall-e-2's one square PNG under 4 MB.
 """
 
 from __future__ import annotations
@@ -19,12 +18,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import specs
+from .catalog import Catalog, EditLimits
 from .specs import ParamError
 
-MAX_EDIT_IMAGES = 16
-MAX_IMAGE_BYTES = 50 * 1024 * 1024
-MAX_MASK_BYTES = 4 * 1024 * 1024
-DALLE2_MAX_BYTES = 4 * 1024 * 1024
+MAX_EDIT_IMAGES = 16  # the most any model takes (the manifest refuses more before probing)
+MAX_IMAGE_BYTES = 50 * 1024 * 1024  # files larger than this are not hashed
 _PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 
 
@@ -64,32 +62,37 @@ def probe(source: bytes | BinaryIO, name: str, nbytes: int, *, decode: bool) -> 
         return unknown
 
 
-def check_edit_inputs(images: Sequence[ImageInfo], mask: ImageInfo | None, model: str) -> None:
-    """Raise ParamError (naming the file) for the first input the API would reject."""
+def check_edit_inputs(
+    images: Sequence[ImageInfo],
+    mask: ImageInfo | None,
+    model: str,
+    catalog: Catalog | None = None,
+) -> None:
+    """Raise ParamError (naming the file) for the first input the API would reject, by the
+    model's edit limits in the catalog (a model it does not know gets the GPT image limits)."""
     if not images:
         raise ParamError(
             "image", "Missing required parameter: 'image'.", "missing_required_parameter"
         )
-    fam = specs.family(model)
-    if fam == "dall-e-3":
-        raise ParamError("model", "dall-e-3 does not support image edits.")
-    most = 1 if fam == "dall-e-2" else MAX_EDIT_IMAGES
-    if len(images) > most:
-        raise ParamError("image", f"{len(images)} input images; {model} takes at most {most}.")
+    spec = (catalog or Catalog.default()).spec(model)
+    if spec.known and "edits" not in spec.endpoints:
+        raise ParamError("model", f"{model} does not support image edits.")
+    limits = spec.edits or EditLimits()
+    if len(images) > limits.max_images:
+        raise ParamError(
+            "image", f"{len(images)} input images; {model} takes at most {limits.max_images}."
+        )
     for info in images:
-        if fam == "dall-e-2":
-            _check_one(info, "image", ("png",), DALLE2_MAX_BYTES)
-            if info.width != info.height:
-                raise ParamError(
-                    "image",
-                    f"image '{info.name}' is {info.width}x{info.height}; dall-e-2 "
-                    "edits take a square PNG.",
-                )
-        else:
-            _check_one(info, "image", ("png", "jpeg", "webp"), MAX_IMAGE_BYTES)
+        _check_one(info, "image", limits.image_formats, limits.max_image_bytes)
+        if limits.square and info.width != info.height:
+            raise ParamError(
+                "image",
+                f"image '{info.name}' is {info.width}x{info.height}; {model} edits take a "
+                f"square {' / '.join(f.upper() for f in limits.image_formats)}.",
+            )
     if mask is None:
         return
-    _check_one(mask, "mask", ("png",), MAX_MASK_BYTES)
+    _check_one(mask, "mask", ("png",), limits.mask_max_bytes)
     if not mask.has_alpha:
         raise ParamError("mask", f"mask '{mask.name}' has no alpha channel; masks are RGBA PNGs.")
     first = images[0]

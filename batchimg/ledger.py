@@ -54,10 +54,17 @@ class LedgerState:
     spent_usd: float = 0.0  # every billed answer recorded, across all earlier runs
 
 
-def scan_ledger(path: Path, on_ok: Callable[[dict[str, Any]], None] | None = None) -> LedgerState:
-    """Read the ledger once; `on_ok` also sees every ok record (e.g. to rebuild metadata)."""
+def scan_ledger(
+    path: Path,
+    on_ok: Callable[[dict[str, Any]], None] | None = None,
+    on_usage: Callable[[dict[str, Any]], None] | None = None,
+) -> LedgerState:
+    """Read the ledger once; `on_ok` also sees every ok record (e.g. to rebuild metadata), and
+    `on_usage` every record that carries a `usage` (e.g. to learn token counts)."""
     state = LedgerState(IdSet(count_lines(path) if path.exists() else 16))
     for record in read_ledger(path):
+        if on_usage is not None and record.get("usage") is not None:
+            on_usage(record)
         if record.get("status") == "ok":
             state.done.add(record["id"])
             if on_ok is not None:

@@ -3,13 +3,18 @@
 Each non-blank line that does not start with `#` becomes either an `Item` (valid, ready to
 send) or a `BadLine` (never sent; the engine records it as an `error` in the ledger with its line
 number). Memory does not grow with the manifest's length beyond the compact id set.
+
+Lines are judged by the catalog's rules for their model. What is worth knowing but refuses
+nothing goes to the `warn` callback, once per cause: a model the catalog does not know (sent as
+written, checked for structure only), a model shut down or about to be, a field dropped because
+the API takes it only with other output formats, an experimental size.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from hashlib import blake2b
 from pathlib import Path
@@ -19,22 +24,27 @@ import orjson
 
 from . import specs
 from ._idset import IdSet, count_lines
+from .catalog import Catalog, today_utc
 from .inputs import MAX_EDIT_IMAGES, InputFile, check_edit_inputs, load_input
 
-#: Keys a line may carry besides the API fields.
+#: Keys a line may carry besides the API fields (which the catalog lists).
 ITEM_KEYS = ("id", "metadata")
 EDIT_KEYS = ("image", "mask", "endpoint")
-KNOWN_KEYS = frozenset(specs.API_FIELDS + ITEM_KEYS + EDIT_KEYS)
-GENERATIONS_ONLY_FIELDS = frozenset({"moderation"})
 
 MAX_FILE_STEM = 80
+Warn = Callable[[str], None]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Defaults:
-    """Values the CLI (or API caller) supplies for fields a manifest line leaves out."""
+    """Values the CLI (or API caller) supplies for fields a manifest line leaves out.
 
-    model: str = "gpt-image-1"
+    `model` None means the provider's default (the catalog's `default_model` for OpenAI). The
+    other fields are filled in this order, so a default `output_format` is known before the
+    fields that depend on it (`output_compression`, `frame_count`).
+    """
+
+    model: str | None = None
     n: int | None = None
     size: str | None = None
     quality: str | None = None
@@ -42,33 +52,54 @@ class Defaults:
     output_compression: int | None = None
     background: str | None = None
     moderation: str | None = None
+    complexity: str | None = None
+    frame_count: int | None = None
+    safety_identifier: str | None = None
 
     @functools.cached_property
     def _given(self) -> dict[str, Any]:
         return {
-            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "model" and getattr(self, f.name) is not None
         }
 
-    def fill(self, params: dict[str, Any], endpoint: specs.Endpoint = "generations") -> None:
-        """Set every default the line left out, where the line's model and endpoint take it
-        (`--quality high` fills GPT lines; a dall-e-3 line keeps the API's default)."""
-        model = str(params.setdefault("model", self.model))
+    def model_for(self, catalog: Catalog | None = None) -> str:
+        return (
+            self.model if self.model is not None else (catalog or Catalog.default()).default_model
+        )
+
+    def fill(
+        self,
+        params: dict[str, Any],
+        endpoint: specs.Endpoint = "generations",
+        catalog: Catalog | None = None,
+    ) -> None:
+        """Set every default the line left out, where its model, endpoint and output format
+        take it (`--quality xhigh` fills gpt-image-2.5 lines; a gpt-image-2 line keeps the
+        API's default)."""
+        params.setdefault("model", self.model_for(catalog))
         for name, value in self._given.items():
-            if (
-                name not in params
-                and (endpoint == "generations" or name not in GENERATIONS_ONLY_FIELDS)
-                and specs.takes_default(model, name, value)
-            ):
+            if name not in params and specs.takes_default(params, name, value, endpoint, catalog):
                 params[name] = value
 
-    def check(self) -> None:
-        """Raise specs.ParamError if a default is illegal for the default model."""
-        params: dict[str, Any] = {"prompt": "check", "model": self.model}
-        gpt = specs.family(self.model) == "gpt"
+    def check(self, catalog: Catalog | None = None) -> None:
+        """Raise specs.ParamError if a default is illegal for the default model (defaults for
+        fields it does not take at all are left to the lines whose models take them)."""
+        model = self.model_for(catalog)
+        spec = (catalog or Catalog.default()).spec(model)
+        params: dict[str, Any] = {"prompt": "check", "model": model}
         for name, value in self._given.items():  # checked as given: fill() would skip bad ones
-            if name not in params and (gpt or name not in specs.GPT_ONLY_FIELDS):
+            rule = spec.rule(name)
+            if spec.params is None or (rule is not None and rule.formats is None):
                 params[name] = value
-        specs.validate_params(params)
+        specs.validate_params(params, catalog=catalog)
+        for name in ("output_compression", "frame_count"):  # those that depend on the format
+            value = self._given.get(name)
+            rule = spec.rule(name)
+            if value is not None and rule is not None:
+                specs.check_value(name, value, rule, model, "generations", rule.formats[0]
+                                  if rule.formats else "png")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,48 +194,127 @@ class _Ids:
         return item_id
 
 
-def _parse(
-    raw: bytes, number: int, ids: _Ids, defaults: Defaults, base_dir: Path
-) -> Item | BadLine:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return BadLine(ids.derived(raw), number, f"line {number}: not valid JSON ({exc})")
-    if not isinstance(obj, dict):
-        kind = type(obj).__name__
-        return BadLine(
-            ids.derived(raw), number, f"line {number}: expected a JSON object, got {kind}"
-        )
-    prompt = obj.get("prompt") if isinstance(obj.get("prompt"), str) else None
-    metadata = obj.get("metadata")
-    try:
-        if "id" in obj:
-            item_id = ids.explicit(obj["id"])
-        else:
-            item_id = ids.derived(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS))
-    except ValueError as exc:
-        fallback = ids.derived(raw)
-        return BadLine(fallback, number, f"line {number}: {exc}", prompt, metadata)
+class _Notices:
+    """Sends each warning once (a million lines of one unknown model warn once)."""
 
-    def bad(reason: str) -> BadLine:
-        endpoint: specs.Endpoint = "edits" if "image" in obj else "generations"
-        return BadLine(item_id, number, f"line {number}: {reason}", prompt, metadata, endpoint)
+    def __init__(self, catalog: Catalog, warn: Warn | None) -> None:
+        self.catalog = catalog
+        self.warn = warn
+        self._seen: set[Any] = set()
+        self._today = today_utc()
 
-    if not KNOWN_KEYS.issuperset(obj):
-        unknown = sorted(k for k in obj if k not in KNOWN_KEYS)
-        names = ", ".join(repr(k) for k in unknown)
-        return bad(f"unknown field(s) {names}; put your own data under 'metadata'")
-    try:
-        endpoint = _endpoint(obj)
-        params = {k: v for k, v in obj.items() if k in specs.API_FIELDS and v is not None}
-        defaults.fill(params, endpoint)
-        specs.validate_params(params, endpoint)
-        if endpoint == "generations":
-            return Item(item_id, number, params, metadata)
-        images, mask = _edit_inputs(obj, params, base_dir)
-    except specs.ParamError as exc:
-        return bad(str(exc))
-    return Item(item_id, number, params, metadata, endpoint, images, mask)
+    def fresh(self, key: Any) -> bool:
+        """True the first time `key` is seen (and only if anyone listens)."""
+        if self.warn is None or key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+    def say(self, message: str) -> None:
+        if self.warn is not None:
+            self.warn(message)
+
+    def model(self, model: str) -> None:
+        if not self.fresh(("model", model)):
+            return
+        spec = self.catalog.spec(model)
+        if not spec.known or spec.params is None:
+            priced = "priced from the catalog" if spec.prices else "unpriced (cost null)"
+            self.say(
+                f"model {model!r} has no request rules in the catalog ({self.catalog.name}): "
+                f"sent as written, with only field types, n and the WxH shape of sizes checked; "
+                f"{priced}. Describe it with --catalog FILE."
+            )
+            return
+        note = spec.lifecycle_note(self._today)
+        if note is not None:
+            self.say(f"{note} (a gateway may still serve it)")
+
+
+class _Reader:
+    """What parsing a line needs besides the line."""
+
+    def __init__(
+        self, ids: _Ids, defaults: Defaults, base_dir: Path, catalog: Catalog, warn: Warn | None
+    ) -> None:
+        self.ids = ids
+        self.defaults = defaults
+        self.base_dir = base_dir
+        self.catalog = catalog
+        self.api_fields = catalog.api_fields()
+        self.known_keys = frozenset(self.api_fields | set(ITEM_KEYS) | set(EDIT_KEYS))
+        self.notices = _Notices(catalog, warn)
+
+    def parse(self, raw: bytes, number: int) -> Item | BadLine:
+        ids = self.ids
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return BadLine(ids.derived(raw), number, f"line {number}: not valid JSON ({exc})")
+        if not isinstance(obj, dict):
+            kind = type(obj).__name__
+            return BadLine(
+                ids.derived(raw), number, f"line {number}: expected a JSON object, got {kind}"
+            )
+        prompt = obj.get("prompt") if isinstance(obj.get("prompt"), str) else None
+        metadata = obj.get("metadata")
+        try:
+            if "id" in obj:
+                item_id = ids.explicit(obj["id"])
+            else:
+                item_id = ids.derived(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS))
+        except ValueError as exc:
+            fallback = ids.derived(raw)
+            return BadLine(fallback, number, f"line {number}: {exc}", prompt, metadata)
+
+        def bad(reason: str) -> BadLine:
+            endpoint: specs.Endpoint = "edits" if "image" in obj else "generations"
+            return BadLine(item_id, number, f"line {number}: {reason}", prompt, metadata, endpoint)
+
+        if not self.known_keys.issuperset(obj):
+            unknown = sorted(k for k in obj if k not in self.known_keys)
+            names = ", ".join(repr(k) for k in unknown)
+            return bad(f"unknown field(s) {names}; put your own data under 'metadata'")
+        try:
+            endpoint = _endpoint(obj)
+            params = {k: v for k, v in obj.items() if k in self.api_fields and v is not None}
+            self.defaults.fill(params, endpoint, self.catalog)
+            self._drop_format_bound_fields(params)
+            specs.validate_params(params, endpoint, self.catalog)
+            self._notice(params)
+            if endpoint == "generations":
+                return Item(item_id, number, params, metadata)
+            images, mask = _edit_inputs(obj, params, self.base_dir, self.catalog)
+        except specs.ParamError as exc:
+            return bad(str(exc))
+        return Item(item_id, number, params, metadata, endpoint, images, mask)
+
+    def _drop_format_bound_fields(self, params: dict[str, Any]) -> None:
+        for name in specs.dropped_fields(params, self.catalog):
+            value = params.pop(name)
+            fmt = specs.output_format(params, self.catalog)
+            if self.notices.fresh(("dropped", name, fmt)):
+                self.notices.say(
+                    f"'{name}' is sent only with the output formats that take it: left out of "
+                    f"{fmt} requests (e.g. {name}={value!r})"
+                )
+
+    def _notice(self, params: dict[str, Any]) -> None:
+        model = str(params["model"])
+        self.notices.model(model)
+        size = params.get("size")
+        if not isinstance(size, str) or not specs.is_size(size):
+            return
+        rule = self.catalog.spec(model).rule("size")
+        custom = rule.custom if rule is not None else None
+        if custom is None or custom.experimental_above_pixels is None:
+            return
+        width, height = specs.dimensions(size)
+        limit = custom.experimental_above_pixels
+        if width * height > limit and self.notices.fresh(("experimental", model)):
+            self.notices.say(
+                f"{model}: sizes above {limit:,} pixels (e.g. {size}) are experimental at OpenAI"
+            )
 
 
 def _endpoint(obj: dict[str, Any]) -> specs.Endpoint:
@@ -228,7 +338,7 @@ def _endpoint(obj: dict[str, Any]) -> specs.Endpoint:
 
 
 def _edit_inputs(
-    obj: dict[str, Any], params: dict[str, Any], base_dir: Path
+    obj: dict[str, Any], params: dict[str, Any], base_dir: Path, catalog: Catalog
 ) -> tuple[tuple[InputFile, ...], InputFile | None]:
     """Resolve, probe and check an edit line's `image` and `mask` files (ParamError if bad)."""
     given = obj["image"]
@@ -240,23 +350,73 @@ def _edit_inputs(
     mask_name = obj.get("mask")
     if mask_name is not None and (not isinstance(mask_name, str) or not mask_name):
         raise specs.ParamError("mask", "'mask' must be a path")
+    fmt = specs.output_format(params, catalog)
+    constraint = catalog.spec(str(params["model"])).formats.get(fmt)
+    if mask_name is not None and constraint is not None and not constraint.mask:
+        raise specs.ParamError("mask", f"{fmt} output does not take a mask")
     loaded = [load_input(name, base_dir) for name in names]
     mask = load_input(mask_name, base_dir) if mask_name else None
-    check_edit_inputs([info for _, info in loaded], mask[1] if mask else None, str(params["model"]))
+    check_edit_inputs(
+        [info for _, info in loaded], mask[1] if mask else None, str(params["model"]), catalog
+    )
     return tuple(f for f, _ in loaded), (mask[0] if mask else None)
 
 
-def read_manifest(path: str | Path, defaults: Defaults | None = None) -> Iterator[Item | BadLine]:
-    """Stream a JSONL manifest: one Item or BadLine per non-blank, non-comment line.
+def read_manifest(
+    path: str | Path,
+    defaults: Defaults | None = None,
+    *,
+    catalog: Catalog | None = None,
+    warn: Warn | None = None,
+) -> Iterator[Item | BadLine]:
+    """Stream a JSONL manifest: one Item or BadLine per non-blank, non-comment line, judged by
+    `catalog` (the built-in one by default); `warn` hears each warning once.
 
     Raises OSError if the file cannot be opened; every problem inside the file is a BadLine.
     """
-    defaults = defaults or Defaults()
-    ids = _Ids(count_lines(path))  # sized up front: the id set never has to grow
-    base_dir = Path(path).resolve().parent  # edit inputs are relative to the manifest
+    reader = _Reader(
+        _Ids(count_lines(path)),  # sized up front: the id set never has to grow
+        defaults or Defaults(),
+        Path(path).resolve().parent,  # edit inputs are relative to the manifest
+        catalog or Catalog.default(),
+        warn,
+    )
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, start=1):
             raw = line.strip()
             if not raw or raw.startswith(b"#"):
                 continue
-            yield _parse(raw, number, ids, defaults, base_dir)
+            yield reader.parse(raw, number)
+
+
+_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def manifest_models(path: str | Path, default_model: str) -> dict[str, int]:
+    """Every model a manifest uses, with the first line that uses it (lines that name none use
+    `default_model`). One pass; a line is parsed only when it may add a model, so this stays
+    cheap on a million lines, and a `"model"` key inside `metadata` is not mistaken for one."""
+    found: dict[str, int] = {}
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            raw = line.strip()
+            if not raw or raw.startswith(b"#"):
+                continue
+            candidates = _MODEL_FIELD.findall(raw)
+            if not candidates:
+                found.setdefault(default_model, number)
+                continue
+            if default_model in found and all(
+                c.decode("utf-8", "replace") in found for c in candidates
+            ):
+                continue
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue  # a bad line: it fails alone, and sends nothing
+            if isinstance(obj, dict):
+                model = obj.get("model")
+                model = default_model if model is None else model
+                if isinstance(model, str):
+                    found.setdefault(model, number)
+    return found

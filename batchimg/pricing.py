@@ -1,137 +1,113 @@
 """Prices: what a request cost (from its verbatim `usage`) and what it will cost (before sending).
 
-The table is data (`prices.json`, shipped in the package; `--prices FILE` overrides or extends
-it per model). Token-billed models price text input, cached text input, image input, cached image
-input and image output per 1M tokens; DALL·E bills per image; gpt-image-1-mini is estimated from
-its published per-image prices, since its token counts do not follow gpt-image-1's table. A
-model the table does not know is priced as unknown (None), never as zero.
+Prices are the catalog's (`catalog.json`; `--catalog` and `--prices` overlay it). Token-billed
+models price text input, cached text input, image input, cached image input and image output
+per 1M tokens; DALL·E bills per image. What an answer cost is always its `usage` times the
+prices: exact. What a request *will* cost needs its output tokens in advance, which come from
+a published table (gpt-image-1, 1.5), published per-image prices (gpt-image-1-mini, DALL·E), or,
+for models whose counts nobody publishes (gpt-image-2 and later), from earlier answers
+(`tokens.TokenBook`); without those the estimate is unknown, never a made-up number. A model
+without prices is priced as unknown (None), never as zero.
+
+The budget cap needs a bound instead (`worst_case`): the published count where there is one,
+else the most the group's answers used plus a margin, never above the catalog's ceiling of
+tokens per megapixel (and the ceiling alone before any answer is known).
 
 One `PriceTable` prices ledgers, estimates and the budget cap, so the three always agree.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import specs
-from .errors import UsageError
+from .catalog import Catalog, ModelPrices, ModelSpec, load_catalog
+from .tokens import Learned, TokenBook, request_group
 
-TOKEN_KINDS = ("text_in", "text_in_cached", "image_in", "image_in_cached", "image_out")
 #: Headroom on input-token estimates when reserving a worst case against a budget.
 WORST_CASE_INPUT_MARGIN = 1.25
-
-
-@dataclass(frozen=True)
-class ModelPrices:
-    """One model's prices: per 1M tokens of each kind, and/or per image by (quality, size)."""
-
-    per_1m_tokens: Mapping[str, float] | None = None
-    per_image: Mapping[tuple[str, str], float] = field(default_factory=dict)
+#: Headroom over the most a group's answers used, when that is the bound.
+LEARNED_MARGIN = 0.25
+Basis = Literal["published", "learned", "unknown"]
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """What a request should use and cost, known before it is sent."""
+    """What a request should use and cost, known before it is sent.
+
+    `basis` says where the output tokens come from: `published` (a table or per-image prices),
+    `learned` (earlier answers: `output_tokens` is their mean, the range their least and most)
+    or `unknown` (`output_tokens` 0, `cost_usd` None). `cost_usd` is None also when the model
+    has no prices.
+    """
 
     images: int
     input_tokens: int
     output_tokens: int
     cost_usd: float | None
+    basis: Basis = "published"
+    output_range: tuple[int, int] | None = None
+    cost_range_usd: tuple[float, float] | None = None
+    samples: int = 0
 
 
-def _int(mapping: Mapping[str, Any], key: str) -> int:
+@dataclass(frozen=True)
+class Bound:
+    """The most a request can cost, and what the bound rests on."""
+
+    cost_usd: float
+    basis: Literal["published", "learned", "ceiling"]
+
+
+def _count(mapping: Mapping[str, Any], key: str) -> int:
     value = mapping.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _parse_model(name: str, raw: Any, source: str) -> ModelPrices:
-    if not isinstance(raw, dict):
-        raise UsageError(f"{source}: model {name!r} must be an object")
-    tokens = raw.get("per_1m_tokens")
-    if tokens is not None:
-        if not isinstance(tokens, dict) or not all(
-            k in TOKEN_KINDS and isinstance(v, (int, float)) and v >= 0 for k, v in tokens.items()
-        ):
-            kinds = ", ".join(TOKEN_KINDS)
-            raise UsageError(f"{source}: {name}.per_1m_tokens takes numbers for: {kinds}")
-        missing = [k for k in ("text_in", "image_out") if k not in tokens]
-        if missing:
-            raise UsageError(f"{source}: {name}.per_1m_tokens needs {', '.join(missing)}")
-    per_image: dict[tuple[str, str], float] = {}
-    for quality, sizes in (raw.get("per_image") or {}).items():
-        if not isinstance(sizes, dict):
-            raise UsageError(f"{source}: {name}.per_image.{quality} must map sizes to prices")
-        for size, usd in sizes.items():
-            if not isinstance(usd, (int, float)) or usd < 0:
-                raise UsageError(f"{source}: {name}.per_image.{quality}.{size} must be >= 0")
-            per_image[(quality, size)] = float(usd)
-    if tokens is None and not per_image:
-        raise UsageError(f"{source}: model {name!r} has neither per_1m_tokens nor per_image")
-    return ModelPrices(per_1m_tokens=tokens, per_image=per_image)
-
-
 class PriceTable:
-    """Named prices for a set of models."""
+    """The catalog's prices, with the arithmetic on them."""
 
-    def __init__(self, name: str, models: Mapping[str, ModelPrices]) -> None:
-        self.name = name
-        self.models = dict(models)
-
-    @classmethod
-    def from_json(cls, data: Any, source: str) -> PriceTable:
-        if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
-            raise UsageError(f"{source}: a price table is an object with a 'models' object")
-        name = data.get("name") or Path(source).stem
-        models = {m: _parse_model(m, raw, source) for m, raw in data["models"].items()}
-        return cls(str(name), models)
-
-    @classmethod
-    def load(cls, path: str | Path) -> PriceTable:
-        """Read a price file (same shape as the built-in prices.json); UsageError if bad."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise UsageError(f"cannot read prices {str(path)!r}: {exc.strerror or exc}") from None
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"prices {str(path)!r} is not valid JSON: {exc}") from None
-        return cls.from_json(data, str(path))
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.name = catalog.name
 
     @classmethod
     def default(cls) -> PriceTable:
-        return _default_table()
+        return cls(Catalog.default())
 
-    def extended(self, other: PriceTable) -> PriceTable:
-        """This table with `other`'s models added or replacing ours (named after both)."""
-        return PriceTable(f"{self.name}+{other.name}", {**self.models, **other.models})
+    @classmethod
+    def load(cls, path: str | Path) -> PriceTable:
+        """The built-in prices with a price file's models replacing or adding theirs."""
+        return cls(load_catalog(prices=path))
+
+    def prices(self, model: str) -> ModelPrices | None:
+        return self.catalog.spec(model).prices
 
     # -- what it cost --
 
     def usage_cost(self, model: str, usage: Mapping[str, Any]) -> float | None:
         """Cost of one answer from its `usage`; None if the model or the counts are unknown."""
-        prices = self.models.get(model)
+        prices = self.prices(model)
         if prices is None or prices.per_1m_tokens is None:
             return None
         if not isinstance(usage.get("output_tokens"), int):
             return None  # a missing count is unknown, and unknown must never read as $0
-        rates = prices.per_1m_tokens
         details = usage.get("input_tokens_details")
         details = details if isinstance(details, Mapping) else {}
         if "text_tokens" in details or "image_tokens" in details:
-            text, image = _int(details, "text_tokens"), _int(details, "image_tokens")
+            text, image = _count(details, "text_tokens"), _count(details, "image_tokens")
         else:
-            text, image = _int(usage, "input_tokens"), 0
-        cached = min(_int(details, "cached_tokens"), text)
+            text, image = _count(usage, "input_tokens"), 0
+        cached = min(_count(details, "cached_tokens"), text)
+        rates = _Rates(prices.per_1m_tokens)
         usd = (
-            (text - cached) * rates["text_in"]
-            + cached * rates.get("text_in_cached", rates["text_in"])
-            + image * rates.get("image_in", rates["text_in"])
-            + _int(usage, "output_tokens") * rates["image_out"]
+            (text - cached) * rates.text_in
+            + cached * rates.text_in_cached
+            + image * rates.image_in
+            + _count(usage, "output_tokens") * rates.image_out
         )
         return round(usd / 1_000_000, 8)
 
@@ -139,102 +115,190 @@ class PriceTable:
         self, params: Mapping[str, Any], usage: Mapping[str, Any] | None
     ) -> float | None:
         """Cost of one answered request: from `usage` when it has one, else per image."""
-        model = str(params.get("model", ""))
+        model = str(params.get("model") or "")
         if usage is not None:
             cost = self.usage_cost(model, usage)
             if cost is not None:
                 return cost
-        prices = self.models.get(model)
+        prices = self.prices(model)
         if prices is None or prices.per_1m_tokens is not None:
             return None  # token-billed without usable usage: unknown
         per_image = prices.per_image.get(
-            (specs.resolved_quality(params), specs.resolved_size(params))
+            (
+                specs.resolved_quality(params, self.catalog),
+                specs.resolved_size(params, self.catalog),
+            )
         )
         return None if per_image is None else round(per_image * _n(params), 8)
 
     # -- what it will cost --
 
-    def estimate(self, params: Mapping[str, Any], image_tokens: int = 0) -> Estimate:
-        """Usage and cost of one request before sending it (the mock bills exactly this)."""
+    def estimate(
+        self, params: Mapping[str, Any], image_tokens: int = 0, book: TokenBook | None = None
+    ) -> Estimate:
+        """Usage and cost of one request before sending it (see `Estimate` for the basis)."""
         n = _n(params)
         prompt = params.get("prompt")
         text = specs.estimate_text_tokens(prompt) if isinstance(prompt, str) else 0
-        output = (specs.output_tokens_per_image(params) or 0) * n
-        cost = self._predict(params, text, image_tokens, output, specs.resolved_quality(params),
-                             specs.resolved_size(params))  # fmt: skip
-        return Estimate(images=n, input_tokens=text + image_tokens, output_tokens=output,
-                        cost_usd=cost)  # fmt: skip
+        spec = self.catalog.spec(str(params.get("model") or ""))
+        quality = specs.resolved_quality(params, self.catalog)
+        size = specs.resolved_size(params, self.catalog)
+        inputs = text + image_tokens
+        published = self._published_output(spec, quality, size)
+        if published is not None:
+            output = published * n
+            cost = self._cost(spec, text, image_tokens, output, quality, size, n)
+            return Estimate(n, inputs, output, cost)
+        learned = book.get(request_group(params, self.catalog)) if book is not None else None
+        if learned is None or not learned.samples:
+            return Estimate(n, inputs, 0, None, basis="unknown")
+        low, mean, high = (round(v * n) for v in (learned.low, learned.mean, learned.high))
+        cost_low = self._cost(spec, text, image_tokens, low, quality, size, n)
+        cost_high = self._cost(spec, text, image_tokens, high, quality, size, n)
+        return Estimate(
+            n,
+            inputs,
+            mean,
+            self._cost(spec, text, image_tokens, mean, quality, size, n),
+            basis="learned",
+            output_range=(low, high),
+            cost_range_usd=None if cost_low is None or cost_high is None else (cost_low, cost_high),
+            samples=learned.samples,
+        )
 
-    def worst_case_usd(self, params: Mapping[str, Any], image_tokens: int = 0) -> float | None:
-        """The most a request can cost: `auto` as its dearest choice, inputs with headroom."""
+    def worst_case(
+        self, params: Mapping[str, Any], image_tokens: int = 0, book: TokenBook | None = None
+    ) -> Bound | None:
+        """The most a request can cost (`auto` as its dearest choice, inputs with headroom);
+        None when nothing bounds it (no prices, or no published count, answers or ceiling)."""
         prompt = params.get("prompt")
         text = len(prompt.encode("utf-8")) if isinstance(prompt, str) else 0  # <= 1 token a byte
         image = int(image_tokens * WORST_CASE_INPUT_MARGIN)
-        model = str(params.get("model", ""))
-        gpt = specs.family(model) == "gpt"
-        qualities = (
-            ("low", "medium", "high") if params.get("quality") in (None, "auto") and gpt
-            else (specs.resolved_quality(params),)
-        )  # fmt: skip
-        sizes = (
-            specs.GPT_SIZES[:3] if params.get("size") in (None, "auto") and gpt
-            else (specs.resolved_size(params),)
-        )  # fmt: skip
-        worst: float | None = None
-        for quality in qualities:
-            for size in sizes:
+        spec = self.catalog.spec(str(params.get("model") or ""))
+        if spec.prices is None:
+            return None
+        n = _n(params)
+        worst: Bound | None = None
+        for quality in specs.quality_choices(params, self.catalog):
+            for size in specs.size_choices(params, self.catalog):
                 choice = {**params, "quality": quality, "size": size}
-                output = (specs.output_tokens_per_image(choice) or 0) * _n(params)
-                cost = self._predict(choice, text, image, output, quality, size)
+                per_image = self._output_bound(spec, choice, quality, size, book)
+                if per_image is None:
+                    return None
+                tokens, basis = per_image
+                cost = self._cost(spec, text, image, tokens * n, quality, size, n)
                 if cost is None:
                     return None
-                worst = cost if worst is None else max(worst, cost)
+                if worst is None or cost > worst.cost_usd:
+                    worst = Bound(cost, basis)
         return worst
 
-    def _predict(
+    def worst_case_usd(
+        self, params: Mapping[str, Any], image_tokens: int = 0, book: TokenBook | None = None
+    ) -> float | None:
+        bound = self.worst_case(params, image_tokens, book)
+        return None if bound is None else bound.cost_usd
+
+    def _output_bound(
         self,
+        spec: ModelSpec,
         params: Mapping[str, Any],
+        quality: str,
+        size: str,
+        book: TokenBook | None,
+    ) -> tuple[int, Literal["published", "learned", "ceiling"]] | None:
+        """Output tokens one image can use at most, and what says so."""
+        published = self._published_output(spec, quality, size)
+        if published is not None:
+            return published, "published"
+        learned: Learned | None = None
+        if book is not None:
+            learned = book.get(request_group(params, self.catalog))
+        ceiling = self.ceiling(spec, params, size)
+        if learned is not None and learned.samples:
+            bound = int(learned.high * (1 + LEARNED_MARGIN)) + 1
+            if ceiling is not None and learned.high <= ceiling and ceiling < bound:
+                return ceiling, "ceiling"
+            return bound, "learned"
+        return (ceiling, "ceiling") if ceiling is not None else None
+
+    def ceiling(self, spec: ModelSpec, params: Mapping[str, Any], size: str) -> int | None:
+        """The catalog's bound on one image's output tokens (per megapixel, per frame)."""
+        per_mp = spec.tokens.ceiling_per_megapixel
+        if per_mp is None or not specs.is_size(size):
+            return None
+        frames = specs.resolved_frames(params, self.catalog) or 1
+        return int(per_mp * specs.megapixels(size) * frames) + 1
+
+    def _published_output(self, spec: ModelSpec, quality: str, size: str) -> int | None:
+        """Output tokens per image known in advance (table, or per-image price), else None."""
+        rule = spec.tokens
+        if rule.output == "table":
+            return rule.per_image.get((quality, size))
+        if rule.output in ("per_image_price", "none") and spec.prices is not None:
+            per_image = spec.prices.per_image.get((quality, size))
+            if per_image is None:
+                return None
+            rates = spec.prices.per_1m_tokens
+            # The price covers the output: express it in output tokens where there is a rate.
+            return round(per_image / (rates["image_out"] / 1e6)) if rates else 0
+        return None
+
+    def _cost(
+        self,
+        spec: ModelSpec,
         text: int,
         image: int,
         output: int,
         quality: str,
         size: str,
+        n: int,
     ) -> float | None:
-        prices = self.models.get(str(params.get("model", "")))
+        prices = spec.prices
         if prices is None:
             return None
-        n = _n(params)
         per_image = prices.per_image.get((quality, size))
-        rates = prices.per_1m_tokens
+        rates = _Rates(prices.per_1m_tokens) if prices.per_1m_tokens is not None else None
         if per_image is not None:  # per-image price known: it covers the output
             usd = per_image * n
             if rates is not None:
-                usd += (text * rates["text_in"] + image * rates.get("image_in", 0.0)) / 1e6
+                usd += (text * rates.text_in + image * rates.image_in) / 1e6
             return round(usd, 8)
-        if rates is None or not output:
+        if rates is None:
             return None
-        usd = text * rates["text_in"] + image * rates.get("image_in", 0.0)
-        return round((usd + output * rates["image_out"]) / 1_000_000, 8)
+        usd = text * rates.text_in + image * rates.image_in + output * rates.image_out
+        return round(usd / 1_000_000, 8)
+
+
+@dataclass(frozen=True)
+class _Rates:
+    """Per-1M-token rates, with one rule for the ones a table leaves out: cached text at the
+    text rate, input images at the text rate (the ledger and the cap price alike)."""
+
+    text_in: float
+    text_in_cached: float
+    image_in: float
+    image_out: float
+
+    def __init__(self, table: Mapping[str, float]) -> None:
+        object.__setattr__(self, "text_in", table["text_in"])
+        object.__setattr__(self, "text_in_cached", table.get("text_in_cached", table["text_in"]))
+        object.__setattr__(self, "image_in", table.get("image_in", table["text_in"]))
+        object.__setattr__(self, "image_out", table["image_out"])
 
 
 def _n(params: Mapping[str, Any]) -> int:
     return int(params.get("n") or 1)
 
 
-@functools.lru_cache(maxsize=1)
-def _default_table() -> PriceTable:
-    text = resources.files("batchimg").joinpath("prices.json").read_text(encoding="utf-8")
-    return PriceTable.from_json(json.loads(text), "batchimg/prices.json")
-
-
-PRICE_TABLE = _default_table().name
+PRICE_TABLE = Catalog.default().name
 
 
 def usage_cost_usd(model: str, usage: Mapping[str, Any]) -> float | None:
-    """Cost of one answer from its `usage`, with the built-in table."""
-    return _default_table().usage_cost(model, usage)
+    """Cost of one answer from its `usage`, with the built-in catalog."""
+    return PriceTable.default().usage_cost(model, usage)
 
 
 def request_cost_usd(params: Mapping[str, Any], usage: Mapping[str, Any] | None) -> float | None:
-    """Cost of one answered request with the built-in table."""
-    return _default_table().request_cost(params, usage)
+    """Cost of one answered request with the built-in catalog."""
+    return PriceTable.default().request_cost(params, usage)

@@ -26,7 +26,10 @@ from .estimate import render_rows
 from .ledger import LEDGER_NAME, parse_record
 from .pricing import PriceTable
 
-GROUP_FIELDS = ("model", "size", "quality", "status", "endpoint", "day")
+GROUP_FIELDS = (
+    "model", "size", "quality", "output_format", "complexity", "frame_count", "status",
+    "endpoint", "day",
+)  # fmt: skip
 _BUCKET = math.log(1.02)  # latency histogram: 2 % wide buckets, so p95 is within 2 %
 
 
@@ -81,6 +84,7 @@ class Group:
     output_tokens: int = 0
     cost_usd: float = 0.0
     unpriced: int = 0
+    unpriced_extra: int = 0  # answers whose extra usage (svg_usage) no price covers
     failures: Counter[str] = field(default_factory=Counter)
     latency_sum_s: float = 0.0
     latency_count: int = 0
@@ -113,8 +117,12 @@ class Group:
         ):
             self.last_finished = finished
 
-    def add_billing(self, usage: Any, cost: float | None, billed: bool) -> None:
-        """A billed answer (or a record that may carry one)."""
+    def add_billing(
+        self, usage: Any, cost: float | None, billed: bool, extra: bool = False
+    ) -> None:
+        """A billed answer (or a record that may carry one); `extra`: it carries usage that
+        no price covers."""
+        self.unpriced_extra += extra
         if isinstance(usage, dict):
             self.input_tokens += int(usage.get("input_tokens") or 0)
             self.output_tokens += int(usage.get("output_tokens") or 0)
@@ -153,6 +161,7 @@ class Group:
             "output_tokens": self.output_tokens,
             "cost_usd": round(self.cost_usd, 6),
             "unpriced_answers": self.unpriced,
+            "unpriced_extra_usage": self.unpriced_extra,
             "failures": dict(self.failures),
             "latency_avg_s": round(self.latency_sum_s / self.latency_count, 4)
             if self.latency_count
@@ -229,8 +238,9 @@ def build_report(
             cost = _cost(record, prices)
             if prices is None and isinstance(record.get("price_table"), str) and cost is not None:
                 tables.add(record["price_table"])
+            extra = isinstance(record.get("extra_usage"), dict)
             for target in (total, group):
-                target.add_billing(record.get("usage"), cost, answered)
+                target.add_billing(record.get("usage"), cost, answered, extra)
     name = prices.name if prices is not None else (", ".join(sorted(tables)) or None)
     ordered = dict(sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])))
     return Report(price_table=name, total=total, groups=ordered, by=tuple(by))
@@ -242,7 +252,11 @@ def _cost(record: dict[str, Any], prices: PriceTable | None) -> float | None:
         return float(cost) if isinstance(cost, (int, float)) else None
     if record.get("usage") is None and not record.get("files"):
         return None  # never answered: nothing to reprice
-    params = {k: record.get(k) for k in ("model", "n", "size", "quality", "prompt")}
+    params = {
+        k: record.get(k)
+        for k in ("model", "n", "size", "quality", "prompt", "output_format", "complexity")
+        if record.get(k) is not None
+    }
     return prices.request_cost(params, record.get("usage"))
 
 
@@ -277,6 +291,11 @@ def format_table(report: Report) -> str:
         lines.append(f"failures: {counts}")
     if report.total.unpriced:
         lines.append(f"{report.total.unpriced} answers have no known price (not in the cost)")
+    if report.total.unpriced_extra:
+        lines.append(
+            f"{report.total.unpriced_extra} answers carry extra usage no price covers (svg_usage:"
+            " the SVG author's tokens; see extra_usage in the ledger), not in the cost"
+        )
     lines.append(f"prices: {report.price_table or 'none recorded'}")
     return "\n".join(lines)
 

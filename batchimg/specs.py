@@ -1,84 +1,39 @@
-"""Facts about the Images API that the loader, the client, the writer and the mock all share.
+"""The request rules, read from the catalog: what the API would refuse, before it is sent.
 
-Sources: OpenAI's OpenAPI spec (`CreateImageRequest`, `CreateImageEditRequest`), the image
-generation guide and model pages, as collected in `shared/API_NOTES.md`. Keeping them in one
-place means the manifest loader rejects exactly what the mock server (and the real API) reject.
+`validate_params` judges one request (its fields, for one model and endpoint) the way the API
+does: for a model the catalog knows, every rule of its entry; for one it does not, structural
+checks only (field types, `n`, the `WxH` shape of a size) and the rest is left to the API. The
+`resolved_*` helpers say what a request will produce (`auto` and omitted fields made concrete
+from the model's defaults), for file names, estimates and the budget. Nothing here knows a
+model by name: that is the catalog's job.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-Family = Literal["gpt", "dall-e-2", "dall-e-3"]
+from .catalog import Catalog, ModelSpec, ParamRule
+
 Endpoint = Literal["generations", "edits"]
 
-GPT_SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")
-DALLE2_SIZES = ("256x256", "512x512", "1024x1024")
-DALLE3_SIZES = ("1024x1024", "1792x1024", "1024x1792")
-GPT_QUALITIES = ("low", "medium", "high", "auto")
-#: Fields only GPT image models take.
-GPT_ONLY_FIELDS = frozenset({"output_format", "output_compression", "background", "moderation"})
-DALLE3_QUALITIES = ("standard", "hd")
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
-BACKGROUNDS = ("transparent", "opaque", "auto")
-MODERATIONS = ("low", "auto")
-INPUT_FIDELITIES = ("high", "low")
-RESPONSE_FORMATS = ("url", "b64_json")
-STYLES = ("vivid", "natural")
-
-#: Fields a request body may carry (besides `image` / `mask` for edits).
-API_FIELDS = (
-    "model",
-    "prompt",
-    "n",
-    "size",
-    "quality",
-    "output_format",
-    "output_compression",
-    "background",
-    "moderation",
-    "input_fidelity",
-    "user",
-    "style",
-    "response_format",
-)
-
-#: Output tokens per image for gpt-image-1 and gpt-image-1.5 (image generation guide).
-GPT_IMAGE_1_OUTPUT_TOKENS: dict[tuple[str, str], int] = {
-    ("low", "1024x1024"): 272,
-    ("low", "1024x1536"): 408,
-    ("low", "1536x1024"): 400,
-    ("medium", "1024x1024"): 1056,
-    ("medium", "1024x1536"): 1584,
-    ("medium", "1536x1024"): 1568,
-    ("high", "1024x1024"): 4160,
-    ("high", "1024x1536"): 6240,
-    ("high", "1536x1024"): 6208,
+#: Formats batchimg can verify and store, with their MIME types and file extensions.
+IMAGE_MIME = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "svg": "image/svg+xml",
 }
-
-#: gpt-image-1-mini does not follow the table above: these counts are its published per-image
-#: prices divided by its image-output price ($8 / 1M tokens), e.g. $0.005 / $8e-6 = 625.
-GPT_IMAGE_1_MINI_OUTPUT_TOKENS: dict[tuple[str, str], int] = {
-    ("low", "1024x1024"): 625,
-    ("low", "1024x1536"): 750,
-    ("low", "1536x1024"): 750,
-    ("medium", "1024x1024"): 1375,
-    ("medium", "1024x1536"): 1875,
-    ("medium", "1536x1024"): 1875,
-    ("high", "1024x1024"): 4500,
-    ("high", "1024x1536"): 6500,
-    ("high", "1536x1024"): 6500,
-}
-
-#: What `auto` resolves to when a count must be known in advance (the mock bills this too).
-AUTO_SIZE = "1024x1024"
-AUTO_QUALITY = "medium"
-
-MAX_PROMPT_CHARS: dict[Family, int] = {"gpt": 32000, "dall-e-2": 1000, "dall-e-3": 4000}
-MAX_N = 10
+FILE_EXTENSION = {"png": "png", "jpeg": "jpg", "webp": "webp", "gif": "gif", "svg": "svg"}
+#: Fields every request may carry, whatever the model.
+_ALWAYS = ("prompt", "model")
+_SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
+_RULE_CACHE_MAX = 4096
+#: Structural fallbacks when the catalog's `fields` table says nothing.
+_MAX_PROMPT_CHARS = 32000
 
 
 class ParamError(ValueError):
@@ -90,50 +45,111 @@ class ParamError(ValueError):
         self.code = code
 
 
-def family(model: str) -> Family:
-    """Which rule set a model follows; unknown names are treated as GPT image models."""
-    if model == "dall-e-2":
-        return "dall-e-2"
-    if model == "dall-e-3":
-        return "dall-e-3"
-    return "gpt"
+def _catalog(catalog: Catalog | None) -> Catalog:
+    return catalog if catalog is not None else Catalog.default()
 
 
-def _choice(params: Mapping[str, Any], field: str, allowed: tuple[str, ...], model: str) -> None:
-    value = params.get(field)
+def model_spec(params: Mapping[str, Any], catalog: Catalog | None = None) -> ModelSpec:
+    return _catalog(catalog).spec(str(params.get("model") or ""))
+
+
+def is_size(value: str) -> bool:
+    """Whether `value` is a concrete `WIDTHxHEIGHT` (not `auto`)."""
+    return _SIZE.match(value) is not None
+
+
+def dimensions(size: str) -> tuple[int, int]:
+    width, _, height = size.partition("x")
+    return int(width), int(height)
+
+
+# -- what a request will produce -----------------------------------------------------------
+
+
+def output_format(params: Mapping[str, Any], catalog: Catalog | None = None) -> str:
+    """The format the answer's images will be in (models without the field answer PNG)."""
+    value = params.get("output_format")
+    if isinstance(value, str):
+        return value
+    spec = model_spec(params, catalog)
+    return str(spec.default("output_format") or "png")
+
+
+def _resolved(params: Mapping[str, Any], name: str, catalog: Catalog | None) -> str | None:
+    value = params.get(name)
+    spec = model_spec(params, catalog)
+    rule = spec.rule(name)
     if value is None:
-        return
-    if not isinstance(value, str) or value not in allowed:
-        raise ParamError(
-            field,
-            f"Invalid value for '{field}': {value!r} (model {model} accepts: {', '.join(allowed)})",
-        )
+        value = rule.default if rule is not None else None
+    if value == "auto" or value is None:
+        return rule.auto_estimate if rule is not None and rule.auto_estimate else value
+    return str(value)
 
 
-def _only_for(params: Mapping[str, Any], field: str, who: str) -> None:
-    if params.get(field) is not None:
-        raise ParamError(field, f"Unknown parameter: '{field}' ({who} only).", "unknown_parameter")
+def resolved_size(params: Mapping[str, Any], catalog: Catalog | None = None) -> str:
+    """The size the answer will most likely have (`auto` as the catalog's estimate)."""
+    return _resolved(params, "size", catalog) or "1024x1024"
 
 
-def takes_default(model: str, field: str, value: Any) -> bool:
-    """Whether a run-wide default for `field` suits a line of `model`; where it does not (a
-    GPT-only field, or a size, quality or n the model refuses), the API's own default stands."""
-    fam = family(model)
-    if field in GPT_ONLY_FIELDS:
-        return fam == "gpt"
-    if field == "size":
-        return value in (GPT_SIZES if fam == "gpt" else DALLE2_SIZES if fam == "dall-e-2"
-                         else DALLE3_SIZES)  # fmt: skip
-    if field == "quality":
-        return value in (GPT_QUALITIES if fam == "gpt" else DALLE3_QUALITIES if fam == "dall-e-3"
-                         else ("standard",))  # fmt: skip
-    if field == "n":
-        return fam != "dall-e-3" or value == 1
-    return True
+def resolved_quality(params: Mapping[str, Any], catalog: Catalog | None = None) -> str:
+    return _resolved(params, "quality", catalog) or "auto"
 
 
-def validate_params(params: Mapping[str, Any], endpoint: Endpoint = "generations") -> None:
-    """Raise ParamError for the first field the API would reject for this model and endpoint."""
+def resolved_complexity(params: Mapping[str, Any], catalog: Catalog | None = None) -> str | None:
+    """The complexity a request runs at, for models that take one; else None."""
+    value = params.get("complexity")
+    if isinstance(value, str):
+        return value
+    default = model_spec(params, catalog).default("complexity")
+    return str(default) if default is not None else None
+
+
+def resolved_frames(params: Mapping[str, Any], catalog: Catalog | None = None) -> int | None:
+    """Frames of an animated (gif) answer; None for still images."""
+    if output_format(params, catalog) != "gif":
+        return None
+    value = params.get("frame_count")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    default = model_spec(params, catalog).default("frame_count")
+    return int(default) if isinstance(default, int) else None
+
+
+def size_choices(params: Mapping[str, Any], catalog: Catalog | None = None) -> tuple[str, ...]:
+    """Every size the answer may have: the one asked for, or all `auto` may become."""
+    return _choices(params, "size", catalog) or (resolved_size(params, catalog),)
+
+
+def quality_choices(params: Mapping[str, Any], catalog: Catalog | None = None) -> tuple[str, ...]:
+    return _choices(params, "quality", catalog) or (resolved_quality(params, catalog),)
+
+
+def _choices(params: Mapping[str, Any], name: str, catalog: Catalog | None) -> tuple[str, ...]:
+    value = params.get(name)
+    rule = model_spec(params, catalog).rule(name)
+    if rule is None:
+        return ()
+    if value is None:
+        value = rule.default
+    return rule.auto_range if value in (None, "auto") else ()
+
+
+def megapixels(size: str) -> float:
+    """Pixels in units of 1024x1024 (how token ceilings are stated)."""
+    width, height = dimensions(size)
+    return width * height / (1024 * 1024)
+
+
+# -- what is refused ---------------------------------------------------------------------------
+
+
+def validate_params(
+    params: Mapping[str, Any],
+    endpoint: Endpoint = "generations",
+    catalog: Catalog | None = None,
+) -> None:
+    """Raise ParamError for the first field the API would refuse for this model and endpoint."""
+    catalog = _catalog(catalog)
     prompt = params.get("prompt")
     if prompt is None:
         raise ParamError(
@@ -146,134 +162,281 @@ def validate_params(params: Mapping[str, Any], endpoint: Endpoint = "generations
     model = params.get("model")
     if not isinstance(model, str) or not model:
         raise ParamError("model", f"'model' must be a non-empty string, got {model!r}.")
-    fam = family(model)
-    if len(prompt) > MAX_PROMPT_CHARS[fam]:
+    spec = catalog.spec(model)
+    prompt_rule = spec.rule("prompt")
+    limit = prompt_rule.max_chars if prompt_rule and prompt_rule.max_chars else _MAX_PROMPT_CHARS
+    if spec.params is not None and len(prompt) > limit:
         raise ParamError(
-            "prompt",
-            f"'prompt' has {len(prompt)} characters; {model} takes {MAX_PROMPT_CHARS[fam]} at most",
+            "prompt", f"'prompt' has {len(prompt)} characters; {model} takes {limit} at most"
         )
-    # Manifests repeat a few option sets over many prompts: check each set once.
+    # Manifests repeat a few option sets over many prompts: check each set once per catalog.
     try:
-        key = tuple(sorted((k, type(v), v) for k, v in params.items() if k != "prompt"))
-        error = _options_error(endpoint, key)
+        key = (endpoint, tuple(sorted((k, type(v), v) for k, v in params.items() if k != "prompt")))
+        hash(key)
     except TypeError:  # an unhashable value (a list, a dict): check it uncached
-        _check_options(params, endpoint)
+        _check_options(params, endpoint, spec, catalog)
         return
+    cache = catalog.rule_cache
+    if key not in cache:
+        try:
+            _check_options(params, endpoint, spec, catalog)
+            cache[key] = None
+        except ParamError as exc:
+            cache[key] = (exc.param, str(exc), exc.code)
+        if len(cache) > _RULE_CACHE_MAX:
+            cache.pop(next(iter(cache)))
+    error = cache[key]
     if error is not None:
         raise ParamError(*error)
 
 
-@functools.lru_cache(maxsize=4096)
-def _options_error(endpoint: Endpoint, key: tuple[Any, ...]) -> tuple[str, str, str] | None:
-    try:
-        _check_options({k: v for k, _, v in key}, endpoint)
-    except ParamError as exc:
-        return exc.param, str(exc), exc.code
-    return None
-
-
-def _check_options(params: Mapping[str, Any], endpoint: Endpoint) -> None:
+def _check_options(
+    params: Mapping[str, Any], endpoint: Endpoint, spec: ModelSpec, catalog: Catalog
+) -> None:
     """Every rule on the fields other than `prompt` (the model is known to be a string)."""
-    model = str(params["model"])
-    fam = family(model)
-    n = params.get("n")
-    if n is not None:
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
-            raise ParamError("n", f"Invalid value for 'n': {n!r} (an integer from 1 to {MAX_N}).")
-        if fam == "dall-e-3" and n != 1:
-            raise ParamError("n", "Invalid value for 'n': dall-e-3 only supports n=1.")
-    for field in ("user",):
-        if params.get(field) is not None and not isinstance(params[field], str):
-            raise ParamError(field, f"'{field}' must be a string.")
-    if fam == "gpt":
-        _choice(params, "size", GPT_SIZES, model)
-        _choice(params, "quality", GPT_QUALITIES, model)
-        _choice(params, "output_format", OUTPUT_FORMATS, model)
-        _choice(params, "background", BACKGROUNDS, model)
-        _choice(params, "moderation", MODERATIONS, model)
-        _choice(params, "input_fidelity", INPUT_FIDELITIES, model)
-        compression = params.get("output_compression")
-        if compression is not None and (
-            not isinstance(compression, int)
-            or isinstance(compression, bool)
-            or not 0 <= compression <= 100
-        ):
+    if endpoint not in spec.endpoints and spec.known:
+        raise ParamError("model", f"{spec.name} does not support image {endpoint}.")
+    fmt = output_format(params, catalog)
+    constraint = spec.formats.get(fmt)
+    animated = constraint is not None and constraint.sheet is not None
+    for name, value in params.items():
+        if name in _ALWAYS:
+            continue
+        _check_type(name, value, catalog, values=spec.params is None)
+        if spec.params is None:
+            continue  # a model the catalog does not know: the API judges the rest
+        rule = spec.params.get(name)
+        if rule is None:
             raise ParamError(
-                "output_compression",
-                f"Invalid value for 'output_compression': {compression!r} (0 to 100).",
+                name,
+                f"Unknown parameter: '{name}' ({spec.name} does not take it).",
+                "unknown_parameter",
             )
-        fmt = params.get("output_format") or "png"
-        if params.get("background") == "transparent" and fmt not in ("png", "webp"):
-            raise ParamError(
-                "background", "Transparent background needs output_format png or webp."
-            )
-        _only_for(params, "response_format", "dall-e-2 and dall-e-3")
-        _only_for(params, "style", "dall-e-3")
-        if endpoint == "generations":
-            _only_for(params, "input_fidelity", "edits")
-        else:
-            _only_for(params, "moderation", "generations")
-            if model == "gpt-image-1-mini":
-                _only_for(params, "input_fidelity", "edits with models other than gpt-image-1-mini")
-    else:
-        sizes = DALLE2_SIZES if fam == "dall-e-2" else DALLE3_SIZES
-        _choice(params, "size", sizes, model)
-        _choice(params, "response_format", RESPONSE_FORMATS, model)
-        if fam == "dall-e-3":
-            _choice(params, "quality", DALLE3_QUALITIES, model)
-            _choice(params, "style", STYLES, model)
-        else:
-            _choice(params, "quality", ("standard",), model)
-            _only_for(params, "style", "dall-e-3")
-        for field in (
-            "output_format",
-            "output_compression",
-            "background",
-            "moderation",
-            "input_fidelity",
-        ):
-            _only_for(params, field, "GPT image models")
+        check_value(name, value, rule, spec.name, endpoint, fmt, sheet=animated)
+        if name == "output_format" and value not in IMAGE_MIME:
+            raise ParamError(name, f"batchimg cannot verify or store {value!r} images.")
+    if spec.params is not None:
+        _check_combination(params, spec, fmt, catalog)
 
 
-def resolved_size(params: Mapping[str, Any]) -> str:
-    """The size the API will produce: `auto` and a missing size become a concrete one."""
-    size = params.get("size")
-    if not size or size == "auto":
-        return AUTO_SIZE
-    return str(size)
+def _check_type(name: str, value: Any, catalog: Catalog, *, values: bool = True) -> None:
+    """The field's JSON type (and, with `values`, the structural table's allowed values)."""
+    known = catalog.fields.get(name)
+    if known is None:
+        raise ParamError(name, f"Unknown parameter: '{name}'.", "unknown_parameter")
+    kind, rule = known
+    if kind == "integer":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ParamError(name, f"Invalid value for '{name}': {value!r} (an integer).")
+        _check_bounds(name, value, rule, None)
+    elif kind == "object":
+        if not isinstance(value, dict):
+            raise ParamError(name, f"Invalid value for '{name}': {value!r} (a JSON object).")
+    elif not isinstance(value, str):
+        raise ParamError(name, f"'{name}' must be a string, got {type(value).__name__}.")
+    elif kind == "size" and value != "auto" and not _SIZE.match(value):
+        raise ParamError(name, f"Invalid value for '{name}': {value!r} (WIDTHxHEIGHT or auto).")
+    if values and rule.values is not None and value not in rule.values:
+        raise ParamError(
+            name,
+            f"Invalid value for '{name}': {value!r} (batchimg stores {', '.join(rule.values)}).",
+        )
 
 
-def resolved_quality(params: Mapping[str, Any]) -> str:
-    quality = params.get("quality")
-    if not quality or quality == "auto":
-        return AUTO_QUALITY if family(str(params.get("model", ""))) == "gpt" else "standard"
-    return str(quality)
-
-
-def output_format(params: Mapping[str, Any]) -> str:
-    """The image format the response will carry (DALL·E always answers PNG)."""
-    if family(str(params.get("model", ""))) != "gpt":
-        return "png"
-    return str(params.get("output_format") or "png")
-
-
-def output_tokens_per_image(params: Mapping[str, Any]) -> int | None:
-    """Published output-token count for one image, or None where the model has no table."""
-    model = str(params.get("model", ""))
-    if family(model) != "gpt":
-        return None
-    table = (
-        GPT_IMAGE_1_MINI_OUTPUT_TOKENS if model == "gpt-image-1-mini" else GPT_IMAGE_1_OUTPUT_TOKENS
+def _check_bounds(name: str, value: int, rule: ParamRule, model: str | None) -> None:
+    low, high = rule.min, rule.max
+    if (low is None or value >= low) and (high is None or value <= high):
+        return
+    if model is not None and low == high:
+        raise ParamError(name, f"Invalid value for '{name}': {model} only supports {name}={low}.")
+    span = (
+        f"an integer from {low} to {high}"
+        if low is not None and high is not None
+        else f"at least {low}"
+        if low is not None
+        else f"at most {high}"
     )
-    return table.get((resolved_quality(params), resolved_size(params)))
+    raise ParamError(name, f"Invalid value for '{name}': {value!r} ({span}).")
 
 
-def estimate_request_tokens(params: Mapping[str, Any], image_tokens: int = 0) -> int:
-    """Tokens one request will use, before it is sent: output from the table, text estimated."""
-    n = int(params.get("n") or 1)
-    prompt = params.get("prompt")
-    text = estimate_text_tokens(prompt) if isinstance(prompt, str) else 0
-    return (output_tokens_per_image(params) or 0) * n + text + image_tokens
+def check_value(
+    name: str,
+    value: Any,
+    rule: ParamRule,
+    model: str,
+    endpoint: str,
+    fmt: str,
+    *,
+    sheet: bool = False,
+) -> None:
+    """One field against its rule for one model (ParamError); cross-field rules are apart.
+    `sheet`: the output is animated, so a size's pixel bounds are its sheet's (checked apart)."""
+    if rule.endpoints is not None and endpoint not in rule.endpoints:
+        raise ParamError(
+            name,
+            f"Unknown parameter: '{name}' ({' and '.join(rule.endpoints)} only).",
+            "unknown_parameter",
+        )
+    if isinstance(value, int) and not isinstance(value, bool):
+        _check_bounds(name, value, rule, model)
+    if rule.values is not None and value not in rule.values:
+        if rule.custom is None or not isinstance(value, str):
+            raise ParamError(
+                name,
+                f"Invalid value for '{name}': {value!r} (model {model} accepts: "
+                f"{', '.join(rule.values)})",
+            )
+        _check_custom_size(name, value, rule, model, sheet=sheet)
+    if rule.formats is not None and fmt not in rule.formats:
+        raise ParamError(
+            name,
+            f"'{name}' is only supported with output_format {' or '.join(rule.formats)} "
+            f"(this request asks for {fmt}).",
+            "unsupported_parameter",
+        )
+
+
+def _check_custom_size(
+    name: str, value: str, rule: ParamRule, model: str, *, sheet: bool = False
+) -> None:
+    """A size outside the model's list, against its custom-size rule. With `sheet` (animated
+    output) the pixel and edge bounds are the sprite sheet's, checked apart."""
+    custom = rule.custom
+    assert custom is not None
+    match = _SIZE.match(value)
+    listed = ", ".join(rule.values or ())
+    if match is None:
+        raise ParamError(
+            name, f"Invalid value for '{name}': {value!r} (WIDTHxHEIGHT, or one of {listed})"
+        )
+    width, height = int(match.group(1)), int(match.group(2))
+    problems = []
+    if width % custom.multiple_of or height % custom.multiple_of:
+        problems.append(f"both sides must be divisible by {custom.multiple_of}")
+    ratio = width / height
+    if custom.min_ratio is not None and ratio < custom.min_ratio - 1e-9:
+        problems.append(f"the aspect ratio must be at most 1:{round(1 / custom.min_ratio, 3):g}")
+    if custom.max_ratio is not None and ratio > custom.max_ratio + 1e-9:
+        problems.append(f"the aspect ratio must be at most {custom.max_ratio:g}:1")
+    if not sheet:
+        problems += _bounds_problems(
+            width, height, custom.max_edge, custom.min_pixels, custom.max_pixels
+        )
+        if custom.min_edge is not None and min(width, height) < custom.min_edge:
+            problems.append(f"no side may be under {custom.min_edge}")
+    if problems:
+        raise ParamError(
+            name, f"Invalid value for '{name}': {value!r} for {model}: {'; '.join(problems)}"
+        )
+
+
+def _bounds_problems(
+    width: int, height: int, max_edge: int | None, min_pixels: int | None, max_pixels: int | None
+) -> list[str]:
+    problems = []
+    if max_edge is not None and max(width, height) > max_edge:
+        problems.append(f"no side may exceed {max_edge}")
+    pixels = width * height
+    if min_pixels is not None and pixels < min_pixels:
+        problems.append(f"at least {min_pixels:,} pixels")
+    if max_pixels is not None and pixels > max_pixels:
+        problems.append(f"at most {max_pixels:,} pixels")
+    return problems
+
+
+def _check_combination(
+    params: Mapping[str, Any], spec: ModelSpec, fmt: str, catalog: Catalog
+) -> None:
+    background = spec.rule("background")
+    if (
+        params.get("background") == "transparent"
+        and background is not None
+        and background.transparent_formats is not None
+        and fmt not in background.transparent_formats
+    ):
+        allowed = " or ".join(background.transparent_formats)
+        raise ParamError("background", f"Transparent background needs output_format {allowed}.")
+    constraint = spec.formats.get(fmt)
+    if constraint is None:
+        return
+    n = params.get("n") or 1
+    if constraint.max_n is not None and n > constraint.max_n:
+        raise ParamError(
+            "n", f"Invalid value for 'n': {fmt} output takes n={constraint.max_n} at most."
+        )
+    frames = resolved_frames(params, catalog)
+    sheet = constraint.sheet
+    if sheet is None or not frames or params.get("size") in (None, "auto"):
+        return  # with `auto` the model picks a frame size that fits
+    cells = sheet.cells(frames)
+    if cells is None:
+        raise ParamError("frame_count", f"{fmt} output takes no sheet of {frames} frames.")
+    width, height = dimensions(resolved_size(params, catalog))
+    sheet_w, sheet_h = width * cells[0], height * cells[1]
+    problems = _bounds_problems(
+        sheet_w, sheet_h, sheet.max_edge, sheet.min_pixels, sheet.max_pixels
+    )
+    if problems:
+        raise ParamError(
+            "size",
+            f"Size {width}x{height} does not fit {frames} {fmt} frames: they are drawn as one "
+            f"{cells[0]}x{cells[1]} sheet of {sheet_w}x{sheet_h}, which needs "
+            f"{'; '.join(problems)}.",
+        )
+
+
+def takes_default(
+    params: Mapping[str, Any],
+    field: str,
+    value: Any,
+    endpoint: Endpoint = "generations",
+    catalog: Catalog | None = None,
+) -> bool:
+    """Whether a run-wide default for `field` suits this line (its model, endpoint and output
+    format); where it does not, the line goes without it and the API's own default stands."""
+    catalog = _catalog(catalog)
+    spec = catalog.spec(str(params.get("model") or ""))
+    if spec.params is None:
+        try:
+            _check_type(field, value, catalog)
+        except ParamError:
+            return False
+        return True
+    rule = spec.params.get(field)
+    if rule is None:
+        return False
+    try:
+        check_value(field, value, rule, spec.name, endpoint, output_format(params, catalog))
+    except ParamError:
+        return False
+    return True
+
+
+def dropped_fields(params: Mapping[str, Any], catalog: Catalog | None = None) -> list[str]:
+    """Fields the API takes only with other output formats, which are left out of the request
+    rather than refused (e.g. `output_compression` on a png line). A value that is wrong in
+    itself (out of range) is not dropped: validation refuses it."""
+    catalog = _catalog(catalog)
+    spec = model_spec(params, catalog)
+    if spec.params is None:
+        return []
+    fmt = output_format(params, catalog)
+    dropped = []
+    for name, rule in spec.params.items():
+        if name not in params or not rule.drop_other_formats or rule.formats is None:
+            continue
+        if fmt in rule.formats:
+            continue
+        try:
+            _check_type(name, params[name], catalog, values=False)
+            check_value(name, params[name], rule, spec.name, "generations", rule.formats[0])
+        except ParamError:
+            continue
+        dropped.append(name)
+    return dropped
+
+
+# -- tokens and formats ------------------------------------------------------------------------
 
 
 def estimate_text_tokens(prompt: str) -> int:
@@ -281,23 +444,23 @@ def estimate_text_tokens(prompt: str) -> int:
     return max(1, math.ceil(len(prompt.encode("utf-8")) / 4))
 
 
-def dimensions(size: str) -> tuple[int, int]:
-    width, _, height = size.partition("x")
-    return int(width), int(height)
-
-
-IMAGE_MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-FILE_EXTENSION = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-
-
 def sniff_format(head: bytes) -> str | None:
-    """The image format named by a file's magic number: png, jpeg, webp, or None."""
+    """The image format named by a file's first bytes: png, jpeg, webp, gif, svg, or None.
+
+    `svg` here only means "starts like an XML or SVG document" (not an HTML error page);
+    `writer.check_image` parses it to be sure.
+    """
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip().lower()
+    if text.startswith((b"<?xml", b"<svg", b"<!doctype svg", b"<!--")):
+        return "svg"
     return None
 
 
@@ -305,7 +468,7 @@ def image_input_tokens(width: int, height: int) -> int:
     """Approximate input tokens for one input image (GPT-4o-style 512-pixel tiles).
 
     The image is scaled to fit 2048x2048, then its short side to 768; each 512x512 tile costs
-    170 tokens plus a base of 85. The mock bills this and estimates use it.
+    170 tokens plus a base of 85.
     """
     scale = min(1.0, 2048 / max(width, height))
     w, h = width * scale, height * scale

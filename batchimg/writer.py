@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
+from xml.parsers import expat
 
 import anyio
 import anyio.from_thread
@@ -63,13 +64,45 @@ def decode_b64_image(value: str) -> bytes:
         raise _bad_image(f"b64_json does not decode: {exc}") from None
 
 
-def check_format(data: bytes, expected: str) -> None:
-    """Raise ItemFailed unless the bytes start with the magic number of `expected`."""
-    found = specs.sniff_format(data[:16])
+def check_image(image: bytes | SpooledImage, expected: str) -> None:
+    """Raise ItemFailed unless the image is what was asked for: the format's magic number
+    (PNG, JPEG, WebP, GIF), or for SVG a whole XML document whose root is `<svg>`."""
+    head = image.head if isinstance(image, SpooledImage) else image[:64]
+    size = image.nbytes if isinstance(image, SpooledImage) else len(image)
+    found = specs.sniff_format(head)
     if found is None:
-        raise _bad_image(f"answer is not a PNG, JPEG or WebP image ({len(data)} bytes)")
+        raise _bad_image(f"answer is not a PNG, JPEG, WebP, GIF or SVG image ({size} bytes)")
     if found != expected:
         raise _bad_image(f"asked for {expected}, got {found}")
+    if expected == "svg":
+        _check_svg(image)
+
+
+def _check_svg(image: bytes | SpooledImage) -> None:
+    """The whole document must parse as XML with an `svg` root. Parsed by expat as a stream (no
+    tree is built; expat refuses entity bombs, and external entities are never fetched)."""
+    parser = expat.ParserCreate(namespace_separator=" ")
+    tags: list[str] = []
+
+    def start(name: str, _attrs: object) -> None:
+        if not tags:
+            tags.append(name.rsplit(" ", 1)[-1])
+
+    parser.StartElementHandler = start
+    try:
+        if isinstance(image, SpooledImage):
+            with open(image.path, "rb") as fh:
+                while chunk := fh.read(1 << 16):
+                    parser.Parse(chunk, False)
+        else:
+            parser.Parse(image, False)
+        parser.Parse(b"", True)
+    except expat.ExpatError as exc:
+        raise _bad_image(f"answer is not a well-formed SVG document: {exc}") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read back a spooled image: {exc}") from exc
+    if tags != ["svg"]:
+        raise _bad_image(f"answer is XML but its root is <{tags[0] if tags else ''}>, not <svg>")
 
 
 class ImageStore:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import orjson
 from PIL import Image
@@ -24,7 +25,10 @@ LEDGER_FIELDS = {
     "id", "line", "status", "endpoint", "model", "prompt", "n", "size", "quality",
     "output_format", "files", "bytes", "sha256", "usage", "cost_usd", "price_table",
     "attempts", "rate_limited", "latency_s", "request_id", "started_at", "finished_at", "metadata",
+    "complexity", "frame_count",
 }  # fmt: skip
+#: Present only when the answer carried usage billed apart (svg_usage).
+EXTRA_USAGE_FIELDS = {"extra_usage", "cost_note"}
 
 
 def ledger(out: Path) -> list[dict[str, Any]]:
@@ -38,19 +42,28 @@ def last_states(out: Path) -> dict[str, dict[str, Any]]:
 def check_ok_record(out: Path, record: dict[str, Any]) -> None:
     """An ok record names real, decodable files of the size and format it claims."""
     expected = LEDGER_FIELDS | ({"inputs", "mask"} if record["endpoint"] == "edits" else set())
+    expected |= EXTRA_USAGE_FIELDS & set(record)
     assert set(record) == expected, set(record) ^ expected
     assert record["status"] == "ok"
     assert len(record["files"]) == record["n"] == len(record["bytes"]) == len(record["sha256"])
-    expected_format = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[record["output_format"]]
     for rel, size, digest in zip(record["files"], record["bytes"], record["sha256"], strict=True):
         data = (out / rel).read_bytes()
         assert len(data) == size
         assert hashlib.sha256(data).hexdigest() == digest
+        if record["output_format"] == "svg":
+            root = ElementTree.fromstring(data)
+            assert root.tag == "{http://www.w3.org/2000/svg}svg"
+            continue
+        expected_format = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF"}[
+            record["output_format"]
+        ]
         with Image.open(out / rel) as im:
             im.load()
             assert im.format == expected_format
             if record["size"] not in (None, "auto"):
                 assert f"{im.width}x{im.height}" == record["size"]
+            if expected_format == "GIF":
+                assert im.n_frames == record["frame_count"]
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:

@@ -18,7 +18,7 @@ import pytest
 import batchimg
 from batchimg.estimate import estimate_manifest
 from batchimg.mock import MockConfig, MockServer
-from batchimg.pricing import PriceTable
+from batchimg.pricing import PRICE_TABLE, PriceTable
 from batchimg.report import build_report, format_csv, read_backwards
 from tests.conftest import TEST_KEY
 from tests.helpers import ledger
@@ -44,12 +44,26 @@ async def run(manifest: Path, out: Path, server: MockServer, **options: Any) -> 
     return await batchimg.arun(manifest, out, base_url=server.base_url, api_key=TEST_KEY, **options)
 
 
-@pytest.mark.parametrize("job", ["example.jsonl", "edit-example.jsonl"])
-async def test_estimate_matches_what_the_mock_bills_within_2_percent(
-    job: str, tmp_path: Path, mock_server: MockServer
+#: Lines of the models whose output tokens are published (a table, or per-image prices).
+PUBLISHED_LINES = [
+    {"id": f"p{i}", "model": model, "prompt": f"a published-count lamp number {i}",
+     "quality": quality, "size": size, "n": 1 + i % 2}
+    for i, (model, quality, size) in enumerate(
+        (m, q, s)
+        for m in ("gpt-image-1", "gpt-image-1.5", "gpt-image-1-mini")
+        for q in ("low", "medium", "high")
+        for s in ("1024x1024", "1536x1024", "1024x1536")
+    )
+]  # fmt: skip
+
+
+async def test_estimate_of_published_counts_matches_what_the_mock_bills_within_2_percent(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
 ) -> None:
-    estimate = estimate_manifest(JOBS / job)
-    summary = await run(JOBS / job, tmp_path / "out", mock_server)
+    manifest = write_manifest(PUBLISHED_LINES)
+    estimate = estimate_manifest(manifest)
+    assert {g.basis for g in estimate.groups.values()} == {"published"}
+    summary = await run(manifest, tmp_path / "out", mock_server)
     billed = billed_usd(mock_server)
     assert summary.ok == estimate.items and summary.images == estimate.images
     assert estimate.total_cost_usd == pytest.approx(billed, rel=0.02)
@@ -57,16 +71,51 @@ async def test_estimate_matches_what_the_mock_bills_within_2_percent(
     assert estimate.output_tokens == summary.output_tokens
 
 
+def _variants(lines: list[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
+    """The same requests (model, size, quality, format, complexity, frames) with new prompts."""
+    return [{**line, "id": f"{line['id']}-{tag}", "prompt": f"{line['prompt']} ({tag})"}
+            for line in lines]  # fmt: skip
+
+
+async def test_learned_estimate_is_within_2_percent_of_the_bill_for_a_second_manifest(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    """gpt-image-2.x token counts live only in the mock: the engine learns them from a first
+    run's ledger, then estimates a second manifest of the same groups."""
+    job = [orjson.loads(line) for line in (JOBS / "example.jsonl").read_bytes().splitlines()
+           if line.strip() and not line.startswith(b"#")]  # fmt: skip
+    first = write_manifest(_variants(job, "a") + _variants(job, "b"), name="first.jsonl")
+    second = write_manifest(_variants(job, "c"), name="second.jsonl")
+    before = estimate_manifest(second)
+    assert before.unknown_items == len(job) and before.total_cost_usd == 0  # nothing to go on
+    assert before.unknown_max_usd is not None and before.unknown_max_usd > 0
+    await run(first, tmp_path / "first", mock_server)
+    estimate = estimate_manifest(second, ledgers=[tmp_path / "first"])
+    assert estimate.unknown_items == 0
+    assert {g.basis for g in estimate.groups.values()} == {"learned"}
+    assert all(g.samples >= 2 for g in estimate.groups.values())
+    billed_before = billed_usd(mock_server)
+    await run(second, tmp_path / "second", mock_server)
+    billed = billed_usd(mock_server) - billed_before
+    error = abs(estimate.total_cost_usd - billed) / billed
+    assert error < 0.02, (estimate.total_cost_usd, billed)
+    low, high = estimate.cost_low_usd, estimate.cost_high_usd
+    assert low <= estimate.total_cost_usd <= high
+    print(f"learned estimate ${estimate.total_cost_usd:.4f} vs billed ${billed:.4f}: "
+          f"{error:.3%} off; range ${low:.4f}-{high:.4f}")  # fmt: skip
+
+
 def test_estimate_json_shape_and_groups(
     tmp_path: Path, write_manifest: Callable[..., Path]
 ) -> None:
     manifest = write_manifest(
         [
-            {"prompt": "a", "quality": "high", "size": "1536x1024", "n": 2},
-            {"prompt": "b", "quality": "high", "size": "1536x1024"},
+            {"prompt": "a", "model": "gpt-image-1", "quality": "high", "size": "1536x1024", "n": 2},
+            {"prompt": "b", "model": "gpt-image-1", "quality": "high", "size": "1536x1024"},
             {"prompt": "c", "model": "dall-e-3", "quality": "hd", "size": "1792x1024"},
             {"prompt": "d", "model": "gpt-image-2"},
-            {"prompt": "e", "size": "999x1"},
+            {"prompt": "e", "model": "gpt-image-1", "size": "999x1"},
+            {"prompt": "f", "model": "gpt-image-3-preview"},
         ]
     )
     result = subprocess.run(
@@ -76,24 +125,27 @@ def test_estimate_json_shape_and_groups(
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert {"items", "images", "output_tokens", "total_cost_usd", "groups"} <= set(data)
-    assert (data["items"], data["images"], data["bad_lines"], data["unpriced_items"]) == (
-        4,
-        5,
-        1,
-        1,
-    )
+    counts = (data["items"], data["images"], data["bad_lines"], data["unpriced_items"],
+              data["unknown_items"])  # fmt: skip
+    assert counts == (5, 6, 1, 1, 1)
     groups = {(g["model"], g["size"], g["quality"]): g for g in data["groups"]}
     high = groups[("gpt-image-1", "1536x1024", "high")]
+    assert high["basis"] == "published"
     assert high["images"] == 3 and high["output_tokens"] == 3 * 6208
     assert high["cost_usd"] == pytest.approx(3 * 6208 * 40e-6 + 2 * 1 * 5e-6, abs=1e-6)
     assert groups[("dall-e-3", "1792x1024", "hd")]["cost_usd"] == pytest.approx(0.12)
-    assert groups[("gpt-image-2", "1024x1024", "medium")]["cost_usd"] is None  # unknown, not 0
+    unknown = groups[("gpt-image-2", "1024x1024", "medium")]
+    assert unknown["basis"] == "unknown" and unknown["cost_usd"] is None  # unknown, not 0
+    assert unknown["output_tokens"] is None and unknown["max_usd"] > 0  # a bound, not a guess
+    assert groups[("gpt-image-3-preview", "1024x1024", "auto")]["unpriced"] is True
     assert data["total_cost_usd"] == pytest.approx(high["cost_usd"] + 0.12)
+    assert any("gpt-image-3-preview" in w for w in data["warnings"])
     table = subprocess.run(
         [sys.executable, "-m", "batchimg", "estimate", str(manifest)],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )  # fmt: skip
     assert "unpriced" in table.stdout and "total" in table.stdout and "1 bad lines" in table.stdout
+    assert "unknown" in table.stdout and "--from-ledger" in table.stdout
 
 
 def test_mini_is_estimated_from_its_per_image_prices() -> None:
@@ -124,27 +176,36 @@ async def test_prices_file_overrides_and_extends(
     }))  # fmt: skip
     manifest = write_manifest(
         [
-            {"id": "a", "prompt": "abcd", "quality": "low"},
+            {"id": "a", "prompt": "abcd", "quality": "low", "model": "gpt-image-1"},
             {"id": "b", "prompt": "abcd", "quality": "low", "model": "gpt-image-2"},
             {"id": "c", "prompt": "abcd", "quality": "low", "model": "gpt-image-1.5"},
+            {"id": "d", "prompt": "abcd", "quality": "low", "model": "gpt-image-2-2026-04-21"},
         ]
     )
     await run(manifest, tmp_path / "out", mock_server, prices=prices)
     records = {r["id"]: r for r in ledger(tmp_path / "out")}
     assert records["a"]["cost_usd"] == pytest.approx((1 * 1.0 + 272 * 10.0) / 1e6)
-    assert records["b"]["cost_usd"] == pytest.approx((1 * 2.0 + 272 * 20.0) / 1e6)
+    for item in ("b", "d"):  # a snapshot is priced as its model
+        out = records[item]["usage"]["output_tokens"]
+        assert records[item]["cost_usd"] == pytest.approx((1 * 2.0 + out * 20.0) / 1e6)
     assert records["c"]["cost_usd"] == pytest.approx((1 * 5.0 + 272 * 32.0) / 1e6)  # built-in
-    assert records["a"]["price_table"] == "openai-2025-10+negotiated-2026"
+    assert records["a"]["price_table"] == f"{PRICE_TABLE}+negotiated-2026"
 
 
 async def test_unknown_model_is_priced_unknown_not_zero(
     tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
 ) -> None:
-    manifest = write_manifest([{"id": "x", "prompt": "p", "model": "gpt-image-2"}])
+    # A model newer than the catalog: the mock serves it, batchimg sends it as written.
+    manifest = write_manifest(
+        [{"id": "x", "prompt": "p", "model": "gpt-image-3-preview", "size": "1536x864"}]
+    )
     summary = await run(manifest, tmp_path / "out", mock_server)
     (record,) = ledger(tmp_path / "out")
     assert record["status"] == "ok" and record["cost_usd"] is None
+    assert record["usage"]["output_tokens"] > 0
     assert summary.unpriced == 1 and summary.cost_usd == 0
+    (warning,) = summary.warnings
+    assert "gpt-image-3-preview" in warning and "unpriced" in warning
 
 
 def test_bad_price_file_exits_2(tmp_path: Path) -> None:
@@ -164,8 +225,8 @@ def test_bad_price_file_exits_2(tmp_path: Path) -> None:
 async def test_budget_cap_is_never_exceeded_and_a_higher_cap_resumes(
     tmp_path: Path, write_manifest: Callable[..., Path]
 ) -> None:
-    lines = [{"id": f"b{i}", "prompt": f"budget item {i}", "quality": ("low", "medium",
-              "high")[i % 3]} for i in range(40)]  # fmt: skip
+    lines = [{"id": f"b{i}", "prompt": f"budget item {i}", "model": "gpt-image-1",
+              "quality": ("low", "medium", "high")[i % 3]} for i in range(40)]  # fmt: skip
     manifest = write_manifest(lines)
     out = tmp_path / "out"
     cap = 0.5
@@ -195,7 +256,10 @@ async def test_unpriced_model_under_a_cap_fails_without_being_sent(
     tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
 ) -> None:
     manifest = write_manifest(
-        [{"id": "u", "prompt": "p", "model": "gpt-image-2"}, {"id": "k", "prompt": "q"}]
+        [
+            {"id": "u", "prompt": "p", "model": "gpt-image-3-preview"},
+            {"id": "k", "prompt": "q", "model": "gpt-image-1"},
+        ]
     )
     summary = await run(manifest, tmp_path / "out", mock_server, max_cost_usd=5.0)
     records = {r["id"]: r for r in ledger(tmp_path / "out")}
@@ -281,7 +345,7 @@ def test_report_reprices_from_usage(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["total_cost_usd"] == pytest.approx(2 * (10 * 2.5 + 272 * 20.0) / 1e6)
-    assert data["price_table"] == "openai-2025-10+half"
+    assert data["price_table"] == f"{PRICE_TABLE}+half"
 
 
 def test_report_bad_field_and_missing_ledger_exit_2(tmp_path: Path) -> None:
@@ -319,7 +383,10 @@ async def test_cap_holds_when_a_gateway_omits_usage(
 ) -> None:
     """Paid answers without `usage` cannot be priced: under a cap they count as their worst."""
     manifest = write_manifest(
-        [{"prompt": f"usage-less {i}", "quality": "medium"} for i in range(20)]
+        [
+            {"prompt": f"usage-less {i}", "model": "gpt-image-1", "quality": "medium"}
+            for i in range(20)
+        ]
     )
     config = MockConfig(api_key=TEST_KEY, omit_usage=True, latency_s=0.05)
     async with MockServer(config) as server:

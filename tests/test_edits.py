@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import batchimg
+from batchimg.catalog import Catalog
 from batchimg.manifest import Item, read_manifest
 from batchimg.mock import MockConfig, MockServer
 from batchimg.pricing import usage_cost_usd
@@ -166,7 +167,7 @@ async def test_one_image_several_images_and_a_mask_on_the_wire(
     one, two = sorted(mock_server.requests, key=lambda r: r.prompt or "")
     assert one.files == [("image", "a.png", "image/png", sha(a))]
     assert one.params["n"] == 2 and one.params["size"] == "1024x1536"
-    assert one.params["model"] == "gpt-image-1" and one.params["prompt"] == "one"
+    assert one.params["model"] == Catalog.default().default_model and one.params["prompt"] == "one"
     assert two.files == [
         ("image[]", "a.png", "image/png", sha(a)),
         ("image[]", "b.webp", "image/webp", sha(b)),

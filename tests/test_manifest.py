@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from batchimg import specs
+from batchimg.catalog import Catalog
 from batchimg.manifest import (
     MAX_FILE_STEM,
     BadLine,
@@ -89,6 +90,7 @@ def test_unreadable_manifest_raises_oserror(tmp_path: Path) -> None:
 # --- validation: every rule is a BadLine naming its line, and the run goes on ---------------
 
 GPT = "gpt-image-1"
+DEFAULT_MODEL = Catalog.default().default_model
 
 BAD_LINES: list[tuple[str, str, str]] = [
     # (test id, raw line, fragment the reason must contain)
@@ -126,7 +128,12 @@ BAD_LINES: list[tuple[str, str, str]] = [
     ("dalle2-bad-size", '{"prompt": "a", "model": "dall-e-2", "size": "1792x1024"}', "'size'"),
     ("gpt-bad-quality", '{"prompt": "a", "quality": "hd"}', "'quality'"),
     ("dalle3-bad-quality", '{"prompt": "a", "model": "dall-e-3", "quality": "high"}', "'quality'"),
-    ("bad-output-format", '{"prompt": "a", "output_format": "gif"}', "'output_format'"),
+    ("bad-output-format", '{"prompt": "a", "output_format": "bmp"}', "'output_format'"),
+    (
+        "gif-on-gpt-image-2",
+        '{"prompt": "a", "model": "gpt-image-2", "output_format": "gif"}',
+        "'output_format'",
+    ),
     ("bad-background", '{"prompt": "a", "background": "black"}', "'background'"),
     ("bad-moderation", '{"prompt": "a", "moderation": "high"}', "'moderation'"),
     ("compression-negative", '{"prompt": "a", "output_compression": -1}', "'output_compression'"),
@@ -273,10 +280,10 @@ def test_int_and_string_ids_that_print_alike_are_duplicates(tmp_path: Path) -> N
 # --- defaults ---------------------------------------------------------------------------------
 
 
-def test_model_defaults_to_gpt_image_1(tmp_path: Path) -> None:
+def test_model_defaults_to_the_catalogs_default_model(tmp_path: Path) -> None:
     item = only_item(read_all(tmp_path / "m.jsonl", [{"prompt": "a"}]))
-    assert item.model == "gpt-image-1"
-    assert item.params["model"] == "gpt-image-1"
+    assert item.model == Catalog.default().default_model == "gpt-image-2.6-sunburst"
+    assert item.params["model"] == "gpt-image-2.6-sunburst"
 
 
 def test_defaults_fill_missing_fields_and_line_values_win(tmp_path: Path) -> None:
@@ -292,7 +299,7 @@ def test_defaults_fill_missing_fields_and_line_values_win(tmp_path: Path) -> Non
     assert isinstance(missing, Item) and isinstance(overriding, Item)
     assert missing.params == {
         "prompt": "a",
-        "model": "gpt-image-1",
+        "model": DEFAULT_MODEL,
         "size": "1536x1024",
         "quality": "low",
         "n": 2,
@@ -300,7 +307,7 @@ def test_defaults_fill_missing_fields_and_line_values_win(tmp_path: Path) -> Non
     }
     assert overriding.params == {
         "prompt": "b",
-        "model": "gpt-image-1",
+        "model": DEFAULT_MODEL,
         "size": "1024x1024",
         "quality": "high",
         "n": 1,
@@ -388,7 +395,10 @@ def test_defaults_check_accepts_legal_defaults() -> None:
         (Defaults(quality="ultra"), "quality"),
         (Defaults(n=11), "n"),
         (Defaults(model="dall-e-3", n=2), "n"),
-        (Defaults(output_format="gif"), "output_format"),
+        (Defaults(output_format="bmp"), "output_format"),
+        (Defaults(model="gpt-image-2", output_format="gif"), "output_format"),
+        (Defaults(model="gpt-image-2", quality="xhigh"), "quality"),
+        (Defaults(frame_count=17), "frame_count"),
         (Defaults(output_compression=101), "output_compression"),
         (Defaults(background="transparent", output_format="jpeg"), "background"),
         (Defaults(moderation="none"), "moderation"),

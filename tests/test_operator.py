@@ -164,14 +164,26 @@ async def test_output_loads_with_hugging_face_imagefolder(
     summary = await batchimg.arun(JOBS / job, out, base_url=mock_server.base_url,
                                   api_key=TEST_KEY)  # fmt: skip
     dataset = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
-    assert dataset.num_rows == summary.images
-    assert {"image", "prompt", "id", "image_index", "metadata", "model"} <= set(
+    records = ledger(out)
+    svg = {r["id"]: r["n"] for r in records if r["output_format"] == "svg"}
+    assert dataset.num_rows == summary.images - sum(svg.values())
+    assert {"image", "prompt", "id", "image_index", "metadata", "model", "complexity"} <= set(
         dataset.column_names
     )
-    row = dataset[0]
-    assert isinstance(row["image"], Image.Image) and row["image"].size[0] >= 1024
+    for row in dataset:  # every row decodes: no SVG (which Pillow cannot read) in this file
+        image = row["image"]
+        assert isinstance(image, Image.Image) and image.size[0] >= 512
+        image.close()  # an animated GIF keeps its file open until closed
     by_id = Counter(dataset["id"])
-    assert by_id == Counter({r["id"]: r["n"] for r in ledger(out)})
+    assert by_id == Counter({r["id"]: r["n"] for r in records if r["id"] not in svg})
+    if svg:  # SVG rows have a file of their own, of the same shape
+        vectors = datasets.load_dataset(
+            "json", data_files=str(out / "metadata-svg.jsonl"), split="train"
+        )
+        assert Counter(vectors["id"]) == Counter(svg)
+        assert all((out / name).read_bytes().startswith(b"<?xml") for name in vectors["file_name"])
+    else:
+        assert not (out / "metadata-svg.jsonl").exists()
 
 
 async def test_metadata_stays_in_step_with_the_ledger_across_resumes(
@@ -206,7 +218,9 @@ def test_python_api_runs_the_example_job(tmp_path: Path) -> None:
     summary = batchimg.run(JOBS / "example.jsonl", tmp_path / "out", mock=True, concurrency=4)
     assert isinstance(summary, batchimg.Summary)
     assert (summary.ok, summary.failed, summary.images, summary.exit_code) == (26, 0, 30, 0)
-    assert summary.cost_usd == pytest.approx(1.768, abs=1e-3)
+    report = batchimg.build_report([tmp_path / "out"])
+    assert summary.cost_usd > 0
+    assert summary.cost_usd == pytest.approx(report.total.cost_usd, rel=1e-9)
     with pytest.raises(batchimg.UsageError):
         batchimg.run(tmp_path / "missing.jsonl", tmp_path / "o", mock=True)
 

@@ -101,7 +101,7 @@ def test_dalle_ignores_usage() -> None:
     assert request_cost_usd(params, usage(text=1, output=1_000_000)) == pytest.approx(0.12)
 
 
-@pytest.mark.parametrize("model", ["gpt-image-2", "my-gateway-model", ""])
+@pytest.mark.parametrize("model", ["chatgpt-image-latest", "my-gateway-model", ""])
 def test_unknown_model_is_priced_as_unknown_not_zero(model: str) -> None:
     assert usage_cost_usd(model, usage(text=50, output=4160)) is None
     assert request_cost_usd({"model": model, "prompt": "a"}, usage(text=50, output=4160)) is None

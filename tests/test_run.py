@@ -44,17 +44,29 @@ async def test_example_job_produces_every_image_and_a_contract_ledger(
     assert len(by_id["owl-variations"]["files"]) == 4
     assert by_id["watch-jpeg"]["files"][0].endswith(".jpg")
     assert by_id["backpack-webp"]["size"] == "1024x1536"
-    # ledger cost is the priced usage: 1024x1024 high = 4160 tokens at $40/1M plus prompt text
-    sneaker = by_id["sneaker-side"]["usage"]
-    assert sneaker["output_tokens"] == 6208
+    # The ledger cost is the answer's usage priced from the catalog: gpt-image-2.5 bills
+    # $5 per 1M text tokens in and $30 per 1M image tokens out (API_NOTES).
+    sneaker = by_id["sneaker-side"]
+    usage = sneaker["usage"]
+    text = usage["input_tokens_details"]["text_tokens"]
+    assert sneaker["cost_usd"] == pytest.approx((text * 5 + usage["output_tokens"] * 30) / 1e6)
     assert summary.cost_usd == pytest.approx(sum(r["cost_usd"] for r in records))
+    # Today's parameters made it through: a custom size, a gif's frames, an svg, complexity.
+    assert by_id["harbor-dawn"]["size"] == "1536x864"
+    assert by_id["loader-spinner"]["files"][0].endswith(".gif")
+    assert by_id["loader-spinner"]["frame_count"] == 6
+    assert by_id["city-lineart"]["files"][0].endswith(".svg")
+    assert by_id["market-stall"]["complexity"] == "low"
+    assert by_id["watch-jpeg"]["quality"] == "xhigh"
     assert len(mock_server.requests) == len(items)
 
 
 async def test_n_4_gives_four_distinct_files(
     mock_server: MockServer, tmp_path: Path, write_manifest: Callable[..., Path]
 ) -> None:
-    manifest = write_manifest([{"id": "four", "prompt": "four owls", "n": 4, "quality": "low"}])
+    manifest = write_manifest(
+        [{"id": "four", "model": "gpt-image-1", "prompt": "four owls", "n": 4, "quality": "low"}]
+    )
     out = tmp_path / "out"
     summary = await run(manifest, out, mock_server)
     (record,) = ledger(out)

@@ -10,7 +10,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from batchimg._spool import SPILL_BYTES, BadBase64, ResponseSpool, SpooledImage, SpoolError
+from batchimg._spool import (
+    HEAD_BYTES,
+    SPILL_BYTES,
+    BadBase64,
+    ResponseSpool,
+    SpooledImage,
+    SpoolError,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(SPILL_BYTES + 5000)  # big: streamed to a temp file
 JPEG = b"\xff\xd8\xff" + os.urandom(2000)  # small: kept in memory, never a temp file
@@ -42,7 +49,7 @@ def test_every_chunking_gives_the_same_images_and_json(tmp_path: Path, size: int
     big, small = images
     assert isinstance(big, SpooledImage) and isinstance(small, bytes)
     assert big.sha256 == hashlib.sha256(PNG).hexdigest() and big.nbytes == len(PNG)
-    assert big.head == PNG[:16]
+    assert big.head == PNG[:HEAD_BYTES]
     assert [p.name for p in tmp_path.iterdir()] == [big.path.name]  # only the big one on disk
     assert parsed["usage"] == {"output_tokens": 272}
     assert [d["b64_json"] for d in parsed["data"]] == ["", ""]  # left for the caller to map

@@ -24,7 +24,7 @@ from batchimg.writer import (
     ImageStore,
     Staged,
     StoredFile,
-    check_format,
+    check_image,
     decode_b64_image,
 )
 
@@ -70,17 +70,17 @@ def test_corrupt_base64_fails_the_item(value: str) -> None:
     assert info.value.retry_after_s is None
 
 
-# --- check_format -----------------------------------------------------------------------------
+# --- check_image -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("data", "fmt"), [(PNG, "png"), (JPEG, "jpeg"), (WEBP, "webp")])
 def test_image_of_the_requested_format_passes(data: bytes, fmt: str) -> None:
-    check_format(data, fmt)  # raises if it does not pass
+    check_image(data, fmt)  # raises if it does not pass
 
 
 def test_wrong_format_fails_the_item_with_both_formats_named() -> None:
     with pytest.raises(ItemFailed) as info:
-        check_format(JPEG, "png")
+        check_image(JPEG, "png")
     message = str(info.value.info.message)
     assert "asked for png" in message
     assert "got jpeg" in message
@@ -89,7 +89,7 @@ def test_wrong_format_fails_the_item_with_both_formats_named() -> None:
 @pytest.mark.parametrize(("data", "expected"), [(PNG, "webp"), (WEBP, "jpeg")])
 def test_any_format_mismatch_fails_the_item(data: bytes, expected: str) -> None:
     with pytest.raises(ItemFailed, match=f"asked for {expected}"):
-        check_format(data, expected)
+        check_image(data, expected)
 
 
 @pytest.mark.parametrize(
@@ -98,8 +98,8 @@ def test_any_format_mismatch_fails_the_item(data: bytes, expected: str) -> None:
 )
 def test_non_image_bytes_fail_the_item(data: bytes) -> None:
     with pytest.raises(ItemFailed) as info:
-        check_format(data, "png")
-    assert "not a PNG, JPEG or WebP image" in info.value.info.message
+        check_image(data, "png")
+    assert "not a PNG, JPEG, WebP, GIF or SVG image" in info.value.info.message
     assert info.value.info.code == "bad_image"
 
 

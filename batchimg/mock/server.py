@@ -1,5 +1,4 @@
-"""An OpenAI-compatible mock of the Images API, embedded so tests and `batchimg run --mock` can
-exercise the whole engine over real HTTP, and so the official `openai` client works against it.
+"""The mock server: the Images API's HTTP surface on a loopback port.
 
 Surface::
 
@@ -7,37 +6,22 @@ Surface::
     POST /v1/images/edits                                multipart: image | image[] (1-16), mask
     POST /openai/deployments/{dep}/images/generations    Azure shape (api-version query ignored,
     POST /openai/deployments/{dep}/images/edits          model defaults to the deployment name)
+    GET  /v1/models, /v1/models/{id}                     the mock's models, with shutdown_date
     GET  /v1/_mock/files/{token}                         what `url` data items point at
 
     auth       Authorization: Bearer KEY (Azure paths also take `api-key: KEY`)   -> 401
     every response carries `x-request-id: req_<hex>`; errors use the official envelope
     {"error": {"message", "type", "param", "code"}}
 
-A request goes through: auth (401) -> body parsing (400) -> `latency_s` -> parameter
-validation with `batchimg.specs` (400) -> input images and mask (400) -> prompt directives ->
-configured faults (one seeded draw per request) -> quota -> success (200, `ImagesResponse`).
-Edit inputs are judged by their declared part Content-Type, as OpenAI does: a part sent as
+A request goes through: auth (401) -> body parsing (400) -> the model (404 model_not_found with
+`enforce_shutdown`, for a retired or unknown one) -> `latency_s` -> the API's rules (`rules`,
+400) -> input images and mask (400) -> prompt directives -> configured faults (one seeded draw
+per request) -> quota -> success (200, `ImagesResponse`, usage from `billing`). Edit inputs are
+judged by their declared part Content-Type, as OpenAI does: a part sent as
 application/octet-stream is a 400 `unsupported_file_mimetype` even if its bytes are a PNG.
 
 `MockServer.requests` records every image request (`MockRequest`), and `max_in_flight` the
 most answered at once, so tests can check what a client sent and how concurrently.
-
-Prompt directives, for deterministic tests (several may appear in one prompt):
-
-    [[mock:moderation]]   400 moderation_blocked (type image_generation_user_error)
-    [[mock:quota]]        429 insufficient_quota (the account is out of credit)
-    [[mock:corrupt]]      200, but each b64_json decodes to bytes that are not an image
-    [[mock:datauri]]      b64_json carries a `data:image/<fmt>;base64,` prefix
-    [[mock:fail=N]]       the first N valid requests with this exact prompt get 500
-                          server_error (counted per prompt, per server); later ones succeed
-    [[mock:url]]          answer with `url` items even for GPT image models
-
-Faults on demand (`MockConfig`, seeded so a test sees the same sequence every run): rates of
-429s (retry-after-ms, retry-after seconds or HTTP-date, or none), 500s, HTML 502 pages, bodies
-cut off mid-stream, dropped connections and slow answers; data-URI answers; quota that runs out
-after N successes (429 insufficient_quota); a key revoked after N requests (401).
-
-Images are real (decodable, exact size and format) but cheap: see `batchimg._mockimages`.
 """
 
 from __future__ import annotations
@@ -45,93 +29,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import email.utils
-import math
+import datetime as dt
 import random
 import re
 import secrets
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Handler
 
-from batchimg import specs
-from batchimg._mockimages import (
-    CORRUPT,
-    EncodedImage,
-    UploadedFile,
-    check_inputs,
-    render_response,
-)
-from batchimg.inputs import ImageInfo
-from batchimg.specs import ParamError
+from . import billing, rules
+from .config import MockConfig
+from .faults import Directives, SlicedLimit, decide_fault, retry_after_headers
+from .images import CORRUPT, EncodedImage, UploadedFile, check_inputs, render_response
 
-__all__ = [
-    "Directives",
-    "Fault",
-    "MockConfig",
-    "MockRequest",
-    "MockServer",
-    "decide_fault",
-    "serve",
-]
+__all__ = ["MockRequest", "MockServer", "serve"]
 
 #: OpenAI's own default model is dall-e-2; batchimg's users mean gpt-image, so the mock says so.
 DEFAULT_MODEL = "gpt-image-1"
-#: Besides `specs.API_FIELDS`, what the SDK may send that the mock accepts (and ignores).
-EXTRA_FIELDS = ("stream", "partial_images", "safety_identifier")
-_INT_FORM_FIELDS = ("n", "output_compression", "partial_images")
-
-
-@dataclass(frozen=True, kw_only=True)
-class MockConfig:
-    """How the mock behaves; the fault rates draw from an RNG seeded with `seed`."""
-
-    api_key: str | None = None  # if set, only this key is accepted; else any non-empty key
-    require_auth: bool = True  # False: no auth check at all
-    latency_s: float = 0.0  # added before answering every authenticated image request
-    # Fault rates: fractions of requests, one seeded draw per request (they must sum to <= 1).
-    rate_limit_rate: float = 0.0  # 429 rate_limit_exceeded, with `retry_after_style` headers
-    error_rate: float = 0.0  # 500 server_error (JSON envelope)
-    html_error_rate: float = 0.0  # 502 with an HTML page, as proxies answer
-    truncate_rate: float = 0.0  # 200 whose body is cut off mid-stream
-    drop_rate: float = 0.0  # connection closed with no answer at all
-    slow_rate: float = 0.0  # answered normally, but `slow_s` later
-    slow_s: float = 5.0
-    datauri_rate: float = 0.0  # successes whose b64_json carry a data: URI prefix (own draw)
-    retry_after_s: float = 0.05  # what the 429s ask for
-    #: both: retry-after-ms + retry-after seconds; ms / seconds / date: only that form;
-    #: mixed: one of ms / seconds / date per 429 (seeded); none: no header at all
-    retry_after_style: RetryAfterStyle = "both"
-    #: Hard limits, as providers enforce them: per minute, in slices of max(1 s, 60/limit) s
-    #: (so 1200 rpm is 20 requests in each second); every answer carries x-ratelimit-* headers.
-    rpm_limit: int | None = None
-    ipm_limit: int | None = None  # images per minute (a request weighs its n)
-    ratelimit_headers: bool = True  # False: enforce the limits but send no x-ratelimit-* headers
-    detailed_images: bool = False  # photo-sized images (~2.5 MB PNG at 1024x1024), for benchmarks
-    omit_usage: bool = False  # bill as usual but leave `usage` out of answers, as some gateways do
-    quota_after: int | None = None  # after this many requests, every one: 429 insufficient_quota
-    auth_fail_after: int | None = None  # after this many requests, every one: 401 (0: always)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        rates = (
-            self.rate_limit_rate,
-            self.error_rate,
-            self.html_error_rate,
-            self.truncate_rate,
-            self.drop_rate,
-            self.slow_rate,
-        )
-        if any(not 0.0 <= r <= 1.0 for r in (*rates, self.datauri_rate)) or sum(rates) > 1.0:
-            raise ValueError("fault rates must be in [0, 1] and sum to <= 1")
-        if self.latency_s < 0 or self.retry_after_s < 0 or self.slow_s < 0:
-            raise ValueError("latency_s, slow_s and retry_after_s must be >= 0")
+_INT_FORM_FIELDS = ("n", "output_compression", "partial_images", "frame_count", "frame_duration_ms")
 
 
 @dataclass
@@ -193,22 +114,15 @@ def _server_error() -> _ApiError:
     return _ApiError(500, message, type_="server_error", code="server_error")
 
 
-def _retry_after_headers(retry_after_s: float, style: str) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    if style in ("both", "ms"):
-        headers["retry-after-ms"] = str(round(retry_after_s * 1000))
-    if style in ("both", "seconds"):
-        # HTTP wants whole seconds here; clients should prefer the precise retry-after-ms.
-        headers["retry-after"] = str(math.ceil(retry_after_s))
-    if style == "date":
-        headers["retry-after"] = email.utils.formatdate(time.time() + retry_after_s, usegmt=True)
-    return headers
-
-
 def _rate_limited(retry_after_s: float, style: str = "both") -> _ApiError:
-    headers = _retry_after_headers(retry_after_s, style)
+    headers = retry_after_headers(retry_after_s, style)
     message = f"Rate limit reached for images per min. Please try again in {retry_after_s:g}s."
     return _ApiError(429, message, type_="requests", code="rate_limit_exceeded", headers=headers)
+
+
+def _model_not_found(model: str) -> _ApiError:
+    message = f"The model `{model}` does not exist or you do not have access to it."
+    return _ApiError(404, message, param="model", code="model_not_found")
 
 
 def _quota_exhausted() -> _ApiError:
@@ -221,116 +135,6 @@ _HTML_502 = (
     b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
     b"</body>\r\n</html>\r\n"
 )
-
-
-# -- hard rate limits ------------------------------------------------------------------------
-
-
-def format_go_duration(seconds: float) -> str:
-    """A duration the way OpenAI's reset headers write it: `12ms`, `1.5s`, `6m0s`."""
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    if seconds < 60:
-        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{rest:.0f}s"
-
-
-class _SlicedLimit:
-    """A per-minute limit enforced in slices, plus the per-minute view the headers report."""
-
-    def __init__(self, per_min: int) -> None:
-        self.per_min = per_min
-        self.slice_s = max(1.0, 60 / per_min)
-        self.per_slice = per_min * self.slice_s / 60
-        self._slice = -1
-        self._used = 0.0
-        self._minute: deque[tuple[float, float]] = deque()  # (when, weight) in the last 60 s
-        self._minute_used = 0.0
-
-    def _roll(self, now: float) -> None:
-        current = int(now // self.slice_s)
-        if current != self._slice:
-            self._slice, self._used = current, 0.0
-        while self._minute and self._minute[0][0] <= now - 60:
-            self._minute_used -= self._minute.popleft()[1]
-
-    def wait_s(self, weight: float, now: float) -> float:
-        """0 if `weight` fits in this slice, else the seconds until the next slice opens."""
-        self._roll(now)
-        if self._used + weight <= self.per_slice or self._used == 0:
-            return 0.0
-        return (self._slice + 1) * self.slice_s - now
-
-    def take(self, weight: float, now: float) -> None:
-        self._roll(now)
-        self._used += weight
-        self._minute.append((now, weight))
-        self._minute_used += weight
-
-    def headers(self, kind: str, now: float) -> dict[str, str]:
-        self._roll(now)
-        used = self._minute_used
-        reset = (self._minute[0][0] + 60 - now) if self._minute else 0.0
-        return {
-            f"x-ratelimit-limit-{kind}": str(self.per_min),
-            f"x-ratelimit-remaining-{kind}": str(max(0, int(self.per_min - used))),
-            f"x-ratelimit-reset-{kind}": format_go_duration(reset),
-        }
-
-
-# -- faults and directives -------------------------------------------------------------------
-
-Fault = Literal["rate_limit", "server_error", "html_error", "truncate", "drop", "slow"]
-RetryAfterStyle = Literal["both", "ms", "seconds", "date", "mixed", "none"]
-
-
-def decide_fault(draw: float, config: MockConfig) -> Fault | None:
-    """The configured fault for one request, given a uniform draw in [0, 1); None: no fault."""
-    rates: tuple[tuple[Fault, float], ...] = (
-        ("rate_limit", config.rate_limit_rate),
-        ("server_error", config.error_rate),
-        ("html_error", config.html_error_rate),
-        ("truncate", config.truncate_rate),
-        ("drop", config.drop_rate),
-        ("slow", config.slow_rate),
-    )
-    threshold = 0.0
-    for fault, rate in rates:
-        threshold += rate
-        if draw < threshold:
-            return fault
-    return None
-
-
-_DIRECTIVE = re.compile(r"\[\[mock:([a-z_]+)(?:=(\d+))?\]\]")
-
-
-@dataclass(frozen=True)
-class Directives:
-    """The `[[mock:...]]` directives found in a prompt (see the module docstring)."""
-
-    moderation: bool = False
-    quota: bool = False
-    corrupt: bool = False
-    datauri: bool = False
-    url: bool = False
-    fail: int = 0
-
-    @classmethod
-    def parse(cls, prompt: str) -> Directives:
-        found = dict(_DIRECTIVE.findall(prompt))
-        unknown = set(found) - {"moderation", "quota", "corrupt", "datauri", "url", "fail"}
-        if unknown:
-            raise ParamError("prompt", f"Unknown mock directive(s): {', '.join(sorted(unknown))}.")
-        return cls(
-            moderation="moderation" in found,
-            quota="quota" in found,
-            corrupt="corrupt" in found,
-            datauri="datauri" in found,
-            url="url" in found,
-            fail=int(found.get("fail") or 0),
-        )
 
 
 # -- request parsing -------------------------------------------------------------------------
@@ -390,29 +194,6 @@ async def _read_form(request: web.Request) -> _Body:
     return body
 
 
-def _check_fields(params: dict[str, Any]) -> None:
-    for name in params:
-        if name not in specs.API_FIELDS and name not in EXTRA_FIELDS:
-            raise ParamError(name, f"Unknown parameter: '{name}'.", "unknown_parameter")
-    if params.get("stream"):
-        raise ParamError(
-            "stream", "The mock does not stream; send stream=false.", "unsupported_value"
-        )
-
-
-def _usage(params: dict[str, Any], n: int, inputs: list[ImageInfo]) -> dict[str, Any]:
-    # Unknown GPT models fall back to gpt-image-1's table inside specs.
-    output = (specs.output_tokens_per_image(params) or 0) * n
-    text = specs.estimate_text_tokens(params["prompt"])
-    image = sum(specs.image_input_tokens(i.width, i.height) for i in inputs)
-    return {
-        "total_tokens": text + image + output,
-        "input_tokens": text + image,
-        "output_tokens": output,
-        "input_tokens_details": {"text_tokens": text, "image_tokens": image},
-    }
-
-
 # -- the server ------------------------------------------------------------------------------
 
 
@@ -433,6 +214,8 @@ async def _envelope_middleware(request: web.Request, handler: Handler) -> web.St
         response = await handler(request)
     except web.HTTPException as exc:
         response = _http_error(request, exc).response()
+    except _ApiError as error:
+        response = error.response()
     if "x-request-id" not in response.headers:
         response.headers["x-request-id"] = _new_request_id()
     return response
@@ -442,9 +225,9 @@ class MockServer:
     """The mock Images API on a loopback port; `async with` it, or `start_in_thread()` it."""
 
     def __init__(
-        self, config: MockConfig = MockConfig(), *, host: str = "127.0.0.1", port: int = 0
+        self, config: MockConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
     ) -> None:
-        self.config = config
+        self.config = config = config or MockConfig()
         self.host = host
         self.requests: list[MockRequest] = []
         self.in_flight = 0  # image requests being answered right now
@@ -454,7 +237,7 @@ class MockServer:
         self._rng = random.Random(self.config.seed)
         self._admitted = 0  # requests let through the quota gate
         self._limits = {
-            kind: _SlicedLimit(per_min)
+            kind: SlicedLimit(per_min)
             for kind, per_min in (("requests", config.rpm_limit), ("images", config.ipm_limit))
             if per_min
         }
@@ -488,6 +271,8 @@ class MockServer:
         for prefix in ("/v1", "/openai/deployments/{deployment}"):
             app.router.add_post(f"{prefix}/images/generations", self._images)
             app.router.add_post(f"{prefix}/images/edits", self._images)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model}", self._models)
         app.router.add_get("/v1/_mock/files/{token}", self._file)
         app.router.add_get("/v1/_mock/stats", self._stats)
         # On stop, answers still being held back (latency, slow faults) are cut short.
@@ -541,7 +326,7 @@ class MockServer:
     # -- handlers --
 
     async def _images(self, request: web.Request) -> web.StreamResponse:
-        endpoint: specs.Endpoint = "edits" if request.path.endswith("/edits") else "generations"
+        endpoint = "edits" if request.path.endswith("/edits") else "generations"
         record = MockRequest(
             endpoint=endpoint,
             prompt=None,
@@ -590,7 +375,7 @@ class MockServer:
         return response
 
     async def _answer(
-        self, request: web.Request, endpoint: specs.Endpoint, record: MockRequest
+        self, request: web.Request, endpoint: str, record: MockRequest
     ) -> web.Response:
         deployment = request.match_info.get("deployment")
         self._check_auth(request, azure=deployment is not None)
@@ -608,18 +393,17 @@ class MockServer:
         config = self.config
         if config.auth_fail_after is not None and len(self.requests) > config.auth_fail_after:
             raise _ApiError(401, "This API key has been revoked.", code="invalid_api_key")
+        model = self._model(params["model"])
         self._enforce_limits(params, record)
         if config.latency_s:
             await asyncio.sleep(config.latency_s)
         try:
-            _check_fields(params)
-            specs.validate_params(params, endpoint)
-            inputs = (
-                await check_inputs(body.images, body.mask, params["model"]) if body.edit else []
-            )
+            rules.check(params, endpoint, model)
+            fmt = rules.output_format(params, model)
+            inputs = await check_inputs(body.images, body.mask, model, fmt) if body.edit else []
             directives = Directives.parse(params["prompt"])
-        except specs.ParamError as e:
-            raise _ApiError(400, str(e), param=e.param, code=e.code) from e
+        except rules.RuleError as e:
+            raise _ApiError(e.status, str(e), type_=e.type_, param=e.param, code=e.code) from e
 
         # A test's explicit directives decide before the random faults do.
         prompt: str = params["prompt"]
@@ -656,7 +440,47 @@ class MockServer:
             if self._admitted >= config.quota_after:
                 raise _quota_exhausted()
             self._admitted += 1
-        return await self._succeed(request, params, directives, inputs, record)
+        return await self._succeed(request, params, model, directives, inputs, record)
+
+    def _today(self) -> dt.date:
+        if self.config.today:
+            return dt.date.fromisoformat(self.config.today)
+        return dt.datetime.now(dt.timezone.utc).date()
+
+    def _model(self, name: Any) -> rules.Model:
+        """The model a request names: 404 for one the mock does not serve (a name it does not
+        know, or with `enforce_shutdown` one past its shutdown date)."""
+        model = rules.find(name) if isinstance(name, str) else None
+        if model is None or (
+            self.config.enforce_shutdown and rules.is_retired(model, self._today())
+        ):
+            raise _model_not_found(str(name))
+        return model
+
+    async def _models(self, request: web.Request) -> web.Response:
+        """`GET /v1/models[/{id}]`: the mock's models, each with its `shutdown_date`."""
+        self._check_auth(request, azure=False)
+        wanted = request.match_info.get("model")
+        names = [*rules.MODELS, *rules.SNAPSHOTS]
+        if wanted is not None:
+            if wanted not in names:
+                return _model_not_found(wanted).response()
+            names = [wanted]
+        listing = [self._model_object(name) for name in names]
+        if wanted is not None:
+            return _json(200, listing[0])
+        return _json(200, {"object": "list", "data": listing})
+
+    def _model_object(self, name: str) -> dict[str, Any]:
+        model = rules.find(name)
+        assert model is not None
+        return {
+            "id": name,
+            "object": "model",
+            "created": model.created,
+            "owned_by": "system",
+            "shutdown_date": model.shutdown,
+        }
 
     def _enforce_limits(self, params: dict[str, Any], record: MockRequest) -> None:
         """The hard per-slice limits: a 429 saying when the next slice opens."""
@@ -693,21 +517,34 @@ class MockServer:
         self,
         request: web.Request,
         params: dict[str, Any],
+        model: rules.Model,
         directives: Directives,
-        inputs: list[ImageInfo],
+        inputs: list[tuple[int, int]],
         record: MockRequest,
     ) -> web.Response:
-        model, prompt = params["model"], params["prompt"]
-        fam = specs.family(model)
+        prompt = params["prompt"]
+        gpt = model.kind == "gpt"
         n = params.get("n") or 1
-        fmt = specs.output_format(params)
+        fmt = rules.output_format(params, model)
+        width, height = rules.resolve_size(params, model)
+        transparent = params.get("background") == "transparent"
         images = (
             [CORRUPT] * n
             if directives.corrupt
-            else await render_response(params, n, detailed=self.config.detailed_images)
+            else await render_response(
+                fmt,
+                width,
+                height,
+                prompt,
+                n,
+                compression=params.get("output_compression"),
+                transparent=transparent,
+                frames=rules.frames(params, model),
+                detailed=self.config.detailed_images,
+            )
         )
         record.served_sha256 = [image.sha256 for image in images]
-        as_url = directives.url or (fam != "gpt" and params.get("response_format") != "b64_json")
+        as_url = directives.url or (not gpt and params.get("response_format") != "b64_json")
         data: list[dict[str, str]] = []
         for image in images:
             if as_url:
@@ -718,18 +555,22 @@ class MockServer:
                 data.append({"b64_json": f"data:{image.mime};base64,{image.b64}"})
             else:
                 data.append({"b64_json": image.b64})
-            if fam == "dall-e-3":
+            if model.kind == "dall-e-3":
                 data[-1]["revised_prompt"] = prompt
         payload: dict[str, Any] = {"created": int(time.time()), "data": data}
-        if fam == "gpt":
-            transparent = params.get("background") == "transparent"
+        if gpt:
             payload["background"] = "transparent" if transparent else "opaque"
             payload["output_format"] = fmt
-            payload["size"] = specs.resolved_size(params)
-            payload["quality"] = specs.resolved_quality(params)
-            record.usage = _usage(params, n, inputs)
+            payload["size"] = f"{width}x{height}"
+            payload["quality"] = rules.resolve_quality(params, model)
+            record.usage = billing.usage(params, model, n, inputs)
             if not self.config.omit_usage:
                 payload["usage"] = record.usage
+            if fmt == "svg":
+                payload["svg_usage"] = billing.svg_usage(params)
+            identifier = params.get("safety_identifier") or params.get("user")
+            if identifier:
+                payload["safety_identifier"] = identifier
         return _json(200, payload)
 
     async def _stats(self, request: web.Request) -> web.Response:

@@ -1,0 +1,46 @@
+"""An OpenAI-compatible mock of the Images API, embedded so tests and `batchimg run --mock` can
+exercise the whole engine over real HTTP, and so the official `openai` client works against it.
+
+It is the API's twin, not the engine's echo: it keeps its own copy of the API's rules
+(`rules`), its own billing (`billing`, with a token formula for the models whose counts nobody
+publishes, which the engine never sees) and its own image checks (`images`), and never imports
+batchimg's catalog, rules engine or input checks.
+
+    config.py    MockConfig: faults, limits, latency, which models it serves
+    server.py    MockServer: routes, auth, the request pipeline, /v1/models
+    rules.py     the models and what each refuses
+    billing.py   the usage of each answer
+    faults.py    seeded fault draws, prompt directives, hard per-minute limits
+    images.py    the images it draws (png, jpeg, webp, animated gif, svg) and the uploads it checks
+
+Prompt directives, for deterministic tests (several may appear in one prompt):
+
+    [[mock:moderation]]   400 moderation_blocked (type image_generation_user_error)
+    [[mock:quota]]        429 insufficient_quota (the account is out of credit)
+    [[mock:corrupt]]      200, but each b64_json decodes to bytes that are not an image
+    [[mock:datauri]]      b64_json carries a `data:image/<fmt>;base64,` prefix
+    [[mock:fail=N]]       the first N valid requests with this exact prompt get 500
+                          server_error (counted per prompt, per server); later ones succeed
+    [[mock:url]]          answer with `url` items even for GPT image models
+
+Faults on demand (`MockConfig`, seeded so a test sees the same sequence every run): rates of
+429s (retry-after-ms, retry-after seconds or HTTP-date, or none), 500s, HTML 502 pages, bodies
+cut off mid-stream, dropped connections and slow answers; data-URI answers; quota that runs out
+after N successes (429 insufficient_quota); a key revoked after N requests (401); OpenAI's
+refusal of retired models (`enforce_shutdown`).
+"""
+
+from .config import MockConfig, RetryAfterStyle
+from .faults import Directives, Fault, decide_fault
+from .server import MockRequest, MockServer, serve
+
+__all__ = [
+    "Directives",
+    "Fault",
+    "MockConfig",
+    "MockRequest",
+    "MockServer",
+    "RetryAfterStyle",
+    "decide_fault",
+    "serve",
+]

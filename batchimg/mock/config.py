@@ -1,0 +1,59 @@
+"""How the mock behaves: one frozen value object, checked when made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+#: How 429s say when to retry (see `MockConfig.retry_after_style`).
+RetryAfterStyle = Literal["both", "ms", "seconds", "date", "mixed", "none"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MockConfig:
+    """How the mock behaves; the fault rates draw from an RNG seeded with `seed`."""
+
+    api_key: str | None = None  # if set, only this key is accepted; else any non-empty key
+    require_auth: bool = True  # False: no auth check at all
+    latency_s: float = 0.0  # added before answering every authenticated image request
+    # Fault rates: fractions of requests, one seeded draw per request (they must sum to <= 1).
+    rate_limit_rate: float = 0.0  # 429 rate_limit_exceeded, with `retry_after_style` headers
+    error_rate: float = 0.0  # 500 server_error (JSON envelope)
+    html_error_rate: float = 0.0  # 502 with an HTML page, as proxies answer
+    truncate_rate: float = 0.0  # 200 whose body is cut off mid-stream
+    drop_rate: float = 0.0  # connection closed with no answer at all
+    slow_rate: float = 0.0  # answered normally, but `slow_s` later
+    slow_s: float = 5.0
+    datauri_rate: float = 0.0  # successes whose b64_json carry a data: URI prefix (own draw)
+    retry_after_s: float = 0.05  # what the 429s ask for
+    #: both: retry-after-ms + retry-after seconds; ms / seconds / date: only that form;
+    #: mixed: one of ms / seconds / date per 429 (seeded); none: no header at all
+    retry_after_style: RetryAfterStyle = "both"
+    #: Hard limits, as providers enforce them: per minute, in slices of max(1 s, 60/limit) s
+    #: (so 1200 rpm is 20 requests in each second); every answer carries x-ratelimit-* headers.
+    rpm_limit: int | None = None
+    ipm_limit: int | None = None  # images per minute (a request weighs its n)
+    ratelimit_headers: bool = True  # False: enforce the limits but send no x-ratelimit-* headers
+    detailed_images: bool = False  # photo-sized images (~2.5 MB PNG at 1024x1024), for benchmarks
+    omit_usage: bool = False  # bill as usual but leave `usage` out of answers, as some gateways do
+    quota_after: int | None = None  # after this many requests, every one: 429 insufficient_quota
+    auth_fail_after: int | None = None  # after this many requests, every one: 401 (0: always)
+    #: As OpenAI itself: models past their shutdown date answer 404 model_not_found, and so do
+    #: names it does not know. False (the default): as a gateway that still serves old models.
+    enforce_shutdown: bool = False
+    today: str | None = None  # YYYY-MM-DD for shutdown checks (default: the real date, UTC)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        rates = (
+            self.rate_limit_rate,
+            self.error_rate,
+            self.html_error_rate,
+            self.truncate_rate,
+            self.drop_rate,
+            self.slow_rate,
+        )
+        if any(not 0.0 <= r <= 1.0 for r in (*rates, self.datauri_rate)) or sum(rates) > 1.0:
+            raise ValueError("fault rates must be in [0, 1] and sum to <= 1")
+        if self.latency_s < 0 or self.retry_after_s < 0 or self.slow_s < 0:
+            raise ValueError("latency_s, slow_s and retry_after_s must be >= 0")
