@@ -3,9 +3,11 @@
 import batchimg
 summary = batchimg.run("jobs/example.jsonl", "out", mock=True)
 print(summary.ok, summary.images, summary.cost_usd)
+print(batchimg.Catalog.default().spec("gpt-image-2-2026-04-21").name)  # gpt-image-2
 """
 
 from .api import arun, run
+from .catalog import Catalog, ModelSpec
 from .client import ImagesClient, ImagesResult
 from .config import ClientConfig, Provider, RunConfig, Secret
 from .engine import Engine, ProgressEvent, Summary
@@ -29,6 +31,7 @@ from .manifest import BadLine, Defaults, Item, read_manifest
 from .pricing import PriceTable
 from .report import Report, build_report
 from .retry import RetryPolicy
+from .tokens import TokenBook
 from .view import ProgressView
 
 __version__ = "0.1.0"
@@ -36,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BadLine",
     "BatchimgError",
+    "Catalog",
     "ClientConfig",
     "Defaults",
     "Engine",
@@ -47,6 +51,7 @@ __all__ = [
     "Limiter",
     "LimiterStats",
     "ManifestEstimate",
+    "ModelSpec",
     "PriceTable",
     "ProgressEvent",
     "ProgressView",
@@ -62,6 +67,7 @@ __all__ = [
     "ServerError",
     "StorageError",
     "Summary",
+    "TokenBook",
     "TransportError",
     "UsageError",
     "__version__",

@@ -127,8 +127,14 @@ class TokenRule:
 
     output: TokenBasis = "unknown"
     per_image: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (quality, size)
-    ceiling_per_megapixel: float | None = None  # a bound on output tokens, per frame
+    #: A bound on one image's output tokens, per megapixel and per frame, by quality.
+    ceiling_per_megapixel: Mapping[str, float] = field(default_factory=dict)
     partial_image: int = 0
+
+    def ceiling_for(self, quality: str) -> float | None:
+        """The bound for a quality; a quality the table does not name gets its highest."""
+        table = self.ceiling_per_megapixel
+        return table.get(quality, max(table.values())) if table else None
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,12 @@ class ModelSpec:
 
     def rule(self, name: str) -> ParamRule | None:
         return None if self.params is None else self.params.get(name)
+
+    @functools.cached_property
+    def droppable(self) -> frozenset[str]:
+        """Fields left out of requests whose output format does not take them."""
+        rules = self.params or {}
+        return frozenset(n for n, r in rules.items() if r.drop_other_formats and r.formats)
 
     def default(self, name: str) -> Any:
         rule = self.rule(name)
@@ -345,11 +357,20 @@ def _parse_tokens(raw: Any, source: str, where: str) -> TokenRule:
     return TokenRule(
         output=output,
         per_image=per_image,
-        ceiling_per_megapixel=_number(
-            raw.get("ceiling_per_megapixel"), source, f"{where}.ceiling_per_megapixel"
-        ),
+        ceiling_per_megapixel=_ceilings(raw.get("ceiling_per_megapixel"), source, where),
         partial_image=_int(raw.get("partial_image"), source, f"{where}.partial_image") or 0,
     )
+
+
+def _ceilings(raw: Any, source: str, where: str) -> dict[str, float]:
+    """`ceiling_per_megapixel`: one number for every quality, or `{quality: number}`."""
+    where = f"{where}.ceiling_per_megapixel"
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        return {str(q): float(_number(v, source, f"{where}.{q}") or 0.0) for q, v in raw.items()}
+    value = _number(raw, source, where)
+    return {"*": value} if value is not None else {}
 
 
 def _date(value: Any, source: str, where: str) -> dt.date | None:

@@ -656,6 +656,12 @@ def _rate(flag: str, what: str) -> Callable[[FC], FC]:
     type=click.IntRange(min=0),
     help="After this many requests, answer 401 (key revoked); 0: always.",
 )
+@click.option(
+    "--enforce-shutdown",
+    is_flag=True,
+    help="Answer as OpenAI itself: retired models (past their shutdown date) get 404 "
+    "model_not_found. Default: serve them, as a gateway does.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for injected faults.")
 @click.option(
     "--detailed-images",

@@ -236,6 +236,8 @@ class Engine:
         self.prices = PriceTable(self.catalog)
         self.book = TokenBook()  # output tokens learned: this directory's ledger, then answers
         self.budget = Budget(config.max_cost_usd)
+        self._budget_short = False  # an item was left because its bound did not fit the cap
+        self._cheapest_admitted_usd = float("inf")  # the least a reserved bound came to
         self.limiter = limiter or Limiter(
             rpm=config.rpm,
             ipm=config.ipm,
@@ -300,6 +302,8 @@ class Engine:
         self.summary.wall_s = time.monotonic() - started
         self.summary.limiter = self.limiter.stats()
         self.summary.spent_total_usd = self.budget.spent_usd
+        if self._budget_short and self.summary.stop_reason is None:
+            self.summary.stop_reason = "budget"
         if self.summary.stop_reason == "budget":
             self.summary.stop_reason = self.budget.message(
                 self.summary.not_attempted, self.summary.next_bound
@@ -591,10 +595,10 @@ class Engine:
         if capped:
             reserved = await self.budget.reserve(lambda: self._bound(item))
             if reserved is None:
-                self.summary.next_bound = self._bound(item)
-                self.stop("budget")  # the final message is written when the run ends
+                self._out_of_budget(item)
                 raise _Abandoned
             worst_usd = reserved
+            self._cheapest_admitted_usd = min(self._cheapest_admitted_usd, reserved)
         limiter, actual_usd = self.limiter, 0.0
         try:
             if self.stopping:  # stopped while this item waited for budget: send nothing
@@ -626,6 +630,20 @@ class Engine:
                 self.budget.settle(worst_usd, actual_usd)
             else:
                 self.budget.charge(actual_usd)
+
+    def _out_of_budget(self, item: Item) -> None:
+        """The item's bound does not fit under the cap even with nothing in flight: leave it for
+        a later run and go on with items that may cost less, until not even the cheapest
+        bound this run admitted fits (then stop admitting: the rest is only counted)."""
+        bound = self._bound(item)
+        summary = self.summary
+        if summary.next_bound is None or bound.cost_usd < summary.next_bound.cost_usd:
+            summary.next_bound = bound
+        self._budget_short = True
+        budget = self.budget
+        left = (budget.cap_usd or 0.0) - budget.spent_usd - budget.reserved_usd
+        if left < self._cheapest_admitted_usd < float("inf"):
+            self.stop("budget")  # the final message is written when the run ends
 
     def _bound(self, item: Item) -> Bound:
         """The most this item can cost now (tighter as its group's answers come in)."""

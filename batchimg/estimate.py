@@ -207,7 +207,9 @@ def _cost_cell(group: EstimateGroup) -> str:
     if group.cost_usd is None:
         return "unpriced"
     if group.basis == "learned":
-        return f"~${group.cost_usd:,.4f} (${group.cost_low_usd:,.4f}-{group.cost_high_usd:,.4f})"
+        spread = f"{group.cost_low_usd:,.4f}" != f"{group.cost_high_usd:,.4f}"
+        span = f" (${group.cost_low_usd:,.4f}-{group.cost_high_usd:,.4f})" if spread else ""
+        return f"~${group.cost_usd:,.4f}{span}"
     return f"${group.cost_usd:,.4f}"
 
 

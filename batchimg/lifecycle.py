@@ -89,25 +89,27 @@ def models_table(catalog: Catalog, today: dt.date) -> str:
 
     rows = []
     for entry in catalog.describe(today):
-        sizes = ", ".join(entry["sizes"]) + (" + custom" if entry["custom_sizes"] else "")
+        listed = [v for v in entry["sizes"] if v != "auto"]
+        sizes = "any WxH" if entry["custom_sizes"] else ", ".join(listed) or "-"
         prices = entry["prices_per_1m_tokens"]
         price = f"${prices['text_in']:g} / ${prices['image_out']:g}" if prices else (
             "per image" if entry["per_image_prices"] else "unpriced"
         )  # fmt: skip
         status = entry["status"] + (f" {entry['shutdown_date']}" if entry["shutdown_date"] else "")
+        qualities = [q for q in entry["qualities"] if q != "auto"]
         rows.append(
             (
                 entry["model"],
                 status,
                 ", ".join(entry["replacement"]) or "-",
-                sizes or "-",
-                ", ".join(entry["qualities"]) or "-",
+                sizes,
+                ", ".join(qualities) or "-",
                 ", ".join(entry["output_formats"]),
                 entry["tokens"],
                 price,
             )
         )
-    header = ("model", "status", "replacement", "sizes", "qualities", "formats", "tokens",
+    header = ("model", "status", "use instead", "sizes", "qualities", "formats", "tokens",
               "in/out per 1M")  # fmt: skip
     lines = render_rows(header, [*rows, ("",) * len(header)], numeric_from=len(header))[:-2]
     lines.append(

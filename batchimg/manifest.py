@@ -231,6 +231,14 @@ class _Notices:
             self.say(f"{note} (a gateway may still serve it)")
 
 
+@dataclass(frozen=True)
+class _ModelFacts:
+    """What the loader needs to know of a model for every line, looked up once."""
+
+    droppable: frozenset[str]  # fields dropped from requests of other output formats
+    experimental_above: int | None  # sizes above this many pixels are experimental
+
+
 class _Reader:
     """What parsing a line needs besides the line."""
 
@@ -244,6 +252,8 @@ class _Reader:
         self.api_fields = catalog.api_fields()
         self.known_keys = frozenset(self.api_fields | set(ITEM_KEYS) | set(EDIT_KEYS))
         self.notices = _Notices(catalog, warn)
+        self._facts: dict[str, _ModelFacts] = {}
+        self._noticed: set[str] = set()  # models whose warnings (if any) were given
 
     def parse(self, raw: bytes, number: int) -> Item | BadLine:
         ids = self.ids
@@ -279,15 +289,30 @@ class _Reader:
             endpoint = _endpoint(obj)
             params = {k: v for k, v in obj.items() if k in self.api_fields and v is not None}
             self.defaults.fill(params, endpoint, self.catalog)
-            self._drop_format_bound_fields(params)
+            model = params["model"]
+            facts = self._model_facts(model) if isinstance(model, str) else None
+            if facts is not None and not facts.droppable.isdisjoint(params):
+                self._drop_format_bound_fields(params)
             specs.validate_params(params, endpoint, self.catalog)
-            self._notice(params)
+            if facts is not None and (facts.experimental_above or model not in self._noticed):
+                self._notice(model, params, facts)
             if endpoint == "generations":
                 return Item(item_id, number, params, metadata)
             images, mask = _edit_inputs(obj, params, self.base_dir, self.catalog)
         except specs.ParamError as exc:
             return bad(str(exc))
         return Item(item_id, number, params, metadata, endpoint, images, mask)
+
+    def _model_facts(self, model: str) -> _ModelFacts:
+        facts = self._facts.get(model)
+        if facts is None:
+            spec = self.catalog.spec(model)
+            size = spec.rule("size")
+            custom = size.custom if size is not None else None
+            facts = self._facts[model] = _ModelFacts(
+                spec.droppable, custom.experimental_above_pixels if custom else None
+            )
+        return facts
 
     def _drop_format_bound_fields(self, params: dict[str, Any]) -> None:
         for name in specs.dropped_fields(params, self.catalog):
@@ -299,18 +324,15 @@ class _Reader:
                     f"{fmt} requests (e.g. {name}={value!r})"
                 )
 
-    def _notice(self, params: dict[str, Any]) -> None:
-        model = str(params["model"])
-        self.notices.model(model)
+    def _notice(self, model: str, params: dict[str, Any], facts: _ModelFacts) -> None:
+        if model not in self._noticed:
+            self._noticed.add(model)
+            self.notices.model(model)
+        limit = facts.experimental_above
         size = params.get("size")
-        if not isinstance(size, str) or not specs.is_size(size):
-            return
-        rule = self.catalog.spec(model).rule("size")
-        custom = rule.custom if rule is not None else None
-        if custom is None or custom.experimental_above_pixels is None:
+        if limit is None or not isinstance(size, str) or not specs.is_size(size):
             return
         width, height = specs.dimensions(size)
-        limit = custom.experimental_above_pixels
         if width * height > limit and self.notices.fresh(("experimental", model)):
             self.notices.say(
                 f"{model}: sizes above {limit:,} pixels (e.g. {size}) are experimental at OpenAI"

@@ -11,7 +11,8 @@ without prices is priced as unknown (None), never as zero.
 
 The budget cap needs a bound instead (`worst_case`): the published count where there is one,
 else the most the group's answers used plus a margin, never above the catalog's ceiling of
-tokens per megapixel (and the ceiling alone before any answer is known).
+tokens per megapixel (and the ceiling alone before any answer is known). An answer above the
+ceiling wins: its group's bound follows what was seen.
 
 One `PriceTable` prices ledgers, estimates and the budget cap, so the three always agree.
 """
@@ -214,7 +215,7 @@ class PriceTable:
         learned: Learned | None = None
         if book is not None:
             learned = book.get(request_group(params, self.catalog))
-        ceiling = self.ceiling(spec, params, size)
+        ceiling = self.ceiling(spec, params, quality, size)
         if learned is not None and learned.samples:
             bound = int(learned.high * (1 + LEARNED_MARGIN)) + 1
             if ceiling is not None and learned.high <= ceiling and ceiling < bound:
@@ -222,13 +223,22 @@ class PriceTable:
             return bound, "learned"
         return (ceiling, "ceiling") if ceiling is not None else None
 
-    def ceiling(self, spec: ModelSpec, params: Mapping[str, Any], size: str) -> int | None:
-        """The catalog's bound on one image's output tokens (per megapixel, per frame)."""
-        per_mp = spec.tokens.ceiling_per_megapixel
+    def ceiling(
+        self, spec: ModelSpec, params: Mapping[str, Any], quality: str, size: str
+    ) -> int | None:
+        """The catalog's bound on one image's output tokens: its tokens per megapixel for the
+        quality, times the pixels drawn (a gif's whole frame sheet), never less than one
+        megapixel (counts do not shrink in proportion with small images)."""
+        per_mp = spec.tokens.ceiling_for(quality)
         if per_mp is None or not specs.is_size(size):
             return None
-        frames = specs.resolved_frames(params, self.catalog) or 1
-        return int(per_mp * specs.megapixels(size) * frames) + 1
+        megapixels = specs.megapixels(size)
+        frames = specs.resolved_frames(params, self.catalog)
+        if frames:
+            constraint = spec.formats.get(specs.output_format(params, self.catalog))
+            cells = constraint.sheet.cells(frames) if constraint and constraint.sheet else None
+            megapixels *= cells[0] * cells[1] if cells else frames
+        return int(per_mp * max(1.0, megapixels)) + 1
 
     def _published_output(self, spec: ModelSpec, quality: str, size: str) -> int | None:
         """Output tokens per image known in advance (table, or per-image price), else None."""

@@ -281,7 +281,12 @@ def _cells(group: Group) -> tuple[str, ...]:
 def format_table(report: Report) -> str:
     by = report.by
     rows = (
-        [tuple(str(v) for v in key) + _cells(g) for key, g in report.groups.items()] if by else []
+        [
+            tuple("-" if v is None else str(v) for v in key) + _cells(g)
+            for key, g in report.groups.items()
+        ]
+        if by
+        else []
     )
     total = ("total",) + ("",) * max(0, len(by) - 1) + _cells(report.total)
     header = (*(by or ("",)), *_COLUMNS)

@@ -162,32 +162,42 @@ def validate_params(
     model = params.get("model")
     if not isinstance(model, str) or not model:
         raise ParamError("model", f"'model' must be a non-empty string, got {model!r}.")
-    spec = catalog.spec(model)
-    prompt_rule = spec.rule("prompt")
-    limit = prompt_rule.max_chars if prompt_rule and prompt_rule.max_chars else _MAX_PROMPT_CHARS
-    if spec.params is not None and len(prompt) > limit:
+    # Manifests repeat a few option sets over many prompts: judge each set once per catalog
+    # (the prompt's own length limit travels with the verdict).
+    try:
+        key = (endpoint, tuple(sorted((k, type(v), v) for k, v in params.items() if k != "prompt")))
+        verdict = catalog.rule_cache.get(key)
+    except TypeError:  # an unhashable value (a list, a dict): judge it uncached
+        key, verdict = None, None
+    if verdict is None:
+        verdict = _verdict(params, endpoint, catalog.spec(model), catalog)
+        if key is not None:
+            cache = catalog.rule_cache
+            cache[key] = verdict
+            if len(cache) > _RULE_CACHE_MAX:
+                cache.pop(next(iter(cache)))
+    limit, error = verdict
+    if limit is not None and len(prompt) > limit:
         raise ParamError(
             "prompt", f"'prompt' has {len(prompt)} characters; {model} takes {limit} at most"
         )
-    # Manifests repeat a few option sets over many prompts: check each set once per catalog.
-    try:
-        key = (endpoint, tuple(sorted((k, type(v), v) for k, v in params.items() if k != "prompt")))
-        hash(key)
-    except TypeError:  # an unhashable value (a list, a dict): check it uncached
-        _check_options(params, endpoint, spec, catalog)
-        return
-    cache = catalog.rule_cache
-    if key not in cache:
-        try:
-            _check_options(params, endpoint, spec, catalog)
-            cache[key] = None
-        except ParamError as exc:
-            cache[key] = (exc.param, str(exc), exc.code)
-        if len(cache) > _RULE_CACHE_MAX:
-            cache.pop(next(iter(cache)))
-    error = cache[key]
     if error is not None:
         raise ParamError(*error)
+
+
+def _verdict(
+    params: Mapping[str, Any], endpoint: Endpoint, spec: ModelSpec, catalog: Catalog
+) -> tuple[int | None, tuple[str, str, str] | None]:
+    """(the prompt's length limit, or None when unchecked; the first refusal, or None)."""
+    limit = None
+    if spec.params is not None:
+        rule = spec.params.get("prompt")
+        limit = rule.max_chars if rule is not None and rule.max_chars else _MAX_PROMPT_CHARS
+    try:
+        _check_options(params, endpoint, spec, catalog)
+    except ParamError as exc:
+        return limit, (exc.param, str(exc), exc.code)
+    return limit, None
 
 
 def _check_options(
@@ -418,14 +428,13 @@ def dropped_fields(params: Mapping[str, Any], catalog: Catalog | None = None) ->
     itself (out of range) is not dropped: validation refuses it."""
     catalog = _catalog(catalog)
     spec = model_spec(params, catalog)
-    if spec.params is None:
+    if spec.params is None or spec.droppable.isdisjoint(params):
         return []
     fmt = output_format(params, catalog)
     dropped = []
-    for name, rule in spec.params.items():
-        if name not in params or not rule.drop_other_formats or rule.formats is None:
-            continue
-        if fmt in rule.formats:
+    for name in spec.droppable.intersection(params):
+        rule = spec.params[name]
+        if rule.formats is None or fmt in rule.formats:
             continue
         try:
             _check_type(name, params[name], catalog, values=False)

@@ -103,6 +103,8 @@ class ProgressView:
                           message=event.message)  # fmt: skip
         elif event.kind == "stopping" and self.mode != "quiet":
             self._log("warning", message=f"stopping: {event.message}")
+        elif event.kind == "warning" and self.mode != "quiet":
+            self._log("warning", message=event.message)
 
     def _forget_before(self, cutoff: float) -> None:
         """Drop finishes older than the rate window (call with the lock held)."""

@@ -72,9 +72,12 @@ def measure(cmd: list[str]) -> tuple[float, float, float, str]:
 
 
 def write_manifest(path: Path, count: int, **fields: object) -> None:
+    """gpt-image-1 lines (the mock serves it as a gateway does): the same requests, bills and
+    caps as the figures of earlier sessions, and the same model for batchimg and the baseline."""
     with open(path, "wb") as fh:
         for i in range(count):
-            fh.write(orjson.dumps({"prompt": f"bench image number {i}", **fields}) + b"\n")
+            line = {"model": "gpt-image-1", "prompt": f"bench image number {i}", **fields}
+            fh.write(orjson.dumps(line) + b"\n")
 
 
 def batchimg_cmd(manifest: Path, out: Path, base_url: str, *extra: str) -> list[str]:

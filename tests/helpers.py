@@ -19,6 +19,22 @@ from PIL import Image
 from batchimg.mock import MockConfig, MockServer
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Environment variables batchimg reads keys from: cleared for CLI runs unless a test sets them.
+KEY_VARS = ("BATCHIMG_API_KEY", "OPENAI_API_KEY", "MODELVERSE_API_KEY", "AZURE_OPENAI_API_KEY")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m batchimg ARGS` from the repository root, with no API key unless given."""
+    base = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
+    return subprocess.run(
+        [sys.executable, "-m", "batchimg", *args],
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        cwd=ROOT,
+        timeout=120,
+    )
+
 
 #: Every field of the ledger contract in shared/DESIGN.md.
 LEDGER_FIELDS = {

@@ -14,22 +14,10 @@ import openai
 import pytest
 
 from batchimg.mock import MockConfig, MockServer
-from tests.helpers import check_ok_record, last_states, ledger, threaded_mock
+from tests.helpers import check_ok_record, last_states, ledger, run_cli, threaded_mock
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY_VARS = ("BATCHIMG_API_KEY", "OPENAI_API_KEY", "MODELVERSE_API_KEY", "AZURE_OPENAI_API_KEY")
-
-
-def batchimg(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
-    return subprocess.run(
-        [sys.executable, "-m", "batchimg", *args],
-        capture_output=True,
-        text=True,
-        env={**base, **(env or {})},
-        cwd=ROOT,
-        timeout=120,
-    )
+batchimg = run_cli
 
 
 @pytest.fixture

@@ -16,9 +16,10 @@ import orjson
 import pytest
 
 import batchimg
+from batchimg.cli import format_summary
 from batchimg.estimate import estimate_manifest
 from batchimg.mock import MockConfig, MockServer
-from batchimg.pricing import PRICE_TABLE, PriceTable
+from batchimg.pricing import LEARNED_MARGIN, PRICE_TABLE, PriceTable
 from batchimg.report import build_report, format_csv, read_backwards
 from tests.conftest import TEST_KEY
 from tests.helpers import ledger
@@ -394,3 +395,62 @@ async def test_cap_holds_when_a_gateway_omits_usage(
         billed = billed_usd(server)
     assert billed <= 0.3  # what the mock charged, although the client never saw a price
     assert summary.exit_code == 3 and 0 < summary.ok < 20
+
+
+async def test_cap_holds_for_output_tokens_nobody_publishes_and_tightens_as_answers_arrive(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    """gpt-image-2.6 at 2560x1440 `max`: no count is known in advance, so the first requests
+    reserve the catalog's ceiling; each answer tightens the bound for the rest of its group."""
+    manifest = write_manifest(
+        [{"id": f"m{i}", "model": "gpt-image-2.6-sunburst", "prompt": f"a cathedral, view {i}",
+          "size": "2560x1440", "quality": "max"} for i in range(30)]
+    )  # fmt: skip
+    out, cap = tmp_path / "out", 3.0
+    ceiling = PriceTable.default().worst_case(
+        {"model": "gpt-image-2.6-sunburst", "prompt": "x" * 20, "size": "2560x1440",
+         "quality": "max"}
+    )  # fmt: skip
+    assert ceiling is not None and ceiling.basis == "ceiling"
+    async with MockServer(MockConfig(api_key=TEST_KEY, latency_s=0.05)) as server:
+        first = await run(manifest, out, server, concurrency=8, max_cost_usd=cap)
+        billed = billed_usd(server)
+    assert billed <= cap  # what the mock billed, by a formula the engine never saw
+    assert first.exit_code == 3 and first.stop_reason is not None
+    assert first.next_bound is not None and first.next_bound.basis == "learned"
+    assert first.next_bound.cost_usd < ceiling.cost_usd / 2  # tightened by the answers
+    assert first.held_back_usd == pytest.approx(cap - billed, abs=1e-6)
+    assert first.held_back_usd < first.next_bound.cost_usd  # only what the next item needed
+    assert "held back" in format_summary(first)
+    per_item = billed / first.ok
+    assert first.ok >= int(cap / (per_item * (1 + LEARNED_MARGIN))) - 1
+    print(f"cap ${cap}: {first.ok} items, billed ${billed:.4f}, held back "
+          f"${first.held_back_usd:.4f}; bound ${ceiling.cost_usd:.4f} (ceiling) -> "
+          f"${first.next_bound.cost_usd:.4f} (learned), ${per_item:.4f} an item")  # fmt: skip
+    async with MockServer(MockConfig(api_key=TEST_KEY)) as server:
+        again = await run(manifest, out, server, concurrency=8, max_cost_usd=cap)
+        assert billed + billed_usd(server) <= cap  # the cap is over the whole directory
+    assert again.exit_code == 3 and again.ok == 0
+    async with MockServer(MockConfig(api_key=TEST_KEY)) as server:
+        more = await run(manifest, out, server, concurrency=8, max_cost_usd=cap + 1.0)
+        assert billed + billed_usd(server) <= cap + 1.0
+    # The next run starts from what this directory's ledger taught it, not from the ceiling.
+    assert more.ok >= 2 and more.next_bound is not None and more.next_bound.basis == "learned"
+
+
+async def test_an_item_whose_bound_does_not_fit_is_left_and_cheaper_ones_go_on(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    big = {"model": "gpt-image-2.6-sunburst", "size": "3840x2160", "quality": "max"}
+    lines = [{"id": "big-0", "prompt": "a vast mural", **big}] + [
+        {"id": f"small-{i}", "model": "gpt-image-1", "prompt": f"a pebble {i}", "quality": "low"}
+        for i in range(10)
+    ] + [{"id": "big-1", "prompt": "another vast mural", **big}]  # fmt: skip
+    summary = await run(write_manifest(lines), tmp_path / "out", mock_server, max_cost_usd=1.0)
+    billed = billed_usd(mock_server)
+    assert billed <= 1.0
+    done = {r["id"] for r in ledger(tmp_path / "out")}
+    assert done == {f"small-{i}" for i in range(10)}  # the big ones cannot be bounded under $1
+    assert summary.exit_code == 3 and summary.not_attempted == 2
+    assert summary.next_bound is not None and summary.next_bound.cost_usd > 1.0
+    assert summary.stop_reason is not None and "did not fit" in summary.stop_reason

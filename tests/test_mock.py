@@ -622,3 +622,61 @@ def test_serve_prints_its_base_url_and_stops_on_ctrl_c() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+# -- the API's twin, not the engine's echo ------------------------------------------------------
+
+
+def _imports(path: Any) -> set[str]:
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (f"{node.module}." if node.module else "")
+            found.update(base + alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_the_mock_keeps_its_own_rules_and_the_engine_never_sees_its_billing() -> None:
+    from pathlib import Path
+
+    package = Path(specs.__file__).parent
+    engine_side = [p for p in package.glob("*.py")]
+    mock_side = list((package / "mock").glob("*.py"))
+    for path in mock_side:  # no rule, price or input check borrowed from the engine
+        borrowed = {i for i in _imports(path) if i.startswith(("batchimg", ".."))}
+        assert not borrowed, (path.name, borrowed)
+    # Only `--mock` and `batchimg mock` start it; nothing reads its rules or its formula.
+    allowed = {".mock.MockConfig", ".mock.MockServer", ".mock.serve"}
+    for path in engine_side:
+        uses = {i for i in _imports(path) if ".mock" in i or i.startswith("batchimg.mock")}
+        assert uses <= (allowed if path.name in ("api.py", "cli.py") else set()), path.name
+
+
+async def test_models_endpoint_lists_shutdown_dates(
+    mock: MockServer, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{mock.base_url}/models", headers=AUTH) as resp:
+        listing = await resp.json()
+    dates = {m["id"]: m["shutdown_date"] for m in listing["data"]}
+    assert dates["gpt-image-1"] == "2026-10-23" and dates["gpt-image-2"] is None
+    async with http.get(f"{mock.base_url}/models/gpt-image-2.6-flare", headers=AUTH) as resp:
+        assert (await resp.json())["object"] == "model"
+    async with http.get(f"{mock.base_url}/models", headers={}) as resp:
+        assert resp.status == 401
+
+
+async def test_gpt_image_2_bills_by_its_calculator_formula(
+    mock: MockServer, http: aiohttp.ClientSession
+) -> None:
+    # Published calculator points (OpenAI's guide): 1024x1024 high = 7024 output tokens,
+    # 1536x1024 high = 5488, 1024x1024 low = 196.
+    expected = {("1024x1024", "high"): 7024, ("1536x1024", "high"): 5488,
+                ("1024x1024", "low"): 196}  # fmt: skip
+    for (size, quality), tokens in expected.items():
+        body = {"model": "gpt-image-2", "prompt": "p", "size": size, "quality": quality}
+        _, payload, _ = await generate(http, mock, body)
+        assert payload["usage"]["output_tokens"] == pytest.approx(tokens, rel=0.016)

@@ -11,6 +11,7 @@ import base64
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
 import openai
 import pytest
@@ -145,3 +146,80 @@ async def test_async_client_generates() -> None:
     image = Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json)))
     assert (image.format, image.mode) == ("WEBP", "RGBA")
     assert res.background == "transparent"
+
+
+# -- today's models (API_NOTES "Late 2026"; the SDK's own parameter docs) -------------------------
+
+
+def test_custom_size_max_quality_and_complexity(client: openai.OpenAI) -> None:
+    res = client.images.generate(
+        model="gpt-image-2.6-flare", prompt="a harbour", size="1536x864", quality="max",
+        complexity="low",
+    )  # fmt: skip
+    assert res.data is not None and res.data[0].b64_json is not None
+    image = Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json)))
+    assert (image.format, image.size) == ("PNG", (1536, 864))
+    assert (res.size, res.quality, res.output_format) == ("1536x864", "max", "png")
+    assert res.usage is not None and res.usage.output_tokens_details is not None
+    assert res.usage.output_tokens_details.image_tokens == res.usage.output_tokens > 0
+
+
+def test_animated_gif_has_the_frames_asked_for(client: openai.OpenAI) -> None:
+    res = client.images.generate(
+        model="gpt-image-2.6-sunburst", prompt="a spinner", output_format="gif", frame_count=5,
+        frame_duration_ms=100, size="512x512", quality="low",
+    )  # fmt: skip
+    assert res.data is not None and res.data[0].b64_json is not None
+    with Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json))) as gif:
+        assert (gif.format, gif.size, gif.n_frames) == ("GIF", (512, 512), 5)
+    assert res.output_format == "gif"
+
+
+def test_svg_output_and_its_authoring_usage(client: openai.OpenAI) -> None:
+    res = client.images.generate(
+        model="gpt-image-2.6-sunburst", prompt="an icon", output_format="svg",
+        svg={"model": "author-7", "reasoning": {"effort": "low"}},
+    )  # fmt: skip
+    assert res.data is not None and res.data[0].b64_json is not None
+    root = ElementTree.fromstring(base64.b64decode(res.data[0].b64_json))
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert res.svg_usage is not None and res.svg_usage.model == "author-7"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(model="gpt-image-2.6-sunburst", prompt="x", output_format="svg", n=2)
+    assert caught.value.param == "n"
+
+
+def test_rules_of_each_model_are_the_apis(client: openai.OpenAI) -> None:
+    refused = [
+        {"model": "gpt-image-2", "quality": "xhigh"},
+        {"model": "gpt-image-2.5-flare", "output_format": "gif"},
+        {"model": "gpt-image-2", "size": "1500x864"},
+        {"model": "gpt-image-2.6-flare", "frame_count": 4},
+    ]
+    for params in refused:
+        with pytest.raises(openai.BadRequestError):
+            client.images.generate(prompt="p", **params)
+    res = client.images.generate(model="gpt-image-2-2026-04-21", prompt="p", size="960x720")
+    assert res.size == "960x720"
+
+
+def test_models_list_carries_shutdown_dates(client: openai.OpenAI) -> None:
+    listed = {m.id: m for m in client.models.list()}
+    assert listed["gpt-image-1"].shutdown_date == "2026-10-23"
+    assert listed["gpt-image-1.5"].shutdown_date == "2026-12-01"
+    assert listed["gpt-image-2.6-flare"].shutdown_date is None
+    assert "gpt-image-2-2026-04-21" in listed
+    assert client.models.retrieve("dall-e-3").shutdown_date == "2026-05-12"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-image-9")
+
+
+def test_as_openai_itself_a_retired_model_is_not_found() -> None:
+    with (
+        threaded_mock(MockConfig(api_key=KEY, enforce_shutdown=True)) as server,
+        openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as client,
+    ):
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.images.generate(model="gpt-image-1", prompt="p")
+        assert caught.value.code == "model_not_found"
+        assert client.images.generate(model="gpt-image-2", prompt="p").data

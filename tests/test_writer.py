@@ -103,6 +103,70 @@ def test_non_image_bytes_fail_the_item(data: bytes) -> None:
     assert info.value.info.code == "bad_image"
 
 
+def gif_bytes(frames: int = 3) -> bytes:
+    images = [Image.new("P", (32, 32), i) for i in range(frames)]
+    out = io.BytesIO()
+    images[0].save(out, "GIF", save_all=True, append_images=images[1:])
+    return out.getvalue()
+
+
+def entity_bomb(levels: int = 8) -> bytes:
+    """A billion-laughs document: each entity is ten of the one before."""
+    entities = [b'<!ENTITY e0 "ha">'] + [
+        b'<!ENTITY e%d "%s">' % (i, b"&e%d;" % (i - 1) * 10) for i in range(1, levels)
+    ]
+    body = b"&e%d;" % (levels - 1) * 10
+    return (
+        b"<?xml version='1.0'?><!DOCTYPE svg [" + b"".join(entities) + b"]><svg>" + body + b"</svg>"
+    )
+
+
+SVG = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8"><rect/></svg>'
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt"),
+    [
+        (gif_bytes(), "gif"),
+        (SVG, "svg"),
+        (b'\xef\xbb\xbf  <svg xmlns="http://www.w3.org/2000/svg"/>', "svg"),  # BOM, blanks
+        (b"<!-- made by a model -->\n<svg><g/></svg>", "svg"),
+    ],
+)
+def test_gif_and_svg_answers_pass(data: bytes, fmt: str) -> None:
+    check_image(data, fmt)
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"<?xml version='1.0'?><svg><rect></svg>", "not a well-formed SVG"),  # mismatched tag
+        (b"<?xml version='1.0'?><html><body/></html>", "root is <html>, not <svg>"),
+        (b"<svg><rect/>", "not a well-formed SVG"),  # cut off
+        (entity_bomb(), "not a well-formed SVG"),  # expat refuses to amplify it
+        (b"<html>502 Bad Gateway</html>", "not a PNG, JPEG, WebP, GIF or SVG"),
+        (PNG, "asked for svg, got png"),
+    ],
+)
+def test_broken_svg_answers_fail_the_item(data: bytes, fragment: str) -> None:
+    with pytest.raises(ItemFailed, match=fragment):
+        check_image(data, "svg")
+
+
+def test_a_spooled_svg_is_parsed_from_its_file(tmp_path: Path) -> None:
+    body = b"<svg>" + b"<g/>" * 200_000 + b"</svg"  # 800 kB, cut off at the very end
+    encoded = base64.b64encode(body).decode()
+    spool = ResponseSpool(tmp_path)
+    spool.feed(f'{{"data": [{{"b64_json": "{encoded}"}}]}}'.encode())
+    _, (image,) = spool.finish()
+    assert isinstance(image, SpooledImage)
+    with pytest.raises(ItemFailed, match="not a well-formed SVG"):
+        check_image(image, "svg")
+    with pytest.raises(ItemFailed, match="asked for gif, got svg"):
+        check_image(image, "gif")
+    check_image(gif_bytes(), "gif")
+
+
 # --- ImageStore -------------------------------------------------------------------------------
 
 
