@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from .engine import Engine, ProgressCallback, Summary
 from .errors import RequestError, UsageError
 from .manifest import Defaults
 from .pricing import PriceTable
+from .report import ledger_paths
 from .retry import RetryPolicy
 from .webdataset import DEFAULT_SHARD_SIZE
 from .writer import IMAGES_DIR
@@ -57,6 +58,7 @@ async def arun(
     prices: str | Path | PriceTable | None = None,
     catalog: str | Path | Catalog | None = None,
     check_models: bool = False,
+    from_ledger: Sequence[str | Path] = (),
     stall_timeout_s: float = 900.0,
     grace_period_s: float = 30.0,
     layout: Layout = "imagefolder",
@@ -74,7 +76,8 @@ async def arun(
     unreadable manifest, or (against OpenAI itself) a model past its shutdown date.
     `api_key` wins over the environment; `mock=True` runs against an embedded mock server
     and needs no key. `catalog` overlays the built-in catalog and `prices` its prices (files,
-    or objects); `check_models` asks the server's `GET /models` first.
+    or objects); `check_models` asks the server's `GET /models` first; `from_ledger`: other
+    runs' output directories or ledgers whose answers bound the cost of this run's requests.
     """
     manifest, out = Path(manifest), Path(out)
     check_manifest(manifest)
@@ -110,6 +113,7 @@ async def arun(
         adaptive_rate=adaptive_rate,
         max_cost_usd=max_cost_usd,
         catalog=the_catalog,
+        learn_from=tuple(ledger_paths(from_ledger)),
     )
     client_options: dict[str, Any] = {
         "connect_timeout_s": connect_timeout_s,

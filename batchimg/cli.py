@@ -197,6 +197,14 @@ def cli() -> None:
 @_prices_option("JSON price file that overrides or extends the built-in prices, per model.")
 @_catalog_option
 @click.option(
+    "--from-ledger",
+    "from_ledger",
+    multiple=True,
+    metavar="DIR_OR_LEDGER",
+    help="Other runs' output directories (or ledgers) whose answers bound what requests like "
+    "them cost, so --max-cost starts from learned token counts (repeat for several).",
+)
+@click.option(
     "--check-models",
     is_flag=True,
     help="Before sending, ask the server's GET /models whether it still serves the manifest's "

@@ -128,6 +128,7 @@ class RunConfig:
     adaptive_rate: bool = True  # learn limits from x-ratelimit-* headers and 429s
     max_cost_usd: float | None = None  # budget cap, earlier runs' spend in the ledger included
     catalog: Catalog | None = None  # models, rules and prices; None: the built-in catalog
+    learn_from: tuple[Path, ...] = ()  # other runs' ledgers whose answers tighten cap bounds
     stall_timeout_s: float = 900.0  # stop if nothing finishes this long while requests are out
     grace_period_s: float = 30.0  # after the first Ctrl-C, how long in-flight requests may take
     layout: Layout = "imagefolder"  # or "webdataset": tar shards of shard_size images

@@ -48,7 +48,14 @@ from .errors import (
     StorageError,
     UsageError,
 )
-from .ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerState, LedgerWriter, scan_ledger
+from .ledger import (
+    FSYNC_INTERVAL_S,
+    LEDGER_NAME,
+    LedgerState,
+    LedgerWriter,
+    read_ledger,
+    scan_ledger,
+)
 from .limiter import Limiter, LimiterStats
 from .manifest import BadLine, Item, read_manifest
 from .pricing import PRICE_TABLE, Bound, PriceTable
@@ -291,6 +298,9 @@ class Engine:
         started = time.monotonic()
         self.store.remove_stale_temps()  # another run's would not be stale: hence the lock
         state = self._open_output()
+        for path in self.config.learn_from:  # other runs' answers: bounds known from the start
+            for record in read_ledger(path):
+                self._learn(record)
         self._done = state.done
         self.budget.spent_usd = state.spent_usd  # earlier runs' spend counts against the cap
         self._writer = BatchedStore(self.store)

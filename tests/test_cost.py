@@ -454,3 +454,25 @@ async def test_an_item_whose_bound_does_not_fit_is_left_and_cheaper_ones_go_on(
     assert summary.exit_code == 3 and summary.not_attempted == 2
     assert summary.next_bound is not None and summary.next_bound.cost_usd > 1.0
     assert summary.stop_reason is not None and "did not fit" in summary.stop_reason
+
+
+async def test_answers_from_another_run_bound_a_new_run_from_its_start(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    line = {"model": "gpt-image-2.6-sunburst", "size": "2560x1440", "quality": "max"}
+    sample = write_manifest([{"prompt": f"sample {i}", **line} for i in range(3)], name="s.jsonl")
+    job = write_manifest([{"prompt": f"job {i}", **line} for i in range(10)], name="j.jsonl")
+    await run(sample, tmp_path / "sample", mock_server)
+    # Under $1 the ceiling alone ($1.27 a request) fits nothing ...
+    alone = await run(job, tmp_path / "alone", mock_server, max_cost_usd=1.0)
+    assert alone.ok == 0 and alone.next_bound is not None and alone.next_bound.basis == "ceiling"
+    # ... but the sample's answers bound the same requests from the first one.
+    before = len(mock_server.requests)
+    taught = await run(job, tmp_path / "taught", mock_server, max_cost_usd=1.0,
+                       from_ledger=[tmp_path / "sample"])  # fmt: skip
+    assert taught.ok >= 2 and taught.next_bound is not None
+    assert taught.next_bound.basis == "learned"
+    spent = sum(r["cost_usd"] for r in ledger(tmp_path / "taught"))
+    assert spent <= 1.0 and len(mock_server.requests) - before == taught.ok
+    with pytest.raises(batchimg.UsageError, match="no ledger"):
+        await run(job, tmp_path / "x", mock_server, from_ledger=[tmp_path / "nowhere"])
