@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from . import specs
 from .catalog import Catalog, ModelPrices, ModelSpec, load_catalog
@@ -103,7 +103,7 @@ class PriceTable:
         else:
             text, image = _count(usage, "input_tokens"), 0
         cached = min(_count(details, "cached_tokens"), text)
-        rates = _Rates(prices.per_1m_tokens)
+        rates = _Rates.of(prices.per_1m_tokens)
         usd = (
             (text - cached) * rates.text_in
             + cached * rates.text_in_cached
@@ -268,7 +268,7 @@ class PriceTable:
         if prices is None:
             return None
         per_image = prices.per_image.get((quality, size))
-        rates = _Rates(prices.per_1m_tokens) if prices.per_1m_tokens is not None else None
+        rates = _Rates.of(prices.per_1m_tokens) if prices.per_1m_tokens is not None else None
         if per_image is not None:  # per-image price known: it covers the output
             usd = per_image * n
             if rates is not None:
@@ -280,8 +280,7 @@ class PriceTable:
         return round(usd / 1_000_000, 8)
 
 
-@dataclass(frozen=True)
-class _Rates:
+class _Rates(NamedTuple):
     """Per-1M-token rates, with one rule for the ones a table leaves out: cached text at the
     text rate, input images at the text rate (the ledger and the cap price alike)."""
 
@@ -290,11 +289,11 @@ class _Rates:
     image_in: float
     image_out: float
 
-    def __init__(self, table: Mapping[str, float]) -> None:
-        object.__setattr__(self, "text_in", table["text_in"])
-        object.__setattr__(self, "text_in_cached", table.get("text_in_cached", table["text_in"]))
-        object.__setattr__(self, "image_in", table.get("image_in", table["text_in"]))
-        object.__setattr__(self, "image_out", table["image_out"])
+    @classmethod
+    def of(cls, table: Mapping[str, float]) -> _Rates:
+        text = table["text_in"]
+        return cls(text, table.get("text_in_cached", text), table.get("image_in", text),
+                   table["image_out"])  # fmt: skip
 
 
 def _n(params: Mapping[str, Any]) -> int:

@@ -11,6 +11,7 @@ import pytest
 
 import batchimg
 from batchimg.mock import MockConfig, MockServer
+from batchimg.pricing import PriceTable
 from tests.conftest import TEST_KEY
 from tests.helpers import LEDGER_FIELDS, check_ok_record, last_states, ledger
 
@@ -51,6 +52,14 @@ async def test_example_job_produces_every_image_and_a_contract_ledger(
     text = usage["input_tokens_details"]["text_tokens"]
     assert sneaker["cost_usd"] == pytest.approx((text * 5 + usage["output_tokens"] * 30) / 1e6)
     assert summary.cost_usd == pytest.approx(sum(r["cost_usd"] for r in records))
+    # ... and the ledger's total is what the mock billed (its usage at the catalog's prices).
+    table = PriceTable.default()
+    billed = sum(
+        table.request_cost({**r.params, "model": r.model}, r.usage) or 0.0
+        for r in mock_server.requests
+        if r.status == 200
+    )
+    assert billed > 0 and sum(r["cost_usd"] for r in records) == pytest.approx(billed, rel=1e-9)
     # Today's parameters made it through: a custom size, a gif's frames, an svg, complexity.
     assert by_id["harbor-dawn"]["size"] == "1536x864"
     assert by_id["loader-spinner"]["files"][0].endswith(".gif")
