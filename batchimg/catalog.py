@@ -5,10 +5,11 @@ replacement OpenAI names), endpoints, request rules per parameter, edit input li
 accounting (a published table, per-image prices, or "learned" from answers) and prices. The
 rules engine (`specs`) and the prices (`pricing`) only read it.
 
-A model entry may `extend` another: it starts from that entry's rules, tokens and prices (not
-its names or lifecycle) and replaces what it lists; `params` are replaced one parameter at a
-time, and a parameter set to null is removed. `--catalog FILE` overlays a file of the same shape
-the same way (a model it names is merged into the built-in entry, a new one is added);
+A model entry may `extend` another: it starts from that entry's rules and prices (not its names,
+lifecycle or token accounting, which are each model's own facts) and replaces what it lists;
+`params` are replaced one parameter at a time, and a parameter set to null is removed.
+`--catalog FILE` overlays a file of the same shape the same way (a model it names is merged into
+the built-in entry, `tokens` one key at a time; a new one is added);
 `--prices FILE` replaces whole `prices` objects.
 
 A model the catalog does not know is not an error: `spec()` gives it structural rules only
@@ -23,6 +24,7 @@ import copy
 import datetime as dt
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +40,12 @@ FIELD_TYPES = ("string", "integer", "size", "object")
 TokenBasis = Literal["table", "per_image_price", "learned", "none", "unknown"]
 Status = Literal["active", "deprecated", "shutdown", "unknown"]
 #: Keys an entry does not pass on to the entries that extend it.
-_OWN_KEYS = ("aliases", "snapshots", "status", "released", "shutdown_date", "replacement", "notes")
+#: Token accounting is a fact of each model, not of the one it extends: a model that inherited
+#: another's ceiling could exceed it, and the cap would not hold.
+_OWN_KEYS = (
+    "aliases", "snapshots", "status", "released", "shutdown_date", "replacement", "notes",
+    "tokens",
+)  # fmt: skip
 _MODEL_KEYS = frozenset(
     {*_OWN_KEYS, "extends", "endpoints", "params", "formats", "edits", "tokens", "prices"}
 )
@@ -46,7 +53,7 @@ _PARAM_KEYS = frozenset(
     {"values", "min", "max", "default", "endpoints", "formats", "other_formats", "max_chars",
      "custom", "auto", "transparent_formats"}
 )  # fmt: skip
-_SNAPSHOT = re.compile(r"^(?P<model>.+)-\d{4}-\d{2}-\d{2}$")
+_SNAPSHOT = re.compile(r"(?P<model>.+)-(?P<date>\d{4}-\d{2}-\d{2})")  # used with fullmatch
 ENDPOINTS = ("generations", "edits", "batch")
 
 
@@ -132,9 +139,9 @@ class TokenRule:
     partial_image: int = 0
 
     def ceiling_for(self, quality: str) -> float | None:
-        """The bound for a quality; a quality the table does not name gets its highest."""
+        """The bound for a quality (None: the table does not name it, or there is none)."""
         table = self.ceiling_per_megapixel
-        return table.get(quality, max(table.values())) if table else None
+        return table.get(quality, table.get("*"))
 
 
 @dataclass(frozen=True)
@@ -183,8 +190,9 @@ class ModelSpec:
             return "shutdown" if today >= self.shutdown_date else "deprecated"
         return self.status
 
-    def lifecycle_note(self, today: dt.date) -> str | None:
-        """A sentence for a model that is shut down or has a date announced; None otherwise."""
+    def lifecycle_note(self, today: dt.date, name: str | None = None) -> str | None:
+        """A sentence for a model that is shut down or has a date announced (`name`: as the
+        manifest wrote it, a snapshot say); None otherwise."""
         status = self.status_on(today)
         if status not in ("shutdown", "deprecated") or self.shutdown_date is None:
             return None
@@ -195,7 +203,7 @@ class ModelSpec:
             if self.replacement
             else "use a current GPT image model instead (`batchimg models` lists them)"
         )
-        return f"model {self.name} {said} at OpenAI; {use}"
+        return f"model {name or self.name} {said} at OpenAI; {use}"
 
 
 def _fail(source: str, where: str, what: str) -> UsageError:
@@ -211,16 +219,26 @@ def _strings(value: Any, source: str, where: str) -> tuple[str, ...]:
 def _int(value: Any, source: str, where: str, *, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
         return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _fail(source, where, "must be an integer")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _fail(source, where, "must be a whole number >= 0")
     return value
 
 
-def _number(value: Any, source: str, where: str) -> float | None:
+def _is_amount(value: Any) -> bool:
+    """A finite number >= 0 (not a bool, not NaN or Infinity, which JSON parsers accept)."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def _number(value: Any, source: str, where: str, *, positive: bool = False) -> float | None:
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise _fail(source, where, "must be a number >= 0")
+    if not _is_amount(value) or (positive and value == 0):
+        raise _fail(source, where, f"must be a finite number {'> 0' if positive else '>= 0'}")
     return float(value)
 
 
@@ -244,6 +262,29 @@ def _parse_size_rule(raw: Any, source: str, where: str) -> SizeRule:
     )
 
 
+def _parse_edits(raw: Any, source: str, where: str) -> EditLimits:
+    if not isinstance(raw, dict) or set(raw) - set(EditLimits.__dataclass_fields__):
+        raise _fail(source, where, "takes " + ", ".join(EditLimits.__dataclass_fields__))
+    default = EditLimits()
+    square = raw.get("square", False)
+    if not isinstance(square, bool):
+        raise _fail(source, f"{where}.square", "must be true or false")
+
+    def count(key: str, fallback: int) -> int:
+        value = _int(raw.get(key), source, f"{where}.{key}")
+        return fallback if value is None else value
+
+    return EditLimits(
+        max_images=count("max_images", default.max_images),
+        image_formats=_strings(
+            raw.get("image_formats", list(default.image_formats)), source, f"{where}.image_formats"
+        ),
+        max_image_bytes=count("max_image_bytes", default.max_image_bytes),
+        mask_max_bytes=count("mask_max_bytes", default.mask_max_bytes),
+        square=square,
+    )
+
+
 def _parse_sheet(raw: Any, source: str, where: str) -> SheetRule:
     if not isinstance(raw, dict) or set(raw) - {"grids", "max_pixels", "max_edge", "min_pixels"}:
         raise _fail(source, where, "takes grids, max_pixels, max_edge and min_pixels")
@@ -257,12 +298,25 @@ def _parse_sheet(raw: Any, source: str, where: str) -> SheetRule:
         raise _fail(
             source, f"{where}.grids", "must be a list of [min frames, max frames, cols, rows]"
         )
+    if any(g[0] > g[1] for g in grids):
+        raise _fail(source, f"{where}.grids", "a row's fewest frames must not exceed its most")
     return SheetRule(
         grids=tuple((g[0], g[1], g[2], g[3]) for g in grids),
         max_pixels=_int(raw.get("max_pixels"), source, f"{where}.max_pixels"),
         max_edge=_int(raw.get("max_edge"), source, f"{where}.max_edge"),
         min_pixels=_int(raw.get("min_pixels"), source, f"{where}.min_pixels"),
     )
+
+
+_WXH = re.compile(r"[1-9][0-9]{0,5}x[1-9][0-9]{0,5}")
+
+
+def _check_size_auto(rule: ParamRule, source: str, where: str) -> ParamRule:
+    """A size rule's `auto` must name real sizes: estimates and bounds are computed from them."""
+    for size in (*([rule.auto_estimate] if rule.auto_estimate else []), *rule.auto_range):
+        if not _WXH.fullmatch(size):
+            raise _fail(source, f"{where}.auto", f"{size!r} is not a WIDTHxHEIGHT size")
+    return rule
 
 
 def _parse_param(raw: Any, source: str, where: str) -> ParamRule:
@@ -272,8 +326,13 @@ def _parse_param(raw: Any, source: str, where: str) -> ParamRule:
     if unknown:
         raise _fail(source, where, f"unknown key(s) {', '.join(sorted(unknown))}")
     auto = raw.get("auto") or {}
-    if not isinstance(auto, dict):
-        raise _fail(source, f"{where}.auto", "must be an object with 'estimate' and 'range'")
+    if (
+        not isinstance(auto, dict)
+        or set(auto) - {"estimate", "range"}
+        or not isinstance(auto.get("estimate", ""), str)
+    ):
+        raise _fail(source, f"{where}.auto", "must be an object with 'estimate' (a value) and "
+                    "'range' (a list of values)")  # fmt: skip
     other = raw.get("other_formats", "refuse")
     if other not in ("refuse", "drop"):
         raise _fail(source, f"{where}.other_formats", "must be 'refuse' or 'drop'")
@@ -312,8 +371,8 @@ def _by_quality_and_size(
         if not isinstance(sizes, dict):
             raise _fail(source, f"{where}.{quality}", f"must map sizes to a {what} each")
         for size, value in sizes.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise _fail(source, f"{where}.{quality}.{size}", f"must be a {what} >= 0")
+            if not _is_amount(value):
+                raise _fail(source, f"{where}.{quality}.{size}", f"must be a finite {what} >= 0")
             table[(quality, size)] = float(value)
     return table
 
@@ -325,8 +384,7 @@ def parse_prices(raw: Any, source: str, where: str) -> ModelPrices:
     tokens = raw.get("per_1m_tokens")
     if tokens is not None:
         if not isinstance(tokens, dict) or not all(
-            k in TOKEN_KINDS and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-            for k, v in tokens.items()
+            k in TOKEN_KINDS and _is_amount(v) for k, v in tokens.items()
         ):
             kinds = ", ".join(TOKEN_KINDS)
             raise _fail(source, f"{where}.per_1m_tokens", f"takes numbers >= 0 for: {kinds}")
@@ -363,31 +421,61 @@ def _parse_tokens(raw: Any, source: str, where: str) -> TokenRule:
 
 
 def _ceilings(raw: Any, source: str, where: str) -> dict[str, float]:
-    """`ceiling_per_megapixel`: one number for every quality, or `{quality: number}`."""
+    """`ceiling_per_megapixel`: one number for every quality, or `{quality: number}` (a quality
+    it does not name has no ceiling: the cap cannot bound it before an answer is known)."""
     where = f"{where}.ceiling_per_megapixel"
     if raw is None:
         return {}
     if isinstance(raw, dict):
-        return {str(q): float(_number(v, source, f"{where}.{q}") or 0.0) for q, v in raw.items()}
-    value = _number(raw, source, where)
-    return {"*": value} if value is not None else {}
+        ceilings = {}
+        for quality, value in raw.items():
+            number = _number(value, source, f"{where}.{quality}", positive=True)
+            if number is None:
+                raise _fail(source, f"{where}.{quality}", "must be a finite number > 0")
+            ceilings[str(quality)] = number
+        return ceilings
+    number = _number(raw, source, where, positive=True)
+    return {"*": number} if number is not None else {}
+
+
+def _text(raw: Any, source: str, where: str) -> str:
+    if raw is not None and not isinstance(raw, str):
+        raise _fail(source, where, "must be a string")
+    return raw or ""
+
+
+def _endpoints(raw: Any, source: str, where: str) -> tuple[str, ...]:
+    if raw is None:
+        return ENDPOINTS
+    names = _strings(raw, source, where)
+    unknown = set(names) - set(ENDPOINTS)
+    if unknown:
+        raise _fail(source, where, f"unknown endpoint(s) {', '.join(sorted(unknown))}")
+    return names
+
+
+def _date_text(value: Any, source: str, where: str) -> str | None:
+    date = _date(value, source, where)
+    return None if date is None else date.isoformat()
 
 
 def _date(value: Any, source: str, where: str) -> dt.date | None:
     if value is None:
         return None
+    if not isinstance(value, str):
+        raise _fail(source, where, f"{value!r} is not a YYYY-MM-DD date")
     try:
-        return dt.date.fromisoformat(str(value))
+        return dt.date.fromisoformat(value)
     except ValueError:
         raise _fail(source, where, f"{value!r} is not a YYYY-MM-DD date") from None
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """`over` on top of `base`: keys replaced, except `params` and `formats`, which are merged
-    one entry at a time (an entry set to null is removed)."""
+    """`over` on top of `base`: keys replaced, except `params`, `formats` and `tokens`, which
+    are merged one entry at a time (an entry set to null is removed)."""
     merged = dict(base)
     for key, value in over.items():
-        if key in ("params", "formats") and isinstance(value, dict):
+        if key in ("params", "formats", "tokens") and isinstance(value, dict):
             inner = dict(merged.get(key) or {})
             for name, rule in value.items():
                 if rule is None:
@@ -408,6 +496,9 @@ class Catalog:
             raise UsageError(f"{source}: a catalog is an object with a 'models' object")
         self._data: dict[str, Any] = copy.deepcopy(dict(data))
         self.source = source
+        for key in ("name", "date", "default_model", "source", "currency"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise _fail(source, key, "must be a string")
         self.name = str(data.get("name") or Path(source).stem)
         self.date = str(data.get("date") or "")
         self.default_model = str(data.get("default_model") or "")
@@ -451,6 +542,8 @@ class Catalog:
         parent = raw.get("extends")
         if parent is None:
             return dict(raw)
+        if not isinstance(parent, str):
+            raise _fail(self.source, f"{where}.extends", "must be the name of another model")
         if parent not in raw_models:
             raise _fail(self.source, f"{where}.extends", f"no model {parent!r} to extend")
         if parent in chain:
@@ -461,6 +554,14 @@ class Catalog:
             if k not in _OWN_KEYS
         }
         return _merge(inherited, {k: v for k, v in raw.items() if k != "extends"})
+
+    def _parse_params(self, raw: dict[str, Any], where: str) -> dict[str, ParamRule]:
+        rules = {
+            name: _parse_param(rule, self.source, f"{where}.{name}") for name, rule in raw.items()
+        }
+        if "size" in rules:
+            _check_size_auto(rules["size"], self.source, f"{where}.size")
+        return rules
 
     def _build(self, name: str, raw_models: Mapping[str, Any], chain: tuple[str, ...]) -> ModelSpec:
         raw = self._effective(name, raw_models, chain)
@@ -484,13 +585,7 @@ class Catalog:
                 sheet=_parse_sheet(rule["sheet"], src, f"{at}.sheet") if "sheet" in rule else None,
             )
         edits_raw = raw.get("edits")
-        edits = None
-        if edits_raw is not None:
-            if not isinstance(edits_raw, dict) or set(edits_raw) - set(
-                EditLimits.__dataclass_fields__
-            ):
-                raise _fail(src, f"{where}.edits", "takes " + ", ".join(EditLimits.__annotations__))
-            edits = EditLimits(**edits_raw)
+        edits = None if edits_raw is None else _parse_edits(edits_raw, src, f"{where}.edits")
         status = raw.get("status", "active")
         if status not in ("active", "deprecated", "shutdown"):
             raise _fail(src, f"{where}.status", "must be active, deprecated or shutdown")
@@ -498,20 +593,18 @@ class Catalog:
         return ModelSpec(
             name=name,
             status=status,
-            released=raw.get("released"),
+            released=_date_text(raw.get("released"), src, f"{where}.released"),
             shutdown_date=_date(raw.get("shutdown_date"), src, f"{where}.shutdown_date"),
             replacement=_strings(raw.get("replacement") or [], src, f"{where}.replacement"),
             names=_strings(raw.get("aliases") or [], src, f"{where}.aliases")
             + _strings(raw.get("snapshots") or [], src, f"{where}.snapshots"),
-            endpoints=_strings(raw.get("endpoints") or list(ENDPOINTS), src, f"{where}.endpoints"),
-            params=None
-            if params is None
-            else {p: _parse_param(rule, src, f"{where}.params.{p}") for p, rule in params.items()},
+            endpoints=_endpoints(raw.get("endpoints"), src, f"{where}.endpoints"),
+            params=None if params is None else self._parse_params(params, f"{where}.params"),
             formats=formats,
             edits=edits,
             tokens=_parse_tokens(raw.get("tokens") or {}, src, f"{where}.tokens"),
             prices=None if prices_raw is None else parse_prices(prices_raw, src, f"{where}.prices"),
-            notes=str(raw.get("notes") or ""),
+            notes=_text(raw.get("notes"), src, f"{where}.notes"),
         )
 
     # -- lookups --
@@ -519,10 +612,17 @@ class Catalog:
     def lookup(self, name: str) -> ModelSpec | None:
         """The entry for a model name, alias or snapshot (also an unlisted dated snapshot)."""
         canonical = self._names.get(name)
-        if canonical is None:
-            match = _SNAPSHOT.match(name)
-            canonical = self._names.get(match.group("model")) if match else None
+        if canonical is None and (match := _SNAPSHOT.fullmatch(name)) is not None:
+            try:
+                dt.date.fromisoformat(match.group("date"))
+            except ValueError:
+                return None  # not a date: not a snapshot
+            canonical = self._names.get(match.group("model"))
         return None if canonical is None else self.models[canonical]
+
+    def is_listed(self, name: str) -> bool:
+        """Whether `name` is a model, alias or snapshot the catalog names itself."""
+        return name in self._names
 
     def spec(self, name: str) -> ModelSpec:
         """The entry for `name`, or one with structural rules only for a name it does not know."""
@@ -547,11 +647,16 @@ class Catalog:
         """This catalog with `data` (same shape) merged in per model; named after both."""
         if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
             raise UsageError(f"{source}: a catalog is an object with a 'models' object")
+        if data.get("name") is not None and not isinstance(data["name"], str):
+            raise _fail(source, "name", "must be a string")
         merged = copy.deepcopy(self._data)
         for key in ("default_model", "batch_multiplier"):
             if key in data:
                 merged[key] = data[key]
-        merged["fields"] = {**merged.get("fields", {}), **(data.get("fields") or {})}
+        fields = data.get("fields") or {}
+        if not isinstance(fields, dict):
+            raise _fail(source, "fields", "must be an object")
+        merged["fields"] = {**merged.get("fields", {}), **fields}
         models = merged["models"]
         for name, entry in data["models"].items():
             if name in models and isinstance(entry, dict) and isinstance(models[name], dict):

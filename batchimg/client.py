@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,15 @@ from .inputs import InputFile
 from .limiter import RateLimitHeaders
 
 USER_AGENT = "batchimg/0.1"
+#: What an answer may say it produced, and the shape each value must have to be believed (a
+#: server's echo goes into the ledger and the dataset's metadata).
+_ECHO = {
+    "size": re.compile(r"[0-9]{1,5}x[0-9]{1,5}"),
+    "quality": re.compile(r"[a-z]{1,16}"),
+    "output_format": re.compile(r"[a-z]{1,8}"),
+    "background": re.compile(r"[a-z]{1,16}"),
+    "complexity": re.compile(r"[a-z]{1,16}"),
+}
 MAX_RETRY_AFTER_S = 600.0
 
 
@@ -196,11 +206,7 @@ class ImagesClient:
                     entry["spooled"] = next(images)
         assert isinstance(parsed, dict)
         usage = parsed.get("usage")
-        echo = {
-            k: parsed[k]
-            for k in ("size", "quality", "output_format", "background")
-            if isinstance(parsed.get(k), str)
-        }
+        echo = {k: v for k, v in parsed.items() if k in _ECHO and _ECHO[k].fullmatch(str(v))}
         extra = {
             k: v for k, v in parsed.items() if k.endswith("_usage") and isinstance(v, dict) and v
         }
@@ -242,8 +248,8 @@ class ImagesClient:
             raise
         return parsed, spooled, size
 
-    async def list_models(self) -> dict[str, str | None]:
-        """`GET /models`: every model id the server lists, with its `shutdown_date` (or None).
+    async def list_models(self) -> dict[str, Any]:
+        """`GET /models`: every model id the server lists, with its `shutdown_date` as given.
 
         Raises RequestError (an error answer, or one that is not a model list)."""
         url = self._config.models_url()
@@ -264,12 +270,11 @@ class ImagesClient:
         if not isinstance(data, list):
             info = ErrorInfo(message=f"GET {url} did not answer a model list", code="bad_response")
             raise TransportError(info)
-        listed: dict[str, str | None] = {}
-        for entry in data:
-            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
-                date = entry.get("shutdown_date")
-                listed[entry["id"]] = date if isinstance(date, str) else None
-        return listed
+        return {
+            entry["id"]: entry.get("shutdown_date")
+            for entry in data
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str)
+        }
 
     async def download(self, url: str) -> bytes:
         """Fetch an image `url` answer (they expire, so at once); no API key is sent with it."""

@@ -60,7 +60,7 @@ from .limiter import Limiter, LimiterStats
 from .manifest import BadLine, Item, read_manifest
 from .pricing import PRICE_TABLE, Bound, PriceTable
 from .retry import retrying
-from .tokens import TokenBook
+from .tokens import GroupKey, TokenBook, request_group
 from .webdataset import SHARDS_DIR, ShardWriter
 from .writer import BatchedStore, ImageStore, StoredFile, check_image, decode_b64_image
 
@@ -165,7 +165,8 @@ def _record(
     params = item.params if isinstance(item, Item) else {}
     echo = result.echo if result else {}
     files = files or []
-    fmt = echo.get("output_format") or (specs.output_format(params, catalog) if params else None)
+    # The format asked for, which check_image verified the bytes against (not what an answer says).
+    fmt = specs.output_format(params, catalog) if params else None
     record: dict[str, Any] = {
         "id": item.id,
         "line": item.line,
@@ -245,6 +246,7 @@ class Engine:
         self.budget = Budget(config.max_cost_usd)
         self._budget_short = False  # an item was left because its bound did not fit the cap
         self._cheapest_admitted_usd = float("inf")  # the least a reserved bound came to
+        self._probes: dict[GroupKey, anyio.Lock] = {}  # one first request per unknown group
         self.limiter = limiter or Limiter(
             rpm=config.rpm,
             ipm=config.ipm,
@@ -298,9 +300,11 @@ class Engine:
         started = time.monotonic()
         self.store.remove_stale_temps()  # another run's would not be stale: hence the lock
         state = self._open_output()
-        for path in self.config.learn_from:  # other runs' answers: bounds known from the start
-            for record in read_ledger(path):
-                self._learn(record)
+        own = self.summary.ledger_path.resolve()
+        for path in {p.resolve(): None for p in self.config.learn_from}:  # each ledger once
+            if path != own:  # other runs' answers: bounds known from the start
+                for record in read_ledger(path):
+                    self._learn(record)
         self._done = state.done
         self.budget.spent_usd = state.spent_usd  # earlier runs' spend counts against the cap
         self._writer = BatchedStore(self.store)
@@ -597,7 +601,20 @@ class Engine:
                 self.stop(f"{exc} — fix the account or key, then re-run the same command")
 
     async def _attempt(self, item: Item, tally: _Tally) -> ImagesResult:
-        """One try: reserve its worst-case cost, wait for admission, send, report back."""
+        """One try. Under a cap, a request whose bound is only the catalog's ceiling (no answer
+        of its kind is known yet) goes alone: its group's others wait for its answer, which
+        turns their bound into a learned one, so a ceiling that proves too low is exceeded by
+        one request at most, not by every request sent before the first answer."""
+        if self.budget.cap_usd is not None:
+            bound = self.prices.worst_case(item.params, item.image_tokens, self.book)
+            if bound is not None and bound.basis == "ceiling":
+                group = request_group(item.params, self.catalog)
+                async with self._probes.setdefault(group, anyio.Lock()):
+                    return await self._attempt_once(item, tally)
+        return await self._attempt_once(item, tally)
+
+    async def _attempt_once(self, item: Item, tally: _Tally) -> ImagesResult:
+        """Reserve its worst-case cost, wait for admission, send, report back."""
         estimate = self.prices.estimate(item.params, item.image_tokens, self.book)
         tokens = estimate.input_tokens + estimate.output_tokens
         capped = self.budget.cap_usd is not None

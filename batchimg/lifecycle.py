@@ -24,7 +24,8 @@ OPENAI_HOSTS = frozenset({"api.openai.com"})
 
 def is_openai(provider: str, base_url: str) -> bool:
     """Whether requests go to OpenAI's own API (where shutdown dates are OpenAI's)."""
-    return provider == "openai" and (urlparse(base_url).hostname or "") in OPENAI_HOSTS
+    host = (urlparse(base_url).hostname or "").rstrip(".")  # "api.openai.com." is the same host
+    return provider == "openai" and host in OPENAI_HOSTS
 
 
 def refuse_retired(
@@ -36,7 +37,7 @@ def refuse_retired(
     for model, line in manifest_models(manifest, default_model).items():
         spec = catalog.spec(model)
         if spec.status_on(today) == "shutdown":
-            note = spec.lifecycle_note(today)
+            note = spec.lifecycle_note(today, model)
             problems.append(f"line {line}: {note}")
     if problems:
         raise UsageError(
@@ -49,29 +50,28 @@ def refuse_retired(
 def check_served(
     manifest: Path,
     default_model: str,
-    listed: dict[str, str | None],
+    listed: dict[str, Any],
     today: dt.date,
     where: str,
 ) -> list[str]:
     """Compare the manifest's models with what `GET /models` listed (id -> shutdown_date).
 
-    Returns a line per model that is fine or has a date announced; raises UsageError if a model
-    is not listed or its shutdown date has passed.
+    Returns a line per model that is fine, has a date announced or a date that cannot be read;
+    raises UsageError if a model is not listed or its shutdown date has passed.
     """
     report, problems = [], []
     for model, line in manifest_models(manifest, default_model).items():
         if model not in listed:
             problems.append(f"line {line}: model {model} is not listed by {where}")
             continue
-        date = listed[model]
-        if date is None:
+        raw = listed[model]
+        if raw is None:
             report.append(f"model {model}: served, no shutdown date announced")
             continue
-        try:
-            passed = dt.date.fromisoformat(date) <= today
-        except ValueError:
-            passed = False
-        if passed:
+        date = _shutdown_date(raw)
+        if date is None:
+            report.append(f"model {model}: served, but its shutdown_date {raw!r} is not a date")
+        elif date <= today:
             problems.append(f"line {line}: model {model} was shut down on {date} ({where})")
         else:
             report.append(f"model {model}: served until {date}")
@@ -81,6 +81,22 @@ def check_served(
             "Change the lines' model (or --model for lines that name none), then re-run."
         )
     return report
+
+
+def _shutdown_date(raw: Any) -> dt.date | None:
+    """A `shutdown_date` as the server wrote it: `YYYY-MM-DD`, an ISO date-time, or seconds
+    since the epoch; None if it is none of these."""
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        try:
+            return dt.datetime.fromtimestamp(raw, dt.timezone.utc).date()
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(raw, str):
+        try:
+            return dt.date.fromisoformat(raw[:10])
+        except ValueError:
+            return None
+    return None
 
 
 def models_table(catalog: Catalog, today: dt.date) -> str:

@@ -226,7 +226,12 @@ class _Notices:
                 f"{priced}. Describe it with --catalog FILE."
             )
             return
-        note = spec.lifecycle_note(self._today)
+        if not self.catalog.is_listed(model):
+            self.say(
+                f"model {model!r} is not a snapshot the catalog lists: checked with "
+                f"{spec.name}'s rules and priced as {spec.name}"
+            )
+        note = spec.lifecycle_note(self._today, model)
         if note is not None:
             self.say(f"{note} (a gateway may still serve it)")
 
@@ -425,11 +430,15 @@ def manifest_models(path: str | Path, default_model: str) -> dict[str, int]:
             if not raw or raw.startswith(b"#"):
                 continue
             candidates = _MODEL_FIELD.findall(raw)
-            if not candidates:
+            # A key written with escapes ("mod\u0065l") hides from the pattern: parse those.
+            escaped = b"\\u" in raw
+            if not candidates and not escaped:
                 found.setdefault(default_model, number)
                 continue
-            if default_model in found and all(
-                c.decode("utf-8", "replace") in found for c in candidates
+            if (
+                not escaped
+                and default_model in found
+                and all(c.decode("utf-8", "replace") in found for c in candidates)
             ):
                 continue
             try:

@@ -251,7 +251,8 @@ class PriceTable:
                 return None
             rates = spec.prices.per_1m_tokens
             # The price covers the output: express it in output tokens where there is a rate.
-            return round(per_image / (rates["image_out"] / 1e6)) if rates else 0
+            rate = rates["image_out"] if rates else 0.0
+            return round(per_image / (rate / 1e6)) if rate > 0 else 0
         return None
 
     def _cost(

@@ -30,7 +30,7 @@ IMAGE_MIME = {
 FILE_EXTENSION = {"png": "png", "jpeg": "jpg", "webp": "webp", "gif": "gif", "svg": "svg"}
 #: Fields every request may carry, whatever the model.
 _ALWAYS = ("prompt", "model")
-_SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
+_SIZE = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")  # used with fullmatch
 _RULE_CACHE_MAX = 4096
 #: Structural fallbacks when the catalog's `fields` table says nothing.
 _MAX_PROMPT_CHARS = 32000
@@ -55,7 +55,7 @@ def model_spec(params: Mapping[str, Any], catalog: Catalog | None = None) -> Mod
 
 def is_size(value: str) -> bool:
     """Whether `value` is a concrete `WIDTHxHEIGHT` (not `auto`)."""
-    return _SIZE.match(value) is not None
+    return _SIZE.fullmatch(value) is not None
 
 
 def dimensions(size: str) -> tuple[int, int]:
@@ -244,7 +244,7 @@ def _check_type(name: str, value: Any, catalog: Catalog, *, values: bool = True)
             raise ParamError(name, f"Invalid value for '{name}': {value!r} (a JSON object).")
     elif not isinstance(value, str):
         raise ParamError(name, f"'{name}' must be a string, got {type(value).__name__}.")
-    elif kind == "size" and value != "auto" and not _SIZE.match(value):
+    elif kind == "size" and value != "auto" and not _SIZE.fullmatch(value):
         raise ParamError(name, f"Invalid value for '{name}': {value!r} (WIDTHxHEIGHT or auto).")
     if values and rule.values is not None and value not in rule.values:
         raise ParamError(
@@ -313,7 +313,7 @@ def _check_custom_size(
     output) the pixel and edge bounds are the sprite sheet's, checked apart."""
     custom = rule.custom
     assert custom is not None
-    match = _SIZE.match(value)
+    match = _SIZE.fullmatch(value)
     listed = ", ".join(rule.values or ())
     if match is None:
         raise ParamError(

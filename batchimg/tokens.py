@@ -111,9 +111,13 @@ class TokenBook:
             self.add(request_group(params, catalog), per_image)
 
     def learn_record(self, record: Mapping[str, Any], catalog: Catalog) -> None:
-        """Count one ledger record that carries a usable `usage`."""
-        n = record.get("n")
-        per_image = per_image_output(record.get("usage"), n if isinstance(n, int) else 1)
+        """Count one ledger record that carries a usable `usage`: per image it brought (an ok
+        record's files), else per image asked for."""
+        files, n = record.get("files"), record.get("n")
+        images = len(files) if isinstance(files, list) and files else n
+        per_image = per_image_output(
+            record.get("usage"), images if isinstance(images, int) and images > 0 else 1
+        )
         if per_image is None:
             return
         key = record_group(record, catalog)
@@ -132,7 +136,7 @@ class TokenBook:
         from .ledger import read_ledger  # the ledger module reads; this one only counts
 
         book = cls()
-        for path in paths:
+        for path in {p.resolve(): None for p in paths}:  # one ledger named twice counts once
             for record in read_ledger(path):
                 book.learn_record(record, catalog)
         return book

@@ -56,6 +56,8 @@ RULES: list[tuple[dict[str, Any], str | None]] = [
     ({"model": "gpt-image-2", "size": "2896x2896"}, "size"),  # over 8,294,400 px
     ({"model": "gpt-image-2", "size": "800x800"}, "size"),  # under 655,360 px
     ({"model": "gpt-image-2", "size": "16:9"}, "size"),
+    ({"model": "gpt-image-2", "size": "1024x1024\n"}, "size"),
+    ({"model": "gpt-image-2", "size": "01024x1024"}, "size"),
     ({"model": "gpt-image-1", "size": "1536x864"}, "size"),
     ({"model": "gpt-image-1.5", "size": "1024x1536"}, None),
     ({"model": "dall-e-3", "size": "1792x1024"}, None),
@@ -275,6 +277,7 @@ def test_snapshot_names_use_their_models_rules() -> None:
     assert check({"model": "gpt-image-2-2026-04-21", "quality": "xhigh"}) == "quality"
     assert check({"model": "gpt-image-2.6-flare-2027-01-15", "output_format": "gif"}) is None
     assert not catalog.spec("gpt-image-9").known
+    assert not catalog.spec("gpt-image-2-2099-99-99").known  # not a date: not a snapshot
 
 
 def test_output_compression_is_sent_only_with_jpeg_or_webp(tmp_path: Path) -> None:
@@ -353,6 +356,7 @@ def test_a_retired_model_is_refused_against_openai_before_anything_is_sent(
         '{"prompt": "old", "model": "gpt-image-1", "metadata": {"model": "x"}}\n'
         '{"prompt": "meta only", "metadata": {"model": "dall-e-3"}}\n'
         '{"prompt": "older", "model": "dall-e-3"}\n'
+        '{"prompt": "escaped", "mod\\u0065l": "gpt-image-1.5"}\n'
     )
     out = tmp_path / "out"
     env = {"OPENAI_API_KEY": "sk-never-sent"}
@@ -362,6 +366,7 @@ def test_a_retired_model_is_refused_against_openai_before_anything_is_sent(
     assert "use gpt-image-2.5-sunburst or gpt-image-2.5-flare instead" in result.stderr
     assert "line 4: model dall-e-3 was shut down on 2026-05-12" in result.stderr
     assert "line 3" not in result.stderr  # a "model" key inside metadata is not the model
+    assert "line 5: model gpt-image-1.5 was shut down" in result.stderr  # an escaped key too
     assert "nothing was sent" in result.stderr and "sk-never-sent" not in result.stderr
     assert not out.exists()
     # A retired default model, for the lines that name none, is refused the same way.
@@ -486,6 +491,38 @@ def test_a_catalog_file_adds_a_model_and_changes_a_rule(tmp_path: Path) -> None:
         ('{"models": {"x": {"shutdown_date": "soon"}}}', "not a YYYY-MM-DD date"),
         ('{"models": {"a": {"extends": "b"}, "b": {"extends": "a"}}}', "in a loop"),
         ("{not json", "not valid JSON"),
+        ('{"models": {"gpt-image-2": {"tokens": {"ceiling_per_megapixel": NaN}}}}', "finite"),
+        ('{"models": {"gpt-image-2": {"tokens": {"ceiling_per_megapixel": 0}}}}', "> 0"),
+        (
+            '{"models": {"gpt-image-2": {"tokens": {"ceiling_per_megapixel": {"max": null}}}}}',
+            "ceiling_per_megapixel.max",
+        ),
+        (
+            '{"models": {"gpt-image-2": {"prices": {"per_1m_tokens": {"text_in": 1, '
+            '"image_out": 1e400}}}}}',
+            "per_1m_tokens",
+        ),
+        ('{"fields": [1, 2], "models": {}}', "fields: must be an object"),
+        ('{"models": {"x": {"extends": ["gpt-image-2"]}}}', "must be the name of another model"),
+        ('{"models": {"x": {"edits": {"max_images": "16"}}}}', "edits.max_images"),
+        ('{"models": {"x": {"endpoints": ["variations"]}}}', "unknown endpoint(s) variations"),
+        ('{"models": {"x": {"released": 5}}}', "not a YYYY-MM-DD date"),
+        ('{"default_model": 5, "models": {}}', "default_model: must be a string"),
+        (
+            '{"models": {"gpt-image-2": {"params": {"quality": {"values": ["low"], '
+            '"auto": {"estimate": 5}}}}}}',
+            "params.quality.auto",
+        ),
+        (
+            '{"models": {"gpt-image-2": {"params": {"size": {"values": ["auto"], '
+            '"auto": {"estimate": "big"}}}}}}',
+            "'big' is not a WIDTHxHEIGHT size",
+        ),
+        (
+            '{"models": {"gpt-image-2.6-flare": {"formats": {"gif": {"sheet": {"grids": '
+            "[[9, 2, 4, 2]]}}}}}}",
+            "fewest frames must not exceed",
+        ),
     ],
 )
 def test_a_bad_catalog_file_exits_2_naming_the_problem(
@@ -514,3 +551,53 @@ async def test_default_model_is_current_and_the_modelverse_preset_keeps_gpt_imag
         assert mock_server.requests[-1].params["model"] == model
     spec = Catalog.default().spec(Catalog.default().default_model)
     assert spec.status == "active" and spec.shutdown_date is None
+
+
+def test_only_openais_own_host_is_openai() -> None:
+    from batchimg.lifecycle import is_openai
+
+    assert is_openai("openai", "https://api.openai.com/v1")
+    assert is_openai("openai", "https://API.openai.com.:443/v1")
+    assert not is_openai("openai", "https://api.openai.com.evil.example/v1")
+    assert not is_openai("azure", "https://api.openai.com/v1")
+    assert not is_openai("openai", "http://127.0.0.1:8000/v1")
+
+
+def test_check_models_reads_dates_in_every_form_servers_give(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from batchimg.lifecycle import check_served
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a", "model": "m"}\n')
+    today = dt.date(2026, 12, 1)
+    for retired in ("2026-12-01", "2020-01-01T00:00:00Z", 1577836800):
+        with pytest.raises(UsageError, match="was shut down on 20"):
+            check_served(manifest, "m", {"m": retired}, today, "GET /models")
+    (line,) = check_served(manifest, "m", {"m": "2027-03-01T00:00:00Z"}, today, "GET /models")
+    assert line == "model m: served until 2027-03-01"
+    (line,) = check_served(manifest, "m", {"m": "yesterday"}, today, "GET /models")
+    assert "'yesterday' is not a date" in line
+
+
+async def test_a_model_added_by_extends_gets_no_ceiling_so_a_cap_cannot_be_overrun(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    """Token accounting is each model's own: a newer model described only by `extends` and
+    prices has no ceiling, so under a cap it is refused until answers of it are known."""
+    overlay = tmp_path / "c.json"
+    prices = {"per_1m_tokens": {"text_in": 5, "image_in": 8, "image_out": 30}}
+    newer = {"extends": "gpt-image-2.6-sunburst", "prices": prices}
+    overlay.write_text(json.dumps({"models": {"gpt-image-3-preview": newer}}))
+    manifest = write_manifest(
+        [{"prompt": f"p{i}", "model": "gpt-image-3-preview", "quality": "max"} for i in range(4)]
+    )
+    capped = await batchimg.arun(manifest, tmp_path / "capped", base_url=mock_server.base_url,
+                                 api_key=TEST_KEY, catalog=overlay, max_cost_usd=3.0)  # fmt: skip
+    assert capped.ok == 0 and capped.failures == {"unpriced_model": 4}
+    assert not mock_server.requests  # nothing sent
+    (record, *_) = ledger(tmp_path / "capped")
+    assert "tokens.ceiling_per_megapixel" in record["error"]["message"]
+    free = await batchimg.arun(manifest, tmp_path / "free", base_url=mock_server.base_url,
+                               api_key=TEST_KEY, catalog=overlay)  # fmt: skip
+    assert free.ok == 4 and free.cost_usd > 0  # without a cap it runs, priced

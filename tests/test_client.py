@@ -596,3 +596,25 @@ def test_client_config_repr_does_not_contain_the_key() -> None:
     assert KEY not in repr(config)
     assert KEY not in str(config)
     assert "***" in repr(config)
+
+
+async def test_an_answers_echo_is_believed_only_in_the_shapes_the_api_uses(api: FakeAPI) -> None:
+    body = {**OK_BODY, "size": "1x1", "quality": "high", "output_format": "../x",
+            "background": "\u202eopaque", "svg_usage": {"model": "m", "output_tokens": 3},
+            "other_usage": "not an object"}  # fmt: skip
+    api.reply(200, body)
+    result = await generate(openai_config(api), {"model": "gpt-image-2", "prompt": "a"})
+    assert result.echo == {"size": "1x1", "quality": "high"}
+    assert result.extra_usage == {"svg_usage": {"model": "m", "output_tokens": 3}}
+
+
+async def test_list_models_keeps_each_shutdown_date_as_the_server_gave_it(api: FakeAPI) -> None:
+    listing = {"data": [{"id": "a", "shutdown_date": "2026-01-01"}, {"id": "b"},
+                        {"id": "c", "shutdown_date": 1767225600}, {"nope": 1}, "x"]}  # fmt: skip
+    api.reply(200, listing)
+    async with ImagesClient(openai_config(api)) as client:
+        assert await client.list_models() == {"a": "2026-01-01", "b": None, "c": 1767225600}
+    api.reply(200, text="<html>", content_type="text/html")
+    async with ImagesClient(openai_config(api)) as client:
+        with pytest.raises(RequestError):
+            await client.list_models()

@@ -476,3 +476,30 @@ async def test_answers_from_another_run_bound_a_new_run_from_its_start(
     assert spent <= 1.0 and len(mock_server.requests) - before == taught.ok
     with pytest.raises(batchimg.UsageError, match="no ledger"):
         await run(job, tmp_path / "x", mock_server, from_ledger=[tmp_path / "nowhere"])
+
+
+async def test_a_ceiling_that_proves_too_low_is_exceeded_by_one_request_only(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    """Until the first answer of a kind is back, its requests go one at a time: a ceiling that
+    is wrong (here, a --catalog one far below what the mock bills) costs one request's
+    difference, and the answer then bounds the rest."""
+    low = tmp_path / "low.json"
+    low.write_text(json.dumps({"models": {"gpt-image-2.6-sunburst": {
+        "tokens": {"ceiling_per_megapixel": {"max": 1000}}}}}))  # fmt: skip
+    manifest = write_manifest(
+        [{"prompt": f"a dome {i}", "model": "gpt-image-2.6-sunburst", "quality": "max",
+          "size": "1024x1024"} for i in range(10)]
+    )  # fmt: skip
+    async with MockServer(MockConfig(api_key=TEST_KEY, latency_s=0.2)) as server:
+        summary = await run(manifest, tmp_path / "out", server, concurrency=8,
+                            max_cost_usd=1.0, catalog=low)  # fmt: skip
+        billed = billed_usd(server)
+        first, second, *_ = sorted(server.requests, key=lambda r: r.received_at)
+    assert second.received_at >= first.received_at + 0.2  # sent after the first answer
+    probe = PriceTable.default().request_cost({**first.params, "model": first.model}, first.usage)
+    reserved = (1000 * 30 + 10 * 5) / 1e6  # the wrong ceiling: 1,000 tokens, and the prompt
+    assert probe is not None and probe > reserved
+    assert billed <= 1.0 + (probe - reserved)  # over by the one probe's difference at most
+    assert summary.ok >= 3 and summary.next_bound is not None
+    assert summary.next_bound.basis == "learned"

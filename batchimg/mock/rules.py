@@ -23,7 +23,7 @@ BASE_QUALITIES = ("low", "medium", "high", "auto")
 BIG_QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto")
 STILL_FORMATS = ("png", "jpeg", "webp")
 ALL_FORMATS = ("png", "jpeg", "webp", "gif", "svg")
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_SIZE = re.compile(r"(\d+)x(\d+)", re.ASCII)  # used with fullmatch
 MAX_PIXELS = 8_294_400
 MIN_PIXELS = 655_360
 MAX_EDGE = 3840
@@ -142,7 +142,7 @@ def resolve_size(params: Mapping[str, Any], model: Model) -> tuple[int, int]:
         if model.kind == "dall-e-2" or model.kind == "dall-e-3":
             return 1024, 1024
         return (1024, 768) if output_format(params, model) == "gif" else (1024, 1024)
-    match = _SIZE.match(str(size))
+    match = _SIZE.fullmatch(str(size))
     assert match is not None
     return int(match.group(1)), int(match.group(2))
 
@@ -259,7 +259,7 @@ def _check_size(params: Mapping[str, Any], model: Model, fmt: str) -> None:
     size = params.get("size")
     if size is None or size == "auto":
         return
-    if not isinstance(size, str) or not _SIZE.match(size):
+    if not isinstance(size, str) or not _SIZE.fullmatch(size):
         raise RuleError(
             "size", f"Invalid size '{size}'. Expected WIDTHxHEIGHT, for example '1824x1024'."
         )
@@ -302,7 +302,7 @@ def _check_dalle(params: Mapping[str, Any], endpoint: str, model: Model) -> None
         raise RuleError("model", "dall-e-3 does not support image edits.")
     n = params.get("n")
     if model.kind == "dall-e-3":
-        if n is not None and n != 1:
+        if n is not None and (n != 1 or isinstance(n, bool)):
             raise RuleError("n", "Invalid 'n': dall-e-3 only supports n=1.")
         _one_of(params.get("size"), ("1024x1024", "1792x1024", "1024x1792"), "size")
         _one_of(params.get("quality"), ("standard", "hd"), "quality")
