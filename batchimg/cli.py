@@ -373,6 +373,8 @@ def summary_json(summary: Summary) -> dict[str, Any]:
         "rate_limited": s.limiter.rate_limited if s.limiter else 0,
         "held_back_usd": None if s.held_back_usd is None else round(s.held_back_usd, 6),
         "unpriced_extra_usage": s.unpriced_extra, "warnings": s.warnings,
+        "unknown_cost_answers": s.unknown_costs,
+        "unknown_cost_bound_usd": round(s.cost_bound_usd, 6),
         "ledger": str(s.ledger_path), "images_at": str(s.images_at or s.out_dir / "images"),
         "exit_code": s.exit_code,
     }  # fmt: skip
@@ -407,6 +409,12 @@ def format_summary(summary: Summary, *, warnings_shown: bool = True) -> str:
     if s.failures:
         counts = ", ".join(f"{code} x{count}" for code, count in sorted(s.failures.items()))
         lines.append(f"  failures: {counts} (details in the ledger)")
+    if s.unknown_costs:
+        lines.append(
+            f"  {s.unknown_costs} answers were (or may have been) billed at a cost nobody can "
+            f"tell (no usage, unreadable usage, cut off): counted at their bound, "
+            f"${s.cost_bound_usd:.4f}, in the ledger and against the cap"
+        )
     if s.unpriced_extra:
         lines.append(
             f"  {s.unpriced_extra} answers carry extra usage no price covers (svg_usage: the SVG "

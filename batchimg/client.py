@@ -50,10 +50,11 @@ MAX_RETRY_AFTER_S = 600.0
 
 @dataclass(frozen=True)
 class ImagesResult:
-    """A successful answer: the `data` entries, `usage` verbatim, and how long it took."""
+    """A successful answer: the `data` entries, `usage` verbatim (whatever its shape: read it
+    with `usage.read_usage`), and how long it took."""
 
     data: list[dict[str, Any]]
-    usage: dict[str, Any] | None
+    usage: Any
     request_id: str | None
     latency_s: float
     echo: dict[str, Any]  # size / quality / output_format / background, where the API said
@@ -212,7 +213,7 @@ class ImagesClient:
         }
         return ImagesResult(
             data=data,
-            usage=usage if isinstance(usage, dict) else None,
+            usage=usage,
             request_id=request_id,
             latency_s=latency_s,
             echo=echo,
@@ -292,6 +293,14 @@ class ImagesClient:
 
 
 def _transport_error(exc: BaseException) -> RequestError:
-    kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connection_error"
+    # A connection that never opened sent nothing (see errors.NOT_SENT_CODES).
+    never_sent = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+    kind = (
+        "connect_error"
+        if never_sent
+        else "timeout"
+        if isinstance(exc, asyncio.TimeoutError)
+        else "connection_error"
+    )
     message = str(exc) or type(exc).__name__
     return TransportError(ErrorInfo(message=f"{type(exc).__name__}: {message}", code=kind))

@@ -20,6 +20,7 @@ import fcntl
 import os
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,6 +48,7 @@ from .errors import (
     RunFatal,
     StorageError,
     UsageError,
+    may_have_been_billed,
 )
 from .ledger import (
     FSYNC_INTERVAL_S,
@@ -61,6 +63,7 @@ from .manifest import BadLine, Item, read_manifest
 from .pricing import PRICE_TABLE, Bound, PriceTable
 from .retry import retrying
 from .tokens import GroupKey, TokenBook, request_group
+from .usage import UsageProblem, read_usage
 from .webdataset import SHARDS_DIR, ShardWriter
 from .writer import BatchedStore, ImageStore, StoredFile, check_image, decode_b64_image
 
@@ -115,6 +118,10 @@ class Summary:
     held_back_usd: float | None = None
     next_bound: Bound | None = None
     unpriced_extra: int = 0  # answers whose extra usage (svg_usage) no price covers
+    #: Attempts that were (or may have been) billed at a cost nobody can tell (no usage, usage
+    #: that cannot be read, an answer cut off): how many, and their bounds, which the cap counts.
+    unknown_costs: int = 0
+    cost_bound_usd: float = 0.0
 
     @property
     def exit_code(self) -> int:
@@ -160,6 +167,8 @@ def _record(
     rate_limited: int = 0,
     price_table: str = PRICE_TABLE,
     catalog: Catalog | None = None,
+    charge: Charge | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """One ledger line, with every field of the ledger contract (DESIGN.md)."""
     params = item.params if isinstance(item, Item) else {}
@@ -199,6 +208,8 @@ def _record(
         # So a dataset can trace every output back to the exact inputs it was made from.
         record["inputs"] = [f.as_record() for f in item.images]
         record["mask"] = item.mask.as_record() if item.mask else None
+    record["run_id"] = run_id
+    _charge_fields(record, charge)
     if result is not None and result.extra_usage:
         # Billed apart (the SVG author's tokens): kept verbatim, and said to be unpriced.
         record["extra_usage"] = result.extra_usage
@@ -210,12 +221,78 @@ def _record(
     return record
 
 
+def _charge_fields(record: dict[str, Any], charge: Charge | None) -> None:
+    """The cost of the attempt a line stands for: exact, or unknown with its bound and why."""
+    if charge is None or charge.cost_usd is not None:
+        return
+    record["cost_bound_usd"] = charge.bound_usd
+    record["cost_note"] = charge.note
+
+
+def _charge_record(
+    item: Item, charge: Charge, *, run_id: str, price_table: str, catalog: Catalog
+) -> dict[str, Any]:
+    """A line for an attempt that may have been billed and whose item line tells of another:
+    it was retried, or the run stopped before its item could finish."""
+    params = item.params
+    record: dict[str, Any] = {
+        "record": "charge",
+        "id": item.id,
+        "line": item.line,
+        "run_id": run_id,
+        "attempt": charge.attempt,
+        "endpoint": item.endpoint,
+        "model": params.get("model"),
+        "n": params.get("n", 1),
+        "size": params.get("size"),
+        "quality": params.get("quality"),
+        "output_format": specs.output_format(params, catalog),
+        "usage": charge.usage,
+        "cost_usd": charge.cost_usd,
+        "price_table": price_table,
+        "request_id": charge.request_id,
+        "started_at": charge.started_at,
+        "finished_at": _now(),
+        "metadata": item.metadata,
+    }
+    _charge_fields(record, charge)
+    if charge.error is not None:
+        record["error"] = charge.error.as_record()
+    return record
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What one attempt may have cost: known exactly (`cost_usd`), or, when an answer may have
+    been billed but its cost cannot be known (no usage, usage that cannot be read, an answer
+    cut off after the API began it), only bounded: `bound_usd`, with the reason in `note`."""
+
+    attempt: int
+    started_at: str
+    cost_usd: float | None = None
+    bound_usd: float | None = None
+    note: str | None = None
+    usage: Any = None
+    request_id: str | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def counted_usd(self) -> float:
+        """What the budget counts: the cost, else its bound (None of either: nothing)."""
+        if self.cost_usd is not None:
+            return self.cost_usd
+        return self.bound_usd or 0.0
+
+
 @dataclass
 class _Tally:
     """Per-item counts across attempts."""
 
     attempts: int = 0
     rate_limited: int = 0
+    #: The latest attempt's charge, until it is written: as a charge record of its own when
+    #: another attempt follows (or the run stops), else in the item's line.
+    pending: Charge | None = None
 
 
 class _Abandoned(Exception):
@@ -256,6 +333,8 @@ class Engine:
         )
         ledger_path = config.out_dir / LEDGER_NAME
         self.summary = Summary(out_dir=config.out_dir, ledger_path=ledger_path)
+        self.run_id = uuid.uuid4().hex[:12]  # tells this run's lines from other runs' ones
+        self._warned: set[Any] = set()
         self._stop_event = anyio.Event()
         self._interrupt_now = False  # a stop that should not even count what is left
         self._in_flight = 0
@@ -280,6 +359,11 @@ class Engine:
         """A warning for the person running this (each cause says it once)."""
         self.summary.warnings.append(message)
         self._emit(ProgressEvent("warning", message=message))
+
+    def warn_once(self, key: Any, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.warn(message)
 
     def stop(self, reason: str, *, interrupted: bool = False) -> None:
         """Stop admitting new items; in-flight ones finish. The first reason given is kept."""
@@ -502,17 +586,8 @@ class Engine:
             summary.failed += 1
             code = record["error"]["code"] or "error"
             summary.failures[code] = summary.failures.get(code, 0) + 1
-        usage = record["usage"]
-        if usage is not None:
-            self._learn(record)
-        if "extra_usage" in record:
-            summary.unpriced_extra += 1
-        if isinstance(usage, dict):
-            summary.input_tokens += int(usage.get("input_tokens") or 0)
-            summary.output_tokens += int(usage.get("output_tokens") or 0)
-        if record["cost_usd"] is not None:
-            summary.cost_usd += record["cost_usd"]
-        elif record["status"] == "ok":
+        self._count_charge(record)
+        if record["cost_usd"] is None and record["status"] == "ok":
             summary.unpriced += 1
         self._emit(
             ProgressEvent(
@@ -527,6 +602,29 @@ class Engine:
                 line=record["line"],
             )
         )
+
+    def _count_charge(self, record: dict[str, Any]) -> None:
+        """What a line (an item's, or a charge of its own) adds to the run's tokens and cost."""
+        summary = self.summary
+        if record["usage"] is not None:
+            self._learn(record)
+        if "extra_usage" in record:
+            summary.unpriced_extra += 1
+        counts = read_usage(record["usage"])
+        if not isinstance(counts, UsageProblem):
+            summary.input_tokens += counts.input
+            summary.output_tokens += counts.output
+        if record["cost_usd"] is not None:
+            summary.cost_usd += record["cost_usd"]
+        elif "cost_note" in record:  # billed, or maybe billed, at a cost nobody can tell
+            summary.unknown_costs += 1
+            summary.cost_bound_usd += record["cost_bound_usd"] or 0.0
+            if counts is not None and isinstance(counts, UsageProblem) and record["usage"]:
+                self.warn_once(
+                    ("usage", str(counts)),
+                    f"an answer's usage cannot be read "
+                    f"({counts}): its cost is unknown, counted at its bound",
+                )
 
     async def _retry_wait(self, delay_s: float) -> None:
         """Wait before a retry (on the injected clock, if any), unless the run stops meanwhile."""
@@ -554,8 +652,9 @@ class Engine:
         result: ImagesResult | None = None
 
         def finish(status: str, error: ErrorInfo | None = None, **fields: Any) -> None:
-            # An answer that arrived but could not be stored was still paid for: keep its usage.
-            cost = self.prices.request_cost(item.params, result.usage) if result else None
+            # The line carries its attempt's charge: an answer that arrived but could not be
+            # stored was still paid for, so its usage and cost are kept.
+            charge, tally.pending = tally.pending, None
             self._append(
                 _record(
                     item,
@@ -564,10 +663,12 @@ class Engine:
                     attempts=tally.attempts,
                     rate_limited=tally.rate_limited,
                     result=result,
-                    cost_usd=cost,
+                    cost_usd=charge.cost_usd if charge else None,
                     price_table=self.prices.name,
                     catalog=self.catalog,
                     error=error,
+                    charge=charge,
+                    run_id=self.run_id,
                     **fields,
                 )
             )
@@ -578,6 +679,7 @@ class Engine:
                     tally.attempts = attempt.retry_state.attempt_number
                     if tally.attempts > 1:
                         self._emit(ProgressEvent("retry", item_id=item.id))
+                    self._flush_charge(item, tally)  # the try before was billed, and retried
                     result = await self._attempt(item, tally)
             assert result is not None
             # Paid for from here on: a stop or a grace-period cancel must not drop the images
@@ -599,6 +701,25 @@ class Engine:
             finish("error", exc.info)
             if isinstance(exc, RunFatal):
                 self.stop(f"{exc} — fix the account or key, then re-run the same command")
+        finally:
+            # Stopped (or cancelled) with an attempt billed but no item line for it: its charge
+            # is written on its own, so the next run's cap counts it.
+            with anyio.CancelScope(shield=True):
+                self._flush_charge(item, tally)
+
+    def _flush_charge(self, item: Item, tally: _Tally) -> None:
+        charge, tally.pending = tally.pending, None
+        if charge is None:
+            return
+        record = _charge_record(
+            item, charge, run_id=self.run_id, price_table=self.prices.name, catalog=self.catalog
+        )
+        try:
+            self._ledger.append(record)
+        except StorageError as exc:
+            self.stop(f"{exc}; free space, then re-run")
+            return
+        self._count_charge(record)
 
     async def _attempt(self, item: Item, tally: _Tally) -> ImagesResult:
         """One try. Under a cap, a request whose bound is only the catalog's ceiling (no answer
@@ -614,7 +735,8 @@ class Engine:
         return await self._attempt_once(item, tally)
 
     async def _attempt_once(self, item: Item, tally: _Tally) -> ImagesResult:
-        """Reserve its worst-case cost, wait for admission, send, report back."""
+        """Reserve its worst-case cost, wait for admission, send, report back (the attempt's
+        charge is left in `tally.pending`)."""
         estimate = self.prices.estimate(item.params, item.image_tokens, self.book)
         tokens = estimate.input_tokens + estimate.output_tokens
         capped = self.budget.cap_usd is not None
@@ -626,7 +748,8 @@ class Engine:
                 raise _Abandoned
             worst_usd = reserved
             self._cheapest_admitted_usd = min(self._cheapest_admitted_usd, reserved)
-        limiter, actual_usd = self.limiter, 0.0
+        started_at, attempt = _now(), tally.attempts
+        limiter, charge = self.limiter, None
         try:
             if self.stopping:  # stopped while this item waited for budget: send nothing
                 raise _Abandoned
@@ -639,24 +762,81 @@ class Engine:
                 raise
             except RequestError as exc:
                 limiter.observe(exc.ratelimit)
-                if capped and not (exc.info.http_status or 0) >= 400:
+                if may_have_been_billed(exc):
                     # No error status: the answer may have been generated (and billed) before
-                    # it broke in transit. Under a cap, assume the worst rather than $0.
-                    actual_usd = worst_usd
+                    # it broke in transit. Its cost is unknown: count the worst, never $0.
+                    why = f"no whole answer ({exc.info.code or 'error'}): may have been billed"
+                    charge = self._unknown_charge(
+                        item,
+                        attempt,
+                        started_at,
+                        worst_usd,
+                        why,
+                        request_id=exc.info.request_id,
+                        error=exc.info,
+                    )
+                raise
+            except anyio.get_cancelled_exc_class():
+                # Sent, then dropped by a stop: the API may have generated (and billed) it.
+                charge = self._unknown_charge(
+                    item,
+                    attempt,
+                    started_at,
+                    worst_usd,
+                    "cancelled in flight: may have been billed",
+                )
                 raise
             limiter.observe(result.ratelimit)
             limiter.on_success()
-            if result.usage and isinstance(result.usage.get("total_tokens"), int):
-                limiter.settle_tokens(tokens, result.usage["total_tokens"])
-            cost = self.prices.request_cost(item.params, result.usage)
-            # Paid but not priceable (no usage from a gateway): under a cap, count the worst.
-            actual_usd = cost if cost is not None else worst_usd
+            counts = read_usage(result.usage)
+            if not isinstance(counts, UsageProblem):
+                limiter.settle_tokens(tokens, counts.total)
+            cost, unknown = self.prices.answer_cost(item.params, result.usage)
+            if cost is None:  # billed but not priceable: count the worst, never $0
+                charge = self._unknown_charge(
+                    item,
+                    attempt,
+                    started_at,
+                    worst_usd,
+                    unknown or "",
+                    request_id=result.request_id,
+                    usage=result.usage,
+                )
+            else:
+                charge = Charge(
+                    attempt,
+                    started_at,
+                    cost_usd=cost,
+                    usage=result.usage,
+                    request_id=result.request_id,
+                )
             return result
         finally:
+            tally.pending = charge
+            actual_usd = charge.counted_usd if charge is not None else 0.0
             if capped:
                 self.budget.settle(worst_usd, actual_usd)
             else:
                 self.budget.charge(actual_usd)
+
+    def _unknown_charge(
+        self,
+        item: Item,
+        attempt: int,
+        started_at: str,
+        reserved_usd: float,
+        note: str,
+        **answer: Any,
+    ) -> Charge:
+        """A charge whose cost cannot be known: bounded by what was reserved for it (under a
+        cap), else by the worst case now (None where nothing bounds it)."""
+        bound: float | None = reserved_usd or None
+        if bound is None:
+            worst = self.prices.worst_case(item.params, item.image_tokens, self.book)
+            bound = worst.cost_usd if worst is not None else None
+        if bound is None:
+            note += "; nothing bounds its cost (no price or token count known)"
+        return Charge(attempt, started_at, bound_usd=bound, note=note, **answer)
 
     def _out_of_budget(self, item: Item) -> None:
         """The item's bound does not fit under the cap even with nothing in flight: leave it for

@@ -110,6 +110,19 @@ class RunFatal(RequestError):
     """No later request can succeed either (bad key, no quota): stop the run."""
 
 
+#: Failures of requests that never went out (nothing can have been billed).
+NOT_SENT_CODES = frozenset({"connect_error", "input_error"})
+
+
+def may_have_been_billed(error: RequestError) -> bool:
+    """Whether the API may have generated (and billed) the request: no error status came back
+    (a timeout, a dropped or cut-off answer, bytes that do not decode) and it was sent."""
+    status = error.info.http_status
+    if status is not None and status >= 400:
+        return False
+    return error.info.code not in NOT_SENT_CODES
+
+
 def classify(
     status: int,
     body: Any,

@@ -1,14 +1,21 @@
 """The ledger: `DIR/ledger.jsonl`, one JSON object per finished item, append-only.
 
-The last line for an id is that item's state. Each line is written whole and flushed only after
-the item's image files are durable; the engine fsyncs it at least once a second, and on close. A
-line torn by a crash mid-write is cut off when the ledger is next opened, and skipped by readers.
+The last item line for an id is that item's state. Besides item lines, a line with
+`"record": "charge"` records an attempt that was (or may have been) billed and that no item
+line tells of (it was retried, or the run stopped first): it counts toward what the directory
+spent, never toward an item's state. What a line counts is `charged_usd(record)`: its cost,
+or, where that is unknown (`cost_usd: null` with a `cost_note`), its `cost_bound_usd`.
+
+Each line is written whole and flushed only after the item's image files are durable; the
+engine fsyncs it at least once a second, and on close. A line torn by a crash mid-write is cut
+off when the ledger is next opened, and skipped by readers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,16 +72,36 @@ def scan_ledger(
     for record in read_ledger(path):
         if on_usage is not None and record.get("usage") is not None:
             on_usage(record)
+        state.spent_usd += charged_usd(record)
+        if is_charge(record):
+            continue
         if record.get("status") == "ok":
             state.done.add(record["id"])
             if on_ok is not None:
                 on_ok(record)
         else:
             state.done.discard(record["id"])
-        cost = record.get("cost_usd")
-        if isinstance(cost, (int, float)):
-            state.spent_usd += cost
     return state
+
+
+def is_charge(record: dict[str, Any]) -> bool:
+    """A line that records a billed attempt, not an item's state."""
+    return record.get("record") == "charge"
+
+
+def amount(value: Any) -> float | None:
+    """A money amount as a line gives it: a finite number >= 0, else None (not money)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if number and math.isfinite(value) and value >= 0 else None
+
+
+def charged_usd(record: dict[str, Any]) -> float:
+    """What one line counts toward the money spent: its cost if known, else its bound
+    (anything a line says that is not an amount counts nothing)."""
+    cost = amount(record.get("cost_usd"))
+    if cost is not None:
+        return cost
+    return amount(record.get("cost_bound_usd")) or 0.0
 
 
 def completed_ids(path: Path) -> IdSet:

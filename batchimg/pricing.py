@@ -27,6 +27,7 @@ from typing import Any, Literal, NamedTuple
 from . import specs
 from .catalog import Catalog, ModelPrices, ModelSpec, load_catalog
 from .tokens import Learned, TokenBook, request_group
+from .usage import UsageProblem, read_usage
 
 #: Headroom on input-token estimates when reserving a worst case against a budget.
 WORST_CASE_INPUT_MARGIN = 1.25
@@ -63,11 +64,6 @@ class Bound:
     basis: Literal["published", "learned", "ceiling"]
 
 
-def _count(mapping: Mapping[str, Any], key: str) -> int:
-    value = mapping.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
 class PriceTable:
     """The catalog's prices, with the arithmetic on them."""
 
@@ -89,48 +85,38 @@ class PriceTable:
 
     # -- what it cost --
 
-    def usage_cost(self, model: str, usage: Mapping[str, Any]) -> float | None:
+    def usage_cost(self, model: str, usage: Any) -> float | None:
         """Cost of one answer from its `usage`; None if the model or the counts are unknown."""
+        return self.answer_cost({"model": model}, usage)[0]
+
+    def answer_cost(self, params: Mapping[str, Any], usage: Any) -> tuple[float | None, str | None]:
+        """What one answer cost, from its `usage` (per image for DALL·E), and, when that is
+        unknown, why: (cost, None) or (None, the reason)."""
+        model = str(params.get("model") or "")
         prices = self.prices(model)
-        if prices is None or prices.per_1m_tokens is None:
-            return None
-        if not isinstance(usage.get("output_tokens"), int):
-            return None  # a missing count is unknown, and unknown must never read as $0
-        details = usage.get("input_tokens_details")
-        details = details if isinstance(details, Mapping) else {}
-        if "text_tokens" in details or "image_tokens" in details:
-            text, image = _count(details, "text_tokens"), _count(details, "image_tokens")
-        else:
-            text, image = _count(usage, "input_tokens"), 0
-        cached = min(_count(details, "cached_tokens"), text)
+        if prices is None:
+            return None, f"the catalog has no prices for model {model!r}"
+        if prices.per_1m_tokens is None:  # billed per image: usage does not matter
+            quality = specs.resolved_quality(params, self.catalog)
+            per_image = prices.per_image.get((quality, specs.resolved_size(params, self.catalog)))
+            if per_image is None:
+                return None, f"the catalog has no per-image price for {model} at that size"
+            return round(per_image * _n(params), 8), None
+        counts = read_usage(usage)
+        if isinstance(counts, UsageProblem):
+            return None, str(counts)  # a missing or broken count is unknown, never $0
         rates = _Rates.of(prices.per_1m_tokens)
         usd = (
-            (text - cached) * rates.text_in
-            + cached * rates.text_in_cached
-            + image * rates.image_in
-            + _count(usage, "output_tokens") * rates.image_out
+            (counts.text_in - counts.cached_text_in) * rates.text_in
+            + counts.cached_text_in * rates.text_in_cached
+            + counts.image_in * rates.image_in
+            + counts.output * rates.image_out
         )
-        return round(usd / 1_000_000, 8)
+        return round(usd / 1_000_000, 8), None
 
-    def request_cost(
-        self, params: Mapping[str, Any], usage: Mapping[str, Any] | None
-    ) -> float | None:
-        """Cost of one answered request: from `usage` when it has one, else per image."""
-        model = str(params.get("model") or "")
-        if usage is not None:
-            cost = self.usage_cost(model, usage)
-            if cost is not None:
-                return cost
-        prices = self.prices(model)
-        if prices is None or prices.per_1m_tokens is not None:
-            return None  # token-billed without usable usage: unknown
-        per_image = prices.per_image.get(
-            (
-                specs.resolved_quality(params, self.catalog),
-                specs.resolved_size(params, self.catalog),
-            )
-        )
-        return None if per_image is None else round(per_image * _n(params), 8)
+    def request_cost(self, params: Mapping[str, Any], usage: Any) -> float | None:
+        """Cost of one answered request: from `usage`, or per image for models billed so."""
+        return self.answer_cost(params, usage)[0]
 
     # -- what it will cost --
 
@@ -298,17 +284,18 @@ class _Rates(NamedTuple):
 
 
 def _n(params: Mapping[str, Any]) -> int:
-    return int(params.get("n") or 1)
+    n = params.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 PRICE_TABLE = Catalog.default().name
 
 
-def usage_cost_usd(model: str, usage: Mapping[str, Any]) -> float | None:
+def usage_cost_usd(model: str, usage: Any) -> float | None:
     """Cost of one answer from its `usage`, with the built-in catalog."""
     return PriceTable.default().usage_cost(model, usage)
 
 
-def request_cost_usd(params: Mapping[str, Any], usage: Mapping[str, Any] | None) -> float | None:
+def request_cost_usd(params: Mapping[str, Any], usage: Any) -> float | None:
     """Cost of one answered request with the built-in catalog."""
     return PriceTable.default().request_cost(params, usage)

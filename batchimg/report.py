@@ -18,13 +18,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ._idset import IdSet, count_lines
 from .errors import UsageError
 from .estimate import render_rows
-from .ledger import LEDGER_NAME, parse_record
+from .ledger import LEDGER_NAME, amount, is_charge, parse_record
 from .pricing import PriceTable
+from .usage import UsageProblem, read_usage
 
 GROUP_FIELDS = (
     "model", "size", "quality", "output_format", "complexity", "frame_count", "status",
@@ -45,23 +46,35 @@ def ledger_paths(targets: Sequence[str | Path]) -> list[Path]:
 
 
 def read_backwards(path: Path, block_size: int = 1 << 16) -> Iterator[dict[str, Any]]:
-    """The whole records of a ledger, last line first; torn or garbled lines are skipped."""
+    """The whole records of a ledger, last line first; torn or garbled lines are skipped.
+
+    Only what ends in a newline is a line: a torn tail (however long) is skipped first, read
+    backwards block by block, never held whole.
+    """
     with open(path, "rb") as fh:
-        position = fh.seek(0, os.SEEK_END)
-        tail = b""
-        first_block = True
+        position = _last_newline(fh, fh.seek(0, os.SEEK_END), block_size)
+        pending = b""  # the end of a line that starts in an earlier block
         while position > 0:
             start = max(0, position - block_size)
             fh.seek(start)
-            chunk = fh.read(position - start) + tail
+            lines = (fh.read(position - start) + pending).split(b"\n")
             position = start
-            lines = chunk.split(b"\n")
-            tail = lines.pop(0)  # maybe the end of a line that starts in an earlier block
-            if first_block:
-                first_block = False
-                lines.pop()  # after the final newline: empty, or a torn line (no newline)
+            pending = lines.pop(0)
             yield from _parse_lines(reversed(lines))
-        yield from _parse_lines([tail])
+        yield from _parse_lines([pending])
+
+
+def _last_newline(fh: BinaryIO, end: int, block_size: int) -> int:
+    """Where the last whole line ends (just before its newline); 0 if there is none."""
+    position = end
+    while position > 0:
+        start = max(0, position - block_size)
+        fh.seek(start)
+        index = fh.read(position - start).rfind(b"\n")
+        if index >= 0:
+            return start + index
+        position = start
+    return 0
 
 
 def _parse_lines(lines: Any) -> Iterator[dict[str, Any]]:
@@ -85,6 +98,9 @@ class Group:
     cost_usd: float = 0.0
     unpriced: int = 0
     unpriced_extra: int = 0  # answers whose extra usage (svg_usage) no price covers
+    unknown_costs: int = 0  # lines billed (or maybe billed) at a cost nobody can tell ...
+    cost_bound_usd: float = 0.0  # ... and the bounds they were counted at
+    unreadable_usage: int = 0  # lines whose usage is not a set of token counts
     failures: Counter[str] = field(default_factory=Counter)
     latency_sum_s: float = 0.0
     latency_count: int = 0
@@ -97,9 +113,11 @@ class Group:
         self.items += 1
         if record.get("status") == "ok":
             self.ok += 1
-            self.images += len(record.get("files") or [])
+            files = record.get("files")
+            if isinstance(files, list):
+                self.images += len(files)
             latency = record.get("latency_s")
-            if isinstance(latency, (int, float)) and latency > 0:
+            if isinstance(latency, (int, float)) and 0 < latency < math.inf:
                 self.latency_sum_s += latency
                 self.latency_count += 1
                 self.latency_buckets[math.floor(math.log(latency) / _BUCKET)] += 1
@@ -117,18 +135,25 @@ class Group:
         ):
             self.last_finished = finished
 
-    def add_billing(
-        self, usage: Any, cost: float | None, billed: bool, extra: bool = False
-    ) -> None:
-        """A billed answer (or a record that may carry one); `extra`: it carries usage that
-        no price covers."""
-        self.unpriced_extra += extra
-        if isinstance(usage, dict):
-            self.input_tokens += int(usage.get("input_tokens") or 0)
-            self.output_tokens += int(usage.get("output_tokens") or 0)
+    def add_billing(self, record: dict[str, Any], cost: float | None) -> None:
+        """A line's money (an item's, or a charge of its own): its tokens where its usage can be
+        read, its cost where known, else its bound where it was (or may have been) billed."""
+        usage = record.get("usage")
+        self.unpriced_extra += isinstance(record.get("extra_usage"), dict)
+        counts = read_usage(usage)
+        if not isinstance(counts, UsageProblem):
+            self.input_tokens += counts.input
+            self.output_tokens += counts.output
+        elif usage is not None:
+            self.unreadable_usage += 1
         if cost is not None:
             self.cost_usd += cost
-        elif billed:
+        elif record.get("cost_note") is not None or (
+            usage is not None and isinstance(counts, UsageProblem)
+        ):
+            self.unknown_costs += 1  # billed at a cost nobody can tell: its bound, if any
+            self.cost_bound_usd += amount(record.get("cost_bound_usd")) or 0.0
+        elif usage is not None or record.get("files"):
             self.unpriced += 1
 
     def latency_p95_s(self) -> float | None:
@@ -162,6 +187,9 @@ class Group:
             "cost_usd": round(self.cost_usd, 6),
             "unpriced_answers": self.unpriced,
             "unpriced_extra_usage": self.unpriced_extra,
+            "unknown_cost_answers": self.unknown_costs,
+            "unknown_cost_bound_usd": round(self.cost_bound_usd, 6),
+            "unreadable_usage": self.unreadable_usage,
             "failures": dict(self.failures),
             "latency_avg_s": round(self.latency_sum_s / self.latency_count, 4)
             if self.latency_count
@@ -218,44 +246,65 @@ def build_report(
     check_group_fields(by)
     paths = ledger_paths(targets)
     records = sum(count_lines(path) for path in paths)
-    seen_ids, seen_requests = IdSet(records), IdSet(records)
+    seen_ids, seen_answers = IdSet(records), IdSet(records)
     total = Group(key={})
     groups: dict[tuple[Any, ...], Group] = {}
     tables: set[str] = set()
     for path in reversed(paths):
         for record in read_backwards(path):
-            key = tuple(group_value(record, name) for name in by)
+            key = tuple(_hashable(group_value(record, name)) for name in by)
             group = groups.get(key)
             if group is None:
                 group = groups[key] = Group(key=dict(zip(by, key, strict=True)))
-            if seen_ids.add(record["id"]):  # the first met is the id's last state
+            charge = is_charge(record)
+            if not charge and seen_ids.add(record["id"]):  # the first met is its last state
                 total.add_item(record)
                 group.add_item(record)
-            answered = record.get("usage") is not None or bool(record.get("files"))
-            request_id = record.get("request_id")
-            if answered and isinstance(request_id, str) and not seen_requests.add(request_id):
-                continue  # the same answer in two ledgers: bill it once
+            if not seen_answers.add(_identity(record)):
+                continue  # the same line in two ledgers (a ledger given twice): bill it once
             cost = _cost(record, prices)
             if prices is None and isinstance(record.get("price_table"), str) and cost is not None:
                 tables.add(record["price_table"])
-            extra = isinstance(record.get("extra_usage"), dict)
             for target in (total, group):
-                target.add_billing(record.get("usage"), cost, answered, extra)
+                target.add_billing(record, cost)
     name = prices.name if prices is not None else (", ".join(sorted(tables)) or None)
     ordered = dict(sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])))
     return Report(price_table=name, total=total, groups=ordered, by=tuple(by))
 
 
+def _identity(record: dict[str, Any]) -> str:
+    """What tells one line from another, in the ledger's own terms: the run that wrote it, the
+    item and the attempt (older lines, without a run id: when it started and finished). Never a
+    provider's request id alone, which a gateway may repeat."""
+    parts = (
+        "c" if is_charge(record) else "i",
+        record.get("run_id") or f"{record.get('started_at')}/{record.get('finished_at')}",
+        record["id"],
+        record.get("attempt", record.get("attempts")),
+        record.get("request_id"),
+    )
+    return "\x00".join(map(str, parts))
+
+
+def _hashable(value: Any) -> Any:
+    """A group key value as a dict key (a list or object from an odd line becomes text)."""
+    try:
+        hash(value)
+    except TypeError:
+        return str(value)
+    return value
+
+
 def _cost(record: dict[str, Any], prices: PriceTable | None) -> float | None:
+    """A line's known cost: as recorded (a finite amount >= 0), or repriced from its usage."""
     if prices is None:
-        cost = record.get("cost_usd")
-        return float(cost) if isinstance(cost, (int, float)) else None
+        return amount(record.get("cost_usd"))
     if record.get("usage") is None and not record.get("files"):
         return None  # never answered: nothing to reprice
     params = {
         k: record.get(k)
         for k in ("model", "n", "size", "quality", "prompt", "output_format", "complexity")
-        if record.get(k) is not None
+        if isinstance(record.get(k), (str, int)) and not isinstance(record.get(k), bool)
     }
     return prices.request_cost(params, record.get("usage"))
 
@@ -296,6 +345,15 @@ def format_table(report: Report) -> str:
         lines.append(f"failures: {counts}")
     if report.total.unpriced:
         lines.append(f"{report.total.unpriced} answers have no known price (not in the cost)")
+    if report.total.unknown_costs:
+        lines.append(
+            f"{report.total.unknown_costs} answers were (or may have been) billed at a cost "
+            f"nobody can tell (no usage, unreadable usage, cut off): not in the cost; the cap "
+            f"counted them at ${report.total.cost_bound_usd:,.4f}"
+        )
+    if report.total.unreadable_usage:
+        lines.append(f"{report.total.unreadable_usage} lines have a usage that is not token "
+                     "counts (skipped)")  # fmt: skip
     if report.total.unpriced_extra:
         lines.append(
             f"{report.total.unpriced_extra} answers carry extra usage no price covers (svg_usage:"

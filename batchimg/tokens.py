@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from . import specs
 from .catalog import Catalog
+from .usage import UsageProblem, read_usage
 
 
 class GroupKey(NamedTuple):
@@ -57,12 +58,10 @@ def record_group(record: Mapping[str, Any], catalog: Catalog) -> GroupKey | None
 
 def per_image_output(usage: Any, images: int) -> float | None:
     """Output tokens per image in an answer's `usage`; None unless it is a sane count."""
-    if not isinstance(usage, Mapping) or images < 1:
+    counts = read_usage(usage)
+    if isinstance(counts, UsageProblem) or counts.output <= 0 or images < 1:
         return None
-    output = usage.get("output_tokens")
-    if not isinstance(output, int) or isinstance(output, bool) or output <= 0:
-        return None
-    return output / images
+    return counts.output / images
 
 
 @dataclass

@@ -41,14 +41,31 @@ LEDGER_FIELDS = {
     "id", "line", "status", "endpoint", "model", "prompt", "n", "size", "quality",
     "output_format", "files", "bytes", "sha256", "usage", "cost_usd", "price_table",
     "attempts", "rate_limited", "latency_s", "request_id", "started_at", "finished_at", "metadata",
-    "complexity", "frame_count",
+    "complexity", "frame_count", "run_id",
 }  # fmt: skip
 #: Present only when the answer carried usage billed apart (svg_usage).
-EXTRA_USAGE_FIELDS = {"extra_usage", "cost_note"}
+EXTRA_USAGE_FIELDS = {"extra_usage", "cost_note", "cost_bound_usd"}
+
+
+def ledger_lines(out: Path) -> list[dict[str, Any]]:
+    """Every line of the ledger: item lines and charge records."""
+    return [orjson.loads(line) for line in (out / "ledger.jsonl").read_bytes().splitlines()]
 
 
 def ledger(out: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in (out / "ledger.jsonl").read_bytes().splitlines()]
+    """The item lines (what each item became), without charge records."""
+    return [record for record in ledger_lines(out) if record.get("record") != "charge"]
+
+
+def charges(out: Path) -> list[dict[str, Any]]:
+    """The charge records: billed (or maybe billed) attempts no item line tells of."""
+    return [record for record in ledger_lines(out) if record.get("record") == "charge"]
+
+
+def spent(out: Path) -> float:
+    """What the ledger says the directory spent: every line's cost, else its bound."""
+    return sum(r["cost_usd"] if r["cost_usd"] is not None else r.get("cost_bound_usd") or 0.0
+               for r in ledger_lines(out))  # fmt: skip
 
 
 def last_states(out: Path) -> dict[str, dict[str, Any]]:

@@ -33,6 +33,7 @@ from batchimg.errors import (
     ServerError,
     TransportError,
     UsageError,
+    may_have_been_billed,
 )
 
 KEY = "sk-test-client-0123456789"
@@ -485,7 +486,8 @@ async def test_connection_refused_is_a_transport_error() -> None:
     config = ClientConfig(base_url=f"http://127.0.0.1:{port}/v1", api_key=Secret(KEY))
     exc = await generate_error(config)
     assert type(exc) is TransportError
-    assert exc.info.code == "connection_error"
+    assert exc.info.code == "connect_error"  # the request never went out: nothing billed
+    assert not may_have_been_billed(exc)
     assert KEY not in str(exc)
 
 

@@ -113,3 +113,24 @@ def test_unknown_dalle_size_is_priced_as_unknown() -> None:
 
 def test_price_table_is_named() -> None:
     assert isinstance(PRICE_TABLE, str) and PRICE_TABLE
+
+
+def test_a_price_file_without_image_in_prices_input_images_alike_in_ledger_and_cap(
+    tmp_path: Any,
+) -> None:
+    """One rule for both: input image tokens at the text rate when no image rate is given."""
+    import json
+
+    from batchimg.pricing import PriceTable
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"models": {"gpt-image-1": {"per_1m_tokens": {
+        "text_in": 4.0, "image_out": 40.0}}}}))  # fmt: skip
+    table = PriceTable.load(path)
+    answer = usage(text=10, image=1000, output=272)
+    assert table.usage_cost("gpt-image-1", answer) == pytest.approx(
+        (10 * 4 + 1000 * 4 + 272 * 40) / 1e6
+    )
+    params = {"model": "gpt-image-1", "prompt": "x" * 10, "quality": "low", "size": "1024x1024"}
+    worst = table.worst_case_usd(params, image_tokens=1000)
+    assert worst == pytest.approx((10 * 4 + 1250 * 4 + 272 * 40) / 1e6)  # inputs with headroom

@@ -33,7 +33,7 @@ def items(count: int) -> list[dict[str, Any]]:
 
 def ledger_ok(out: Path) -> dict[str, dict[str, Any]]:
     records = [orjson.loads(line) for line in (out / "ledger.jsonl").read_bytes().splitlines()]
-    return {r["id"]: r for r in records if r["status"] == "ok"}
+    return {r["id"]: r for r in records if r.get("status") == "ok"}
 
 
 def shard_samples(out: Path) -> dict[str, dict[str, bytes]]:

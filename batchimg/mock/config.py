@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 #: How 429s say when to retry (see `MockConfig.retry_after_style`).
 RetryAfterStyle = Literal["both", "ms", "seconds", "date", "mixed", "none"]
@@ -36,6 +36,11 @@ class MockConfig:
     ratelimit_headers: bool = True  # False: enforce the limits but send no x-ratelimit-* headers
     detailed_images: bool = False  # photo-sized images (~2.5 MB PNG at 1024x1024), for benchmarks
     omit_usage: bool = False  # bill as usual but leave `usage` out of answers, as some gateways do
+    #: Bill as usual but answer this as `usage` (a broken or hostile server: a string, a
+    #: negative count...). The bill, in `MockRequest.usage`, stays the real one.
+    fake_usage: Any = None
+    #: Answer every request with this `x-request-id` (a gateway that repeats one).
+    fixed_request_id: str | None = None
     quota_after: int | None = None  # after this many requests, every one: 429 insufficient_quota
     auth_fail_after: int | None = None  # after this many requests, every one: 401 (0: always)
     #: As OpenAI itself: models past their shutdown date answer 404 model_not_found, and so do

@@ -333,7 +333,7 @@ class MockServer:
             model=None,
             n=None,
             status=0,
-            request_id=_new_request_id(),
+            request_id=self.config.fixed_request_id or _new_request_id(),
             params={},
             received_at=time.monotonic(),
         )
@@ -564,7 +564,9 @@ class MockServer:
             payload["size"] = f"{width}x{height}"
             payload["quality"] = rules.resolve_quality(params, model)
             record.usage = billing.usage(params, model, n, inputs)
-            if not self.config.omit_usage:
+            if self.config.fake_usage is not None:
+                payload["usage"] = self.config.fake_usage
+            elif not self.config.omit_usage:
                 payload["usage"] = record.usage
             if fmt == "svg":
                 payload["svg_usage"] = billing.svg_usage(params)
