@@ -47,8 +47,9 @@ class SpooledImage:
     head: bytes  # the first bytes, for the format check
 
 
-class _Target:
-    """One b64_json value being decoded: in memory while small, then spilled to a temp file."""
+class ImageSink:
+    """Bytes of one image as they arrive: in memory while small, then spilled to a temp file
+    (dot-named `.part`, beside the final names), hashed on the way."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -57,12 +58,45 @@ class _Target:
         self.buffer = bytearray()
         self.hash = hashlib.sha256()
         self.nbytes = 0
+        self.head = b""  # the first bytes, for the format check
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.hash.update(data)
+        self.nbytes += len(data)
+        if self.file is not None:
+            self.file.write(data)
+            return
+        self.buffer += data
+        if len(self.buffer) > SPILL_BYTES:  # big: stream the rest to disk, hold nothing
+            self.head = bytes(self.buffer[:HEAD_BYTES])
+            self.path = self.directory / f".spool-{uuid.uuid4().hex}.part"
+            self.file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/abort
+            self.file.write(self.buffer)
+            self.buffer = bytearray()
+
+    def finish(self) -> bytes | SpooledImage:
+        """Small images come back as bytes; big ones as a temp file (fsynced when stored)."""
+        if self.file is None or self.path is None:
+            return bytes(self.buffer)
+        self.file.close()
+        return SpooledImage(self.path, self.nbytes, self.hash.hexdigest(), self.head)
+
+    def abort(self) -> None:
+        if self.file is not None and self.path is not None:
+            self.file.close()
+            self.path.unlink(missing_ok=True)
+
+
+class _Target(ImageSink):
+    """One b64_json value being decoded into its sink."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
         self.pending = b""  # base64 characters not yet a multiple of 4
-        self.head = b""  # the first decoded bytes, for the format check
         self.padded = False  # a quantum ending in `=` was decoded: the value must end there
         self.prefix: bytes | None = b""  # until known: the start of the value (data: URI?)
 
-    def write(self, raw: bytes) -> None:
+    def feed(self, raw: bytes) -> None:
         """Decode the next stretch of the value. Whole 4-character quanta are decoded straight
         from the chunk (no copy of it); the few characters left over wait for the next one."""
         data: bytes | memoryview = raw
@@ -90,32 +124,12 @@ class _Target:
         except ValueError as exc:
             raise BadBase64(f"b64_json does not decode: {exc}") from None
         self.padded = data[-1:] == b"="
-        self.hash.update(decoded)
-        self.nbytes += len(decoded)
-        if self.file is not None:
-            self.file.write(decoded)
-            return
-        self.buffer += decoded
-        if len(self.buffer) > SPILL_BYTES:  # big: stream the rest to disk, hold nothing
-            self.head = bytes(self.buffer[:HEAD_BYTES])
-            self.path = self.directory / f".spool-{uuid.uuid4().hex}.part"
-            self.file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/abort
-            self.file.write(self.buffer)
-            self.buffer = bytearray()
+        self.write(decoded)
 
     def finish(self) -> bytes | SpooledImage:
-        """Small images come back as bytes; big ones as a temp file (fsynced when stored)."""
         if self.pending:
             raise BadBase64("b64_json ends in the middle of a base64 quantum")
-        if self.file is None or self.path is None:
-            return bytes(self.buffer)
-        self.file.close()
-        return SpooledImage(self.path, self.nbytes, self.hash.hexdigest(), self.head)
-
-    def abort(self) -> None:
-        if self.file is not None and self.path is not None:
-            self.file.close()
-            self.path.unlink(missing_ok=True)
+        return super().finish()
 
 
 class ResponseSpool:
@@ -169,11 +183,16 @@ class ResponseSpool:
                 elif end < 0:
                     target.prefix = value  # wait for the rest of the prefix
                     return rest
-        target.write(value)
+        target.feed(value)
         if end >= 0:
             self._done.append(target.finish())
             self._target = None
         return rest
+
+    @property
+    def json_bytes(self) -> int:
+        """How much of the body is not image data (usage, sizes: a few hundred bytes)."""
+        return len(self._json)
 
     def finish(self) -> tuple[Any, list[bytes | SpooledImage]]:
         """The parsed JSON (b64_json values empty) and the images; SpoolError if broken."""

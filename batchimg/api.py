@@ -59,6 +59,7 @@ async def arun(
     catalog: str | Path | Catalog | None = None,
     check_models: bool = False,
     from_ledger: Sequence[str | Path] = (),
+    max_answer_mb: float | None = None,
     stall_timeout_s: float = 900.0,
     grace_period_s: float = 30.0,
     layout: Layout = "imagefolder",
@@ -114,6 +115,7 @@ async def arun(
         max_cost_usd=max_cost_usd,
         catalog=the_catalog,
         learn_from=tuple(ledger_paths(from_ledger)),
+        max_answer_bytes=None if max_answer_mb is None else int(max_answer_mb * 2**20),
     )
     client_options: dict[str, Any] = {
         "connect_timeout_s": connect_timeout_s,

@@ -205,6 +205,13 @@ def cli() -> None:
     "them cost, so --max-cost starts from learned token counts (repeat for several).",
 )
 @click.option(
+    "--max-answer-mb",
+    type=click.FloatRange(min=0.01),
+    metavar="MB",
+    help="The most an answer (or a downloaded image) may weigh, decompressed; more fails its "
+    "item. [default: derived per request from its size, format, frames and n]",
+)
+@click.option(
     "--check-models",
     is_flag=True,
     help="Before sending, ask the server's GET /models whether it still serves the manifest's "

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ._spool import BadBase64, ResponseSpool, SpooledImage, SpoolError, discard
+from ._spool import BadBase64, ImageSink, ResponseSpool, SpooledImage, SpoolError, discard
 from .config import ClientConfig
 from .errors import (
     ErrorInfo,
@@ -34,8 +34,13 @@ from .errors import (
 )
 from .inputs import InputFile
 from .limiter import RateLimitHeaders
+from .specs import ANSWER_SLACK
 
 USER_AGENT = "batchimg/0.1"
+#: Read at most this much of an error answer or a model list (the API's are a few hundred bytes).
+ERROR_BODY_BYTES = 1 << 20
+#: When the caller gives no limit: more than any image answer needs (10 images of 8.3 MP).
+DEFAULT_LIMIT_BYTES = 1 << 30
 #: What an answer may say it produced, and the shape each value must have to be believed (a
 #: server's echo goes into the ledger and the dataset's metadata).
 _ECHO = {
@@ -129,14 +134,24 @@ class ImagesClient:
             raise RuntimeError("ImagesClient used outside 'async with'")
         return self._session
 
-    async def generate(self, params: dict[str, Any]) -> ImagesResult:
-        """POST one generations request; raise a RequestError subclass on any failure."""
+    async def generate(
+        self, params: dict[str, Any], *, limit_bytes: int | None = None
+    ) -> ImagesResult:
+        """POST one generations request; raise a RequestError subclass on any failure.
+
+        `limit_bytes`: the most of a 2xx body that is read (decompressed); an answer beyond it
+        fails its item (`answer_too_large`) instead of filling memory or disk."""
         url = self._config.endpoint_url("generations", str(params.get("model", "")))
         headers = {**self._config.auth_headers(), "Content-Type": "application/json"}
-        return await self._post(url, orjson.dumps(params), headers)
+        return await self._post(url, orjson.dumps(params), headers, limit_bytes)
 
     async def edit(
-        self, params: dict[str, Any], images: Sequence[InputFile], mask: InputFile | None = None
+        self,
+        params: dict[str, Any],
+        images: Sequence[InputFile],
+        mask: InputFile | None = None,
+        *,
+        limit_bytes: int | None = None,
     ) -> ImagesResult:
         """POST one edits request (multipart); the body is built afresh for every call."""
         url = self._config.endpoint_url("edits", str(params.get("model", "")))
@@ -156,27 +171,32 @@ class ImagesClient:
                 form.add_field(
                     name, fh, filename=source.path.name, content_type=source.content_type
                 )
-            return await self._post(url, form, self._config.auth_headers())
+            return await self._post(url, form, self._config.auth_headers(), limit_bytes)
 
-    async def _post(self, url: str, body: Any, headers: dict[str, str]) -> ImagesResult:
+    async def _post(
+        self, url: str, body: Any, headers: dict[str, str], limit_bytes: int | None
+    ) -> ImagesResult:
         started = time.monotonic()
         spooled: list[bytes | SpooledImage] = []
+        limit = limit_bytes or DEFAULT_LIMIT_BYTES
         try:
             async with self.session.post(url, data=body, headers=headers) as resp:
                 status, resp_headers = resp.status, resp.headers
+                request_id = resp_headers.get("x-request-id")
                 if status < 400 and self._spool_dir is not None:
-                    parsed, spooled, size = await self._spool(resp, self._spool_dir)
+                    parsed, spooled, size = await self._spool(resp, self._spool_dir, limit)
                 else:
-                    body = await resp.read()
-                    size = len(body)
+                    cap = limit if status < 400 else ERROR_BODY_BYTES
+                    body, size = await _read_capped(resp, cap)
+                    if status < 400 and size > cap:
+                        raise _too_large(size, cap, request_id)
                     try:
-                        parsed = orjson.loads(body) if body else None
+                        parsed = orjson.loads(body) if body and size <= cap else None
                     except orjson.JSONDecodeError:
                         parsed = None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _transport_error(exc) from None
         latency_s = time.monotonic() - started
-        request_id = resp_headers.get("x-request-id")
         ratelimit = RateLimitHeaders.parse(resp_headers)
         if status >= 400:
             error = classify(
@@ -222,14 +242,19 @@ class ImagesClient:
         )
 
     async def _spool(
-        self, resp: aiohttp.ClientResponse, directory: Path
+        self, resp: aiohttp.ClientResponse, directory: Path, limit: int
     ) -> tuple[Any, list[bytes | SpooledImage], int]:
-        """Stream a 2xx body through a ResponseSpool: (parsed JSON or None, images, bytes)."""
+        """Stream a 2xx body through a ResponseSpool: (parsed JSON or None, images, bytes).
+        More than `limit` bytes (decompressed), or more than `ANSWER_SLACK` of it outside the
+        images, fails the item."""
         spool = ResponseSpool(directory)
         size = 0
         try:
             async for chunk in resp.content.iter_any():
                 size += len(chunk)
+                if size > limit or spool.json_bytes > ANSWER_SLACK:
+                    cap = limit if size > limit else ANSWER_SLACK
+                    raise _too_large(size, cap, resp.headers.get("x-request-id"))
                 spool.feed(chunk)
             parsed, spooled = spool.finish()
         except BadBase64 as exc:
@@ -258,7 +283,10 @@ class ImagesClient:
             raise ItemFailed(ErrorInfo(message="this provider has no model list", code="no_list"))
         try:
             async with self.session.get(url, headers=self._config.auth_headers()) as resp:
-                body, status = await resp.read(), resp.status
+                status = resp.status
+                body, size = await _read_capped(resp, 16 * ERROR_BODY_BYTES)
+                if size > 16 * ERROR_BODY_BYTES:
+                    body = b""  # a listing this big is not one
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _transport_error(exc) from None
         try:
@@ -277,19 +305,70 @@ class ImagesClient:
             if isinstance(entry, dict) and isinstance(entry.get("id"), str)
         }
 
-    async def download(self, url: str) -> bytes:
-        """Fetch an image `url` answer (they expire, so at once); no API key is sent with it."""
+    async def download(self, url: str, *, limit_bytes: int | None = None) -> bytes | SpooledImage:
+        """Fetch an image `url` answer (they expire, so at once); no API key is sent with it.
+
+        Streamed into the spool directory (memory holds one chunk, and small images); more than
+        `limit_bytes` (decompressed) fails the item (`answer_too_large`)."""
+        limit = limit_bytes or DEFAULT_LIMIT_BYTES
+        sink = ImageSink(self._spool_dir) if self._spool_dir is not None else None
+        data = bytearray()
         try:
             async with self.session.get(url) as resp:
-                body = await resp.read()
                 status = resp.status
+                if status >= 400:
+                    await _read_capped(resp, ERROR_BODY_BYTES)
+                else:
+                    size = 0
+                    async for chunk in resp.content.iter_any():
+                        size += len(chunk)
+                        if size > limit:
+                            raise _too_large(size, limit, None, what="downloaded image")
+                        if sink is not None:
+                            sink.write(chunk)
+                        else:
+                            data += chunk
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            if sink is not None:
+                sink.abort()
             raise _transport_error(exc) from None
+        except OSError as exc:  # the temp file cannot be written: the disk, not the network
+            if sink is not None:
+                sink.abort()
+            raise StorageError(f"cannot write images to {self._spool_dir}: {exc}") from exc
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            raise
         if status >= 400:
+            if sink is not None:
+                sink.abort()
             error = classify(status, None)
             # A signed link that expired answers 403: that item is lost, not the whole run.
             raise ItemFailed(error.info) if isinstance(error, RunFatal) else error
-        return body
+        return sink.finish() if sink is not None else bytes(data)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> tuple[bytes, int]:
+    """Up to `cap` bytes of a body (and how many it had, counting to `cap` + 1 at most): an
+    error page or a listing is read only that far."""
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > cap:
+            return bytes(body[: cap + 1]), cap + 1
+    return bytes(body), len(body)
+
+
+def _too_large(size: int, cap: int, request_id: str | None, what: str = "answer") -> ItemFailed:
+    message = (
+        f"{what} over {cap:,} bytes (read {size:,} and stopped): more than the request "
+        "can need; raise --max-answer-mb if it is genuine"
+    )
+    return ItemFailed(
+        ErrorInfo(message=message, code="answer_too_large", type="invalid_response",
+                  request_id=request_id)
+    )  # fmt: skip
 
 
 def _transport_error(exc: BaseException) -> RequestError:

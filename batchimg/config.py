@@ -129,6 +129,9 @@ class RunConfig:
     max_cost_usd: float | None = None  # budget cap, earlier runs' spend in the ledger included
     catalog: Catalog | None = None  # models, rules and prices; None: the built-in catalog
     learn_from: tuple[Path, ...] = ()  # other runs' ledgers whose answers tighten cap bounds
+    #: The most an answer (or a downloaded image) may weigh; None: derived per request from
+    #: its size, format, frames and n (`specs.max_answer_bytes`).
+    max_answer_bytes: int | None = None
     stall_timeout_s: float = 900.0  # stop if nothing finishes this long while requests are out
     grace_period_s: float = 30.0  # after the first Ctrl-C, how long in-flight requests may take
     layout: Layout = "imagefolder"  # or "webdataset": tar shards of shard_size images

@@ -682,18 +682,42 @@ class Engine:
                     self._flush_charge(item, tally)  # the try before was billed, and retried
                     result = await self._attempt(item, tally)
             assert result is not None
-            # Paid for from here on: a stop or a grace-period cancel must not drop the images
+            try:  # downloads (url answers) may take long: a stop can still cancel them
+                images = await self._fetch_images(item, result)
+            except anyio.get_cancelled_exc_class():
+                discard([e["spooled"] for e in result.data if "spooled" in e])
+                with anyio.CancelScope(shield=True):  # paid: the line keeps its cost
+                    message = "stopped while downloading the images of an answer paid for"
+                    finish("error", ErrorInfo(message, "download_interrupted", "local_error"))
+                raise
+            except BaseException:
+                discard([e["spooled"] for e in result.data if "spooled" in e])
+                raise
+            # Paid for, and in hand: a stop or a grace-period cancel must not drop the images
             # between the answer and its ledger line, or the next run would buy them again.
             with anyio.CancelScope(shield=True):
                 try:
-                    images = await self._fetch_images(item, result)
                     stored = await self._writer.save(
                         item.file_stem, images, specs.output_format(item.params, self.catalog)
                     )
                 except BaseException:  # whatever was spooled and not stored must not linger
-                    discard([e["spooled"] for e in result.data if "spooled" in e])
+                    discard(images)
                     raise
-                finish("ok", files=stored)
+                if len(stored) < item.n:  # kept, but the item is not done: the next run is
+                    message = (
+                        f"the answer has {len(stored)} of the {item.n} images asked for: those "
+                        "are kept (and paid for); the item is done again next run"
+                    )
+                    info = ErrorInfo(message, "missing_images", "invalid_response")
+                    finish("error", info, files=stored)
+                else:
+                    if len(stored) > item.n:
+                        self.warn_once(
+                            "extra",
+                            f"an answer brought {len(stored)} images for n={item.n} (item "
+                            f"{item.id}): all are kept",
+                        )
+                    finish("ok", files=stored)
         except StorageError as exc:
             finish("error", ErrorInfo(message=str(exc), code="storage_error", type="local_error"))
             raise
@@ -869,10 +893,13 @@ class Engine:
 
     async def _send(self, item: Item) -> ImagesResult:
         self._in_flight += 1
+        limit = self._answer_limit(item)
         try:
             if item.endpoint == "edits":
-                return await self.client.edit(item.params, item.images, item.mask)
-            return await self.client.generate(item.params)
+                return await self.client.edit(
+                    item.params, item.images, item.mask, limit_bytes=limit
+                )
+            return await self.client.generate(item.params, limit_bytes=limit)
         finally:
             self._in_flight -= 1
             self._last_progress = time.monotonic()
@@ -881,29 +908,41 @@ class Engine:
         """The answer's images, verified: spooled to disk, b64 decoded, or urls downloaded."""
         expected = specs.output_format(item.params, self.catalog)
         images: list[bytes | SpooledImage] = []
-        for entry in result.data:
-            spooled = entry.get("spooled")
-            if isinstance(spooled, (bytes, SpooledImage)):
-                check_image(spooled, expected)
-                images.append(spooled)
-                continue
-            if isinstance(entry.get("b64_json"), str):
-                data = decode_b64_image(entry["b64_json"])
-            elif isinstance(entry.get("url"), str):
-                data = await self._download(entry["url"])
-            else:
-                raise ItemFailed(
-                    ErrorInfo(
-                        message="data entry has neither b64_json nor url", code="bad_response"
-                    )
-                )
-            check_image(data, expected)
-            images.append(data)
+        try:
+            for entry in result.data:
+                spooled = entry.get("spooled")
+                if isinstance(spooled, (bytes, SpooledImage)):
+                    data: bytes | SpooledImage = spooled
+                elif isinstance(entry.get("b64_json"), str):
+                    data = decode_b64_image(entry["b64_json"])
+                elif isinstance(entry.get("url"), str):
+                    data = await self._download(item, entry["url"])
+                else:
+                    info = ErrorInfo(message="data entry has neither b64_json nor url",
+                                     code="bad_response")  # fmt: skip
+                    raise ItemFailed(info)
+                images.append(data)
+                check_image(data, expected)
+        except BaseException:
+            discard(images)  # a download that arrived before the failure
+            raise
         return images
 
-    async def _download(self, url: str) -> bytes:
-        # Plain waits: the generation is paid for, so a stop must not abandon its download.
+    def _answer_limit(self, item: Item) -> int:
+        """The most an answer (and each downloaded image) may weigh for this request."""
+        return self.config.max_answer_bytes or specs.max_answer_bytes(item.params, self.catalog)
+
+    async def _download(self, item: Item, url: str) -> bytes | SpooledImage:
+        """A `url` answer's image. Paid for already, so a first stop lets it finish (within the
+        grace period); like a request, it is in flight for the stall watch, and a second
+        signal, the end of the grace period or a stall cancels it."""
+        limit = self.config.max_answer_bytes or specs.max_image_bytes(item.params, self.catalog)
         async for attempt in retrying(self.config.retry, sleep=self.sleep):
             with attempt:
-                return await self.client.download(url)
+                self._in_flight += 1
+                try:
+                    return await self.client.download(url, limit_bytes=limit)
+                finally:
+                    self._in_flight -= 1
+                    self._last_progress = time.monotonic()
         raise AssertionError("unreachable: retrying re-raises the last error")

@@ -140,6 +140,50 @@ def megapixels(size: str) -> float:
     return width * height / (1024 * 1024)
 
 
+# -- how big an answer can be -----------------------------------------------------------------
+
+#: Bytes a raster image can take per pixel (uncompressed 16-bit RGBA: no encoder produces
+#: more), and per pixel of each gif frame (a palette byte, with room for LZW's worst case).
+_RASTER_BYTES_PER_PIXEL = 8
+_GIF_BYTES_PER_PIXEL = 2
+_IMAGE_SLACK = 1 << 20  # headers, metadata, an ICC profile
+SVG_MAX_BYTES = 32 << 20  # a vector image has no pixel count to bound it
+#: Everything of an answer that is not image data (usage, sizes, the envelope).
+ANSWER_SLACK = 1 << 20
+_LARGEST_PIXELS = 8_294_400  # when nothing says what `auto` will be: the largest size any takes
+
+
+def max_image_bytes(params: Mapping[str, Any], catalog: Catalog | None = None) -> int:
+    """The most one image of this request can weigh, from its size, format and frames: what is
+    read of it (a download, a decoded b64_json) stops there, so no answer can exhaust memory
+    or disk."""
+    fmt = output_format(params, catalog)
+    if fmt == "svg":
+        return SVG_MAX_BYTES
+    spec = model_spec(params, catalog)
+    size = params.get("size")
+    rule = spec.rule("size")
+    if isinstance(size, str) and is_size(size):
+        choices: tuple[str, ...] = (size,)
+    elif rule is not None and rule.custom is None:
+        choices = tuple(s for s in (*(rule.values or ()), *rule.auto_range) if is_size(s))
+    else:
+        choices = ()  # a custom size, or a model without rules: `auto` may be anything
+    pixels = max((w * h for w, h in map(dimensions, choices)), default=_LARGEST_PIXELS)
+    if rule is not None and rule.custom is not None and rule.custom.max_pixels and not choices:
+        pixels = rule.custom.max_pixels
+    frames = resolved_frames(params, catalog) or 1
+    per_pixel = _GIF_BYTES_PER_PIXEL if fmt == "gif" else _RASTER_BYTES_PER_PIXEL
+    return pixels * per_pixel * frames + _IMAGE_SLACK
+
+
+def max_answer_bytes(params: Mapping[str, Any], catalog: Catalog | None = None) -> int:
+    """The most a whole answer can weigh: its n images, base64-encoded, and the rest."""
+    n = params.get("n")
+    count = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    return count * (max_image_bytes(params, catalog) * 4 // 3 + 4) + ANSWER_SLACK
+
+
 # -- what is refused ---------------------------------------------------------------------------
 
 

@@ -41,6 +41,8 @@ class MockConfig:
     fake_usage: Any = None
     #: Answer every request with this `x-request-id` (a gateway that repeats one).
     fixed_request_id: str | None = None
+    #: Answer this many images, whatever `n` asked for (a broken server), billing the same.
+    image_count: int | None = None
     quota_after: int | None = None  # after this many requests, every one: 429 insufficient_quota
     auth_fail_after: int | None = None  # after this many requests, every one: 401 (0: always)
     #: As OpenAI itself: models past their shutdown date answer 404 model_not_found, and so do

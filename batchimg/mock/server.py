@@ -543,6 +543,8 @@ class MockServer:
                 detailed=self.config.detailed_images,
             )
         )
+        if self.config.image_count is not None:  # too few or too many: a broken server
+            images = (images * self.config.image_count)[: self.config.image_count]
         record.served_sha256 = [image.sha256 for image in images]
         as_url = directives.url or (not gpt and params.get("response_format") != "b64_json")
         data: list[dict[str, str]] = []
