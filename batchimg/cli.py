@@ -20,7 +20,7 @@ from .catalog import Catalog, today_utc
 from .config import DEFAULT_AZURE_API_VERSION, LAYOUTS, PROVIDERS
 from .engine import Summary
 from .errors import UsageError
-from .manifest import Defaults
+from .manifest import Defaults, materialized
 from .view import Mode, ProgressView, count_items
 from .webdataset import DEFAULT_SHARD_SIZE
 
@@ -340,21 +340,28 @@ def run(
     elif options["layout"] != "webdataset":
         raise click.UsageError("--shard-size needs --format webdataset")
     try:
-        check_manifest(manifest)
-        mode: Mode = "quiet" if quiet else "live" if sys.stderr.isatty() else "lines"
-        view = ProgressView(mode=mode, total=count_items(manifest), log_every_s=log_every_s,
-                            log_format=log_format)  # fmt: skip
-        # What start-up made (modules, classes) lives for the whole run: keep it out of every
-        # garbage collection, which otherwise walks it again and again on a long run.
-        gc.freeze()
-        try:
-            summary = anyio.run(
-                lambda: arun(
-                    manifest, out, defaults=defaults, handle_signals=True, progress=view, **options
+        with materialized(manifest) as (path, inputs_dir):
+            check_manifest(path)
+            mode: Mode = "quiet" if quiet else "live" if sys.stderr.isatty() else "lines"
+            view = ProgressView(mode=mode, total=count_items(path), log_every_s=log_every_s,
+                                log_format=log_format)  # fmt: skip
+            # What start-up made (modules, classes) lives for the whole run: keep it out of
+            # every garbage collection, which otherwise walks it again and again on a long run.
+            gc.freeze()
+            try:
+                summary = anyio.run(
+                    lambda: arun(
+                        path,
+                        out,
+                        defaults=defaults,
+                        handle_signals=True,
+                        progress=view,
+                        inputs_dir=inputs_dir,
+                        **options,
+                    )
                 )
-            )
-        finally:
-            view.close()
+            finally:
+                view.close()
     except UsageError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -456,7 +463,6 @@ def validate(manifest: Path, defaults: Defaults, catalog: Path | None) -> None:
     from .manifest import BadLine, read_manifest
 
     try:
-        check_manifest(manifest)
         the_catalog = load_run_catalog(catalog)
     except UsageError as exc:
         raise _usage_error(exc) from None
@@ -466,13 +472,19 @@ def validate(manifest: Path, defaults: Defaults, catalog: Path | None) -> None:
     def warn(message: str) -> None:
         click.echo(f"{manifest}: warning: {message}")
 
-    for entry in read_manifest(manifest, defaults, catalog=the_catalog, warn=warn):
-        if isinstance(entry, BadLine):
-            bad += 1
-            reason = entry.reason.removeprefix(f"line {entry.line}: ")
-            click.echo(f"{manifest}:{entry.line}: {reason}")
-        else:
-            good += 1
+    with materialized(manifest) as (path, inputs_dir):
+        try:
+            check_manifest(path)
+        except UsageError as exc:
+            raise _usage_error(exc) from None
+        lines = read_manifest(path, defaults, catalog=the_catalog, warn=warn, inputs_dir=inputs_dir)
+        for entry in lines:
+            if isinstance(entry, BadLine):
+                bad += 1
+                reason = entry.reason.removeprefix(f"line {entry.line}: ")
+                click.echo(f"{manifest}:{entry.line}: {reason}")
+            else:
+                good += 1
     verdict = "all valid" if not bad else f"{bad} bad"
     click.echo(f"{manifest}: {good + bad} lines checked, {good} valid, {verdict}")
     sys.exit(1 if bad else 0)
@@ -517,12 +529,17 @@ def estimate(
     from .estimate import format_table as estimate_table
 
     try:
-        check_manifest(manifest)
         the_catalog = load_run_catalog(catalog, prices)
         defaults = _checked(defaults, the_catalog)
-        result = estimate_manifest(
-            manifest, defaults, catalog=the_catalog, ledgers=list(from_ledger)
-        )
+        with materialized(manifest) as (path, inputs_dir):
+            check_manifest(path)
+            result = estimate_manifest(
+                path,
+                defaults,
+                catalog=the_catalog,
+                ledgers=list(from_ledger),
+                inputs_dir=inputs_dir,
+            )
     except UsageError as exc:
         raise _usage_error(exc) from None
     if fmt == "json":

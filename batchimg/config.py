@@ -119,6 +119,7 @@ class RunConfig:
 
     manifest: Path
     out_dir: Path
+    inputs_dir: Path | None = None  # where edit inputs are; None: the manifest's directory
     defaults: Defaults = field(default_factory=Defaults)
     concurrency: int = 8
     retry: RetryPolicy = field(default_factory=RetryPolicy)

@@ -15,13 +15,10 @@ the same command picks up exactly what is missing.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,6 +57,7 @@ from .ledger import (
 )
 from .limiter import Limiter, LimiterStats
 from .manifest import BadLine, Item, read_manifest
+from .outdir import exclusive
 from .pricing import PRICE_TABLE, Bound, PriceTable
 from .retry import retrying
 from .tokens import GroupKey, TokenBook, request_group
@@ -68,7 +66,6 @@ from .webdataset import SHARDS_DIR, ShardWriter
 from .writer import BatchedStore, ImageStore, StoredFile, check_image, decode_b64_image
 
 EventKind = Literal["started", "item_finished", "retry", "stopping", "warning"]
-LOCK_NAME = ".batchimg.lock"  # held while a run writes into the directory
 
 
 @dataclass(frozen=True)
@@ -130,24 +127,6 @@ class Summary:
         if self.stop_reason is not None:
             return 3
         return 1 if self.failed else 0
-
-
-@contextlib.contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
-    """Hold DIR/.batchimg.lock for the run: two runs on one directory would each resume from
-    the same ledger, buy the same images and (webdataset) number shards alike."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(
-                f"another batchimg run is using {out_dir}: let it finish (or stop it) first"
-            ) from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _now() -> str:
@@ -377,13 +356,21 @@ class Engine:
             self._emit(ProgressEvent("stopping", message=reason))
 
     async def run(self, *, handle_signals: bool = False) -> Summary:
-        with _exclusive(self.config.out_dir):
+        with exclusive(self.config.out_dir):
             return await self._run_locked(handle_signals)
 
     async def _run_locked(self, handle_signals: bool) -> Summary:
         started = time.monotonic()
         self.store.remove_stale_temps()  # another run's would not be stale: hence the lock
         state = self._open_output()
+        if state.garbled:
+            shown = ", ".join(map(str, state.garbled[:5])) + (
+                ", …" if len(state.garbled) > 5 else ""
+            )
+            self.warn(
+                f"{self.summary.ledger_path}: {len(state.garbled)} lines that are not ledger "
+                f"records were skipped (line {shown}); `batchimg verify` checks the rest"
+            )
         own = self.summary.ledger_path.resolve()
         for path in {p.resolve(): None for p in self.config.learn_from}:  # each ledger once
             if path != own:  # other runs' answers: bounds known from the start
@@ -511,7 +498,11 @@ class Engine:
     async def _produce(self, send: MemoryObjectSendStream[Item]) -> None:
         async with send:
             entries = read_manifest(
-                self.config.manifest, self.config.defaults, catalog=self.catalog, warn=self.warn
+                self.config.manifest,
+                self.config.defaults,
+                catalog=self.catalog,
+                warn=self.warn,
+                inputs_dir=self.config.inputs_dir,
             )
             for count, entry in enumerate(entries):
                 if count % 256 == 0:

@@ -134,6 +134,7 @@ def estimate_manifest(
     *,
     catalog: Catalog | None = None,
     ledgers: Sequence[str | Path] = (),
+    inputs_dir: Path | None = None,
 ) -> ManifestEstimate:
     """Price every valid line of a manifest (streamed); bad lines are only counted. `ledgers`:
     earlier runs to learn output tokens from."""
@@ -144,7 +145,10 @@ def estimate_manifest(
     result = ManifestEstimate(
         price_table=table.name, learned_from=[str(p) for p in paths], learned_groups=len(book)
     )
-    for entry in read_manifest(path, defaults, catalog=catalog, warn=result.warnings.append):
+    entries = read_manifest(
+        path, defaults, catalog=catalog, warn=result.warnings.append, inputs_dir=inputs_dir
+    )
+    for entry in entries:
         if isinstance(entry, BadLine):
             result.bad_lines += 1
             continue

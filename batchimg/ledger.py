@@ -18,7 +18,7 @@ import errno
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +31,20 @@ LEDGER_NAME = "ledger.jsonl"
 FSYNC_INTERVAL_S = 1.0  # the engine syncs the ledger at least this often
 
 
-def read_ledger(path: Path) -> Iterator[dict[str, Any]]:
-    """Every whole record in the ledger, in order; torn or garbled lines are skipped."""
+def read_ledger(path: Path, skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Every whole record in the ledger, in order; torn or garbled lines are skipped (their
+    line numbers go to `skipped`, if given)."""
     if not path.exists():
         return
     with open(path, "rb") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, start=1):
             if not line.endswith(b"\n"):
                 return  # torn by a crash mid-write
             record = parse_record(line)
             if record is not None:
                 yield record
+            elif skipped is not None and line.strip():
+                skipped.append(number)
 
 
 def parse_record(line: bytes) -> dict[str, Any] | None:
@@ -59,6 +62,7 @@ class LedgerState:
 
     done: IdSet  # ids whose last state is ok: skipped
     spent_usd: float = 0.0  # every billed answer recorded, across all earlier runs
+    garbled: list[int] = field(default_factory=list)  # lines that are not ledger records
 
 
 def scan_ledger(
@@ -69,7 +73,7 @@ def scan_ledger(
     """Read the ledger once; `on_ok` also sees every ok record (e.g. to rebuild metadata), and
     `on_usage` every record that carries a `usage` (e.g. to learn token counts)."""
     state = LedgerState(IdSet(count_lines(path) if path.exists() else 16))
-    for record in read_ledger(path):
+    for record in read_ledger(path, state.garbled):
         if on_usage is not None and record.get("usage") is not None:
             on_usage(record)
         state.spent_usd += charged_usd(record)
@@ -142,7 +146,12 @@ class LedgerWriter:
         self.path = path
         if path.exists():
             _cut_torn_tail(path)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:  # never through a symbolic link: the ledger is the directory's own file
+            self._fd = os.open(
+                path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644
+            )
+        except OSError as exc:
+            raise StorageError(f"cannot open {path}: {exc.strerror or exc}") from exc
         self._size = os.fstat(self._fd).st_size
         self._dirty = False
 

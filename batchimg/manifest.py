@@ -12,8 +12,13 @@ the API takes it only with other output formats, an experimental size.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import shutil
+import stat
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from hashlib import blake2b
@@ -148,17 +153,27 @@ class BadLine:
     endpoint: specs.Endpoint = "generations"
 
 
+_BOM = b"\xef\xbb\xbf"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_HASHED = re.compile(r"-[0-9a-f]{10}$")  # how a changed stem ends
 
 
 def safe_file_stem(item_id: str) -> str:
     """A file-name stem for an id: no separators, `..`, control characters; length-capped.
 
-    Where the id had to change, a short hash of the original keeps distinct ids distinct.
+    Distinct ids get distinct stems, also on filesystems that ignore case: an id is its own
+    stem only when it is already safe, lower-case and not shaped like a changed stem (ending in
+    `-` and ten hex digits); every other id keeps a readable part and gains a short hash of
+    itself, which no id kept as it is can end in.
     """
     stem = _UNSAFE.sub("_", item_id).lstrip(".") or "_"
     stem = stem.replace("..", "_")
-    if stem == item_id and len(stem) <= MAX_FILE_STEM:
+    if (
+        stem == item_id
+        and len(stem) <= MAX_FILE_STEM
+        and item_id == item_id.lower()
+        and not _HASHED.search(item_id)
+    ):
         return stem
     digest = blake2b(item_id.encode("utf-8"), digest_size=5).hexdigest()
     return f"{stem[: MAX_FILE_STEM - 11]}-{digest}"
@@ -395,25 +410,65 @@ def read_manifest(
     *,
     catalog: Catalog | None = None,
     warn: Warn | None = None,
+    inputs_dir: Path | None = None,
 ) -> Iterator[Item | BadLine]:
     """Stream a JSONL manifest: one Item or BadLine per non-blank, non-comment line, judged by
-    `catalog` (the built-in one by default); `warn` hears each warning once.
+    `catalog` (the built-in one by default); `warn` hears each warning once. Edit inputs are
+    relative to `inputs_dir` (default: the manifest's directory).
 
     Raises OSError if the file cannot be opened; every problem inside the file is a BadLine.
     """
     reader = _Reader(
         _Ids(count_lines(path)),  # sized up front: the id set never has to grow
         defaults or Defaults(),
-        Path(path).resolve().parent,  # edit inputs are relative to the manifest
+        inputs_dir or Path(path).resolve().parent,
         catalog or Catalog.default(),
         warn,
     )
+    for number, raw in manifest_lines(path):
+        yield reader.parse(raw, number)
+
+
+def manifest_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, stripped content) of every line that is not blank or a `#` comment; a
+    UTF-8 byte-order mark before the first line is not part of it."""
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, start=1):
             raw = line.strip()
-            if not raw or raw.startswith(b"#"):
-                continue
-            yield reader.parse(raw, number)
+            if number == 1:
+                raw = raw.removeprefix(_BOM).strip()
+            if raw and not raw.startswith(b"#"):
+                yield number, raw
+
+
+@contextlib.contextmanager
+def materialized(path: str | Path) -> Iterator[tuple[Path, Path]]:
+    """The manifest as a regular file that can be read more than once (the loader, the line
+    count, the model survey each read it), and the directory its edit inputs are relative to.
+
+    `-` is standard input, and a pipe (`/dev/stdin`, a FIFO) is read once: either is copied to
+    a temporary file first, its edit inputs taken relative to the current directory (stdin) or
+    the pipe's. A regular file is used as it is.
+    """
+    if str(path) != "-":
+        given = Path(path)
+        try:
+            regular = stat.S_ISREG(given.stat().st_mode)
+        except OSError:
+            regular = True  # missing or unreadable: opening it says why
+        if regular:
+            yield given, given.resolve().parent
+            return
+    source_dir = Path.cwd() if str(path) == "-" else Path(path).resolve().parent
+    with tempfile.TemporaryDirectory(prefix="batchimg-manifest-") as tmp:
+        copy = Path(tmp) / "manifest.jsonl"
+        with open(copy, "wb") as out:
+            if str(path) == "-":
+                shutil.copyfileobj(sys.stdin.buffer, out, 1 << 20)
+            else:
+                with open(path, "rb") as source:
+                    shutil.copyfileobj(source, out, 1 << 20)
+        yield copy, source_dir
 
 
 _MODEL_FIELD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -424,30 +479,26 @@ def manifest_models(path: str | Path, default_model: str) -> dict[str, int]:
     `default_model`). One pass; a line is parsed only when it may add a model, so this stays
     cheap on a million lines, and a `"model"` key inside `metadata` is not mistaken for one."""
     found: dict[str, int] = {}
-    with open(path, "rb") as fh:
-        for number, line in enumerate(fh, start=1):
-            raw = line.strip()
-            if not raw or raw.startswith(b"#"):
-                continue
-            candidates = _MODEL_FIELD.findall(raw)
-            # A key written with escapes ("mod\u0065l") hides from the pattern: parse those.
-            escaped = b"\\u" in raw
-            if not candidates and not escaped:
-                found.setdefault(default_model, number)
-                continue
-            if (
-                not escaped
-                and default_model in found
-                and all(c.decode("utf-8", "replace") in found for c in candidates)
-            ):
-                continue
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue  # a bad line: it fails alone, and sends nothing
-            if isinstance(obj, dict):
-                model = obj.get("model")
-                model = default_model if model is None else model
-                if isinstance(model, str):
-                    found.setdefault(model, number)
+    for number, raw in manifest_lines(path):
+        candidates = _MODEL_FIELD.findall(raw)
+        # A key written with escapes ("mod\u0065l") hides from the pattern: parse those.
+        escaped = b"\\u" in raw
+        if not candidates and not escaped:
+            found.setdefault(default_model, number)
+            continue
+        if (
+            not escaped
+            and default_model in found
+            and all(c.decode("utf-8", "replace") in found for c in candidates)
+        ):
+            continue
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue  # a bad line: it fails alone, and sends nothing
+        if isinstance(obj, dict):
+            model = obj.get("model")
+            model = default_model if model is None else model
+            if isinstance(model, str):
+                found.setdefault(model, number)
     return found

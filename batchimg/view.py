@@ -20,6 +20,7 @@ from typing import Any, Literal, TextIO
 import orjson
 
 from .engine import Engine, ProgressEvent
+from .manifest import manifest_lines
 
 Mode = Literal["live", "lines", "quiet"]
 RECENT_S = 60.0  # images per minute is measured over this window, not the whole run
@@ -27,13 +28,7 @@ RECENT_S = 60.0  # images per minute is measured over this window, not the whole
 
 def count_items(manifest: Path) -> int:
     """Lines a manifest will produce items or errors for (blank and # lines excluded)."""
-    count = 0
-    with open(manifest, "rb") as fh:
-        for line in fh:
-            stripped = line.strip()
-            if stripped and not stripped.startswith(b"#"):
-                count += 1
-    return count
+    return sum(1 for _ in manifest_lines(manifest))
 
 
 @dataclass(frozen=True)

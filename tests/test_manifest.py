@@ -517,10 +517,22 @@ def assert_safe(stem: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "item_id", ["cat-01", "a.b_c-D9", "i0123456789abcdef", "x" * MAX_FILE_STEM]
+    "item_id", ["cat-01", "a.b_c-d9", "i0123456789abcdef", "x" * MAX_FILE_STEM]
 )
 def test_safe_id_is_its_own_stem(item_id: str) -> None:
     assert safe_file_stem(item_id) == item_id
+
+
+def test_distinct_ids_get_distinct_files_also_where_case_is_ignored() -> None:
+    """`Cat` and `cat` share a file on a case-insensitive filesystem (macOS, Windows) unless
+    their stems differ in more than case; an id shaped like a changed stem must not take the
+    stem another id was changed to."""
+    changed = safe_file_stem("a/b")
+    ids = ["Cat", "cat", "CAT", "a/b", "a_b", changed, changed.upper(), "Mug-Studio"]
+    stems = [safe_file_stem(i).lower() for i in ids]
+    assert len(set(stems)) == len(ids), dict(zip(ids, stems, strict=True))
+    for stem in stems:
+        assert_safe(stem)
 
 
 @pytest.mark.parametrize(

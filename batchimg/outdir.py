@@ -1,0 +1,91 @@
+"""The output directory: checked before anything is sent, and held by one run at a time.
+
+`check_output` turns every way a directory can be unusable (a file where the directory should
+be, a read-only filesystem, a full disk, a ledger that is a directory or a symbolic link) into
+a `UsageError` that says what to do: exit 2, nothing sent, nothing bought that could not be
+kept. `exclusive` holds `DIR/.batchimg.lock` while a run (or `verify --repair`) writes there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import UsageError
+from .ledger import LEDGER_NAME
+
+LOCK_NAME = ".batchimg.lock"  # held while a run writes into the directory
+#: Less free space than this at the start and a run would buy images it cannot keep.
+MIN_FREE_BYTES = 64 << 20
+#: Files a run writes in place: each must be a plain file of the directory's own.
+_OWN_FILES = (LEDGER_NAME, LOCK_NAME, "metadata.jsonl", "metadata-svg.jsonl")
+
+
+def check_output(out: Path) -> None:
+    """UsageError unless `out` can take a run: a directory (made if missing) that is written
+    to, with room, whose ledger and lock are plain files (a symbolic link would make the run
+    write, and cut a torn line from, whatever file it points at)."""
+    if out.is_symlink() and not out.is_dir():
+        raise UsageError(f"--out {out} is a broken symbolic link")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory: give a directory to write to")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    for name in _OWN_FILES:
+        path = out / name
+        if path.is_symlink():
+            raise UsageError(
+                f"{path} is a symbolic link: batchimg writes its ledger, lock and metadata only "
+                "as plain files of the output directory (copy the file there instead)"
+            )
+        if path.exists() and not path.is_file():
+            raise UsageError(f"{path} is not a file: move it away, then re-run")
+    probe = out / f".batchimg-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"x")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write to --out {out}: {exc.strerror or exc} (a read-only filesystem, or "
+            "no permission?)"
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise UsageError(
+            f"only {free / 2**20:.1f} MiB free where --out {out} is: free some space first (a "
+            "run would buy images it cannot keep)"
+        )
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold DIR/.batchimg.lock for the run: two runs on one directory would each resume from
+    the same ledger, buy the same images and (webdataset) number shards alike."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(
+            out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot open {out_dir / LOCK_NAME}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"another batchimg run is using {out_dir}: let it finish (or stop it) first"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
