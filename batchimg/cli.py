@@ -620,6 +620,30 @@ def report(
         click.echo(report_table(result))
 
 
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path), metavar="DIR")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Mark each broken item failed in the ledger, so the next run makes it again.",
+)
+def verify(out: Path, repair: bool) -> None:
+    """Check that every ok item in DIR still has its images, byte for byte (sha256).
+
+    Prints each problem as DIR: ID (line N): what is wrong, then a summary. Exit status: 0 all
+    intact (or repaired), 1 broken items left as they are, 2 bad invocation.
+    """
+    from .verify import format_report
+    from .verify import verify as check
+
+    try:
+        result = check(out, repair=repair)
+    except UsageError as exc:
+        raise _usage_error(exc) from None
+    click.echo(format_report(out, result))
+    sys.exit(1 if result.broken and not result.repaired else 0)
+
+
 def _rate(flag: str, what: str) -> Callable[[FC], FC]:
     return click.option(
         flag, type=click.FloatRange(0, 1), default=0.0, show_default=True,

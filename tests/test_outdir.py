@@ -4,8 +4,10 @@ come from a pipe."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import tarfile
 import subprocess
 import sys
 from collections import namedtuple
@@ -121,3 +123,55 @@ def test_a_byte_order_mark_does_not_fail_the_first_line(tmp_path: Path) -> None:
     path.write_bytes(b"\xef\xbb\xbf" + manifest_at(tmp_path / "m.jsonl").read_bytes())
     result = run_cli("validate", str(path))
     assert result.returncode == 0 and "3 valid, all valid" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "webdataset"])
+def test_verify_finds_missing_and_changed_images_and_repair_has_them_made_again(
+    tmp_path: Path, layout: str
+) -> None:
+    out = tmp_path / "out"
+    manifest = manifest_at(tmp_path / "m.jsonl", 4)
+    with threaded_mock(batchimg.mock.MockConfig(api_key=TEST_KEY)) as server:
+        env = {"BATCHIMG_API_KEY": TEST_KEY}
+        args = ["run", str(manifest), "--out", str(out), "--base-url", server.base_url,
+                "--format", layout]  # fmt: skip
+        assert run_cli(*args, env=env).returncode == 0
+        intact = run_cli("verify", str(out))
+        assert intact.returncode == 0 and "4 ok items, 4 files checked, all intact" in intact.stdout
+        if layout == "imagefolder":
+            (out / "images" / "o1-0.png").unlink()
+            (out / "images" / "o2-0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot the same image")
+        else:  # one sample is taken out of its shard: the shard is rewritten without it
+            (shard,) = (out / "shards").glob("*.tar")
+            with tarfile.open(shard) as tar:
+                kept = [(m, tar.extractfile(m)) for m in tar if not m.name.startswith("o1-0.")]
+                members = [(m, f.read()) for m, f in kept if f is not None]
+            with tarfile.open(shard, "w") as tar:
+                for member, data in members:
+                    tar.addfile(member, io.BytesIO(data))
+        broken = run_cli("verify", str(out))
+        assert broken.returncode == 1, broken.stdout
+        assert "o1 (line 2): images/o1-0.png: missing" in broken.stdout
+        if layout == "imagefolder":
+            assert "o2 (line 3): images/o2-0.png:" in broken.stdout
+        assert "--repair" in broken.stdout
+        requests_before = len(server.requests)
+        repaired = run_cli("verify", str(out), "--repair")
+        assert repaired.returncode == 0 and "marked" in repaired.stdout
+        again = run_cli(*args, env=env)
+        assert again.returncode == 0, again.stderr
+        redone = len(server.requests) - requests_before
+        assert redone == (2 if layout == "imagefolder" else 1)  # only the broken items
+        assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_verify_refuses_a_directory_a_run_is_using(tmp_path: Path) -> None:
+    from batchimg.outdir import exclusive
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ledger.jsonl").write_text("")
+    with exclusive(out):
+        result = run_cli("verify", str(out))
+    assert result.returncode == 2 and "another batchimg run is using" in result.stderr
+    assert run_cli("verify", str(tmp_path / "nowhere")).returncode == 2
