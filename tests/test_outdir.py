@@ -7,9 +7,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import tarfile
 import subprocess
 import sys
+import tarfile
 from collections import namedtuple
 from collections.abc import Callable
 from pathlib import Path
