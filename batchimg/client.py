@@ -50,7 +50,7 @@ _ECHO = {
     "background": re.compile(r"[a-z]{1,16}"),
     "complexity": re.compile(r"[a-z]{1,16}"),
 }
-MAX_RETRY_AFTER_S = 600.0
+MAX_RETRY_AFTER_S = 1e6  # beyond it a number is noise; the limiter honours at most a minute
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,11 @@ class ImagesClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    @property
+    def base_url(self) -> str:
+        """Where requests go (for messages: it never carries the key)."""
+        return self._config.base_url
 
     @property
     def session(self) -> aiohttp.ClientSession:

@@ -66,6 +66,8 @@ from .webdataset import SHARDS_DIR, ShardWriter
 from .writer import BatchedStore, ImageStore, StoredFile, check_image, decode_b64_image
 
 EventKind = Literal["started", "item_finished", "retry", "stopping", "warning"]
+#: Failures before any answer, of one cause no item can fix, that stop the run (one message).
+UNREACHABLE_AFTER = 4
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class ProgressEvent:
     error_code: str | None = None
     line: int | None = None
     engine: Engine | None = None  # on "started": where a view reads live counts
+    repeat: bool = False  # an error of the cause the run stopped for, already said
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -303,12 +306,16 @@ class Engine:
         self._budget_short = False  # an item was left because its bound did not fit the cap
         self._cheapest_admitted_usd = float("inf")  # the least a reserved bound came to
         self._probes: dict[GroupKey, anyio.Lock] = {}  # one first request per unknown group
+        self._stop_code: str | None = None  # the error code the run stopped for, if any
+        self._answered = False  # an answer (2xx) has come: the API is reachable as configured
+        self._unreachable: dict[str, int] = {}  # before that: failures no item can fix, by code
         self.limiter = limiter or Limiter(
             rpm=config.rpm,
             ipm=config.ipm,
             tpm=config.tpm,
             adaptive=config.adaptive_rate,
             sleep=self._admission_wait,
+            note=self.warn_once,
         )
         ledger_path = config.out_dir / LEDGER_NAME
         self.summary = Summary(out_dir=config.out_dir, ledger_path=ledger_path)
@@ -591,6 +598,8 @@ class Engine:
                 message=record["error"]["message"] if "error" in record else None,
                 error_code=record["error"]["code"] if "error" in record else None,
                 line=record["line"],
+                # The cause the run stopped for, said once: not again for every item it hits.
+                repeat="error" in record and record["error"]["code"] == self._stop_code,
             )
         )
 
@@ -713,9 +722,10 @@ class Engine:
             finish("error", ErrorInfo(message=str(exc), code="storage_error", type="local_error"))
             raise
         except RequestError as exc:
-            finish("error", exc.info)
-            if isinstance(exc, RunFatal):
+            if isinstance(exc, RunFatal) and not self.stopping:
+                self._stop_code = exc.info.code
                 self.stop(f"{exc} — fix the account or key, then re-run the same command")
+            finish("error", exc.info)
         finally:
             # Stopped (or cancelled) with an attempt billed but no item line for it: its charge
             # is written on its own, so the next run's cap counts it.
@@ -777,6 +787,7 @@ class Engine:
                 raise
             except RequestError as exc:
                 limiter.observe(exc.ratelimit)
+                self._first_contact(exc)
                 if may_have_been_billed(exc):
                     # No error status: the answer may have been generated (and billed) before
                     # it broke in transit. Its cost is unknown: count the worst, never $0.
@@ -803,6 +814,7 @@ class Engine:
                 raise
             limiter.observe(result.ratelimit)
             limiter.on_success()
+            self._answered = True
             counts = read_usage(result.usage)
             if not isinstance(counts, UsageProblem):
                 limiter.settle_tokens(tokens, counts.total)
@@ -852,6 +864,31 @@ class Engine:
         if bound is None:
             note += "; nothing bounds its cost (no price or token count known)"
         return Charge(attempt, started_at, bound_usd=bound, note=note, **answer)
+
+    def _first_contact(self, exc: RequestError) -> None:
+        """Until one answer has come, the first failures that no item can fix (the host cannot
+        be reached; every request answered 404 or 405, as a wrong --base-url path is) stop the
+        run with one message naming the URL, instead of failing every item one by one."""
+        if self._answered or self.stopping:
+            return
+        info = exc.info
+        route = info.http_status in (404, 405) and info.code != "model_not_found"
+        if info.code != "connect_error" and not route:
+            return
+        key = info.code if info.code == "connect_error" else f"http_{info.http_status}"
+        self._unreachable[key] = count = self._unreachable.get(key, 0) + 1
+        if count >= UNREACHABLE_AFTER:
+            self._stop_code = info.code
+            where = self.client.base_url
+            hint = (
+                "check --base-url (for OpenAI it ends in /v1) and the endpoint it names"
+                if route
+                else "check --base-url, the network and the provider's status"
+            )
+            self.stop(
+                f"cannot use the API at {where}: {count} tries, none answered as the API does "
+                f"({exc}); {hint}, then re-run"
+            )
 
     def _out_of_budget(self, item: Item) -> None:
         """The item's bound does not fit under the cap even with nothing in flight: leave it for

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 import anyio
 
-#: Longest a server-requested pause is honoured for (a bad header must not stall a run).
-MAX_PAUSE_S = 120.0
+#: Longest a server-requested pause is honoured for (a bad header must not stall a run): a
+#: `retry-after`, or an `x-ratelimit-reset-*` with nothing remaining. Per-minute budgets reset
+#: within a minute; a longer wait is a broken header, and it is said once.
+MAX_PAUSE_S = 60.0
 #: The admission rate never drops below this (requests per second).
 MIN_RATE_PER_S = 0.05
 #: How much burst a bucket allows, in seconds of its rate.
@@ -158,9 +160,12 @@ class Limiter:
         adaptive: bool = True,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        note: Callable[[str, str], None] | None = None,
     ) -> None:
+        """`note(key, message)` hears what the limiter chose not to believe (once per key)."""
         self.clock = clock
         self.sleep = sleep
+        self.note = note
         self.adaptive = adaptive
         self._static = {
             kind: TokenBucket(per_min / 60, clock)
@@ -229,7 +234,7 @@ class Limiter:
             remaining = getattr(headers, f"remaining_{kind}")
             reset_s = getattr(headers, f"reset_{kind}_s")
             if remaining == 0 and reset_s:
-                self._pause(reset_s)
+                self._pause(reset_s, f"x-ratelimit-reset-{kind}")
 
     def _learn(self, kind: str, per_min: int) -> None:
         if self._learned_limits.get(kind) == per_min:
@@ -272,7 +277,7 @@ class Limiter:
         if not self.adaptive:
             return  # static budgets only: each item waits its own retry-after
         self.observe(headers)
-        self._pause(retry_after_s if retry_after_s is not None else 1.0)
+        self._pause(retry_after_s if retry_after_s is not None else 1.0, "retry-after")
         now = self.clock()
         if (sent_at is not None and sent_at < self._last_cut) or now - self._last_cut < 0.25:
             return  # one burst of 429s is one congestion signal, not many
@@ -285,8 +290,14 @@ class Limiter:
         else:
             self._rate.set_rate(rate)
 
-    def _pause(self, seconds: float) -> None:
+    def _pause(self, seconds: float, source: str = "") -> None:
         now = self.clock()
+        if seconds > MAX_PAUSE_S and self.note is not None:
+            self.note(
+                f"pause:{source}",
+                f"the server asked to wait {seconds:,.0f} s ({source}); waiting "
+                f"{MAX_PAUSE_S:.0f} s at most, as no per-minute limit needs longer",
+            )
         until = now + min(seconds, MAX_PAUSE_S)
         if until > self._pause_until:
             self.paused_s += until - max(now, self._pause_until)

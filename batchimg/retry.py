@@ -31,6 +31,10 @@ class RetryPolicy:
     deadline_s: float | None = None  # no new try would start later than this after the first
 
 
+#: The most one item waits because a server said so (a broken `retry-after` must not park it).
+MAX_SERVER_WAIT_S = 60.0
+
+
 class wait_server_or_backoff(wait_base):
     """Wait what the server asked for; without a request, fall back to `backoff`."""
 
@@ -41,7 +45,7 @@ class wait_server_or_backoff(wait_base):
         outcome = retry_state.outcome
         exc = outcome.exception() if outcome is not None and outcome.failed else None
         if isinstance(exc, RequestError) and exc.retry_after_s is not None:
-            return exc.retry_after_s
+            return min(exc.retry_after_s, MAX_SERVER_WAIT_S)
         return float(self.backoff(retry_state))
 
 

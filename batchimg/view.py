@@ -93,7 +93,7 @@ class ProgressView:
                 with self._lock:
                     self._recent.append((now, event.images))
                     self._forget_before(now - RECENT_S)  # bounded even when nothing draws
-            if event.status == "error" and self.mode != "quiet":
+            if event.status == "error" and self.mode != "quiet" and not event.repeat:
                 self._log("error", id=event.item_id, line=event.line, code=event.error_code,
                           message=event.message)  # fmt: skip
         elif event.kind == "stopping" and self.mode != "quiet":

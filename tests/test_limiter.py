@@ -9,6 +9,7 @@ import pytest
 
 import batchimg
 from batchimg.limiter import (
+    MAX_PAUSE_S,
     Limiter,
     RateLimitHeaders,
     TokenBucket,
@@ -211,3 +212,23 @@ async def test_no_request_reaches_the_server_during_a_global_pause(
     assert later, "the limited items were sent again"
     slice_start = int(first_429.received_at) + 1  # the mock's next 1-second slice
     assert all(r.received_at >= slice_start - 0.02 for r in later)
+
+
+async def test_a_wait_no_per_minute_limit_needs_is_capped_at_a_minute_and_said_once() -> None:
+    """Retry-After: 999999999 or an x-ratelimit-reset of 99999h is a broken header: pausing all
+    admission that long would stall the run (issue 13)."""
+    clock = FakeClock()
+    notes: list[tuple[str, str]] = []
+    lim = Limiter(clock=clock, sleep=clock.sleep, note=lambda k, m: notes.append((k, m)))
+    lim.on_rate_limited(999_999_999.0, None)
+    start = clock.now
+    await lim.acquire()
+    assert clock.now - start == pytest.approx(MAX_PAUSE_S) and MAX_PAUSE_S == 60
+    huge = RateLimitHeaders(limit_requests=100, remaining_requests=0, reset_requests_s=99999 * 3600)
+    for _ in range(5):  # every answer says it again: the pause stays a minute from now at most
+        lim.observe(huge)
+    start = clock.now
+    await lim.acquire()
+    assert clock.now - start <= MAX_PAUSE_S + 1e-9
+    assert [k for k, _ in notes] == ["pause:retry-after"] + ["pause:x-ratelimit-reset-requests"] * 5
+    assert "999,999,999 s" in notes[0][1]

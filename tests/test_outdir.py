@@ -175,3 +175,41 @@ def test_verify_refuses_a_directory_a_run_is_using(tmp_path: Path) -> None:
         result = run_cli("verify", str(out))
     assert result.returncode == 2 and "another batchimg run is using" in result.stderr
     assert run_cli("verify", str(tmp_path / "nowhere")).returncode == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_wrong_base_url_stops_the_run_with_one_message_naming_it(tmp_path: Path) -> None:
+    manifest = manifest_at(tmp_path / "m.jsonl", 12)
+    env = {"BATCHIMG_API_KEY": TEST_KEY}
+    refused = f"http://127.0.0.1:{_free_port()}/v1"
+    with threaded_mock(batchimg.mock.MockConfig(api_key=TEST_KEY)) as server:
+        no_v1 = server.base_url.removesuffix("/v1")  # every request: 404 Invalid URL
+        for url, what in ((refused, "connect_error"), (no_v1, "HTTP 404")):
+            result = run_cli("run", str(manifest), "--out", str(tmp_path / what), "--base-url",
+                             url, "--concurrency", "4", env=env)  # fmt: skip
+            assert result.returncode == 3, result.stderr
+            stopped = [line for line in result.stderr.splitlines() if "cannot use the API" in line]
+            assert len(stopped) == 2  # said when it stops, and in the summary
+            assert url in stopped[-1] and what in stopped[-1] and "--base-url" in stopped[-1]
+            assert result.stderr.count(" error id=") <= 4  # not one line per item
+
+
+def test_a_key_that_is_refused_is_said_once(tmp_path: Path) -> None:
+    manifest = manifest_at(tmp_path / "m.jsonl", 12)
+    with threaded_mock(batchimg.mock.MockConfig(api_key=TEST_KEY, latency_s=0.2)) as server:
+        result = run_cli("run", str(manifest), "--out", str(tmp_path / "o"), "--base-url",
+                         server.base_url, "--concurrency", "6",
+                         env={"BATCHIMG_API_KEY": "sk-wrong-key-1234"})  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert " error id=" not in result.stderr  # not one line per item in flight ...
+    (said,) = [line for line in result.stderr.splitlines() if "warning message=" in line]
+    assert "stopping: HTTP 401 invalid_api_key" in said  # ... one, when it stops
+    assert "failures: invalid_api_key x" in result.stderr
+    assert "sk-wrong-key-1234" not in result.stderr
