@@ -56,7 +56,7 @@ from .ledger import (
     scan_ledger,
 )
 from .limiter import Limiter, LimiterStats
-from .manifest import BadLine, Item, read_manifest
+from .manifest import BadLine, Item, manifest_lines, read_manifest
 from .outdir import exclusive
 from .pricing import PRICE_TABLE, Bound, PriceTable
 from .retry import retrying
@@ -515,7 +515,9 @@ class Engine:
                 if count % 256 == 0:
                     await anyio.lowlevel.checkpoint()
                 if self.stopping:
-                    if self._interrupt_now:
+                    if self._interrupt_now:  # count what is left without reading it as items
+                        total = await anyio.to_thread.run_sync(self._count_entries)
+                        self.summary.not_attempted += max(0, total - count)
                         return
                     self._count_left(entry)  # say how much is left, send nothing
                 elif isinstance(entry, BadLine):
@@ -524,6 +526,9 @@ class Engine:
                     self.summary.skipped += 1
                 else:
                     await send.send(entry)
+
+    def _count_entries(self) -> int:
+        return sum(1 for _ in manifest_lines(self.config.manifest))
 
     def _count_left(self, entry: Item | BadLine) -> None:
         if isinstance(entry, Item) and entry.id in self._done:

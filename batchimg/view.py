@@ -181,32 +181,12 @@ class ProgressView:
         return f"{_now()} progress " + " ".join(parts)
 
     def _render(self) -> Any:
-        from rich.console import Group
-        from rich.progress_bar import ProgressBar
-        from rich.text import Text
-
         snap = self.snapshot()
         if snap is None:
+            from rich.text import Text
+
             return Text("starting…")
-        total = snap.total or max(snap.done, 1)
-        eta = f"  ETA {_duration(snap.eta_s)}" if snap.eta_s is not None else ""
-        head = Text(f"{snap.done:,}/{total:,} items{eta}")
-        counts = Text(
-            f"ok {snap.ok:,}  failed {snap.failed:,}  retrying {snap.retrying}  "
-            f"in flight {snap.in_flight}  ·  {snap.images_per_min:,.1f} images/min"
-        )
-        rate = f"{snap.admitted_per_min:,.0f}/min" + (
-            f" (limit {snap.learned_rpm:,} rpm)" if snap.learned_rpm else ""
-        )
-        spend = f"${snap.spent_usd:,.4f} spent" + (
-            f", ~${snap.projected_usd:,.2f} projected" if snap.projected_usd is not None else ""
-        )
-        limits = Text(
-            f"429s {snap.rate_limited}  ·  rate {rate}  ·  {snap.output_tokens:,} tokens out  "
-            f"·  {spend}"
-        )
-        bar = ProgressBar(total=float(total), completed=float(snap.done), width=48)
-        return Group(head, bar, counts, limits)
+        return render_snapshot(snap)
 
     # -- output --
 
@@ -230,6 +210,32 @@ class ProgressView:
     def _write(self, line: str) -> None:
         self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def render_snapshot(snap: Snapshot) -> Any:
+    """The live view of a snapshot: five short lines (each fits 80 columns): progress, the
+    bar, counts, pace, money."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    total = snap.total or max(snap.done, 1)
+    eta = f"  ETA {_duration(snap.eta_s)}" if snap.eta_s is not None else ""
+    rate = f"{snap.admitted_per_min:,.0f}/min" + (
+        f" (limit {snap.learned_rpm:,} rpm)" if snap.learned_rpm else ""
+    )
+    spend = f"${snap.spent_usd:,.4f} spent" + (
+        f", ~${snap.projected_usd:,.2f} projected" if snap.projected_usd is not None else ""
+    )
+    grid = Table.grid()  # one renderable a row: the bar never shares a line with text
+    grid.add_row(Text(f"{snap.done:,}/{total:,} items{eta}"))
+    grid.add_row(ProgressBar(total=float(total), completed=float(snap.done), width=48))
+    grid.add_row(Text(f"ok {snap.ok:,}  failed {snap.failed:,}  retrying {snap.retrying}  "
+                      f"in flight {snap.in_flight}"))  # fmt: skip
+    grid.add_row(Text(f"{snap.images_per_min:,.1f} images/min  ·  rate {rate}  ·  "
+                      f"429s {snap.rate_limited}"))  # fmt: skip
+    grid.add_row(Text(f"{snap.output_tokens:,} tokens out  ·  {spend}"))
+    return grid
 
 
 def _quote(value: Any) -> str:

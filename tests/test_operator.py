@@ -241,3 +241,25 @@ def test_every_command_and_option_has_help() -> None:
         for param in command.params:
             if isinstance(param, click.Option):
                 assert param.help, f"{name} {param.opts}"
+
+
+def test_the_live_view_fits_80_columns_with_the_bar_on_a_line_of_its_own() -> None:
+    import io
+
+    from rich.console import Console
+
+    from batchimg.view import Snapshot, render_snapshot
+
+    snap = Snapshot(
+        done=123_456, total=1_000_000, ok=120_000, failed=3_456, skipped=0, in_flight=32,
+        retrying=12, images=240_000, images_per_min=12_345.6, rate_limited=789,
+        admitted_per_min=12_600, learned_rpm=12_000, output_tokens=1_234_567_890,
+        spent_usd=12_345.6789, projected_usd=100_000.12, eta_s=360_000,
+    )  # fmt: skip
+    console = Console(file=io.StringIO(), width=80, force_terminal=False)
+    console.print(render_snapshot(snap))
+    lines = [line.rstrip() for line in console.file.getvalue().splitlines()]  # type: ignore[attr-defined]
+    assert len(lines) == 5 and all(len(line) <= 80 for line in lines)
+    assert set(lines[1]) <= set("━╸╺ ")  # the bar alone
+    assert "in flight 32" in lines[2] and "12,345.6 images/min" in lines[3]
+    assert "$12,345.6789 spent" in lines[4]

@@ -213,3 +213,22 @@ def test_a_key_that_is_refused_is_said_once(tmp_path: Path) -> None:
     assert "stopping: HTTP 401 invalid_api_key" in said  # ... one, when it stops
     assert "failures: invalid_api_key x" in result.stderr
     assert "sk-wrong-key-1234" not in result.stderr
+
+
+def test_after_ctrl_c_the_summary_accounts_for_every_item(tmp_path: Path) -> None:
+    import re
+    import signal
+
+    from tests.helpers import start_cli, wait_for
+
+    manifest = manifest_at(tmp_path / "m.jsonl", 60)
+    out = tmp_path / "out"
+    with threaded_mock(batchimg.mock.MockConfig(api_key=TEST_KEY, latency_s=0.3)) as server:
+        process = start_cli(manifest, out, server, "--grace-period", "5")
+        wait_for(lambda: (out / "ledger.jsonl").exists() and (out / "ledger.jsonl").stat().st_size)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    found = re.search(r"(\d+) ok, (\d+) failed, (\d+) already done, (\d+) not attempted", stderr)
+    assert found is not None, stderr
+    assert sum(map(int, found.groups())) == 60  # the rest of the manifest is counted too
