@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 
 from . import lifecycle, specs
+from .backends import PROFILES, ClientConfig, OnlineBackend, Profile, Secret
 from .catalog import Catalog, load_catalog, today_utc
-from .client import ImagesClient
-from .config import PROVIDERS, ClientConfig, Layout, RunConfig, Secret
+from .config import RunConfig
 from .engine import Engine, ProgressCallback, Summary
 from .errors import RequestError, UsageError
 from .manifest import Defaults, materialized
+from .options import RunOptions
 from .outdir import check_output
 from .pricing import PriceTable
 from .report import ledger_paths
-from .retry import RetryPolicy
-from .webdataset import DEFAULT_SHARD_SIZE
-from .writer import IMAGES_DIR
+from .stores import Store, open_store
 
 
 def check_manifest(path: Path) -> None:
@@ -38,151 +37,127 @@ def check_manifest(path: Path) -> None:
 async def arun(
     manifest: str | Path,
     out: str | Path,
+    options: RunOptions | None = None,
+    /,
     *,
-    provider: str = "openai",
-    base_url: str | None = None,
-    api_key: str | None = None,
-    api_key_env: str | None = None,
-    mock: bool = False,
-    concurrency: int = 8,
-    max_attempts: int = 6,
-    backoff_base_s: float = 0.5,
-    max_backoff_s: float = 30.0,
-    connect_timeout_s: float = 30.0,
-    timeout_s: float = 600.0,
-    item_deadline_s: float | None = None,
-    rpm: float | None = None,
-    ipm: float | None = None,
-    tpm: float | None = None,
-    adaptive_rate: bool = True,
-    max_cost_usd: float | None = None,
-    prices: str | Path | PriceTable | None = None,
-    catalog: str | Path | Catalog | None = None,
-    check_models: bool = False,
-    from_ledger: Sequence[str | Path] = (),
-    max_answer_mb: float | None = None,
-    stall_timeout_s: float = 900.0,
-    grace_period_s: float = 30.0,
-    layout: Layout = "imagefolder",
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    azure_deployment: str | None = None,
-    azure_api_version: str | None = None,
-    defaults: Defaults | None = None,
     inputs_dir: Path | None = None,
+    store: Store | None = None,
     progress: ProgressCallback | None = None,
     handle_signals: bool = False,
     sleep: Callable[[float], Awaitable[None]] | None = None,
 ) -> Summary:
     """Generate every image a manifest asks for into `out`; re-running resumes.
 
-    Raises UsageError (before sending anything) for a bad option, a missing key, an
-    unreadable manifest, or (against OpenAI itself) a model past its shutdown date.
-    `api_key` wins over the environment; `mock=True` runs against an embedded mock server
-    and needs no key. `catalog` overlays the built-in catalog and `prices` its prices (files,
-    or objects); `check_models` asks the server's `GET /models` first; `from_ledger`: other
-    runs' output directories or ledgers whose answers bound the cost of this run's requests.
+    `options` (a `RunOptions`) are the CLI's flags; `RunOptions()` by default. Raises UsageError
+    (before sending anything) for a bad option, a missing key, an unreadable manifest or output
+    directory, or (against OpenAI itself) a model past its shutdown date. `options.api_key` wins
+    over the environment; `options.mock` runs against an embedded mock server and needs no key.
     `manifest` may be `-` (standard input) or a pipe; `inputs_dir` is where edit inputs are
-    (default: the manifest's directory; for standard input, the current one).
+    (default: the manifest's directory; for standard input, the current one). `progress`
+    receives `ProgressEvent`s; `handle_signals` lets Ctrl-C stop the run gracefully. `store`:
+    where the images go, if not the directory `out` itself (a `Store` of your own).
     """
+    options = options or RunOptions()
     with materialized(manifest) as (manifest, found_dir):
         out = Path(out)
         check_manifest(manifest)
-        if max_cost_usd is not None and max_cost_usd <= 0:
-            raise UsageError(f"--max-cost must be a positive amount in USD, got {max_cost_usd}")
-        if provider not in PROVIDERS:
-            raise UsageError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
-        preset = PROVIDERS[provider]
-        the_catalog = load_run_catalog(catalog, prices)
-        defaults = defaults or Defaults()
+        the_catalog = load_run_catalog(options.catalog, options.prices)
+        defaults = options.defaults
         if defaults.model is None:
-            default_model = (None if mock else preset.default_model) or the_catalog.default_model
+            profile = PROFILES[options.provider]
+            default_model = (None if options.mock else profile.default_model) or (
+                the_catalog.default_model
+            )
             defaults = dataclasses.replace(defaults, model=default_model)
         check_defaults(defaults, the_catalog)
-        run_config = RunConfig(
+        config = RunConfig(
             manifest=manifest,
             inputs_dir=inputs_dir or found_dir,
             out_dir=out,
-            defaults=defaults,
-            concurrency=concurrency,
-            retry=RetryPolicy(
-                max_attempts=max_attempts,
-                backoff_base_s=backoff_base_s,
-                max_backoff_s=max_backoff_s,
-                deadline_s=item_deadline_s,
-            ),
-            stall_timeout_s=stall_timeout_s,
-            grace_period_s=grace_period_s,
-            layout=layout,
-            shard_size=shard_size,
-            rpm=rpm,
-            ipm=ipm,
-            tpm=tpm,
-            adaptive_rate=adaptive_rate,
-            max_cost_usd=max_cost_usd,
+            options=dataclasses.replace(options, defaults=defaults),
             catalog=the_catalog,
-            learn_from=tuple(ledger_paths(from_ledger)),
-            max_answer_bytes=None if max_answer_mb is None else int(max_answer_mb * 2**20),
+            learn_from=tuple(ledger_paths(options.from_ledger)),
         )
-        client_options: dict[str, Any] = {
-            "connect_timeout_s": connect_timeout_s,
-            "timeout_s": timeout_s,
-            "azure_deployment": azure_deployment,
-        }
-        if azure_api_version:
-            client_options["azure_api_version"] = azure_api_version
+        target = None if options.mock else api_target(config)  # exit 2 before anything else
+        check_output(out)  # before anything is sent: exit 2 if it cannot keep what it buys
+        store = store or open_store(out)
+        async with open_backend(config, target, store.temp_dir) as backend:
+            checked = (
+                await _check_models(backend, config.manifest, defaults.model_for(the_catalog))
+                if options.check_models
+                else []
+            )
+            store.temp_dir.mkdir(parents=True, exist_ok=True)
+            engine = Engine(config, backend, store, progress=progress, sleep=sleep)
+            for line in checked:
+                engine.warn(line)
+            return await engine.run(handle_signals=handle_signals)
 
-        default_model = defaults.model_for(the_catalog)
 
-        async def go(client_config: ClientConfig) -> Summary:
-            check_output(out)  # before anything is sent: exit 2 if it cannot keep what it buys
-            spool_dir = out / IMAGES_DIR  # answers stream into temp files beside their final names
-            async with ImagesClient(
-                client_config, pool_size=concurrency, spool_dir=spool_dir
-            ) as client:
-                checked = (
-                    await _check_models(client, client_config, manifest, default_model)
-                    if check_models
-                    else []
-                )
-                spool_dir.mkdir(parents=True, exist_ok=True)
-                engine = Engine(run_config, client, progress=progress, sleep=sleep)
-                for line in checked:
-                    engine.warn(line)
-                return await engine.run(handle_signals=handle_signals)
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where the run's requests go: the URL, the key, the provider's profile."""
 
-        if mock:
+    url: str
+    key: Secret  # its repr never shows the key
+    profile: Profile
+
+
+def api_target(config: RunConfig) -> Target:
+    """The provider's URL and key, checked: UsageError for a missing URL or key, or (against
+    OpenAI itself) a model past its shutdown date."""
+    options = config.options
+    profile = PROFILES[options.provider]
+    url = options.base_url or profile.default_base_url or ""
+    if not url:
+        raise UsageError(f"--base-url is required for provider {profile.name} (your resource URL)")
+    if lifecycle.is_openai(profile.name, url):
+        catalog = config.catalog or Catalog.default()
+        model = options.defaults.model_for(catalog)
+        lifecycle.refuse_retired(config.manifest, catalog, model, today_utc(), "OpenAI")
+    key = (
+        Secret(options.api_key)
+        if options.api_key
+        else profile.api_key_from_env(key_env=options.api_key_env)
+    )
+    return Target(url, key, profile)
+
+
+@contextlib.asynccontextmanager
+async def open_backend(
+    config: RunConfig, target: Target | None, spool_dir: Path
+) -> AsyncIterator[OnlineBackend]:
+    """The run's backend, open: the online one, pointed at `target`, or (None) at an embedded
+    mock server started for the run. Answers stream into `spool_dir`, the store's temp area."""
+    options = config.options
+    async with contextlib.AsyncExitStack() as stack:
+        if target is None:
             from .mock import MockConfig, MockServer  # Pillow is only needed when mocking
 
             key = secrets.token_urlsafe(16)
-            async with MockServer(MockConfig(api_key=key)) as server:
-                return await go(
-                    ClientConfig(base_url=server.base_url, api_key=Secret(key), **client_options)
-                )
-        url = base_url or preset.default_base_url
-        if not url:
-            raise UsageError(f"--base-url is required for provider {provider} (your resource URL)")
-        if lifecycle.is_openai(provider, url):
-            lifecycle.refuse_retired(manifest, the_catalog, default_model, today_utc(), "OpenAI")
-        secret = Secret(api_key) if api_key else preset.api_key_from_env(key_env=api_key_env)
-        return await go(
-            ClientConfig(
-                base_url=url,
-                api_key=secret,
-                provider=preset.name,
-                **client_options,
-            )
+            server = await stack.enter_async_context(MockServer(MockConfig(api_key=key)))
+            target = Target(server.base_url, Secret(key), PROFILES["openai"])
+        client = ClientConfig(
+            base_url=target.url,
+            api_key=target.key,
+            profile=target.profile,
+            deployment=options.azure_deployment,
+            api_version=options.azure_api_version,
+            connect_timeout_s=options.connect_timeout_s,
+            timeout_s=options.timeout_s,
         )
+        backend = OnlineBackend(client, pool_size=options.concurrency, spool_dir=spool_dir)
+        yield await stack.enter_async_context(backend)
 
 
-async def _check_models(
-    client: ImagesClient, config: ClientConfig, manifest: Path, default_model: str
-) -> list[str]:
+async def _check_models(backend: OnlineBackend, manifest: Path, default_model: str) -> list[str]:
     """`--check-models`: the manifest's models against the server's `GET /models`."""
-    where = f"GET {config.models_url()}"
-    if config.models_url() is None:
+    url = backend.models_url
+    if url is None:
         raise UsageError("--check-models needs a server with a model list (not azure)")
+    where = f"GET {url}"
     try:
-        listed = await client.list_models()
+        listed = await backend.list_models()
     except RequestError as exc:
         raise UsageError(f"--check-models: {where} failed: {exc} (nothing was sent)") from None
     return lifecycle.check_served(manifest, default_model, listed, today_utc(), where)
@@ -216,6 +191,18 @@ def load_prices(
     return PriceTable(load_run_catalog(catalog, prices))
 
 
-def run(manifest: str | Path, out: str | Path, **options: Any) -> Summary:
-    """Blocking form of `arun` (same options); for scripts and notebooks without a loop."""
-    return anyio.run(functools.partial(arun, manifest, out, **options))
+def run(
+    manifest: str | Path,
+    out: str | Path,
+    options: RunOptions | None = None,
+    /,
+    *,
+    inputs_dir: Path | None = None,
+    store: Store | None = None,
+    progress: ProgressCallback | None = None,
+) -> Summary:
+    """Blocking form of `arun`; for scripts and notebooks without an event loop."""
+    call = functools.partial(
+        arun, manifest, out, options, inputs_dir=inputs_dir, store=store, progress=progress
+    )
+    return anyio.run(call)

@@ -17,12 +17,11 @@ import orjson
 from . import specs
 from .api import arun, check_defaults, check_manifest, load_run_catalog
 from .catalog import Catalog, today_utc
-from .config import DEFAULT_AZURE_API_VERSION, LAYOUTS, PROVIDERS
 from .engine import Summary
 from .errors import UsageError
 from .manifest import Defaults, materialized
+from .options import Flag, RunOptions, flag_of
 from .view import Mode, ProgressView, count_items
-from .webdataset import DEFAULT_SHARD_SIZE
 
 FC = TypeVar("FC", bound=Callable[..., Any])
 
@@ -105,21 +104,6 @@ def default_options(command: FC) -> FC:
     return wrapper  # type: ignore[return-value]
 
 
-def _prices_option(help_text: str) -> Callable[[FC], FC]:
-    """`--prices FILE`, as run, estimate and report take it."""
-    return click.option("--prices", type=click.Path(dir_okay=False, path_type=Path), help=help_text)
-
-
-def _catalog_option(command: FC) -> FC:
-    """`--catalog FILE`: overlay or extend the built-in catalog, per model."""
-    return click.option(
-        "--catalog",
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="JSON catalog file that overlays or extends the built-in one per model (rules, "
-        "token accounting, prices, lifecycle): same shape as batchimg/catalog.json.",
-    )(command)
-
-
 def _usage_error(exc: UsageError) -> click.UsageError:
     return click.UsageError(str(exc))
 
@@ -139,6 +123,41 @@ def cli() -> None:
     """Generate images in bulk from a JSONL manifest, fast, resumably, with a cost ledger."""
 
 
+def run_options(command: FC) -> FC:
+    """Add one flag per `RunOptions` field that has one (its default is the field's), plus the
+    manifest-default flags; the command receives them as `options: RunOptions`."""
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        values = {f.name: kwargs.pop(f.name) for f in _flagged()}
+        values["from_ledger"] = tuple(values["from_ledger"])
+        try:
+            options = RunOptions(defaults=kwargs.pop("defaults"), **values)
+        except UsageError as exc:
+            raise _usage_error(exc) from None
+        return command(options=options, **kwargs)
+
+    wrapped: Any = default_options(wrapper)
+    for f in reversed(_flagged()):
+        flag: Flag = f.metadata["flag"]
+        shown = f.default not in (None, False, True, ())
+        wrapped = click.option(
+            *flag.decls, f.name, default=f.default, show_default=shown, help=flag.help,
+            **flag.click,
+        )(wrapped)  # fmt: skip
+    return wrapped  # type: ignore[no-any-return]
+
+
+def _flagged() -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(RunOptions) if "flag" in f.metadata]
+
+
+def _shared_option(name: str, help_text: str | None = None) -> Callable[[FC], FC]:
+    """A run flag that another command takes too (`--catalog`, `--prices`)."""
+    flag = flag_of(name)
+    return click.option(*flag.decls, name, help=help_text or flag.help, **flag.click)
+
+
 @cli.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
 @click.option(
@@ -148,158 +167,7 @@ def cli() -> None:
     type=click.Path(path_type=Path),
     help="Output directory: images/ and ledger.jsonl go here. Re-use it to resume.",
 )
-@click.option(
-    "--provider",
-    type=click.Choice(list(PROVIDERS)),
-    default="openai",
-    show_default=True,
-    help="API preset: default base URL and key variable.",
-)
-@click.option(
-    "--base-url",
-    help="API base URL, e.g. https://api.openai.com/v1 "
-    "(for azure: https://RESOURCE.openai.azure.com).",
-)
-@click.option(
-    "--api-key-env",
-    metavar="NAME",
-    help="Read the API key from this environment variable instead of "
-    "BATCHIMG_API_KEY / the provider's usual one.",
-)
-@click.option(
-    "--mock",
-    is_flag=True,
-    help="Run against the embedded mock server (no key, no network, real images).",
-)
-@click.option(
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Requests in flight at most.",
-)
-@click.option(
-    "--max-attempts",
-    type=click.IntRange(min=1),
-    default=6,
-    show_default=True,
-    help="Tries per item for rate limits, 5xx and network errors.",
-)
-@click.option(
-    "--max-cost",
-    "max_cost_usd",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="USD",
-    help="Budget cap in USD, never exceeded: each request's worst case is reserved before it is "
-    "sent. Spend already in this --out ledger counts against it, so raising the cap and "
-    "re-running continues where the money ran out.",
-)
-@_prices_option("JSON price file that overrides or extends the built-in prices, per model.")
-@_catalog_option
-@click.option(
-    "--from-ledger",
-    "from_ledger",
-    multiple=True,
-    metavar="DIR_OR_LEDGER",
-    help="Other runs' output directories (or ledgers) whose answers bound what requests like "
-    "them cost, so --max-cost starts from learned token counts (repeat for several).",
-)
-@click.option(
-    "--max-answer-mb",
-    type=click.FloatRange(min=0.01),
-    metavar="MB",
-    help="The most an answer (or a downloaded image) may weigh, decompressed; more fails its "
-    "item. [default: derived per request from its size, format, frames and n]",
-)
-@click.option(
-    "--check-models",
-    is_flag=True,
-    help="Before sending, ask the server's GET /models whether it still serves the manifest's "
-    "models; exit 2 if one is missing or past its shutdown date.",
-)
-@click.option(
-    "--rpm",
-    type=click.FloatRange(min=0.01),
-    help="Requests per minute to send at most (default: learn from the server).",
-)
-@click.option(
-    "--ipm",
-    type=click.FloatRange(min=0.01),
-    help="Images per minute at most; a request counts its n (gpt-image tiers: 5-250).",
-)
-@click.option(
-    "--tpm",
-    type=click.FloatRange(min=1),
-    help="Tokens per minute at most, estimated from the published token table.",
-)
-@click.option(
-    "--no-adaptive",
-    "adaptive_rate",
-    is_flag=True,
-    flag_value=False,
-    default=True,
-    help="Do not learn limits from x-ratelimit-* headers and 429s; use only --rpm/--ipm/--tpm.",
-)
-@click.option(
-    "--item-deadline",
-    "item_deadline_s",
-    type=click.FloatRange(min=1),
-    help="Seconds after an item's first try when no new try starts (default: no deadline).",
-)
-@click.option(
-    "--stall-timeout",
-    "stall_timeout_s",
-    type=click.FloatRange(min=1),
-    default=900.0,
-    show_default=True,
-    help="Stop the run (exit 3) if no request finishes for this many seconds.",
-)
-@click.option(
-    "--grace-period",
-    "grace_period_s",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    help="After the first Ctrl-C, seconds in-flight requests get to finish.",
-)
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=click.FloatRange(min=1),
-    default=600.0,
-    show_default=True,
-    help="Seconds one request may take in all.",
-)
-@click.option(
-    "--connect-timeout",
-    "connect_timeout_s",
-    type=click.FloatRange(min=0.1),
-    default=30.0,
-    show_default=True,
-    help="Seconds to wait for a connection.",
-)
-@click.option(
-    "--format",
-    "layout",
-    type=click.Choice(LAYOUTS),
-    default="imagefolder",
-    show_default=True,
-    help="Output layout: imagefolder (images/ + metadata.jsonl, loads with `datasets`) or "
-    "webdataset (tar shards under shards/, each image with its .json and .txt).",
-)
-@click.option(
-    "--shard-size",
-    type=click.IntRange(min=1),
-    help=f"Images per webdataset shard (the last may be shorter). [default: {DEFAULT_SHARD_SIZE}]",
-)
-@default_options
-@click.option("--azure-deployment", help="Azure deployment name (default: the model name).")
-@click.option(
-    "--azure-api-version",
-    default=DEFAULT_AZURE_API_VERSION,
-    show_default=True,
-    help="Azure api-version query parameter.",
-)
+@run_options
 @click.option(
     "--quiet",
     "-q",
@@ -324,21 +192,16 @@ def cli() -> None:
 def run(
     manifest: Path,
     out: Path,
-    defaults: Defaults,
+    options: RunOptions,
     quiet: bool,
     log_every_s: float,
     log_format: Literal["text", "json"],
-    **options: Any,
 ) -> None:
     """Generate every image in MANIFEST into --out; re-running the same command resumes.
 
     Exit status: 0 all ok, 1 some items failed, 2 bad invocation (or, against OpenAI, a
     model past its shutdown date), 3 stopped early (bad key, quota, budget), 130 interrupted.
     """
-    if options["shard_size"] is None:
-        options["shard_size"] = DEFAULT_SHARD_SIZE
-    elif options["layout"] != "webdataset":
-        raise click.UsageError("--shard-size needs --format webdataset")
     try:
         with materialized(manifest) as (path, inputs_dir):
             check_manifest(path)
@@ -350,14 +213,14 @@ def run(
             gc.freeze()
             try:
                 summary = anyio.run(
-                    lambda: arun(
+                    functools.partial(
+                        arun,
                         path,
                         out,
-                        defaults=defaults,
-                        handle_signals=True,
-                        progress=view,
+                        options,
                         inputs_dir=inputs_dir,
-                        **options,
+                        progress=view,
+                        handle_signals=True,
                     )
                 )
             finally:
@@ -453,7 +316,7 @@ def format_summary(summary: Summary, *, warnings_shown: bool = True) -> str:
 @cli.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
 @default_options
-@_catalog_option
+@_shared_option("catalog")
 def validate(manifest: Path, defaults: Defaults, catalog: Path | None) -> None:
     """Check every line of MANIFEST (edit inputs included) without sending anything.
 
@@ -508,8 +371,8 @@ def validate(manifest: Path, defaults: Defaults, catalog: Path | None) -> None:
     help="Learn output tokens from earlier runs' ledgers (repeat for several), for models "
     "whose counts nobody publishes (gpt-image-2 and later).",
 )
-@_prices_option("JSON price file that overrides or extends the built-in prices, per model.")
-@_catalog_option
+@_shared_option("prices")
+@_shared_option("catalog")
 @default_options
 def estimate(
     manifest: Path,
@@ -557,7 +420,7 @@ def estimate(
     show_default=True,
     help="table for people, json for scripts.",
 )
-@_catalog_option
+@_shared_option("catalog")
 def models(fmt: str, catalog: Path | None) -> None:
     """List the catalog's models: status and shutdown date, replacement, sizes, qualities,
     formats, how their tokens are known, prices."""
@@ -592,8 +455,10 @@ def models(fmt: str, catalog: Path | None) -> None:
     show_default=True,
     help="table for people; json or csv for scripts and sheets.",
 )
-@_prices_option("Reprice every record from its usage with this price file (plus built-ins).")
-@_catalog_option
+@_shared_option(
+    "prices", "Reprice every record from its usage with this price file (plus built-ins)."
+)
+@_shared_option("catalog")
 def report(
     targets: tuple[str, ...], by: str, fmt: str, prices: Path | None, catalog: Path | None
 ) -> None:

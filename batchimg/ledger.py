@@ -17,10 +17,10 @@ import contextlib
 import errno
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 
 import orjson
 
@@ -31,7 +31,64 @@ LEDGER_NAME = "ledger.jsonl"
 FSYNC_INTERVAL_S = 1.0  # the engine syncs the ledger at least this often
 
 
-def read_ledger(path: Path, skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
+class ErrorRecord(TypedDict):
+    """A failure, as the ledger keeps it (`errors.ErrorInfo.as_record`)."""
+
+    code: str | None
+    type: str | None
+    message: str
+    http_status: int | None
+    request_id: str | None
+
+
+class _Identified(TypedDict):
+    id: str  # the item's id: every line has one
+
+
+class LedgerRecord(_Identified, total=False):
+    """One ledger line: an item's state, or (`record: "charge"`) a billed attempt of its own.
+
+    The engine's sink writes these; `report`, `verify`, the layouts and the token book read
+    them. Lines read back are only known to have a string `id`: readers check the shape of what
+    they use, as a hand-edited or older ledger may differ.
+    """
+
+    record: Literal["charge"]  # only on charge lines
+    line: int | None
+    status: Literal["ok", "error"]
+    endpoint: str
+    model: str | None
+    prompt: str | None
+    n: int | None
+    size: str | None
+    quality: str | None
+    output_format: str | None
+    complexity: str | None
+    frame_count: int | None
+    files: list[str]
+    bytes: list[int]
+    sha256: list[str]
+    usage: Any  # the API's usage object verbatim (whatever its shape), or None
+    cost_usd: float | None
+    cost_bound_usd: float | None  # with cost_note, where the cost is unknown
+    cost_note: str
+    price_table: str
+    attempts: int
+    attempt: int  # charge lines: which attempt of the item
+    rate_limited: int
+    latency_s: float | None
+    request_id: str | None
+    started_at: str
+    finished_at: str
+    metadata: Any
+    inputs: list[dict[str, Any]]  # edits: each input's path, size and sha256
+    mask: dict[str, Any] | None
+    run_id: str | None
+    extra_usage: dict[str, Any]  # usage billed apart (svg_usage), unpriced
+    error: ErrorRecord
+
+
+def read_ledger(path: Path, skipped: list[int] | None = None) -> Iterator[LedgerRecord]:
     """Every whole record in the ledger, in order; torn or garbled lines are skipped (their
     line numbers go to `skipped`, if given)."""
     if not path.exists():
@@ -47,13 +104,15 @@ def read_ledger(path: Path, skipped: list[int] | None = None) -> Iterator[dict[s
                 skipped.append(number)
 
 
-def parse_record(line: bytes) -> dict[str, Any] | None:
+def parse_record(line: bytes) -> LedgerRecord | None:
     """One ledger line as a record; None for a garbled line or one without an id."""
     try:
         record = orjson.loads(line)
     except orjson.JSONDecodeError:
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("id"), str) else None
+    if isinstance(record, dict) and isinstance(record.get("id"), str):
+        return cast(LedgerRecord, record)
+    return None
 
 
 @dataclass
@@ -67,8 +126,8 @@ class LedgerState:
 
 def scan_ledger(
     path: Path,
-    on_ok: Callable[[dict[str, Any]], None] | None = None,
-    on_usage: Callable[[dict[str, Any]], None] | None = None,
+    on_ok: Callable[[LedgerRecord], None] | None = None,
+    on_usage: Callable[[LedgerRecord], None] | None = None,
 ) -> LedgerState:
     """Read the ledger once; `on_ok` also sees every ok record (e.g. to rebuild metadata), and
     `on_usage` every record that carries a `usage` (e.g. to learn token counts)."""
@@ -88,7 +147,7 @@ def scan_ledger(
     return state
 
 
-def is_charge(record: dict[str, Any]) -> bool:
+def is_charge(record: LedgerRecord) -> bool:
     """A line that records a billed attempt, not an item's state."""
     return record.get("record") == "charge"
 
@@ -99,7 +158,7 @@ def amount(value: Any) -> float | None:
     return float(value) if number and math.isfinite(value) and value >= 0 else None
 
 
-def charged_usd(record: dict[str, Any]) -> float:
+def charged_usd(record: LedgerRecord) -> float:
     """What one line counts toward the money spent: its cost if known, else its bound
     (anything a line says that is not an amount counts nothing)."""
     cost = amount(record.get("cost_usd"))
@@ -155,7 +214,7 @@ class LedgerWriter:
         self._size = os.fstat(self._fd).st_size
         self._dirty = False
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: Mapping[str, Any]) -> None:
         """Write one whole line (one write call, no user-space buffer); raise StorageError."""
         line = orjson.dumps(record) + b"\n"
         try:

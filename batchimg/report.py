@@ -16,14 +16,14 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ._idset import IdSet, count_lines
 from .errors import UsageError
 from .estimate import render_rows
-from .ledger import LEDGER_NAME, amount, is_charge, parse_record
+from .ledger import LEDGER_NAME, LedgerRecord, amount, is_charge, parse_record
 from .pricing import PriceTable
 from .usage import UsageProblem, read_usage
 
@@ -45,7 +45,7 @@ def ledger_paths(targets: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def read_backwards(path: Path, block_size: int = 1 << 16) -> Iterator[dict[str, Any]]:
+def read_backwards(path: Path, block_size: int = 1 << 16) -> Iterator[LedgerRecord]:
     """The whole records of a ledger, last line first; torn or garbled lines are skipped.
 
     Only what ends in a newline is a line: a torn tail (however long) is skipped first, read
@@ -77,7 +77,7 @@ def _last_newline(fh: BinaryIO, end: int, block_size: int) -> int:
     return 0
 
 
-def _parse_lines(lines: Any) -> Iterator[dict[str, Any]]:
+def _parse_lines(lines: Any) -> Iterator[LedgerRecord]:
     for line in lines:
         record = parse_record(line) if line.strip() else None
         if record is not None:
@@ -105,10 +105,10 @@ class Group:
     latency_sum_s: float = 0.0
     latency_count: int = 0
     latency_buckets: Counter[int] = field(default_factory=Counter)
-    first_started: str | None = None
-    last_finished: str | None = None
+    first_started: datetime | None = None
+    last_finished: datetime | None = None
 
-    def add_item(self, record: dict[str, Any]) -> None:
+    def add_item(self, record: LedgerRecord) -> None:
         """The record is its id's last state."""
         self.items += 1
         if record.get("status") == "ok":
@@ -123,19 +123,16 @@ class Group:
                 self.latency_buckets[math.floor(math.log(latency) / _BUCKET)] += 1
         else:
             self.failed += 1
-            error = record.get("error") or {}
-            self.failures[str(error.get("code") or "error")] += 1
-        started, finished = record.get("started_at"), record.get("finished_at")
-        if isinstance(started, str) and (
-            self.first_started is None or started < self.first_started
-        ):
+            error: Any = record.get("error")
+            code = error.get("code") if isinstance(error, dict) else None
+            self.failures[str(code or "error")] += 1
+        started, finished = _time(record.get("started_at")), _time(record.get("finished_at"))
+        if started is not None and (self.first_started is None or started < self.first_started):
             self.first_started = started
-        if isinstance(finished, str) and (
-            self.last_finished is None or finished > self.last_finished
-        ):
+        if finished is not None and (self.last_finished is None or finished > self.last_finished):
             self.last_finished = finished
 
-    def add_billing(self, record: dict[str, Any], cost: float | None) -> None:
+    def add_billing(self, record: LedgerRecord, cost: float | None) -> None:
         """A line's money (an item's, or a charge of its own): its tokens where its usage can be
         read, its cost where known, else its bound where it was (or may have been) billed."""
         usage = record.get("usage")
@@ -170,7 +167,7 @@ class Group:
     def images_per_minute(self) -> float | None:
         if not (self.first_started and self.last_finished and self.images):
             return None
-        span_s = (_time(self.last_finished) - _time(self.first_started)).total_seconds()
+        span_s = (self.last_finished - self.first_started).total_seconds()
         return self.images / (span_s / 60) if span_s > 0 else None
 
     def as_json(self) -> dict[str, Any]:
@@ -199,11 +196,18 @@ class Group:
         }
 
 
-def _time(stamp: str) -> datetime:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+def _time(stamp: object) -> datetime | None:
+    """A line's timestamp (ISO 8601, UTC where it names no zone); None if it is not one."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
-def group_value(record: dict[str, Any], name: str) -> Any:
+def group_value(record: LedgerRecord, name: str) -> Any:
     """The value a record has for a `--by` field (`day`, `metadata.KEY`, or a ledger field)."""
     if name == "day":
         finished = record.get("finished_at")
@@ -272,7 +276,7 @@ def build_report(
     return Report(price_table=name, total=total, groups=ordered, by=tuple(by))
 
 
-def _identity(record: dict[str, Any]) -> str:
+def _identity(record: LedgerRecord) -> str:
     """What tells one line from another, in the ledger's own terms: the run that wrote it, the
     item and the attempt (older lines, without a run id: when it started and finished). Never a
     provider's request id alone, which a gateway may repeat."""
@@ -295,7 +299,7 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def _cost(record: dict[str, Any], prices: PriceTable | None) -> float | None:
+def _cost(record: LedgerRecord, prices: PriceTable | None) -> float | None:
     """A line's known cost: as recorded (a finite amount >= 0), or repriced from its usage."""
     if prices is None:
         return amount(record.get("cost_usd"))

@@ -18,14 +18,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from ._idset import IdSet, count_lines
 from .errors import UsageError
-from .ledger import LEDGER_NAME, LedgerWriter, is_charge
+from .layouts.webdataset import SHARD_PREFIX, SHARDS_DIR, sample_key
+from .ledger import LEDGER_NAME, LedgerRecord, LedgerWriter, is_charge
 from .outdir import exclusive
 from .report import read_backwards
-from .webdataset import SHARD_PREFIX, SHARDS_DIR, sample_key
 from .writer import IMAGES_DIR
 
 _CHUNK = 1 << 20
@@ -35,7 +34,7 @@ _CHUNK = 1 << 20
 class Broken:
     """An ok item whose files are not what its line says."""
 
-    record: dict[str, Any]
+    record: LedgerRecord
     problems: list[str]
 
 
@@ -77,7 +76,7 @@ def _packed(out: Path) -> dict[str, tuple[int, str]]:
     return packed
 
 
-def _last_ok_records(ledger: Path) -> Iterator[dict[str, Any]]:
+def _last_ok_records(ledger: Path) -> Iterator[LedgerRecord]:
     """Each item's last line, where that line is ok (newest first, one pass, compact memory)."""
     seen = IdSet(count_lines(ledger))
     for record in read_backwards(ledger):
@@ -87,7 +86,7 @@ def _last_ok_records(ledger: Path) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def _problems(out: Path, record: dict[str, Any], packed: dict[str, tuple[int, str]]) -> list[str]:
+def _problems(out: Path, record: LedgerRecord, packed: dict[str, tuple[int, str]]) -> list[str]:
     files, sizes, digests = record.get("files"), record.get("bytes"), record.get("sha256")
     if not (isinstance(files, list) and isinstance(sizes, list) and isinstance(digests, list)):
         return ["the line has no list of files, sizes and sha256"]

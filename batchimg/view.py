@@ -1,9 +1,10 @@
 """Progress for the people who run batchimg: a live view on a terminal, log lines elsewhere.
 
-The engine calls the view with `ProgressEvent`s and never waits on it; the view reads the
-engine's live counters when it draws, a few times a second on a terminal (rich) or every
-`log_every_s` seconds as one plain, greppable line (cron, CI, nohup), or as JSON lines for log
-shippers. Failed items are reported as they happen, above the live view so it never garbles.
+The engine calls the view with `ProgressEvent`s and never waits on it; the view takes a snapshot
+of the engine's live counts (`Engine.snapshot`, handed over on the "started" event) when it
+draws, a few times a second on a terminal (rich) or every `log_every_s` seconds as one plain,
+greppable line (cron, CI, nohup), or as JSON lines for log shippers. Failed items are reported
+as they happen, above the live view so it never garbles.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any, Literal, TextIO
 
 import orjson
 
-from .engine import Engine, ProgressEvent
+from .engine import ProgressEvent, RunSnapshot
 from .manifest import manifest_lines
 
 Mode = Literal["live", "lines", "quiet"]
@@ -73,7 +75,7 @@ class ProgressView:
         self.log_every_s = log_every_s
         self.log_format = log_format
         self.stream = stream or sys.stderr
-        self.engine: Engine | None = None
+        self._counts: Callable[[], RunSnapshot] | None = None
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()  # the drawing thread reads what the event loop appends
         self._started = time.monotonic()
@@ -85,7 +87,7 @@ class ProgressView:
 
     def __call__(self, event: ProgressEvent) -> None:
         if event.kind == "started":
-            self.engine = event.engine
+            self._counts = event.snapshot
             self._start()
         elif event.kind == "item_finished":
             if event.images:
@@ -132,31 +134,30 @@ class ProgressView:
     # -- what is shown --
 
     def snapshot(self) -> Snapshot | None:
-        engine = self.engine
-        if engine is None:
+        if self._counts is None:
             return None
-        summary, now = engine.summary, time.monotonic()
+        counts, now = self._counts(), time.monotonic()
         with self._lock:
             self._forget_before(now - RECENT_S)
             recent_images = sum(n for _, n in self._recent)
         window = min(RECENT_S, max(now - self._started, 1e-9))
         per_min = recent_images * 60 / window
-        done = summary.ok + summary.failed + summary.skipped
-        finished_now = summary.ok + summary.failed
+        done = counts.ok + counts.failed + counts.skipped
+        finished_now = counts.ok + counts.failed
         elapsed = now - self._started
         projected = eta = None
         if self.total is not None and finished_now:
             left = max(0, self.total - done)
-            projected = engine.budget.spent_usd + summary.cost_usd / finished_now * left
+            projected = counts.spent_usd + counts.cost_usd / finished_now * left
             eta = left * elapsed / finished_now
-        stats = engine.limiter.stats()
+        stats = counts.limiter
         return Snapshot(
-            done=done, total=self.total, ok=summary.ok, failed=summary.failed,
-            skipped=summary.skipped, in_flight=engine.in_flight,
-            retrying=engine.waiting_to_retry, images=summary.images, images_per_min=per_min,
+            done=done, total=self.total, ok=counts.ok, failed=counts.failed,
+            skipped=counts.skipped, in_flight=counts.in_flight,
+            retrying=counts.retrying, images=counts.images, images_per_min=per_min,
             rate_limited=stats.rate_limited, admitted_per_min=stats.admitted_per_min,
-            learned_rpm=stats.learned_rpm, output_tokens=summary.output_tokens,
-            spent_usd=engine.budget.spent_usd, projected_usd=projected, eta_s=eta,
+            learned_rpm=stats.learned_rpm, output_tokens=counts.output_tokens,
+            spent_usd=counts.spent_usd, projected_usd=projected, eta_s=eta,
         )  # fmt: skip
 
     def progress_line(self) -> str | None:

@@ -1,8 +1,8 @@
-"""Turns API answers into image files: decode, verify, write atomically.
+"""Turns API answers into image files: decode, verify, write atomically through a Store.
 
-A file appears under `DIR/images/` only whole (temp file in the same directory, fsync, rename),
-and an existing file is never overwritten: a leftover from an interrupted earlier attempt is moved
-to `DIR/.orphans/` first.
+A file appears under `images/` only whole (a temp file in the store's temp area, then
+`Store.put`), and an existing file is never overwritten: the store sets a leftover from an
+interrupted earlier attempt aside first (a local directory: under `DIR/.orphans/`).
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from __future__ import annotations
 import binascii
 import contextlib
 import hashlib
-import itertools
 import os
 import queue
 import threading
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +27,10 @@ import pybase64
 from . import specs
 from ._spool import SpooledImage
 from .errors import ErrorInfo, ItemFailed, StorageError
+from .stores import Store
+from .stores.local import fsync_path
 
 IMAGES_DIR = "images"
-ORPHANS_DIR = ".orphans"  # hidden: dataset loaders skip it
 TEMP_SUFFIX = ".part"
 WRITER_THREADS = 4  # fsyncs kept in flight at once
 MAX_BATCH = 64  # items one writer thread takes at a time
@@ -105,30 +104,17 @@ def _check_svg(image: bytes | SpooledImage) -> None:
         raise _bad_image(f"answer is XML but its root is <{tags[0] if tags else ''}>, not <svg>")
 
 
-class ImageStore:
-    """Writes an item's images under `out_dir/images`, one atomic file each.
+class ImageWriter:
+    """Writes an item's images into a store as `images/{stem}-{index}.{ext}`, one atomic file
+    each (see `stores.Store.put`).
 
     Storing is two steps, so that a batch of items can share the slow part: `stage` writes each
-    image to a temp file beside its final name; `publish` fsyncs the temp files and renames
-    them into place. `save` does both for one item, plus the directory fsync.
+    image to a temp file in the store's temp area; `publish` puts the temp files in place.
+    `save` does both for one item, plus the store's `sync`.
     """
 
-    def __init__(self, out_dir: Path, *, clean: bool = True) -> None:
-        self.out_dir = out_dir
-        self.images_dir = out_dir / IMAGES_DIR
-        self.images_dir.mkdir(parents=True, exist_ok=True)
-        if clean:
-            self.remove_stale_temps()
-        self._dir = str(self.images_dir)
-        # Temp names: unique per store (a random tag) and per file (a counter).
-        self._temp_tag = uuid.uuid4().hex[:8]
-        self._temp_count = itertools.count()
-        self._renaming = threading.Lock()  # writer threads may publish the same name at once
-
-    def remove_stale_temps(self) -> None:
-        """Delete temp files an interrupted run left (call only while no run writes here)."""
-        for stale in self.images_dir.glob(f".*{TEMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def file_name(self, stem: str, index: int, fmt: str) -> str:
         return f"{stem}-{index}.{specs.FILE_EXTENSION[fmt]}"
@@ -139,13 +125,13 @@ class ImageStore:
         Raises StorageError (no partial file left behind).
         """
         stored = self.publish(self.stage(stem, images, fmt))
-        self.sync_dir()
+        self.sync()
         return stored
 
     def stage(self, stem: str, images: Sequence[bytes | SpooledImage], fmt: str) -> list[Staged]:
-        """Put each image in a temp file beside its final name: whole, but not yet durable.
+        """Put each image in a temp file: whole, but not yet durable or in place.
 
-        Images the client already spooled to a temp file are taken as they are.
+        Images the backend already spooled into the temp area are taken as they are.
         """
         staged: list[Staged] = []
         try:
@@ -154,14 +140,18 @@ class ImageStore:
         except BaseException as exc:
             self.discard(staged)
             if isinstance(exc, OSError):
-                raise StorageError(f"cannot write images to {self.images_dir}: {exc}") from exc
+                raise StorageError(f"cannot write images to {self.where}: {exc}") from exc
             raise
         return staged
+
+    @property
+    def where(self) -> str:
+        return f"{self.store.location}/{IMAGES_DIR}"
 
     def _stage_one(self, name: str, data: bytes | SpooledImage) -> Staged:
         if isinstance(data, SpooledImage):
             return Staged(name, str(data.path), data.nbytes, data.sha256)
-        temp = f"{self._dir}/.{name}.{self._temp_tag}{next(self._temp_count)}{TEMP_SUFFIX}"
+        temp = str(self.store.new_temp(name))
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             try:
@@ -177,49 +167,37 @@ class ImageStore:
         return Staged(name, temp, len(data), hashlib.sha256(data).hexdigest())
 
     def publish(self, staged: Sequence[Staged]) -> list[StoredFile]:
-        """fsync the staged files, then rename each into place (an existing file is set
-        aside, never overwritten); the directory is not synced. StorageError on failure."""
+        """Put the staged files in place (an existing file is set aside, never overwritten);
+        not yet synced. StorageError on failure."""
         stored: list[StoredFile] = []
         try:
             for entry in staged:
-                fsync_path(entry.temp, os.O_RDONLY)
-            for entry in staged:
-                final = f"{self._dir}/{entry.name}"
-                with self._renaming:  # look-then-rename: one thread at a time
-                    if os.path.lexists(final):
-                        self._set_aside(final)
-                    os.replace(entry.temp, final)
-                stored.append(StoredFile(f"{IMAGES_DIR}/{entry.name}", entry.nbytes, entry.sha256))
+                name = f"{IMAGES_DIR}/{entry.name}"
+                self.store.put(name, Path(entry.temp))
+                stored.append(StoredFile(name, entry.nbytes, entry.sha256))
         except OSError as exc:
             self.discard(staged)
-            raise StorageError(f"cannot write images to {self.images_dir}: {exc}") from exc
+            raise StorageError(f"cannot write images to {self.where}: {exc}") from exc
         return stored
 
-    def sync_dir(self) -> None:
-        """Make the renames durable (one fsync covers every file published before it)."""
+    def sync(self) -> None:
+        """Make what was published durable (one sync covers every file put before it)."""
         try:
-            fsync_path(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+            self.store.sync()
         except OSError as exc:
-            raise StorageError(f"cannot sync {self.images_dir}: {exc}") from exc
+            raise StorageError(f"cannot sync {self.where}: {exc}") from exc
 
     @staticmethod
     def discard(staged: Sequence[Staged]) -> None:
-        """Remove temp files that will not be published (those already renamed are kept)."""
+        """Remove temp files that will not be published (those already put are kept)."""
         for entry in staged:
             with contextlib.suppress(OSError):
                 os.unlink(entry.temp)
 
-    def _set_aside(self, path: str) -> None:
-        """Move a file no ledger line claims out of the way instead of overwriting it."""
-        orphans = self.out_dir / ORPHANS_DIR
-        orphans.mkdir(exist_ok=True)
-        stem, suffix = os.path.splitext(os.path.basename(path))
-        os.replace(path, orphans / f"{stem}.{uuid.uuid4().hex[:8]}{suffix}")
-
 
 @dataclass(frozen=True)
 class Staged:
-    """An image in its temp file, waiting for `ImageStore.publish`."""
+    """An image in its temp file, waiting for `ImageWriter.publish`."""
 
     name: str  # the final file name, inside images/
     temp: str
@@ -244,17 +222,8 @@ def atomic_file(final: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
-    """fsync a file or (with O_DIRECTORY) a directory by path."""
-    fd = os.open(path, flags | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class BatchedStore:
-    """Runs `ImageStore` on a few writer threads that take items in batches.
+class BatchedWriter:
+    """Runs `ImageWriter` on a few writer threads that take items in batches.
 
     With many small images the cost is not the writing but the waiting: every file is fsynced,
     and on a busy disk a create or an fsync can take a millisecond. Items queue up while the
@@ -264,8 +233,8 @@ class BatchedStore:
     filesystem can commit together.
     """
 
-    def __init__(self, store: ImageStore, threads: int = WRITER_THREADS) -> None:
-        self.store = store
+    def __init__(self, writer: ImageWriter, threads: int = WRITER_THREADS) -> None:
+        self.writer = writer
         self.threads = threads
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._started = 0
@@ -312,7 +281,7 @@ class BatchedStore:
         return batch
 
     def _run(self) -> None:
-        store = self.store
+        store = self.writer
         while (batch := self._take_batch()) is not None:
             staged: list[tuple[_Job, list[Staged]]] = []
             for job in batch:
@@ -326,7 +295,7 @@ class BatchedStore:
                 except Exception as exc:
                     job.error = _storage_error(exc)
             try:
-                store.sync_dir()  # one fsync makes the whole batch durable
+                store.sync()  # one sync makes the whole batch durable
             except StorageError as exc:
                 for job in batch:
                     job.error = job.error or exc

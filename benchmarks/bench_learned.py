@@ -59,10 +59,14 @@ async def learned(tmp: Path, items: int) -> None:
     async with MockServer(MockConfig(api_key=KEY)) as server:
         first = write(tmp / "first.jsonl", variants(items, "a"))
         second = write(tmp / "second.jsonl", variants(items, "b"))
-        await batchimg.arun(first, tmp / "first", base_url=server.base_url, api_key=KEY)
+        await batchimg.arun(
+            first, tmp / "first", batchimg.RunOptions(base_url=server.base_url, api_key=KEY)
+        )
         estimate = estimate_manifest(second, ledgers=[tmp / "first"])
         before = len(server.requests)
-        await batchimg.arun(second, tmp / "second", base_url=server.base_url, api_key=KEY)
+        await batchimg.arun(
+            second, tmp / "second", batchimg.RunOptions(base_url=server.base_url, api_key=KEY)
+        )
         bill = billed(server, before)
     error = (estimate.total_cost_usd - bill) / bill
     print(f"| {items} | {len(estimate.groups)} | ${estimate.total_cost_usd:.4f} | "
@@ -75,9 +79,12 @@ async def capped(tmp: Path, name: str, line: dict[str, Any], count: int, cap: fl
     manifest = write(tmp / f"{name}-{cap}.jsonl", lines)
     async with MockServer(MockConfig(api_key=KEY, latency_s=0.05)) as server:
         summary = await batchimg.arun(
-            manifest, tmp / f"{name}-{cap}", base_url=server.base_url, api_key=KEY,
-            max_cost_usd=cap, concurrency=8,
-        )  # fmt: skip
+            manifest,
+            tmp / f"{name}-{cap}",
+            batchimg.RunOptions(
+                base_url=server.base_url, api_key=KEY, max_cost_usd=cap, concurrency=8
+            ),
+        )
         bill = billed(server)
     assert bill <= cap + 1e-9, (name, cap, bill)
     held = summary.held_back_usd

@@ -313,7 +313,9 @@ async def test_new_parameters_reach_the_api_and_the_ledger(
         ]
     )  # fmt: skip
     summary = await batchimg.arun(
-        manifest, tmp_path / "out", base_url=mock_server.base_url, api_key=TEST_KEY
+        manifest,
+        tmp_path / "out",
+        batchimg.RunOptions(base_url=mock_server.base_url, api_key=TEST_KEY),
     )
     assert summary.exit_code == 0
     sent = {r.prompt: r.params for r in mock_server.requests}
@@ -382,7 +384,9 @@ async def test_a_retired_model_is_only_a_warning_through_a_gateway(
 ) -> None:
     manifest = write_manifest([{"prompt": "a", "model": "gpt-image-1"}] * 3)
     summary = await batchimg.arun(
-        manifest, tmp_path / "out", base_url=mock_server.base_url, api_key=TEST_KEY
+        manifest,
+        tmp_path / "out",
+        batchimg.RunOptions(base_url=mock_server.base_url, api_key=TEST_KEY),
     )
     assert summary.exit_code == 0 and summary.ok == 3
     (warning,) = summary.warnings
@@ -394,7 +398,9 @@ async def test_the_mock_as_openai_refuses_retired_models_with_404(tmp_path: Path
         manifest = tmp_path / "m.jsonl"
         manifest.write_text('{"prompt": "a", "model": "gpt-image-1"}\n')
         summary = await batchimg.arun(
-            manifest, tmp_path / "out", base_url=server.base_url, api_key=TEST_KEY
+            manifest,
+            tmp_path / "out",
+            batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY),
         )
     (record,) = ledger(tmp_path / "out")
     assert record["error"]["code"] == "model_not_found" and record["error"]["http_status"] == 404
@@ -535,7 +541,9 @@ def test_a_bad_catalog_file_exits_2_naming_the_problem(
         assert result.returncode == 2 and fragment in result.stderr, result.stderr
         assert str(bad) in result.stderr
     with pytest.raises(UsageError, match=r"bad\.json"):
-        batchimg.run("jobs/example.jsonl", tmp_path / "o", mock=True, catalog=bad)
+        batchimg.run(
+            "jobs/example.jsonl", tmp_path / "o", batchimg.RunOptions(mock=True, catalog=bad)
+        )
 
 
 async def test_default_model_is_current_and_the_modelverse_preset_keeps_gpt_image_1(
@@ -544,9 +552,10 @@ async def test_default_model_is_current_and_the_modelverse_preset_keeps_gpt_imag
     manifest = write_manifest([{"prompt": "a"}])
     for provider, model in (("openai", "gpt-image-2.6-sunburst"), ("modelverse", "gpt-image-1")):
         summary = await batchimg.arun(
-            manifest, tmp_path / provider, provider=provider, base_url=mock_server.base_url,
-            api_key=TEST_KEY,
-        )  # fmt: skip
+            manifest,
+            tmp_path / provider,
+            batchimg.RunOptions(provider=provider, base_url=mock_server.base_url, api_key=TEST_KEY),
+        )
         assert summary.exit_code == 0
         assert mock_server.requests[-1].params["model"] == model
     spec = Catalog.default().spec(Catalog.default().default_model)
@@ -592,12 +601,20 @@ async def test_a_model_added_by_extends_gets_no_ceiling_so_a_cap_cannot_be_overr
     manifest = write_manifest(
         [{"prompt": f"p{i}", "model": "gpt-image-3-preview", "quality": "max"} for i in range(4)]
     )
-    capped = await batchimg.arun(manifest, tmp_path / "capped", base_url=mock_server.base_url,
-                                 api_key=TEST_KEY, catalog=overlay, max_cost_usd=3.0)  # fmt: skip
+    capped = await batchimg.arun(
+        manifest,
+        tmp_path / "capped",
+        batchimg.RunOptions(
+            base_url=mock_server.base_url, api_key=TEST_KEY, catalog=overlay, max_cost_usd=3.0
+        ),
+    )
     assert capped.ok == 0 and capped.failures == {"unpriced_model": 4}
     assert not mock_server.requests  # nothing sent
     (record, *_) = ledger(tmp_path / "capped")
     assert "tokens.ceiling_per_megapixel" in record["error"]["message"]
-    free = await batchimg.arun(manifest, tmp_path / "free", base_url=mock_server.base_url,
-                               api_key=TEST_KEY, catalog=overlay)  # fmt: skip
+    free = await batchimg.arun(
+        manifest,
+        tmp_path / "free",
+        batchimg.RunOptions(base_url=mock_server.base_url, api_key=TEST_KEY, catalog=overlay),
+    )
     assert free.ok == 4 and free.cost_usd > 0  # without a cap it runs, priced

@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from batchimg.client import ImagesClient, parse_retry_after
-from batchimg.config import PROVIDERS, ClientConfig, Secret
+from batchimg.backends import PROFILES, ClientConfig, OnlineBackend, Secret
+from batchimg.backends.online import parse_retry_after
 from batchimg.errors import (
     ItemFailed,
     RateLimited,
@@ -137,7 +137,7 @@ def openai_config(api: FakeAPI, **kwargs: Any) -> ClientConfig:
 
 
 async def generate(config: ClientConfig, params: dict[str, Any]) -> Any:
-    async with ImagesClient(config) as client:
+    async with OnlineBackend(config) as client:
         return await client.generate(params)
 
 
@@ -206,9 +206,9 @@ async def test_azure_uses_deployment_url_api_version_and_api_key_header(api: Fak
     config = ClientConfig(
         base_url=api.url,
         api_key=Secret(KEY),
-        provider="azure",
-        azure_deployment="my-images",
-        azure_api_version="2025-04-01-preview",
+        profile=PROFILES["azure"],
+        deployment="my-images",
+        api_version="2025-04-01-preview",
     )
     params = {"model": "gpt-image-1", "prompt": "a"}
     await generate(config, params)
@@ -222,7 +222,7 @@ async def test_azure_uses_deployment_url_api_version_and_api_key_header(api: Fak
 
 
 async def test_azure_without_a_deployment_uses_the_model_name(api: FakeAPI) -> None:
-    config = ClientConfig(base_url=f"{api.url}/", api_key=Secret(KEY), provider="azure")
+    config = ClientConfig(base_url=f"{api.url}/", api_key=Secret(KEY), profile=PROFILES["azure"])
     await generate(config, {"model": "gpt-image-1-mini", "prompt": "a"})
     (sent,) = api.requests
     assert sent.path == "/openai/deployments/gpt-image-1-mini/images/generations"
@@ -233,9 +233,9 @@ def test_azure_endpoint_url_shape() -> None:
     config = ClientConfig(
         base_url="https://res.openai.azure.com",
         api_key=Secret(KEY),
-        provider="azure",
-        azure_deployment="dep",
-        azure_api_version="2024-10-21",
+        profile=PROFILES["azure"],
+        deployment="dep",
+        api_version="2024-10-21",
     )
     assert config.endpoint_url("generations", "gpt-image-1") == (
         "https://res.openai.azure.com/openai/deployments/dep/images/generations"
@@ -247,12 +247,12 @@ def test_azure_endpoint_url_shape() -> None:
 def test_modelverse_preset_points_at_the_seed_providers_url() -> None:
     # seed/gpt-image-1-api.md: POST https://api.modelverse.cn/v1/images/generations,
     # Authorization: Bearer $MODELVERSE_API_KEY.
-    preset = PROVIDERS["modelverse"]
+    preset = PROFILES["modelverse"]
     assert preset.default_base_url == "https://api.modelverse.cn/v1"
     assert preset.key_env == "MODELVERSE_API_KEY"
     assert preset.default_base_url is not None
     config = ClientConfig(
-        base_url=preset.default_base_url, api_key=Secret(KEY), provider="modelverse"
+        base_url=preset.default_base_url, api_key=Secret(KEY), profile=PROFILES["modelverse"]
     )
     assert config.endpoint_url("generations", "gpt-image-1") == (
         "https://api.modelverse.cn/v1/images/generations"
@@ -261,16 +261,16 @@ def test_modelverse_preset_points_at_the_seed_providers_url() -> None:
 
 
 def test_openai_and_azure_presets() -> None:
-    assert PROVIDERS["openai"].default_base_url == "https://api.openai.com/v1"
-    assert PROVIDERS["openai"].key_env == "OPENAI_API_KEY"
-    assert PROVIDERS["azure"].default_base_url is None
-    assert PROVIDERS["azure"].key_env == "AZURE_OPENAI_API_KEY"
+    assert PROFILES["openai"].default_base_url == "https://api.openai.com/v1"
+    assert PROFILES["openai"].key_env == "OPENAI_API_KEY"
+    assert PROFILES["azure"].default_base_url is None
+    assert PROFILES["azure"].key_env == "AZURE_OPENAI_API_KEY"
 
 
 async def test_download_sends_no_api_key(api: FakeAPI) -> None:
     api.reply(200, text="PNGDATA", content_type="image/png")
-    async with ImagesClient(openai_config(api)) as client:
-        data = await client.download(f"{api.url}/files/img.png?sig=abc")
+    async with OnlineBackend(openai_config(api)) as client:
+        data = await client.fetch(f"{api.url}/files/img.png?sig=abc")
     assert data == b"PNGDATA"
     (sent,) = api.requests
     assert sent.method == "GET"
@@ -280,9 +280,9 @@ async def test_download_sends_no_api_key(api: FakeAPI) -> None:
 
 async def test_expired_download_link_fails_the_item(api: FakeAPI) -> None:
     api.reply(404, text="gone", content_type="text/plain")
-    async with ImagesClient(openai_config(api)) as client:
+    async with OnlineBackend(openai_config(api)) as client:
         with pytest.raises(ItemFailed):
-            await client.download(f"{api.url}/files/img.png")
+            await client.fetch(f"{api.url}/files/img.png")
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -297,15 +297,15 @@ async def test_forbidden_download_link_fails_the_item_not_the_run(
         text="<Error><Code>AuthenticationFailed</Code></Error>",
         content_type="application/xml",
     )
-    async with ImagesClient(openai_config(api)) as client:
+    async with OnlineBackend(openai_config(api)) as client:
         with pytest.raises(RequestError) as info:
-            await client.download(f"{api.url}/private/img.png?se=2020-01-01&sig=abc")
+            await client.fetch(f"{api.url}/private/img.png?se=2020-01-01&sig=abc")
     assert type(info.value) is ItemFailed
     assert info.value.info.http_status == status
 
 
 async def test_client_used_outside_async_with_raises() -> None:
-    client = ImagesClient(ClientConfig(base_url="http://127.0.0.1:9", api_key=Secret(KEY)))
+    client = OnlineBackend(ClientConfig(base_url="http://127.0.0.1:9", api_key=Secret(KEY)))
     with pytest.raises(RuntimeError, match="async with"):
         await client.generate({"model": "gpt-image-1", "prompt": "a"})
 
@@ -536,7 +536,7 @@ def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> N
 
 def test_batchimg_api_key_overrides_the_provider_variable() -> None:
     env = {"BATCHIMG_API_KEY": "sk-batch", "OPENAI_API_KEY": "sk-openai"}
-    assert PROVIDERS["openai"].api_key_from_env(env).reveal() == "sk-batch"
+    assert PROFILES["openai"].api_key_from_env(env).reveal() == "sk-batch"
 
 
 @pytest.mark.parametrize(
@@ -548,19 +548,19 @@ def test_batchimg_api_key_overrides_the_provider_variable() -> None:
     ],
 )
 def test_provider_variable_is_used_without_batchimg_api_key(provider: str, var: str) -> None:
-    assert PROVIDERS[provider].api_key_from_env({var: "sk-p"}).reveal() == "sk-p"
+    assert PROFILES[provider].api_key_from_env({var: "sk-p"}).reveal() == "sk-p"
 
 
 def test_blank_batchimg_api_key_falls_through_to_the_provider_variable() -> None:
     env = {"BATCHIMG_API_KEY": "  ", "OPENAI_API_KEY": " sk-openai\n"}
-    assert PROVIDERS["openai"].api_key_from_env(env).reveal() == "sk-openai"
+    assert PROFILES["openai"].api_key_from_env(env).reveal() == "sk-openai"
 
 
 def test_api_key_env_names_the_only_variable_read() -> None:
     env = {"MY_KEY": "sk-mine", "BATCHIMG_API_KEY": "sk-batch", "OPENAI_API_KEY": "sk-openai"}
-    assert PROVIDERS["openai"].api_key_from_env(env, key_env="MY_KEY").reveal() == "sk-mine"
+    assert PROFILES["openai"].api_key_from_env(env, key_env="MY_KEY").reveal() == "sk-mine"
     with pytest.raises(UsageError) as info:
-        PROVIDERS["openai"].api_key_from_env(
+        PROFILES["openai"].api_key_from_env(
             {"BATCHIMG_API_KEY": "sk-batch", "OPENAI_API_KEY": "sk-o"}, key_env="MY_KEY"
         )
     message = str(info.value)
@@ -579,7 +579,7 @@ def test_api_key_env_names_the_only_variable_read() -> None:
 )
 def test_missing_key_names_the_variables_looked_at(provider: str, var: str) -> None:
     with pytest.raises(UsageError) as info:
-        PROVIDERS[provider].api_key_from_env({"UNRELATED": "x"})
+        PROFILES[provider].api_key_from_env({"UNRELATED": "x"})
     message = str(info.value)
     assert "BATCHIMG_API_KEY" in message
     assert var in message
@@ -615,9 +615,9 @@ async def test_list_models_keeps_each_shutdown_date_as_the_server_gave_it(api: F
     listing = {"data": [{"id": "a", "shutdown_date": "2026-01-01"}, {"id": "b"},
                         {"id": "c", "shutdown_date": 1767225600}, {"nope": 1}, "x"]}  # fmt: skip
     api.reply(200, listing)
-    async with ImagesClient(openai_config(api)) as client:
+    async with OnlineBackend(openai_config(api)) as client:
         assert await client.list_models() == {"a": "2026-01-01", "b": None, "c": 1767225600}
     api.reply(200, text="<html>", content_type="text/html")
-    async with ImagesClient(openai_config(api)) as client:
+    async with OnlineBackend(openai_config(api)) as client:
         with pytest.raises(RequestError):
             await client.list_models()

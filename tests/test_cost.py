@@ -41,8 +41,15 @@ def billed_usd(server: MockServer) -> float:
     return total
 
 
-async def run(manifest: Path, out: Path, server: MockServer, **options: Any) -> batchimg.Summary:
-    return await batchimg.arun(manifest, out, base_url=server.base_url, api_key=TEST_KEY, **options)
+async def run(
+    manifest: Path, out: Path, server: MockServer, *, sleep: Any = None, **options: Any
+) -> batchimg.Summary:
+    return await batchimg.arun(
+        manifest,
+        out,
+        batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, **options),
+        sleep=sleep,
+    )
 
 
 #: Lines of the models whose output tokens are published (a table, or per-image prices).

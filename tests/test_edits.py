@@ -51,9 +51,16 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-async def run(manifest: Path, out: Path, server: MockServer, **options: Any) -> batchimg.Summary:
+async def run(
+    manifest: Path, out: Path, server: MockServer, *, sleep: Any = None, **options: Any
+) -> batchimg.Summary:
     options.setdefault("backoff_base_s", 0.01)
-    return await batchimg.arun(manifest, out, base_url=server.base_url, api_key=TEST_KEY, **options)
+    return await batchimg.arun(
+        manifest,
+        out,
+        batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, **options),
+        sleep=sleep,
+    )
 
 
 def _cases(d: Path) -> dict[str, tuple[dict[str, Any], str]]:

@@ -19,20 +19,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import batchimg
-from batchimg.client import ImagesClient
-from batchimg.config import ClientConfig, RunConfig, Secret
+from batchimg.backends import ClientConfig, OnlineBackend, Secret
+from batchimg.config import RunConfig
 from batchimg.engine import Engine
 from batchimg.mock import MockConfig, MockServer
-from batchimg.writer import ImageStore
+from batchimg.options import RunOptions
+from batchimg.stores import LocalStore
 from tests.conftest import TEST_KEY
 from tests.helpers import check_ok_record, last_states, ledger, start_cli, threaded_mock, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def run(manifest: Path, out: Path, server: MockServer, **options: Any) -> batchimg.Summary:
+async def run(
+    manifest: Path, out: Path, server: MockServer, *, sleep: Any = None, **options: Any
+) -> batchimg.Summary:
     options.setdefault("backoff_base_s", 0.01)
-    return await batchimg.arun(manifest, out, base_url=server.base_url, api_key=TEST_KEY, **options)
+    return await batchimg.arun(
+        manifest,
+        out,
+        batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, **options),
+        sleep=sleep,
+    )
 
 
 def items(count: int, prefix: str = "item") -> list[dict[str, Any]]:
@@ -42,7 +50,12 @@ def items(count: int, prefix: str = "item") -> list[dict[str, Any]]:
 
 
 def assert_no_partial_files(out: Path) -> None:
-    leftovers = [p.name for p in (out / "images").iterdir() if p.name.endswith(".part")]
+    """Nothing half-written: no temp file left in the temp area, no hidden file in images/."""
+    leftovers = []
+    if (out / "images").is_dir():
+        leftovers += [p.name for p in (out / "images").iterdir() if p.name.startswith(".")]
+    if (out / ".tmp").is_dir():
+        leftovers += [p.name for p in (out / ".tmp").iterdir()]
     assert leftovers == []
 
 
@@ -183,23 +196,29 @@ async def test_moderation_is_never_retried(
     assert last_states(tmp_path / "out")["item2"]["error"]["code"] == "moderation_blocked"
 
 
-class FullDisk(ImageStore):
-    """A store whose disk fills up after `room` files, as a real full disk would refuse."""
+class FullDisk:
+    """A Store whose disk fills up after `room` files, as a real full disk would refuse: the
+    local store's behaviour, until a put fails with ENOSPC (leaving a partial file behind, as
+    a real one does, which the writer must clean up)."""
 
     def __init__(self, out_dir: Path, room: int) -> None:
-        super().__init__(out_dir)
+        self.disk = LocalStore(out_dir)
         self.room = room
+        self.location, self.temp_dir = self.disk.location, self.disk.temp_dir
+        self.clean_temps, self.new_temp, self.sync = (
+            self.disk.clean_temps, self.disk.new_temp, self.disk.sync
+        )  # fmt: skip
+        self.open, self.exists, self.list, self.delete = (
+            self.disk.open, self.disk.exists, self.disk.list, self.disk.delete
+        )  # fmt: skip
 
-    def _stage_one(self, name: str, data: bytes) -> Any:
+    def put(self, name: str, temp: Path) -> None:
         if self.room <= 0:
-            temp = self.images_dir / f".{name}.x.part"
-            temp.write_bytes(data[: len(data) // 2])  # a partial write, as ENOSPC leaves one
-            try:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            finally:
-                temp.unlink()
+            with open(temp, "r+b") as fh:
+                fh.truncate(fh.seek(0, os.SEEK_END) // 2)  # a partial write, as ENOSPC leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
         self.room -= 1
-        return super()._stage_one(name, data)
+        self.disk.put(name, temp)
 
 
 async def test_full_disk_stops_cleanly_and_a_rerun_finishes(
@@ -207,10 +226,11 @@ async def test_full_disk_stops_cleanly_and_a_rerun_finishes(
 ) -> None:
     manifest = write_manifest(items(30))
     out = tmp_path / "out"
-    config = RunConfig(manifest=manifest, out_dir=out, concurrency=2)
+    config = RunConfig(manifest=manifest, out_dir=out, options=RunOptions(concurrency=2))
     client_config = ClientConfig(base_url=mock_server.base_url, api_key=Secret(TEST_KEY))
-    async with ImagesClient(client_config) as client:
-        summary = await Engine(config, client, store=FullDisk(out, room=8)).run()
+    store = FullDisk(out, room=8)
+    async with OnlineBackend(client_config, spool_dir=store.temp_dir) as backend:
+        summary = await Engine(config, backend, store).run()
     assert summary.exit_code == 3
     assert "No space left on device" in (summary.stop_reason or "")
     assert_no_partial_files(out)
@@ -430,7 +450,6 @@ def test_disk_full_while_an_answer_streams_in_stops_cleanly(
         assert result.returncode == 3, result.stderr
         assert "Traceback" not in result.stderr and "cannot write images" in result.stderr
         assert_no_partial_files(out)
-        assert [p for p in (out / "images").iterdir() if p.name.startswith(".")] == []
         for record in ledger(out):
             assert record["status"] == "error"
             assert record["error"]["code"] == "storage_error"
@@ -442,8 +461,8 @@ def test_a_second_run_on_the_same_directory_is_refused(
     import fcntl
 
     out = tmp_path / "out"
-    (out / "images").mkdir(parents=True)
-    in_progress = out / "images" / ".x-0.png.1a2b3c4d0.part"  # the running one's temp file
+    (out / ".tmp").mkdir(parents=True)
+    in_progress = out / ".tmp" / "x-0.png.1a2b3c4d0"  # the running one's temp file
     in_progress.write_bytes(b"half an image")
     with open(out / ".batchimg.lock", "w") as held:  # as a run in progress holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -455,5 +474,7 @@ def test_a_second_run_on_the_same_directory_is_refused(
     assert "another batchimg run is using" in result.stderr
     assert not (out / "ledger.jsonl").exists()
     assert in_progress.exists()  # not taken for a stale leftover
-    summary = batchimg.run(write_manifest(items(2)), out, mock=True)  # released: runs
+    summary = batchimg.run(
+        write_manifest(items(2)), out, batchimg.RunOptions(mock=True)
+    )  # released: runs
     assert summary.ok == 2

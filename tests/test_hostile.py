@@ -130,20 +130,27 @@ async def test_fewer_images_than_asked_keep_what_arrived_and_leave_the_item_to_r
     manifest.write_text('{"id": "pair", "model": "gpt-image-1", "prompt": "two cats", "n": 2}\n')
     out = tmp_path / "out"
     async with MockServer(MockConfig(api_key=TEST_KEY, image_count=1)) as server:
-        short = await batchimg.arun(manifest, out, base_url=server.base_url, api_key=TEST_KEY)
+        short = await batchimg.arun(
+            manifest, out, batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY)
+        )
     (record,) = ledger(out)
     assert short.exit_code == 1 and record["status"] == "error"
     assert record["error"]["code"] == "missing_images" and len(record["files"]) == 1
     assert record["cost_usd"] > 0  # paid for, and said so
     kept = (out / record["files"][0]).read_bytes()
     async with MockServer(MockConfig(api_key=TEST_KEY)) as server:
-        again = await batchimg.arun(manifest, out, base_url=server.base_url, api_key=TEST_KEY)
+        again = await batchimg.arun(
+            manifest, out, batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY)
+        )
     assert again.exit_code == 0 and again.images == 2
     (orphan,) = (out / ".orphans").iterdir()  # the first answer's image is set aside, not lost
     assert orphan.read_bytes() == kept
     async with MockServer(MockConfig(api_key=TEST_KEY, image_count=3)) as server:
-        many = await batchimg.arun(manifest, tmp_path / "out3", base_url=server.base_url,
-                                   api_key=TEST_KEY)  # fmt: skip
+        many = await batchimg.arun(
+            manifest,
+            tmp_path / "out3",
+            batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY),
+        )
     (record,) = ledger(tmp_path / "out3")
     assert many.exit_code == 0 and len(record["files"]) == 3
     assert any("brought 3 images for n=2" in w for w in many.warnings)

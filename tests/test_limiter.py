@@ -183,9 +183,10 @@ async def test_run_against_a_limited_mock_finishes_every_item_with_few_429s(
     manifest = write_manifest([{"prompt": f"bird {i}", "quality": "low"} for i in range(40)])
     async with MockServer(MockConfig(api_key=TEST_KEY, rpm_limit=1200)) as server:
         summary = await batchimg.arun(
-            manifest, tmp_path / "out", base_url=server.base_url, api_key=TEST_KEY,
-            concurrency=16,
-        )  # fmt: skip
+            manifest,
+            tmp_path / "out",
+            batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, concurrency=16),
+        )
         statuses = [r.status for r in server.requests]
     assert summary.ok == 40 and summary.exit_code == 0
     assert statuses.count(429) <= 0.15 * len(statuses)
@@ -201,9 +202,10 @@ async def test_no_request_reaches_the_server_during_a_global_pause(
     manifest = write_manifest([{"prompt": f"owl {i}", "quality": "low"} for i in range(4)])
     async with MockServer(config) as server:
         summary = await batchimg.arun(
-            manifest, tmp_path / "out", base_url=server.base_url, api_key=TEST_KEY,
-            concurrency=4,
-        )  # fmt: skip
+            manifest,
+            tmp_path / "out",
+            batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, concurrency=4),
+        )
         requests = sorted(server.requests, key=lambda r: r.received_at)
     assert summary.ok == 4
     first_429 = next(r for r in requests if r.status == 429)

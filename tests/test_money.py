@@ -37,9 +37,16 @@ def billed_usd(server: MockServer) -> float:
     return total
 
 
-async def run(manifest: Path, out: Path, server: MockServer, **options: Any) -> batchimg.Summary:
+async def run(
+    manifest: Path, out: Path, server: MockServer, *, sleep: Any = None, **options: Any
+) -> batchimg.Summary:
     options.setdefault("backoff_base_s", 0.01)
-    return await batchimg.arun(manifest, out, base_url=server.base_url, api_key=TEST_KEY, **options)
+    return await batchimg.arun(
+        manifest,
+        out,
+        batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, **options),
+        sleep=sleep,
+    )
 
 
 def lines(count: int, **fields: Any) -> list[dict[str, Any]]:

@@ -51,10 +51,14 @@ async def test_progress_events_and_snapshot_follow_the_run(
         events.append(event)
         view(event)
 
-    summary = await batchimg.arun(manifest, tmp_path / "out", base_url=mock_server.base_url,
-                                  api_key=TEST_KEY, progress=record)  # fmt: skip
+    summary = await batchimg.arun(
+        manifest,
+        tmp_path / "out",
+        batchimg.RunOptions(base_url=mock_server.base_url, api_key=TEST_KEY),
+        progress=record,
+    )
     view.close()
-    assert events[0].kind == "started" and events[0].engine is not None
+    assert events[0].kind == "started" and events[0].snapshot is not None
     finished = [e for e in events if e.kind == "item_finished"]
     assert len(finished) == 11
     assert Counter(e.status for e in finished) == {"ok": 10, "error": 1}
@@ -161,8 +165,9 @@ async def test_output_loads_with_hugging_face_imagefolder(
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "out"
-    summary = await batchimg.arun(JOBS / job, out, base_url=mock_server.base_url,
-                                  api_key=TEST_KEY)  # fmt: skip
+    summary = await batchimg.arun(
+        JOBS / job, out, batchimg.RunOptions(base_url=mock_server.base_url, api_key=TEST_KEY)
+    )
     dataset = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
     records = ledger(out)
     svg = {r["id"]: r["n"] for r in records if r["output_format"] == "svg"}
@@ -198,13 +203,18 @@ async def test_metadata_stays_in_step_with_the_ledger_across_resumes(
     def rows() -> list[dict[str, object]]:
         return [orjson.loads(x) for x in (out / "metadata.jsonl").read_bytes().splitlines()]
 
-    first = await batchimg.arun(manifest, out, base_url=mock_server.base_url, api_key=TEST_KEY,
-                                max_attempts=1)  # fmt: skip
+    first = await batchimg.arun(
+        manifest,
+        out,
+        batchimg.RunOptions(base_url=mock_server.base_url, api_key=TEST_KEY, max_attempts=1),
+    )
     assert first.failed == 2
     assert {r["id"] for r in rows()} == {f"m{i}" for i in range(9)} - {"m4", "m7"}
     with open(out / "metadata.jsonl", "ab") as fh:
         fh.write(b'{"file_name": "images/m0-0.png", "pro')  # a row torn by a crash
-    await batchimg.arun(manifest, out, base_url=mock_server.base_url, api_key=TEST_KEY)
+    await batchimg.arun(
+        manifest, out, batchimg.RunOptions(base_url=mock_server.base_url, api_key=TEST_KEY)
+    )
     final = rows()
     files = [r["file_name"] for r in final]
     assert len(files) == len(set(files))  # no duplicates
@@ -215,14 +225,16 @@ async def test_metadata_stays_in_step_with_the_ledger_across_resumes(
 
 
 def test_python_api_runs_the_example_job(tmp_path: Path) -> None:
-    summary = batchimg.run(JOBS / "example.jsonl", tmp_path / "out", mock=True, concurrency=4)
+    summary = batchimg.run(
+        JOBS / "example.jsonl", tmp_path / "out", batchimg.RunOptions(mock=True, concurrency=4)
+    )
     assert isinstance(summary, batchimg.Summary)
     assert (summary.ok, summary.failed, summary.images, summary.exit_code) == (26, 0, 30, 0)
     report = batchimg.build_report([tmp_path / "out"])
     assert summary.cost_usd > 0
     assert summary.cost_usd == pytest.approx(report.total.cost_usd, rel=1e-9)
     with pytest.raises(batchimg.UsageError):
-        batchimg.run(tmp_path / "missing.jsonl", tmp_path / "o", mock=True)
+        batchimg.run(tmp_path / "missing.jsonl", tmp_path / "o", batchimg.RunOptions(mock=True))
 
 
 def test_public_names_are_exported_and_importable() -> None:

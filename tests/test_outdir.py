@@ -77,9 +77,11 @@ async def test_a_full_disk_at_the_start_is_exit_2_before_anything_is_sent(
     monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(10**9, 10**9 - 4096, 4096))
     for layout in ("imagefolder", "webdataset"):
         with pytest.raises(batchimg.UsageError, match="MiB free"):
-            await batchimg.arun(manifest_at(tmp_path / "m.jsonl"), tmp_path / layout,
-                                base_url=mock_server.base_url, api_key=TEST_KEY,
-                                layout=layout)  # type: ignore[arg-type]  # fmt: skip
+            await batchimg.arun(
+                manifest_at(tmp_path / "m.jsonl"),
+                tmp_path / layout,
+                batchimg.RunOptions(base_url=mock_server.base_url, api_key=TEST_KEY, layout=layout),
+            )  # type: ignore[arg-type]
     assert not mock_server.requests
 
 
@@ -89,8 +91,11 @@ async def test_garbled_ledger_lines_are_counted_and_said(
     out = tmp_path / "out"
     out.mkdir()
     (out / "ledger.jsonl").write_bytes(b'{"id": "old", "status": "error"}\nnot json\n[1]\n')
-    summary = await batchimg.arun(manifest_at(tmp_path / "m.jsonl"), out,
-                                  base_url=mock_server.base_url, api_key=TEST_KEY)  # fmt: skip
+    summary = await batchimg.arun(
+        manifest_at(tmp_path / "m.jsonl"),
+        out,
+        batchimg.RunOptions(base_url=mock_server.base_url, api_key=TEST_KEY),
+    )
     assert summary.exit_code == 0
     (warning,) = [w for w in summary.warnings if "not ledger records" in w]
     assert "2 lines" in warning and "line 2, 3" in warning

@@ -18,9 +18,16 @@ from tests.helpers import LEDGER_FIELDS, check_ok_record, last_states, ledger
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 
-async def run(manifest: Path, out: Path, server: MockServer, **options: Any) -> batchimg.Summary:
+async def run(
+    manifest: Path, out: Path, server: MockServer, *, sleep: Any = None, **options: Any
+) -> batchimg.Summary:
     options.setdefault("backoff_base_s", 0.01)
-    return await batchimg.arun(manifest, out, base_url=server.base_url, api_key=TEST_KEY, **options)
+    return await batchimg.arun(
+        manifest,
+        out,
+        batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, **options),
+        sleep=sleep,
+    )
 
 
 async def test_example_job_produces_every_image_and_a_contract_ledger(
@@ -238,7 +245,9 @@ async def test_bad_key_stops_the_run_at_once_with_exit_3(
     manifest = write_manifest([{"prompt": f"gull {i}"} for i in range(50)])
     out = tmp_path / "out"
     summary = await batchimg.arun(
-        manifest, out, base_url=mock_server.base_url, api_key="sk-wrong", concurrency=4
+        manifest,
+        out,
+        batchimg.RunOptions(base_url=mock_server.base_url, api_key="sk-wrong", concurrency=4),
     )
     assert summary.exit_code == 3
     assert "invalid_api_key" in (summary.stop_reason or "")
@@ -252,7 +261,7 @@ async def test_mock_option_runs_without_any_key(
     for name in ("BATCHIMG_API_KEY", "OPENAI_API_KEY"):
         monkeypatch.delenv(name, raising=False)
     manifest = write_manifest([{"id": "a", "prompt": "a lighthouse", "quality": "low"}])
-    summary = await batchimg.arun(manifest, tmp_path / "out", mock=True)
+    summary = await batchimg.arun(manifest, tmp_path / "out", batchimg.RunOptions(mock=True))
     assert summary.exit_code == 0 and summary.images == 1
 
 

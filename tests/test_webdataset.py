@@ -19,8 +19,9 @@ from PIL import Image
 
 import batchimg
 from batchimg.cli import cli
+from batchimg.layouts.webdataset import WebDatasetLayout, sample_key
 from batchimg.mock import MockServer
-from batchimg.webdataset import ShardWriter, sample_key
+from batchimg.stores import LocalStore
 from tests.helpers import start_cli, wait_for
 
 
@@ -109,7 +110,9 @@ def test_the_datasets_webdataset_loader_reads_the_shards(tmp_path: Path) -> None
     manifest = tmp_path / "m.jsonl"
     manifest.write_bytes(b"".join(orjson.dumps(i) + b"\n" for i in items(12)))
     out = tmp_path / "out"
-    summary = batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=5)
+    summary = batchimg.run(
+        manifest, out, batchimg.RunOptions(mock=True, layout="webdataset", shard_size=5)
+    )
     assert summary.ok == 12
 
     ds = datasets.load_dataset(
@@ -125,12 +128,18 @@ def test_a_rerun_adds_new_samples_in_new_shards_and_never_repacks(
     tmp_path: Path, write_manifest: Callable[..., Path]
 ) -> None:
     out = tmp_path / "out"
-    batchimg.run(write_manifest(items(7)), out, mock=True, layout="webdataset", shard_size=4)
+    batchimg.run(
+        write_manifest(items(7)),
+        out,
+        batchimg.RunOptions(mock=True, layout="webdataset", shard_size=4),
+    )
     first = {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")}
     assert sorted(first) == ["shard-000000.tar", "shard-000001.tar"]
 
     summary = batchimg.run(
-        write_manifest(items(12)), out, mock=True, layout="webdataset", shard_size=4
+        write_manifest(items(12)),
+        out,
+        batchimg.RunOptions(mock=True, layout="webdataset", shard_size=4),
     )
     assert (summary.ok, summary.skipped) == (5, 7)
     assert {n: (out / "shards" / n).read_bytes() for n in first} == first  # untouched
@@ -143,11 +152,11 @@ def test_crash_leftovers_are_packed_once_at_the_next_start(
 ) -> None:
     manifest = write_manifest(items(9))
     out = tmp_path / "out"
-    batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=4)
+    batchimg.run(manifest, out, batchimg.RunOptions(mock=True, layout="webdataset", shard_size=4))
     samples = check_complete(out)
     # The states a crash can leave: a half-written shard, a loose file whose shard was renamed
     # into place before the clean-up ran, and a loose image of an ok item never packed.
-    (out / "shards" / ".shard-000007.tar.part").write_bytes(b"half a tar")
+    (out / ".tmp" / "shard-000007.tar.1a2b3c4d0").write_bytes(b"half a tar")
     ok = ledger_ok(out)
     packed_name = next(iter(ok.values()))["files"][0]
     (out / packed_name).write_bytes(samples[sample_key(packed_name)]["png"])
@@ -166,7 +175,9 @@ def test_crash_leftovers_are_packed_once_at_the_next_start(
     for name, data in loose.items():
         (out / name).write_bytes(data)
 
-    summary = batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=4)
+    summary = batchimg.run(
+        manifest, out, batchimg.RunOptions(mock=True, layout="webdataset", shard_size=4)
+    )
     assert (summary.ok, summary.skipped) == (0, 9)
     assert len(check_complete(out)) == 9
 
@@ -190,23 +201,33 @@ def test_kill_9_mid_run_then_rerun_leaves_every_sample_in_exactly_one_shard(
 
 
 def test_a_shard_the_disk_refuses_stops_the_run_and_keeps_the_images_loose(
-    tmp_path: Path, write_manifest: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, write_manifest: Callable[..., Path]
 ) -> None:
-    def refuse(self: ShardWriter, batch: Any) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class NoRoomForShards(LocalStore):
+        """The disk takes images, then refuses the (bigger) shards."""
+
+        def put(self, name: str, temp: Path) -> None:
+            if name.startswith("shards/"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().put(name, temp)
 
     manifest = write_manifest(items(8))
     out = tmp_path / "out"
-    monkeypatch.setattr(ShardWriter, "_write_shard", refuse)
-    summary = batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=3)
+    summary = batchimg.run(
+        manifest,
+        out,
+        batchimg.RunOptions(mock=True, layout="webdataset", shard_size=3),
+        store=NoRoomForShards(out),
+    )
     assert summary.exit_code == 3
     assert "No space left on device" in (summary.stop_reason or "")
     assert list((out / "shards").glob("*.tar")) == []
     loose = list((out / "images").glob("*.png"))
     assert len(loose) == sum(len(r["files"]) for r in ledger_ok(out).values()) > 0
 
-    monkeypatch.undo()
-    summary = batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=3)
+    summary = batchimg.run(
+        manifest, out, batchimg.RunOptions(mock=True, layout="webdataset", shard_size=3)
+    )
     assert summary.exit_code == 0
     assert len(check_complete(out)) == 8
 
@@ -228,7 +249,7 @@ def test_a_webdataset_directory_refuses_the_imagefolder_layout(
 ) -> None:
     manifest = write_manifest(items(3))
     out = tmp_path / "out"
-    batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=2)
+    batchimg.run(manifest, out, batchimg.RunOptions(mock=True, layout="webdataset", shard_size=2))
     result = CliRunner().invoke(cli, ["run", str(manifest), "--out", str(out), "--mock"])
     assert result.exit_code == 2
     assert "re-run with --format webdataset" in result.output
@@ -257,16 +278,19 @@ def test_an_abort_writes_no_last_shard_and_keeps_its_images_loose(tmp_path: Path
     digest = hashlib.sha256(picture).hexdigest()
     record = {"id": "a", "files": ["images/a-0.png"], "sha256": [digest], "prompt": "p",
               "metadata": None}  # fmt: skip
-    with pytest.raises(KeyboardInterrupt), ShardWriter(tmp_path, 10) as writer:
-        writer.start()
-        writer.add(record)
-        raise KeyboardInterrupt
-    assert list((tmp_path / "shards").iterdir()) == []
+    layout = WebDatasetLayout(tmp_path, LocalStore(tmp_path), 10)
+    layout.prepare()
+    layout.resumed(set())
+    layout.add(record)
+    layout.abort()  # as the engine does when the run is torn down
+    assert not (tmp_path / "shards").exists()
     assert (images / "a-0.png").exists()
 
-    with ShardWriter(tmp_path, 10) as writer:  # the next run packs it
-        writer.start()
-        writer.add(record)
+    layout = WebDatasetLayout(tmp_path, LocalStore(tmp_path), 10)  # the next run packs it
+    layout.prepare()
+    layout.restore(record)
+    layout.resumed({"a"})
+    layout.close()
     assert [p.name for p in (tmp_path / "shards").iterdir()] == ["shard-000000.tar"]
     assert not (images / "a-0.png").exists()
 
@@ -293,7 +317,11 @@ def test_an_item_done_again_gets_its_new_image_packed_not_deleted(
     out = tmp_path / "out"
     for line in ({"id": "x", "prompt": "first"}, {"id": "x", "prompt": "first", "bogus": 1},
                  {"id": "x", "prompt": "second"}):  # fmt: skip
-        batchimg.run(write_manifest([line]), out, mock=True, layout="webdataset", shard_size=1)
+        batchimg.run(
+            write_manifest([line]),
+            out,
+            batchimg.RunOptions(mock=True, layout="webdataset", shard_size=1),
+        )
     last_ok = ledger_ok(out)["x"]
     sample = newest_sample(out, "x-0")
     assert orjson.loads(sample["json"])["prompt"] == last_ok["prompt"] == "second"
@@ -306,7 +334,7 @@ def test_a_loose_image_newer_than_its_packed_sample_is_packed_not_deleted(
 ) -> None:
     out = tmp_path / "out"
     manifest = write_manifest([{"id": "x", "prompt": "a heron"}])
-    batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=5)
+    batchimg.run(manifest, out, batchimg.RunOptions(mock=True, layout="webdataset", shard_size=5))
     # A crash left a re-done item's newer image loose, its ok line written, its shard not.
     newer = io.BytesIO()
     Image.new("RGB", (32, 32), (1, 2, 3)).save(newer, "PNG")
@@ -315,7 +343,9 @@ def test_a_loose_image_newer_than_its_packed_sample_is_packed_not_deleted(
     with open(out / "ledger.jsonl", "ab") as fh:
         fh.write(orjson.dumps(record) + b"\n")
 
-    summary = batchimg.run(manifest, out, mock=True, layout="webdataset", shard_size=5)
+    summary = batchimg.run(
+        manifest, out, batchimg.RunOptions(mock=True, layout="webdataset", shard_size=5)
+    )
     assert (summary.ok, summary.skipped) == (0, 1)
     assert newest_sample(out, "x-0")["png"] == newer.getvalue()
     assert list((out / "images").glob("*.png")) == []

@@ -10,7 +10,6 @@ import io
 import os
 import threading
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -19,10 +18,11 @@ from PIL import Image
 from batchimg import writer as writer_module
 from batchimg._spool import ResponseSpool, SpooledImage
 from batchimg.errors import ItemFailed, StorageError
+from batchimg.stores import LocalStore
+from batchimg.stores import local as local_store
 from batchimg.writer import (
-    BatchedStore,
-    ImageStore,
-    Staged,
+    BatchedWriter,
+    ImageWriter,
     StoredFile,
     check_image,
     decode_b64_image,
@@ -42,7 +42,17 @@ WEBP = image_bytes("webp")
 
 
 def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.rglob("*") if p.name.endswith(".part"))
+    """Temp files left behind: anything in the store's temp area, or hidden in a directory."""
+    temps = directory / ".tmp"
+    found = [p.name for p in temps.iterdir()] if temps.is_dir() else []
+    found += [p.name for p in directory.rglob(".*") if p.is_file() and p.parent != temps]
+    return sorted(found)
+
+
+def image_writer(out: Path) -> ImageWriter:
+    store = LocalStore(out)
+    store.clean_temps()  # as the engine does once it holds the directory's lock
+    return ImageWriter(store)
 
 
 # --- decode_b64_image -------------------------------------------------------------------------
@@ -167,7 +177,7 @@ def test_a_spooled_svg_is_parsed_from_its_file(tmp_path: Path) -> None:
     check_image(gif_bytes(), "gif")
 
 
-# --- ImageStore -------------------------------------------------------------------------------
+# --- ImageWriter over a LocalStore -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -176,7 +186,7 @@ def test_a_spooled_svg_is_parsed_from_its_file(tmp_path: Path) -> None:
 def test_save_writes_named_files_under_images(
     tmp_path: Path, fmt: str, ext: str, data: bytes
 ) -> None:
-    store = ImageStore(tmp_path)
+    store = image_writer(tmp_path)
     other = image_bytes(fmt, (0, 0, 255))
     stored = store.save("cat-01", [data, other], fmt)
 
@@ -195,37 +205,39 @@ def test_save_writes_named_files_under_images(
 
 def test_save_returns_stored_files_in_order(tmp_path: Path) -> None:
     images = [image_bytes("png", (i * 40, 0, 0)) for i in range(4)]
-    stored = ImageStore(tmp_path).save("x", images, "png")
+    stored = image_writer(tmp_path).save("x", images, "png")
     assert stored == [
         StoredFile(f"images/x-{i}.png", len(d), hashlib.sha256(d).hexdigest())
         for i, d in enumerate(images)
     ]
 
 
-def test_store_creates_the_images_directory(tmp_path: Path) -> None:
+def test_saving_creates_the_images_directory(tmp_path: Path) -> None:
     out = tmp_path / "deep" / "out"
-    ImageStore(out)
-    assert (out / "images").is_dir()
+    image_writer(out).save("x", [PNG], "png")
+    assert (out / "images" / "x-0.png").read_bytes() == PNG
 
 
-def test_stale_temp_files_are_removed_when_a_store_is_opened(tmp_path: Path) -> None:
-    images = tmp_path / "images"
+def test_stale_temp_files_are_removed_when_the_temp_area_is_cleaned(tmp_path: Path) -> None:
+    temps, images = tmp_path / ".tmp", tmp_path / "images"
+    temps.mkdir()
     images.mkdir()
-    stale = [images / ".cat-0.png.1a2b3c4d.part", images / ".x-3.webp.deadbeef.part"]
+    stale = [temps / "cat-0.png.1a2b3c4d0", temps / ".spool-deadbeef.part"]
     for path in stale:
         path.write_bytes(b"half an image")
     keep = images / "cat-0.png"
     keep.write_bytes(PNG)
 
-    ImageStore(tmp_path)
+    LocalStore(tmp_path).clean_temps()
 
     assert not any(p.exists() for p in stale)
     assert keep.read_bytes() == PNG
 
 
 def test_existing_file_is_moved_to_orphans_not_overwritten(tmp_path: Path) -> None:
-    store = ImageStore(tmp_path)
+    store = image_writer(tmp_path)
     old = image_bytes("png", (1, 2, 3))
+    (tmp_path / "images").mkdir()
     (tmp_path / "images" / "cat-0.png").write_bytes(old)
 
     (stored,) = store.save("cat", [PNG], "png")
@@ -238,7 +250,7 @@ def test_existing_file_is_moved_to_orphans_not_overwritten(tmp_path: Path) -> No
 
 
 def test_saving_the_same_stem_twice_keeps_both_versions(tmp_path: Path) -> None:
-    store = ImageStore(tmp_path)
+    store = image_writer(tmp_path)
     first, second = image_bytes("png", (9, 9, 9)), image_bytes("png", (99, 99, 99))
     store.save("dup", [first], "png")
     store.save("dup", [second], "png")
@@ -247,7 +259,7 @@ def test_saving_the_same_stem_twice_keeps_both_versions(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
-# --- BatchedStore: the engine's writer threads ---------------------------------------------------
+# --- BatchedWriter: the engine's writer threads ---------------------------------------------------
 
 
 def spooled(directory: Path, data: bytes) -> SpooledImage:
@@ -260,14 +272,14 @@ def spooled(directory: Path, data: bytes) -> SpooledImage:
 
 
 async def test_batched_store_keeps_every_concurrent_item_intact(tmp_path: Path) -> None:
-    store = ImageStore(tmp_path)
+    store = image_writer(tmp_path)
     big = image_bytes("png", (1, 2, 3)) + bytes(300_000)  # spooled: over the in-memory limit
     items: dict[str, list[bytes | SpooledImage]] = {
         f"item{i}": [image_bytes("png", (i, i, i)), image_bytes("png", (i, 0, 255))]
         for i in range(120)
     }
-    items["spooled"] = [spooled(store.images_dir, big)]
-    writer = BatchedStore(store, threads=4)
+    items["spooled"] = [spooled(store.store.temp_dir, big)]
+    writer = BatchedWriter(store, threads=4)
     results: dict[str, list[StoredFile]] = {}
 
     async def save(stem: str) -> None:
@@ -290,17 +302,19 @@ async def test_batched_store_keeps_every_concurrent_item_intact(tmp_path: Path) 
     assert leftovers(tmp_path) == []
 
 
-class RefusesOne(ImageStore):
+class RefusesOne(LocalStore):
     """A store whose disk refuses the files of one stem (as ENOSPC would), and only those."""
 
-    def _stage_one(self, name: str, data: Any) -> Staged:
-        if name.startswith("doomed-1"):  # the second image: the first is already staged
+    def new_temp(self, hint: str) -> Path:
+        if hint.startswith("doomed-1"):  # the second image: the first is already staged
             raise OSError(errno.ENOSPC, "No space left on device")
-        return super()._stage_one(name, data)
+        return super().new_temp(hint)
 
 
 async def test_a_refused_item_fails_alone_and_leaves_no_temp_files(tmp_path: Path) -> None:
-    writer = BatchedStore(RefusesOne(tmp_path), threads=2)
+    store = RefusesOne(tmp_path)
+    store.clean_temps()
+    writer = BatchedWriter(ImageWriter(store), threads=2)
     outcome: dict[str, str] = {}
 
     async def save(stem: str) -> None:
@@ -339,9 +353,9 @@ async def test_two_threads_publishing_one_name_keep_both_files(
                 barrier.wait()
         return found
 
-    monkeypatch.setattr(writer_module.os.path, "lexists", lexists)
+    monkeypatch.setattr(local_store.os.path, "lexists", lexists)
     monkeypatch.setattr(writer_module, "MAX_BATCH", 1)  # one job per thread
-    writer = BatchedStore(ImageStore(tmp_path), threads=2)
+    writer = BatchedWriter(image_writer(tmp_path), threads=2)
     writer._start_thread()
     writer._start_thread()
     first, second = image_bytes("png", (1, 1, 1)), image_bytes("png", (2, 2, 2))

@@ -1,4 +1,4 @@
-"""Dataset-ready output: `DIR/metadata.jsonl`, one row per image, beside `DIR/images/`.
+"""The imagefolder layout: `DIR/metadata.jsonl`, one row per image, beside `DIR/images/`.
 
 With it, `datasets.load_dataset("imagefolder", data_dir=DIR)` loads the output directory as it
 is: `file_name` (relative to DIR) plus the prompt, the request parameters, the item id, the image
@@ -18,16 +18,19 @@ ok, so rows are never duplicated.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
-from .ledger import LedgerWriter
-from .writer import atomic_file
+from ..errors import UsageError
+from ..ledger import LedgerRecord, LedgerWriter
+from ..stores import Store
+from ..writer import IMAGES_DIR, atomic_file
 
 METADATA_NAME = "metadata.jsonl"
+SHARDS_DIR = "shards"  # the other layout's: a directory keeps the layout it started with
 SVG_METADATA_NAME = "metadata-svg.jsonl"
 _PARAMS = (
     "model",
@@ -41,9 +44,10 @@ _PARAMS = (
 )
 
 
-def metadata_rows(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def metadata_rows(record: LedgerRecord) -> Iterator[dict[str, Any]]:
     """The rows for one ok ledger record, one per image file."""
-    for index, file_name in enumerate(record.get("files") or []):
+    files = record.get("files")
+    for index, file_name in enumerate(files if isinstance(files, list) else []):
         row: dict[str, Any] = {"file_name": file_name, "prompt": record.get("prompt")}
         row.update({key: record.get(key) for key in _PARAMS})
         row.update({"id": record["id"], "image_index": index, "line": record.get("line")})
@@ -56,14 +60,14 @@ def _is_svg(row: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def rebuild_metadata(out_dir: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
+def rebuild_metadata(out_dir: Path) -> Iterator[Callable[[LedgerRecord], None]]:
     """Write metadata.jsonl (and metadata-svg.jsonl, if any SVG is ok) afresh, atomically,
     from the ok records given to the yielded adder."""
     with contextlib.ExitStack() as stack:
         raster = stack.enter_context(atomic_file(out_dir / METADATA_NAME))
         vector: list[BinaryIO] = []
 
-        def add(record: dict[str, Any]) -> None:
+        def add(record: LedgerRecord) -> None:
             for row in metadata_rows(record):
                 if _is_svg(row):
                     if not vector:
@@ -86,7 +90,7 @@ class MetadataWriter:
         self._writer = LedgerWriter(out_dir / METADATA_NAME)  # the same whole-line appends
         self._svg: LedgerWriter | None = None
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: LedgerRecord) -> None:
         for row in metadata_rows(record):
             if _is_svg(row):
                 if self._svg is None:
@@ -109,4 +113,54 @@ class MetadataWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ImageFolderLayout:
+    """Images stay loose under `images/`; `metadata.jsonl` is rebuilt from the ledger as it is
+    read for resuming, then kept in step (an `OutputLayout`, see `base`)."""
+
+    def __init__(self, out_dir: Path, store: Store) -> None:
+        self.out_dir = out_dir
+        self.store = store
+        self._rebuild = contextlib.ExitStack()
+        self._add_rows: Callable[[LedgerRecord], None] | None = None
+        self._writer: MetadataWriter | None = None
+
+    @property
+    def images_at(self) -> str:
+        return f"{self.store.location}/{IMAGES_DIR}"
+
+    def prepare(self) -> None:
+        if any(name.endswith(".tar") for name in self.store.list(SHARDS_DIR)):
+            raise UsageError(
+                f"{self.out_dir} holds webdataset shards: re-run with --format webdataset (a "
+                "directory keeps the layout it was started with)"
+            )
+        self._add_rows = self._rebuild.enter_context(rebuild_metadata(self.out_dir))
+
+    def restore(self, record: LedgerRecord) -> None:
+        assert self._add_rows is not None, "prepare() first"
+        self._add_rows(record)
+
+    def resumed(self, done: Container[str]) -> None:
+        self._rebuild.close()  # the rebuilt files replace the old ones, whole
+        self._writer = MetadataWriter(self.out_dir)
+
+    def add(self, record: LedgerRecord) -> None:
+        assert self._writer is not None, "resumed() first"
+        self._writer.add(record)
+
+    def sync(self) -> None:
+        if self._writer is not None:
+            self._writer.sync()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def abort(self) -> None:
+        # A rebuild cut short leaves the old files as they were (its temp files are removed).
+        self._rebuild.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
         self.close()

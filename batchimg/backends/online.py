@@ -1,8 +1,11 @@
-"""HTTP client for the Images API: one aiohttp session per run, one request per call.
+"""The online backend: the Images API over HTTP, one aiohttp session per run, one request per
+attempt.
 
-`ImagesClient.generate` sends exactly one request and either returns the parsed answer or
-raises an `errors.RequestError` subclass saying whether to retry; retrying is the caller's job
-(see `retry.py`). The API key only ever lives in request headers.
+`OnlineBackend.send` sends exactly one request and either returns the parsed answer or raises an
+`errors.RequestError` subclass saying whether to retry; retrying is the engine's job (see
+`retry.py`). Providers differ only by their `profiles.Profile` (paths, auth header). Answers
+stream into the temp area it is given (`spool_dir`, which the output store owns): the backend
+never writes anywhere else. The API key only ever lives in request headers.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ._spool import BadBase64, ImageSink, ResponseSpool, SpooledImage, SpoolError, discard
-from .config import ClientConfig
-from .errors import (
+from .._spool import BadBase64, ImageSink, ResponseSpool, SpooledImage, SpoolError, discard
+from ..errors import (
     ErrorInfo,
     ItemFailed,
     RequestError,
@@ -32,9 +34,12 @@ from .errors import (
     TransportError,
     classify,
 )
-from .inputs import InputFile
-from .limiter import RateLimitHeaders
-from .specs import ANSWER_SLACK
+from ..inputs import InputFile
+from ..limiter import RateLimitHeaders
+from ..manifest import Item
+from ..specs import ANSWER_SLACK
+from .base import Answer
+from .profiles import DEFAULT_AZURE_API_VERSION, PROFILES, Profile, Secret
 
 USER_AGENT = "batchimg/0.1"
 #: Read at most this much of an error answer or a model list (the API's are a few hundred bytes).
@@ -53,19 +58,28 @@ _ECHO = {
 MAX_RETRY_AFTER_S = 1e6  # beyond it a number is noise; the limiter honours at most a minute
 
 
-@dataclass(frozen=True)
-class ImagesResult:
-    """A successful answer: the `data` entries, `usage` verbatim (whatever its shape: read it
-    with `usage.read_usage`), and how long it took."""
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """How to reach the API: where, with which key, as which provider, how patiently."""
 
-    data: list[dict[str, Any]]
-    usage: Any
-    request_id: str | None
-    latency_s: float
-    echo: dict[str, Any]  # size / quality / output_format / background, where the API said
-    ratelimit: RateLimitHeaders | None = None
-    #: Usage billed apart from `usage` (e.g. `svg_usage`, the SVG author's tokens), verbatim.
-    extra_usage: dict[str, Any] | None = None
+    base_url: str
+    api_key: Secret  # its repr never shows the key
+    profile: Profile = PROFILES["openai"]
+    deployment: str | None = None  # Azure: the deployment (default: the model name)
+    api_version: str = DEFAULT_AZURE_API_VERSION  # Azure: the api-version query parameter
+    connect_timeout_s: float = 30.0
+    timeout_s: float = 600.0
+
+    def endpoint_url(self, endpoint: str, model: str) -> str:
+        return self.profile.endpoint_url(
+            self.base_url, endpoint, model, deployment=self.deployment, api_version=self.api_version
+        )
+
+    def models_url(self) -> str | None:
+        return self.profile.models_url(self.base_url)
+
+    def auth_headers(self) -> dict[str, str]:
+        return self.profile.auth_headers(self.api_key)
 
 
 def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
@@ -98,7 +112,7 @@ def _should_retry(headers: Any) -> bool | None:
     return {"true": True, "false": False}.get(value)
 
 
-class ImagesClient:
+class OnlineBackend:
     """Sends image requests over one pooled session; use as an async context manager."""
 
     def __init__(
@@ -111,7 +125,7 @@ class ImagesClient:
         self._spool_dir = spool_dir
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> ImagesClient:
+    async def __aenter__(self) -> OnlineBackend:
         timeout = aiohttp.ClientTimeout(
             total=self._config.timeout_s, sock_connect=self._config.connect_timeout_s
         )
@@ -129,19 +143,35 @@ class ImagesClient:
             self._session = None
 
     @property
-    def base_url(self) -> str:
+    def where(self) -> str:
         """Where requests go (for messages: it never carries the key)."""
         return self._config.base_url
 
     @property
+    def models_url(self) -> str | None:
+        """Where the provider lists its models (None: it has no such list)."""
+        return self._config.models_url()
+
+    def check(self, item: Item) -> ErrorInfo | None:
+        """What this provider cannot be sent: an endpoint its profile does not serve."""
+        if item.endpoint in self._config.profile.endpoints:
+            return None
+        message = f"{self._config.profile.name} does not serve images/{item.endpoint}"
+        return ErrorInfo(message=message, code="unsupported_endpoint", type="local_error")
+
+    async def send(self, item: Item, *, limit_bytes: int) -> Answer:
+        """One request for the item: a JSON generation, or a multipart edit."""
+        if item.endpoint == "edits":
+            return await self.edit(item.params, item.images, item.mask, limit_bytes=limit_bytes)
+        return await self.generate(item.params, limit_bytes=limit_bytes)
+
+    @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            raise RuntimeError("ImagesClient used outside 'async with'")
+            raise RuntimeError("OnlineBackend used outside 'async with'")
         return self._session
 
-    async def generate(
-        self, params: dict[str, Any], *, limit_bytes: int | None = None
-    ) -> ImagesResult:
+    async def generate(self, params: dict[str, Any], *, limit_bytes: int | None = None) -> Answer:
         """POST one generations request; raise a RequestError subclass on any failure.
 
         `limit_bytes`: the most of a 2xx body that is read (decompressed); an answer beyond it
@@ -157,7 +187,7 @@ class ImagesClient:
         mask: InputFile | None = None,
         *,
         limit_bytes: int | None = None,
-    ) -> ImagesResult:
+    ) -> Answer:
         """POST one edits request (multipart); the body is built afresh for every call."""
         url = self._config.endpoint_url("edits", str(params.get("model", "")))
         with contextlib.ExitStack() as files:
@@ -180,7 +210,7 @@ class ImagesClient:
 
     async def _post(
         self, url: str, body: Any, headers: dict[str, str], limit_bytes: int | None
-    ) -> ImagesResult:
+    ) -> Answer:
         started = time.monotonic()
         spooled: list[bytes | SpooledImage] = []
         limit = limit_bytes or DEFAULT_LIMIT_BYTES
@@ -236,7 +266,7 @@ class ImagesClient:
         extra = {
             k: v for k, v in parsed.items() if k.endswith("_usage") and isinstance(v, dict) and v
         }
-        return ImagesResult(
+        return Answer(
             data=data,
             usage=usage,
             request_id=request_id,
@@ -310,7 +340,7 @@ class ImagesClient:
             if isinstance(entry, dict) and isinstance(entry.get("id"), str)
         }
 
-    async def download(self, url: str, *, limit_bytes: int | None = None) -> bytes | SpooledImage:
+    async def fetch(self, url: str, *, limit_bytes: int | None = None) -> bytes | SpooledImage:
         """Fetch an image `url` answer (they expire, so at once); no API key is sent with it.
 
         Streamed into the spool directory (memory holds one chunk, and small images); more than

@@ -1,0 +1,78 @@
+"""The Backend interface: how one attempt at an item becomes an answer.
+
+The engine's item runner owns everything around an attempt (the budget, the rate limiter,
+retries, turning answers into stored bytes); a backend owns only the wire. It takes one item,
+returns an `Answer` (the images, or where to fetch them, with `usage` and the request id) or
+raises a `RequestError` subclass that says whether trying again can help, and fetches the
+`url` images an answer points at. It also has its own rules (`check`): what it cannot send.
+
+Implementations:
+- `online.OnlineBackend`: one HTTP request per attempt (OpenAI, Azure, gateways: `profiles`).
+- A batch backend (OpenAI's Batch API) fits the same shape: `send` adds the item's line to the
+  input file being built and waits for its line in the output file; the backend decides when a
+  file is full, uploads it, polls, and streams the results back to the waiting attempts. See
+  ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from .._spool import SpooledImage
+    from ..errors import ErrorInfo
+    from ..limiter import RateLimitHeaders
+    from ..manifest import Item
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A successful answer: the `data` entries, `usage` verbatim (whatever its shape: read it
+    with `usage.read_usage`), and how long it took.
+
+    Each `data` entry is the API's (`b64_json`, `url`, ...); where the backend already decoded an
+    image into its temp area, the entry carries it as `"spooled"` (bytes or a `SpooledImage`).
+    """
+
+    data: list[dict[str, Any]]
+    usage: Any
+    request_id: str | None
+    latency_s: float
+    echo: dict[str, Any]  # size / quality / output_format / background, where the API said
+    ratelimit: RateLimitHeaders | None = None
+    #: Usage billed apart from `usage` (e.g. `svg_usage`, the SVG author's tokens), verbatim.
+    extra_usage: dict[str, Any] | None = None
+
+
+class Backend(Protocol):
+    """Items in, answers out; see the module docstring. Used as an async context manager."""
+
+    @property
+    def where(self) -> str:
+        """Where requests go, for messages (never carries a key)."""
+        ...
+
+    def check(self, item: Item) -> ErrorInfo | None:
+        """Why this backend cannot send the item (its own rules), or None."""
+        ...
+
+    async def send(self, item: Item, *, limit_bytes: int) -> Answer:
+        """One attempt. `limit_bytes`: the most of an answer that is read (decompressed); more
+        fails the item. Raises a RequestError subclass (see `errors`)."""
+        ...
+
+    async def fetch(self, url: str, *, limit_bytes: int) -> bytes | SpooledImage:
+        """An image an answer points at (`url` entries), at most `limit_bytes`."""
+        ...
+
+    async def __aenter__(self) -> Backend: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

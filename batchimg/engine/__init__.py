@@ -1,0 +1,23 @@
+"""The engine: the one place that wires manifest → backend → store → ledger.
+
+run.py      Engine, the run supervisor: lock, task groups, watchers, signals, workers
+items.py    ItemRunner: attempts, budget, rate limiter, answers to stored bytes
+sink.py     ResultSink: ledger lines, the output layout, the summary
+records.py  the ledger lines the engine writes, and Charge (what an attempt cost)
+control.py  RunControl: the stop flag, what is in flight, warnings and events
+events.py   ProgressEvent, RunSnapshot and Summary: what the outside sees
+"""
+
+from .events import EventKind, ProgressCallback, ProgressEvent, RunSnapshot, Summary
+from .items import UNREACHABLE_AFTER
+from .run import Engine
+
+__all__ = [
+    "UNREACHABLE_AFTER",
+    "Engine",
+    "EventKind",
+    "ProgressCallback",
+    "ProgressEvent",
+    "RunSnapshot",
+    "Summary",
+]

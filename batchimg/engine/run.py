@@ -1,0 +1,308 @@
+"""The run supervisor: one manifest through the item runner, under a lock, with watchers.
+
+A producer streams the manifest into a bounded queue; `concurrency` workers take items from it
+and hand each to the item runner, which sends it through the backend, stores its images and
+gives its line to the result sink. Around them: the output directory's lock, a task that syncs
+the ledger every second, a stall watch and (from the CLI) the signal handlers.
+
+Stopping early, and what each way of stopping keeps:
+- run-fatal answer (bad key, no quota), a disk that refuses writes, or a stall (nothing finished
+  for `stall_timeout_s`): admission stops at once, in-flight requests finish (a stall cancels
+  them), items waiting to retry are abandoned, the rest of the manifest is only counted; exit 3.
+- first SIGINT/SIGTERM: the same, but in-flight requests and downloads get `grace_period_s` to
+  finish; exit 130. A second signal cancels whatever is still in flight (requests and
+  downloads alike; each keeps what it cost as a ledger line) and ends the run.
+Whatever happens, each ledger line is written whole after its files are durable, so a re-run of
+the same command picks up exactly what is missing.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Container
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ..backends import Backend
+from ..budget import Budget
+from ..catalog import Catalog
+from ..config import RunConfig
+from ..errors import StorageError
+from ..layouts import LayoutContext, open_layout
+from ..ledger import FSYNC_INTERVAL_S, LEDGER_NAME, read_ledger
+from ..limiter import Limiter
+from ..manifest import BadLine, Item, manifest_lines, read_manifest
+from ..outdir import exclusive
+from ..pricing import PriceTable
+from ..stores import Store
+from ..tokens import TokenBook
+from ..writer import BatchedWriter, ImageWriter
+from .control import RunControl
+from .events import ProgressCallback, ProgressEvent, RunSnapshot, Summary
+from .items import Abandoned, ItemRunner
+from .sink import ResultSink
+
+
+class Engine:
+    """Runs one manifest to completion (or to a stop); see the module docstring.
+
+    `backend` sends the requests (and is already open); `store` is where images go (the
+    backend spools into its temp area). `sleep` replaces real time in retry waits (tests).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        backend: Backend,
+        store: Store,
+        *,
+        progress: ProgressCallback | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        limiter: Limiter | None = None,
+    ) -> None:
+        self.config = config
+        options = config.options
+        self.store = store
+        catalog = config.catalog or Catalog.default()
+        self.summary = Summary(out_dir=config.out_dir, ledger_path=config.out_dir / LEDGER_NAME)
+        self.control = RunControl(self.summary, progress)
+        self.prices = PriceTable(catalog)
+        self.book = TokenBook()  # output tokens learned: this directory's ledger, then answers
+        self.budget = Budget(options.max_cost_usd)
+        self.limiter = limiter or Limiter(
+            rpm=options.rpm,
+            ipm=options.ipm,
+            tpm=options.tpm,
+            adaptive=options.adaptive_rate,
+            sleep=self._admission_wait,
+            note=self.control.warn_once,
+        )
+        self.sink = ResultSink(
+            self.control,
+            ledger_path=self.summary.ledger_path,
+            layout=open_layout(
+                options.layout,
+                LayoutContext(
+                    out_dir=config.out_dir,
+                    store=store,
+                    shard_size=options.images_per_shard,
+                    sync_ledger=self._sync_ledger_now,
+                ),
+            ),
+            catalog=catalog,
+            price_table=self.prices.name,
+            book=self.book,
+            budget=self.budget,
+            run_id=uuid.uuid4().hex[:12],  # tells this run's lines from other runs' ones
+        )
+        self.runner = ItemRunner(
+            self.control,
+            self.sink,
+            backend,
+            BatchedWriter(ImageWriter(store)),
+            catalog=catalog,
+            prices=self.prices,
+            book=self.book,
+            budget=self.budget,
+            limiter=self.limiter,
+            retry=options.retry_policy(),
+            max_answer_bytes=options.max_answer_bytes,
+            sleep=sleep,
+        )
+        self._done: Container[str] = frozenset()
+
+    def snapshot(self) -> RunSnapshot:
+        """The live counts, for a view (safe from another thread)."""
+        s = self.summary
+        return RunSnapshot(
+            ok=s.ok,
+            failed=s.failed,
+            skipped=s.skipped,
+            images=s.images,
+            in_flight=self.control.in_flight,
+            retrying=self.control.waiting_to_retry,
+            output_tokens=s.output_tokens,
+            cost_usd=s.cost_usd,
+            spent_usd=self.budget.spent_usd,
+            limiter=self.limiter.stats(),
+        )
+
+    def warn(self, message: str) -> None:
+        """A warning for the person running this, in the progress stream and the summary."""
+        self.control.warn(message)
+
+    def stop(self, reason: str, *, interrupted: bool = False) -> None:
+        """Stop admitting new items; in-flight ones finish. The first reason given is kept."""
+        self.control.stop(reason, interrupted=interrupted)
+
+    async def run(self, *, handle_signals: bool = False) -> Summary:
+        with exclusive(self.config.out_dir):
+            return await self._run_locked(handle_signals)
+
+    async def _run_locked(self, handle_signals: bool) -> Summary:
+        started = time.monotonic()
+        summary = self.summary
+        self.store.clean_temps()  # another run's would not be stale: hence the lock
+        state = self.sink.resume()
+        try:
+            own = summary.ledger_path.resolve()
+            for path in {p.resolve(): None for p in self.config.learn_from}:  # each ledger once
+                if path != own:  # other runs' answers: bounds known from the start
+                    for record in read_ledger(path):
+                        self.sink.learn(record)
+        except BaseException:
+            self.sink.layout.abort()
+            raise
+        self._done = state.done
+        self.control.emit(ProgressEvent("started", snapshot=self.snapshot))
+        try:
+            await self._run_all(handle_signals)
+        finally:
+            self.runner.writer.close()
+        summary.wall_s = time.monotonic() - started
+        summary.limiter = self.limiter.stats()
+        summary.spent_total_usd = self.budget.spent_usd
+        if self.runner.budget_short and summary.stop_reason is None:
+            summary.stop_reason = "budget"
+        if summary.stop_reason == "budget":
+            summary.stop_reason = self.budget.message(summary.not_attempted, summary.next_bound)
+            cap = self.budget.cap_usd or 0.0
+            summary.held_back_usd = max(0.0, cap - self.budget.spent_usd)
+        return summary
+
+    async def _run_all(self, handle_signals: bool) -> None:
+        """Feed every item through the workers, with the ledger and the layout open."""
+        sink, layout = self.sink, self.sink.layout
+        try:
+            sink.open()
+            try:
+                async with anyio.create_task_group() as outer:
+                    outer.start_soon(self._sync_ledger)
+                    outer.start_soon(self._watch_for_stalls)
+                    if handle_signals:
+                        outer.start_soon(self._watch_signals, outer)
+                    concurrency = self.config.options.concurrency
+                    send, receive = anyio.create_memory_object_stream[Item](
+                        max_buffer_size=concurrency * 2
+                    )
+                    async with anyio.create_task_group() as work:
+                        work.start_soon(self._produce, send)
+                        async with receive:
+                            for _ in range(concurrency):
+                                work.start_soon(self._work, receive.clone())
+                    outer.cancel_scope.cancel()
+                # The last shard (webdataset) is written here, off the event loop.
+                await anyio.to_thread.run_sync(layout.close)
+            except StorageError as exc:
+                self.control.stop(f"{exc}; free space, then re-run to pack the rest")
+            finally:
+                sink.close()
+        except BaseException:
+            layout.abort()
+            raise
+
+    def _sync_ledger_now(self) -> None:
+        """Make every ledger line written so far durable (called from the layout's thread)."""
+        self.sink.sync_now()
+
+    # -- the background watchers --
+
+    async def _sync_ledger(self) -> None:
+        while True:
+            await anyio.sleep(FSYNC_INTERVAL_S)
+            self.sink.sync()
+
+    async def _watch_for_stalls(self) -> None:
+        limit_s = self.config.options.stall_timeout_s
+        control = self.control
+        while True:
+            await anyio.sleep(min(1.0, limit_s / 4))
+            idle_s = time.monotonic() - control.last_progress
+            if control.in_flight and idle_s > limit_s:
+                control.stop(
+                    f"stalled: no request finished in {limit_s:g} s with {control.in_flight} in "
+                    "flight; check the network and the provider's status, then re-run"
+                )
+                control.cancel_items()  # the requests in flight are stuck: drop them
+                return
+
+    async def _watch_signals(self, outer: TaskGroup) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self.summary.interrupted:
+                    outer.cancel_scope.cancel()  # second signal: drop what is in flight now
+                    return
+                name = signal.Signals(signum).name
+                self.control.stop(f"{name}: finished in-flight requests", interrupted=True)
+                outer.start_soon(self._abort_after_grace)
+
+    async def _abort_after_grace(self) -> None:
+        await anyio.sleep(self.config.options.grace_period_s)
+        self.control.cancel_items()
+
+    async def _admission_wait(self, delay_s: float) -> None:
+        """Wait until the limiter lets the next request go, unless the run stops meanwhile."""
+        if await self.control.wait_or_stop(delay_s):
+            raise Abandoned
+
+    # -- producer and workers --
+
+    async def _produce(self, send: MemoryObjectSendStream[Item]) -> None:
+        control, summary, done = self.control, self.summary, self._done
+        async with send:
+            entries = read_manifest(
+                self.config.manifest,
+                self.config.options.defaults,
+                catalog=self.sink.catalog,
+                warn=control.warn,
+                inputs_dir=self.config.inputs_dir,
+            )
+            for count, entry in enumerate(entries):
+                if count % 256 == 0:
+                    await anyio.lowlevel.checkpoint()
+                if control.stopping:
+                    if control.interrupt_now:  # count what is left without reading it as items
+                        total = await anyio.to_thread.run_sync(self._count_entries)
+                        summary.not_attempted += max(0, total - count)
+                        return
+                    self._count_left(entry)  # say how much is left, send nothing
+                elif isinstance(entry, BadLine):
+                    self.sink.bad_line(entry)
+                elif entry.id in done:
+                    summary.skipped += 1
+                else:
+                    await send.send(entry)
+
+    def _count_entries(self) -> int:
+        return sum(1 for _ in manifest_lines(self.config.manifest))
+
+    def _count_left(self, entry: Item | BadLine) -> None:
+        if isinstance(entry, Item) and entry.id in self._done:
+            self.summary.skipped += 1
+        else:
+            self.summary.not_attempted += 1
+
+    async def _work(self, receive: MemoryObjectReceiveStream[Item]) -> None:
+        control, summary = self.control, self.summary
+        async with receive:
+            async for item in receive:
+                if control.stopping:
+                    summary.not_attempted += 1
+                    continue
+                with control.item_scope() as scope:
+                    try:
+                        await self.runner.run(item)
+                    except Abandoned:
+                        summary.not_attempted += 1
+                    except StorageError as exc:
+                        control.stop(
+                            f"{exc}; free space (or fix the output directory), then re-run"
+                        )
+                if scope.cancelled_caught:
+                    summary.not_attempted += 1

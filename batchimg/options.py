@@ -1,0 +1,261 @@
+"""Run options: every knob of `batchimg run`, with its default, defined once.
+
+`RunOptions` is what `batchimg.arun` takes, and the CLI is built from it: each field that has a
+`Flag` becomes one `batchimg run` option (`cli.run_options`), with the field's default as the
+flag's default. A renamed or retyped option is therefore caught by mypy at every call site, and
+the CLI, the Python API and the engine cannot disagree on a default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .backends.online import ClientConfig
+from .backends.profiles import PROFILES
+from .errors import UsageError
+from .layouts import DEFAULT_SHARD_SIZE, LAYOUT_NAMES, LAYOUTS, Layout
+from .manifest import Defaults
+from .retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
+    from .pricing import PriceTable
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a field appears on the command line: its declarations, help text and the rest of
+    `click.option`'s arguments (type, metavar, is_flag...)."""
+
+    decls: tuple[str, ...]
+    help: str
+    click: Mapping[str, Any]
+
+
+def _flag(default: Any, *decls: str, help: str, **click_args: Any) -> Any:
+    return field(default=default, metadata={"flag": Flag(decls, help, click_args)})
+
+
+def flag_of(name: str) -> Flag:
+    """The command-line form of one option (for commands other than `run` that share it)."""
+    return RunOptions.__dataclass_fields__[name].metadata["flag"]  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How to run: where the API is, how hard to push it, what to spend, how to lay out output.
+
+    Checked when made (UsageError, which the CLI turns into exit 2, for a bad combination).
+    """
+
+    # -- where the API is --
+    provider: str = _flag(
+        "openai",
+        "--provider",
+        help="API preset: default base URL and key variable.",
+        type=click.Choice(list(PROFILES)),
+    )
+    base_url: str | None = _flag(
+        None,
+        "--base-url",
+        help="API base URL, e.g. https://api.openai.com/v1 "
+        "(for azure: https://RESOURCE.openai.azure.com).",
+    )
+    api_key: str | None = field(default=None, repr=False)  # Python only: never a flag
+    api_key_env: str | None = _flag(
+        None,
+        "--api-key-env",
+        help="Read the API key from this environment variable instead of "
+        "BATCHIMG_API_KEY / the provider's usual one.",
+        metavar="NAME",
+    )
+    mock: bool = _flag(
+        False,
+        "--mock",
+        help="Run against the embedded mock server (no key, no network, real images).",
+        is_flag=True,
+    )
+    azure_deployment: str | None = _flag(
+        None, "--azure-deployment", help="Azure deployment name (default: the model name)."
+    )
+    azure_api_version: str = _flag(
+        ClientConfig.api_version, "--azure-api-version", help="Azure api-version query parameter."
+    )
+    check_models: bool = _flag(
+        False,
+        "--check-models",
+        help="Before sending, ask the server's GET /models whether it still serves the "
+        "manifest's models; exit 2 if one is missing or past its shutdown date.",
+        is_flag=True,
+    )
+
+    # -- how hard to push it --
+    concurrency: int = _flag(
+        8, "--concurrency", help="Requests in flight at most.", type=click.IntRange(min=1)
+    )
+    max_attempts: int = _flag(
+        RetryPolicy.max_attempts,
+        "--max-attempts",
+        help="Tries per item for rate limits, 5xx and network errors.",
+        type=click.IntRange(min=1),
+    )
+    backoff_base_s: float = RetryPolicy.backoff_base_s  # Python only, as the next
+    max_backoff_s: float = RetryPolicy.max_backoff_s
+    item_deadline_s: float | None = _flag(
+        None,
+        "--item-deadline",
+        help="Seconds after an item's first try when no new try starts (default: no deadline).",
+        type=click.FloatRange(min=1),
+    )
+    rpm: float | None = _flag(
+        None,
+        "--rpm",
+        help="Requests per minute to send at most (default: learn from the server).",
+        type=click.FloatRange(min=0.01),
+    )
+    ipm: float | None = _flag(
+        None,
+        "--ipm",
+        help="Images per minute at most; a request counts its n (gpt-image tiers: 5-250).",
+        type=click.FloatRange(min=0.01),
+    )
+    tpm: float | None = _flag(
+        None,
+        "--tpm",
+        help="Tokens per minute at most, estimated from the published token table.",
+        type=click.FloatRange(min=1),
+    )
+    adaptive_rate: bool = _flag(
+        True,
+        "--no-adaptive",
+        help="Do not learn limits from x-ratelimit-* headers and 429s; use only --rpm/--ipm/--tpm.",
+        is_flag=True,
+        flag_value=False,
+    )
+    stall_timeout_s: float = _flag(
+        900.0,
+        "--stall-timeout",
+        help="Stop the run (exit 3) if no request finishes for this many seconds.",
+        type=click.FloatRange(min=1),
+    )
+    grace_period_s: float = _flag(
+        30.0,
+        "--grace-period",
+        help="After the first Ctrl-C, seconds in-flight requests get to finish.",
+        type=click.FloatRange(min=0),
+    )
+    timeout_s: float = _flag(
+        ClientConfig.timeout_s,
+        "--timeout",
+        help="Seconds one request may take in all.",
+        type=click.FloatRange(min=1),
+    )
+    connect_timeout_s: float = _flag(
+        ClientConfig.connect_timeout_s,
+        "--connect-timeout",
+        help="Seconds to wait for a connection.",
+        type=click.FloatRange(min=0.1),
+    )
+
+    # -- what to spend, and what to accept --
+    max_cost_usd: float | None = _flag(
+        None,
+        "--max-cost",
+        help="Budget cap in USD, never exceeded: each request's worst case is reserved before "
+        "it is sent. Spend already in this --out ledger counts against it, so raising the cap "
+        "and re-running continues where the money ran out.",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="USD",
+    )
+    prices: str | Path | PriceTable | None = _flag(
+        None,
+        "--prices",
+        help="JSON price file that overrides or extends the built-in prices, per model.",
+        type=click.Path(dir_okay=False, path_type=Path),
+    )
+    catalog: str | Path | Catalog | None = _flag(
+        None,
+        "--catalog",
+        help="JSON catalog file that overlays or extends the built-in one per model (rules, "
+        "token accounting, prices, lifecycle): same shape as batchimg/catalog.json.",
+        type=click.Path(dir_okay=False, path_type=Path),
+    )
+    from_ledger: tuple[str | Path, ...] = _flag(
+        (),
+        "--from-ledger",
+        help="Other runs' output directories (or ledgers) whose answers bound what requests "
+        "like them cost, so --max-cost starts from learned token counts (repeat for several).",
+        multiple=True,
+        metavar="DIR_OR_LEDGER",
+    )
+    max_answer_mb: float | None = _flag(
+        None,
+        "--max-answer-mb",
+        help="The most an answer (or a downloaded image) may weigh, decompressed; more fails "
+        "its item. [default: derived per request from its size, format, frames and n]",
+        type=click.FloatRange(min=0.01),
+        metavar="MB",
+    )
+
+    # -- how the output is laid out --
+    layout: Layout = _flag(
+        "imagefolder",
+        "--format",
+        help="Output layout: imagefolder (images/ + metadata.jsonl, loads with `datasets`) or "
+        "webdataset (tar shards under shards/, each image with its .json and .txt).",
+        type=click.Choice(LAYOUT_NAMES),
+    )
+    shard_size: int | None = _flag(
+        None,
+        "--shard-size",
+        help="Images per webdataset shard (the last may be shorter). "
+        f"[default: {DEFAULT_SHARD_SIZE}]",
+        type=click.IntRange(min=1),
+    )
+
+    # -- what manifest lines leave out (their flags: `cli.default_options`) --
+    defaults: Defaults = field(default_factory=Defaults)
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROFILES:
+            choices = ", ".join(PROFILES)
+            raise UsageError(f"unknown provider {self.provider!r}: choose one of {choices}")
+        if self.concurrency < 1:
+            raise UsageError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.max_attempts < 1:
+            raise UsageError(f"max attempts must be at least 1, got {self.max_attempts}")
+        if self.stall_timeout_s <= 0 or self.grace_period_s < 0:
+            raise UsageError("stall timeout must be > 0 and grace period >= 0")
+        if self.max_cost_usd is not None and not self.max_cost_usd > 0:
+            raise UsageError(
+                f"--max-cost must be a positive amount in USD, got {self.max_cost_usd}"
+            )
+        if self.layout not in LAYOUTS:  # the registry, which a program may extend
+            raise UsageError(f"unknown --format {self.layout!r}: choose {' or '.join(LAYOUTS)}")
+        if self.shard_size is not None:
+            if self.layout != "webdataset":
+                raise UsageError("--shard-size needs --format webdataset")
+            if self.shard_size < 1:
+                raise UsageError(f"shard size must be at least 1, got {self.shard_size}")
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            backoff_base_s=self.backoff_base_s,
+            max_backoff_s=self.max_backoff_s,
+            deadline_s=self.item_deadline_s,
+        )
+
+    @property
+    def images_per_shard(self) -> int:
+        return self.shard_size or DEFAULT_SHARD_SIZE
+
+    @property
+    def max_answer_bytes(self) -> int | None:
+        """The most an answer may weigh; None: derived per request (`specs.max_answer_bytes`)."""
+        return None if self.max_answer_mb is None else int(self.max_answer_mb * 2**20)
