@@ -268,7 +268,8 @@ def format_summary(summary: Summary, *, warnings_shown: bool = True) -> str:
         f"  wall time: {s.wall_s:.1f} s   images: {s.images_at or s.out_dir / 'images'}"
         f"   ledger: {s.ledger_path}",
     ]
-    if s.limiter is not None and (s.limiter.rate_limited or s.limiter.learned_rpm):
+    # Limits learned from headers are said only when they bit (every answer carries them).
+    if s.limiter is not None and (s.limiter.rate_limited or s.limiter.paused_s > 0):
         lim = s.limiter
         learned = ", ".join(
             f"{value:,} {unit}"

@@ -4,7 +4,7 @@
     python benchmarks/run.py --smoke              # tiny sizes: what CI runs so this never rots
     python benchmarks/run.py --only payload --repeat 3
 
-Scenarios (issue 8): overhead (1,500 tiny images, no latency, concurrency 32), payload (120
+Scenarios: overhead (1,500 tiny images, no latency, concurrency 32), payload (120
 photo-sized images, ~3.4 MB of base64 each, concurrency 32, plus the floor: a loop that only
 decodes and writes the same images), scale (peak RSS with a 1,000,000-line manifest against a
 1,000-line one; the big run stops at a --max-cost cap after ~2,000 items, then counts the rest),

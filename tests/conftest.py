@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -11,6 +12,8 @@ from batchimg.mock import MockConfig, MockServer
 from tests.helpers import threaded_mock
 
 TEST_KEY = "sk-test-0123456789abcdef"
+
+StartMock = Callable[..., Awaitable[MockServer]]
 
 
 @pytest.fixture
@@ -41,3 +44,30 @@ def slow_server() -> Iterator[MockServer]:
     process while requests are in flight."""
     with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.3)) as server:
         yield server
+
+
+@pytest.fixture
+async def start_mock() -> AsyncIterator[StartMock]:
+    """Factory: start a MockServer with the given MockConfig fields; all stopped afterwards."""
+    servers: list[MockServer] = []
+
+    async def start(**config: Any) -> MockServer:
+        server = MockServer(MockConfig(**config))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def mock(start_mock: StartMock) -> MockServer:
+    return await start_mock()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

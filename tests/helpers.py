@@ -36,7 +36,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-#: Every field of the ledger contract in shared/DESIGN.md.
+#: Every field of the ledger contract (README, "What you get"; `ledger.LedgerRecord`).
 LEDGER_FIELDS = {
     "id", "line", "status", "endpoint", "model", "prompt", "n", "size", "quality",
     "output_format", "files", "bytes", "sha256", "usage", "cost_usd", "price_table",

@@ -1,7 +1,7 @@
 """Hostile or broken answers: no answer can exhaust memory, hang a stop or crash the run.
 
 Each case runs the real CLI in a child process against `tests.hostile.HostileServer` and reads
-the child's own peak RSS (os.wait4). The bar (issue 13): under 400 MB against every bomb.
+the child's own peak RSS (os.wait4). The bar: under 400 MB against every bomb.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def test_churn_of_add_and_discard_keeps_membership_exact() -> None:
 
 
 def test_a_million_ids_fit_in_about_six_bytes_each() -> None:
-    # The scale bar (issue 8): memory may grow by little more than 5 MiB per million lines.
+    # The scale bar: memory may grow by little more than 5 MiB per million lines.
     import tracemalloc
 
     tracemalloc.start()

@@ -218,7 +218,7 @@ async def test_no_request_reaches_the_server_during_a_global_pause(
 
 async def test_a_wait_no_per_minute_limit_needs_is_capped_at_a_minute_and_said_once() -> None:
     """Retry-After: 999999999 or an x-ratelimit-reset of 99999h is a broken header: pausing all
-    admission that long would stall the run (issue 13)."""
+    admission that long would stall the run."""
     clock = FakeClock()
     notes: list[tuple[str, str]] = []
     lim = Limiter(clock=clock, sleep=clock.sleep, note=lambda k, m: notes.append((k, m)))

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -24,38 +24,10 @@ from PIL import Image
 
 from batchimg import specs
 from batchimg.mock import MockConfig, MockServer, decide_fault
+from tests.conftest import StartMock
 
 KEY = "sk-mock-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-StartMock = Callable[..., Awaitable[MockServer]]
-
-
-@pytest.fixture
-async def start_mock() -> AsyncIterator[StartMock]:
-    """Factory: start a MockServer with the given MockConfig fields; all stopped afterwards."""
-    servers: list[MockServer] = []
-
-    async def start(**config: Any) -> MockServer:
-        server = MockServer(MockConfig(**config))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.stop()
-
-
-@pytest.fixture
-async def mock(start_mock: StartMock) -> MockServer:
-    return await start_mock()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def generate(
@@ -127,12 +99,14 @@ async def test_generations_returns_n_images_of_requested_size_format_and_usage(
     images = [decode(item["b64_json"]) for item in payload["data"]]
     assert [(i.format, i.size) for i in images] == [(pil_format, (1536, 1024))] * 3
     text = specs.estimate_text_tokens("a red fox")
-    # API_NOTES output-token table: low 1536x1024 = 400 per image.
+    # API_NOTES output-token table: low 1536x1024 = 400 per image; the output split as
+    # openai-python's `Usage.output_tokens_details` has it (image models write no text).
     assert payload["usage"] == {
         "total_tokens": text + 1200,
         "input_tokens": text,
         "output_tokens": 1200,
         "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
+        "output_tokens_details": {"image_tokens": 1200, "text_tokens": 0},
     }
     assert (payload["output_format"], payload["size"], payload["quality"]) == (
         fmt,
@@ -585,10 +559,19 @@ async def test_edit_form_fields_are_validated_like_json(
     assert (status, payload["error"]["param"]) == (400, "n")
 
 
-async def test_edit_needs_a_multipart_body(mock: MockServer, http: aiohttp.ClientSession) -> None:
+async def test_edit_needs_a_multipart_or_json_body(
+    mock: MockServer, http: aiohttp.ClientSession
+) -> None:
     url = f"{mock.base_url}/images/edits"
-    async with http.post(url, json={"prompt": "p"}, headers=AUTH) as resp:
+    async with http.post(url, data=b"prompt=p", headers=AUTH) as resp:
         assert resp.status == 400
+        assert (
+            "multipart/form-data or an application/json" in (await resp.json())["error"]["message"]
+        )
+    async with http.post(url, json={"prompt": "p"}, headers=AUTH) as resp:  # JSON, no images
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+        assert (error["param"], error["code"]) == ("images", "missing_required_parameter")
 
 
 # -- serve() --------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 The SDK sends generations as JSON and edits as multipart with a list of images as repeated
 `image[]` parts (verified against openai-python's `images.edit`, which extracts files at paths
-`image` and `image.<array>` with the bracket array format).
+`image` and `image.<array>` with the bracket array format). With `stream=True` it reads
+server-sent events into `ImageGen...Event` / `ImageEdit...Event` models chosen by the `type`
+field of each event's data. It has no method for the JSON edit body (`images: [{image_url} |
+{file_id}]`), so those go through its generic `client.post`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,13 @@ from xml.etree import ElementTree
 
 import openai
 import pytest
+from openai.types import (
+    ImageEditCompletedEvent,
+    ImageEditPartialImageEvent,
+    ImageGenCompletedEvent,
+    ImageGenPartialImageEvent,
+    ImagesResponse,
+)
 from PIL import Image
 
 from batchimg.mock import MockConfig, MockServer
@@ -223,3 +233,168 @@ def test_as_openai_itself_a_retired_model_is_not_found() -> None:
             client.images.generate(model="gpt-image-1", prompt="p")
         assert caught.value.code == "model_not_found"
         assert client.images.generate(model="gpt-image-2", prompt="p").data
+
+
+# -- streaming, JSON edits and headers (issue 14): the SDK's own methods where it has them -----
+
+
+def decode_image(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def test_streamed_generation_sends_each_partial_image_then_the_completed_one(
+    client: openai.OpenAI, server: MockServer
+) -> None:
+    stream = client.images.generate(
+        model="gpt-image-1", prompt="a lighthouse, streamed", size="1536x1024", quality="low",
+        output_format="jpeg", stream=True, partial_images=3,
+    )  # fmt: skip
+    events = list(stream)
+
+    partials, completed = events[:-1], events[-1]
+    assert [type(e) for e in partials] == [ImageGenPartialImageEvent] * 3
+    assert [e.partial_image_index for e in partials] == [0, 1, 2]
+    assert isinstance(completed, ImageGenCompletedEvent)
+    for event in events:
+        image = decode_image(event.b64_json)
+        assert (image.format, image.size) == ("JPEG", (1536, 1024))
+        assert (event.size, event.quality, event.output_format) == ("1536x1024", "low", "jpeg")
+        assert event.background == "opaque"
+    # Drafts are real images, but not the final one: each is blurrier than the next.
+    assert len({e.b64_json for e in events}) == 4
+    # API_NOTES: low 1536x1024 = 400 output tokens, and each partial image 100 more.
+    usage = completed.usage.to_dict()
+    assert usage["output_tokens"] == 400 + 3 * 100
+    assert usage["output_tokens_details"] == {"image_tokens": 700, "text_tokens": 0}
+    assert usage["total_tokens"] == usage["input_tokens"] + 700
+    record = server.requests[-1]
+    assert record.stream and record.usage == usage
+    assert record.events == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
+
+
+async def test_async_client_streams_an_edit(tmp_path: Path) -> None:
+    source = write_png(tmp_path / "in.png", (96, 64))
+    async with (
+        MockServer(MockConfig(api_key=KEY)) as server,
+        openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as client,
+    ):
+        with source.open("rb") as fh:
+            stream = await client.images.edit(
+                model="gpt-image-2.5-flare", image=fh, prompt="add a moon", stream=True,
+                partial_images=1, output_format="webp", background="transparent",
+            )  # fmt: skip
+            events = [event async for event in stream]
+
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    partial, completed = events
+    assert isinstance(partial, ImageEditPartialImageEvent)
+    assert isinstance(completed, ImageEditCompletedEvent)
+    for event in events:
+        image = decode_image(event.b64_json)
+        assert (image.format, image.mode) == ("WEBP", "RGBA")
+    assert completed.usage.input_tokens_details.image_tokens > 0
+    assert completed.usage.to_dict()["output_tokens_details"]["text_tokens"] == 0
+    assert server.requests[-1].files[0][:3] == ("image", "in.png", "image/png")
+
+
+def test_streaming_is_refused_where_the_api_refuses_it(client: openai.OpenAI) -> None:
+    refused = [
+        {"model": "dall-e-3", "prompt": "p"},  # GPT image models only
+        {"model": "gpt-image-2", "prompt": "p", "n": 2},
+        {"model": "gpt-image-2.6-flare", "prompt": "p", "output_format": "gif"},
+        {"model": "gpt-image-2", "prompt": "p", "partial_images": 4},
+    ]
+    params = []
+    for body in refused:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.images.generate(**body, stream=True)
+        params.append(caught.value.param)
+    assert params == ["stream", "n", "stream", "partial_images"]
+
+
+def test_a_truncated_stream_ends_before_the_completed_event() -> None:
+    with (
+        threaded_mock(MockConfig(api_key=KEY, truncate_rate=1.0)) as server,
+        openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as client,
+    ):
+        seen: list[str] = []
+        with pytest.raises(openai.APIConnectionError):
+            for event in client.images.generate(
+                model="gpt-image-2", prompt="p", stream=True, partial_images=2
+            ):
+                seen.append(event.type)
+        assert seen == ["image_generation.partial_image"] * 2
+        assert server.requests[-1].events == seen  # the completed event was cut in half
+        assert server.requests[-1].fault == "truncate"
+
+
+def test_json_edit_by_data_url_and_by_uploaded_file_id(
+    client: openai.OpenAI, server: MockServer, tmp_path: Path
+) -> None:
+    # The SDK's images.edit() is multipart only; the JSON body goes through its generic post().
+    first = write_png(tmp_path / "first.png", (96, 64))
+    mask = write_png(tmp_path / "mask.png", (96, 64), mode="RGBA")
+    with (tmp_path / "second.png").open("wb") as fh:
+        Image.new("RGB", (32, 32), (9, 9, 9)).save(fh, "JPEG")
+    with (tmp_path / "second.png").open("rb") as fh:
+        uploaded = client.files.create(file=fh, purpose="vision")
+    assert uploaded.id.startswith("file-") and uploaded.purpose == "vision"
+    assert client.files.retrieve(uploaded.id).bytes == (tmp_path / "second.png").stat().st_size
+
+    def data_url(path: Path) -> str:
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+    body = {
+        "model": "gpt-image-2",
+        "prompt": "join them",
+        "size": "1024x1024",
+        "images": [{"image_url": data_url(first)}, {"file_id": uploaded.id}],
+        "mask": {"image_url": data_url(mask)},
+    }
+    res = client.post("/images/edits", body=body, cast_to=ImagesResponse)
+
+    assert res.data is not None and res.data[0].b64_json is not None
+    assert decode_image(res.data[0].b64_json).size == (1024, 1024)
+    assert res.usage is not None and res.usage.input_tokens_details.image_tokens > 0
+    record = server.requests[-1]
+    assert (record.endpoint, record.content_type, record.status) == (
+        "edits",
+        "application/json",
+        200,
+    )
+    assert (record.image_count, record.has_mask) == (2, True)
+    assert record.params["images"][1] == {"file_id": uploaded.id}
+    # The file id's bytes are sniffed (a JPEG, whatever its name says); the data URLs declared.
+    assert [(f[0], f[2]) for f in record.files] == [
+        ("images", "image/png"),
+        ("images", "image/jpeg"),
+        ("mask", "image/png"),
+    ]
+    with pytest.raises(openai.NotFoundError):
+        client.post(
+            "/images/edits",
+            body={"model": "gpt-image-2", "prompt": "p", "images": [{"file_id": "file-gone"}]},
+            cast_to=ImagesResponse,
+        )
+
+
+def test_plain_answer_carries_openais_usual_headers(client: openai.OpenAI) -> None:
+    raw = client.images.with_raw_response.generate(model="gpt-image-2", prompt="p")
+    raw.parse()
+    again = client.images.with_raw_response.generate(model="gpt-image-2", prompt="p")
+    headers = again.headers
+
+    assert headers["openai-version"] == "2020-10-01"
+    assert int(headers["openai-processing-ms"]) >= 0
+    assert again.request_id == headers["x-request-id"]
+    # No limit configured: generous advertised limits, with real counts of what was used.
+    limit = int(headers["x-ratelimit-limit-requests"])
+    assert limit >= 100_000
+    assert int(headers["x-ratelimit-remaining-requests"]) == limit - 2
+    billed = raw.parse().usage
+    assert billed is not None
+    tokens = int(headers["x-ratelimit-limit-tokens"])
+    assert int(headers["x-ratelimit-remaining-tokens"]) == tokens - 2 * billed.total_tokens
+    assert headers["x-ratelimit-reset-requests"].endswith("s")

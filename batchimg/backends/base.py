@@ -55,6 +55,13 @@ class Backend(Protocol):
         """Where requests go, for messages (never carries a key)."""
         ...
 
+    @property
+    def paced(self) -> bool:
+        """Whether each attempt counts against the account's per-minute limits (requests,
+        images, tokens), so the engine's rate limiter admits it; a batch backend's requests
+        do not (the Batch API has limits of its own, which the backend keeps)."""
+        ...
+
     def check(self, item: Item) -> ErrorInfo | None:
         """Why this backend cannot send the item (its own rules), or None."""
         ...

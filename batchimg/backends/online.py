@@ -148,6 +148,10 @@ class OnlineBackend:
         return self._config.base_url
 
     @property
+    def paced(self) -> bool:
+        return True  # every request counts against the account's per-minute limits
+
+    @property
     def models_url(self) -> str | None:
         """Where the provider lists its models (None: it has no such list)."""
         return self._config.models_url()

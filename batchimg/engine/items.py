@@ -238,7 +238,8 @@ class ItemRunner:
         try:
             if self.control.stopping:  # stopped while this item waited for budget: send nothing
                 raise Abandoned
-            sent_at = await limiter.acquire(images=item.n, tokens=tokens)
+            paced = self.backend.paced  # else the backend keeps limits of its own
+            sent_at = await limiter.acquire(images=item.n, tokens=tokens) if paced else 0.0
             try:
                 with self.control.on_the_wire():
                     answer = await self.backend.send(item, limit_bytes=self._answer_limit(item))

@@ -62,7 +62,7 @@ def item_record(
     rate_limited: int = 0,
     charge: Charge | None = None,
 ) -> LedgerRecord:
-    """One item's line, with every field of the ledger contract (README, "The ledger")."""
+    """One item's line, with every field of the ledger contract (`ledger.LedgerRecord`)."""
     params = item.params if isinstance(item, Item) else {}
     echo = answer.echo if answer else {}
     files = files or []

@@ -53,7 +53,8 @@ class Engine:
     """Runs one manifest to completion (or to a stop); see the module docstring.
 
     `backend` sends the requests (and is already open); `store` is where images go (the
-    backend spools into its temp area). `sleep` replaces real time in retry waits (tests).
+    backend spools into its temp area). `sleep` replaces real time in retry waits (tests);
+    `limiter` and `budget`, given, are shared with other engines (workers of one job).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class Engine:
         progress: ProgressCallback | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         limiter: Limiter | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.config = config
         options = config.options
@@ -74,7 +76,7 @@ class Engine:
         self.control = RunControl(self.summary, progress)
         self.prices = PriceTable(catalog)
         self.book = TokenBook()  # output tokens learned: this directory's ledger, then answers
-        self.budget = Budget(options.max_cost_usd)
+        self.budget = budget or Budget(options.max_cost_usd)
         self.limiter = limiter or Limiter(
             rpm=options.rpm,
             ipm=options.ipm,

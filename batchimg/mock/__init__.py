@@ -1,17 +1,30 @@
 """An OpenAI-compatible mock of the Images API, embedded so tests and `batchimg run --mock` can
-exercise the whole engine over real HTTP, and so the official `openai` client works against it.
+exercise the whole engine over real HTTP, and so the official clients (openai-python and the
+Node `openai` package, unchanged) work against it.
 
 It is the API's twin, not the engine's echo: it keeps its own copy of the API's rules
 (`rules`), its own billing (`billing`, with a token formula for the models whose counts nobody
 publishes, which the engine never sees) and its own image checks (`images`), and never imports
-batchimg's catalog, rules engine or input checks.
+anything of batchimg's outside this package.
+
+The surface, as the official clients use it: generations (JSON) and edits (multipart, or JSON
+with `images: [{image_url} | {file_id}]`), each answered whole or, with `stream: true`, as
+server-sent events (`partial_images` 0-3 drafts, then the completed image with its usage; the
+`image_generation.*` and `image_edit.*` pairs); `usage` with `input_tokens_details` and
+`output_tokens_details`; a minimal `/v1/files` for file ids; `/v1/models` with shutdown dates;
+and on every answer `x-request-id`, `openai-version`, `openai-processing-ms` and (image
+answers) `x-ratelimit-*`, generous when no limit is configured.
 
     config.py    MockConfig: faults, limits, latency, which models it serves
-    server.py    MockServer: routes, auth, the request pipeline, /v1/models
-    rules.py     the models and what each refuses
-    billing.py   the usage of each answer
-    faults.py    seeded fault draws, prompt directives, hard per-minute limits
-    images.py    the images it draws (png, jpeg, webp, animated gif, svg) and the uploads it checks
+    server.py    MockServer: routes, auth, headers, the request pipeline, /v1/models, /v1/files
+    rules.py     the models and what each refuses (streaming included)
+    billing.py   the usage of each answer (partial images included)
+    faults.py    seeded fault draws, prompt directives, per-minute limits and what headers say
+    images.py    the images it draws (png, jpeg, webp, animated gif, svg, blurred drafts) and the
+                 uploads it checks
+    stream.py    the server-sent events of a streamed answer
+    files.py     uploaded files, and the image references of JSON edits (data URLs, own URLs,
+                 file ids: the mock has no outside network)
 
 Prompt directives, for deterministic tests (several may appear in one prompt):
 
@@ -25,9 +38,10 @@ Prompt directives, for deterministic tests (several may appear in one prompt):
 
 Faults on demand (`MockConfig`, seeded so a test sees the same sequence every run): rates of
 429s (retry-after-ms, retry-after seconds or HTTP-date, or none), 500s, HTML 502 pages, bodies
-cut off mid-stream, dropped connections and slow answers; data-URI answers; quota that runs out
-after N successes (429 insufficient_quota); a key revoked after N requests (401); OpenAI's
-refusal of retired models (`enforce_shutdown`).
+cut off mid-stream (an event stream is cut inside its completed event), dropped connections
+and slow answers; data-URI answers; quota that runs out after N successes (429
+insufficient_quota); a key revoked after N requests (401); OpenAI's refusal of retired models
+(`enforce_shutdown`).
 """
 
 from .config import MockConfig, RetryAfterStyle

@@ -6,8 +6,9 @@ OpenAI publishes no table, only a calculator; the mock bills by a formula of its
 here and nowhere else (batchimg never imports it), so tests prove the engine learns what it
 cannot know: gpt-image-2 by the formula reverse-engineered from OpenAI's calculator, the later
 models scaled from it by quality, complexity and model, a gif by its frame sheet, plus a small
-per-prompt variation, as real answers vary. SVG answers also carry `svg_usage` for the model
-that writes the SVG, which the mock does not count in its bill.
+per-prompt variation, as real answers vary. A stream's partial images add 100 output tokens
+each, and `output_tokens_details` splits the output (all image tokens). SVG answers also carry
+`svg_usage` for the model that writes the SVG, which the mock does not count in its bill.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ _MODEL_SCALE = {
 }
 _LOW_QUALITY_BOOST = {"gpt-image-2.6-sunburst": 3.5, "gpt-image-2.6-flare": 3.2}
 _COMPLEXITY = {"low": 0.7, "medium": 0.85, "high": 1.0}
+#: Output tokens each streamed partial image adds (OpenAI's image generation guide).
+PARTIAL_IMAGE_TOKENS = 100
 #: Answers for one prompt vary by up to this much either way.
 _VARIATION = 0.015
 SVG_AUTHOR = "mock-svg-author"
@@ -93,21 +96,25 @@ def output_tokens_per_image(params: Mapping[str, Any], model: Model) -> int:
 
 
 def usage(
-    params: Mapping[str, Any], model: Model, n: int, inputs: Sequence[tuple[int, int]]
+    params: Mapping[str, Any],
+    model: Model,
+    n: int,
+    inputs: Sequence[tuple[int, int]],
+    partial_images: int = 0,
 ) -> dict[str, Any]:
-    """The `usage` object of a 200 answer (inputs: the edit's image sizes)."""
-    output = output_tokens_per_image(params, model) * n
+    """The `usage` of a 200 answer or a stream's completed event (inputs: the edit's image
+    sizes; partial_images: the drafts a stream sent, PARTIAL_IMAGE_TOKENS each)."""
+    output = output_tokens_per_image(params, model) * n + PARTIAL_IMAGE_TOKENS * partial_images
     text = text_tokens(str(params["prompt"]))
     image = sum(image_tokens(w, h) for w, h in inputs)
-    result: dict[str, Any] = {
+    return {
         "total_tokens": text + image + output,
         "input_tokens": text + image,
         "output_tokens": output,
         "input_tokens_details": {"text_tokens": text, "image_tokens": image},
+        # Every output token is an image token: the image models write no text.
+        "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
     }
-    if model.custom_sizes:  # the newer models also split the output
-        result["output_tokens_details"] = {"image_tokens": output, "text_tokens": 0}
-    return result
 
 
 def svg_usage(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,9 @@ class MockConfig:
     #: mixed: one of ms / seconds / date per 429 (seeded); none: no header at all
     retry_after_style: RetryAfterStyle = "both"
     #: Hard limits, as providers enforce them: per minute, in slices of max(1 s, 60/limit) s
-    #: (so 1200 rpm is 20 requests in each second); every answer carries x-ratelimit-* headers.
+    #: (so 1200 rpm is 20 requests in each second). Every image answer carries x-ratelimit-*
+    #: headers: for requests and images these limits where set; else, and for tokens, generous
+    #: advertised ones (`faults.ADVERTISED_RPM`, `ADVERTISED_TPM`) that are never enforced.
     rpm_limit: int | None = None
     ipm_limit: int | None = None  # images per minute (a request weighs its n)
     ratelimit_headers: bool = True  # False: enforce the limits but send no x-ratelimit-* headers

@@ -79,6 +79,17 @@ class SlicedLimit:
         }
 
 
+#: What the x-ratelimit-* headers advertise when no limit is configured: a generous account
+#: (far above OpenAI's published image tiers, as a gateway may be), so that a client which
+#: learns its ceilings from the headers is never slowed by them in tests or benchmarks.
+#: batchimg's limiter admits at most limit/60 a second in bursts of limit/600: 1,666 requests a
+#: second in bursts of 166, and tokens enough for that many requests of 10,000 tokens each.
+#: What remains is counted, as for configured limits: requests and billed tokens of the last
+#: minute.
+ADVERTISED_RPM = 100_000
+ADVERTISED_TPM = 1_000_000_000
+
+
 Fault = Literal["rate_limit", "server_error", "html_error", "truncate", "drop", "slow"]
 
 

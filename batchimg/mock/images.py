@@ -3,11 +3,13 @@
 Made: real, decodable images of the exact requested size and format, but cheap. Each is a flat
 palette colour with a centred block (an animated gif moves the block across its frames; an svg
 is a small vector drawing of the same), encoded once per `ImageSpec` and then served from a
-bounded cache (bytes and base64 alike). Encoding runs in a worker thread so a cache miss does
-not stall the server's event loop.
+bounded cache (bytes and base64 alike). A stream's partial images are the same picture drawn
+blurrier (at 1/16, 1/8, 1/4 of the size, scaled back up), in the requested format. Encoding
+runs in a worker thread so a cache miss does not stall the server's event loop.
 
-Sent (edits): every input part must declare an image type the API takes, then pass the API's
-input rules on fully decoded bytes (the mock's own copy; batchimg's checks are not consulted).
+Sent (edits): every input (a multipart part, or a JSON edit's data URL, mock URL or file id once
+resolved by `files`) must declare an image type the API takes, then pass the API's input rules
+on fully decoded bytes (the mock's own copy; batchimg's checks are not consulted).
 Violations raise `rules.RuleError`, answered with a 400 like any other parameter error.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import io
 import random
@@ -63,6 +66,8 @@ class ImageSpec:
     colour: int = 0  # index into PALETTE
     detailed: bool = False  # noise over ~80 % of the image: photo-sized files (~2.5 MB PNG)
     frames: int = 1  # gif: frames of the animation
+    #: A stream's partial image: drawn at 1/blur of the size and scaled back up (0: final)
+    blur: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,11 @@ def encode(spec: ImageSpec) -> EncodedImage:
         w, h = int(spec.width * 0.9), int(spec.height * 0.9)
         noise = random.Random(spec.colour).randbytes(w * h * 3)
         image.paste(Image.frombytes("RGB", (w, h), noise), (spec.width // 20, spec.height // 20))
+    if spec.blur > 1:  # a draft: the same picture, blurrier, at the full size
+        small = (max(1, spec.width // spec.blur), max(1, spec.height // spec.blur))
+        image = image.resize(small, Image.Resampling.BILINEAR).resize(
+            size, Image.Resampling.BILINEAR
+        )
     out = io.BytesIO()
     if spec.fmt == "png":
         image.save(out, "PNG", compress_level=1)
@@ -184,22 +194,24 @@ async def render_response(
     transparent: bool = False,
     frames: int = 1,
     detailed: bool = False,
-) -> list[EncodedImage]:
-    """The n images a validated request asks for."""
-    wanted = [
-        ImageSpec(
-            width=width,
-            height=height,
-            fmt=fmt,
-            compression=100 if compression is None or fmt not in ("jpeg", "webp") else compression,
-            transparent=transparent and fmt != "jpeg",
-            colour=colour_for(prompt, i),
-            detailed=detailed and fmt in ("png", "jpeg", "webp"),
-            frames=frames,
-        )
-        for i in range(n)
-    ]
-    return list(await asyncio.gather(*(render(spec) for spec in wanted)))
+    drafts: int = 0,
+) -> tuple[list[EncodedImage], list[EncodedImage]]:
+    """The n images a validated request asks for, and `drafts` partial images of the first
+    (blurrier first, sharper later), as a stream sends them before it."""
+    final = ImageSpec(
+        width=width,
+        height=height,
+        fmt=fmt,
+        compression=100 if compression is None or fmt not in ("jpeg", "webp") else compression,
+        transparent=transparent and fmt != "jpeg",
+        colour=colour_for(prompt),
+        detailed=detailed and fmt in ("png", "jpeg", "webp"),
+        frames=frames,
+    )
+    wanted = [dataclasses.replace(final, colour=colour_for(prompt, i)) for i in range(n)]
+    partial = [dataclasses.replace(final, blur=2 ** (drafts - i + 1)) for i in range(drafts)]
+    rendered = await asyncio.gather(*(render(spec) for spec in (*wanted, *partial)))
+    return list(rendered[:n]), list(rendered[n:])
 
 
 # -- uploaded images (edits) --
@@ -207,21 +219,30 @@ async def render_response(
 
 @dataclass(frozen=True)
 class UploadedFile:
-    field: str  # image | image[] | mask
-    filename: str
-    content_type: str  # as declared by the multipart part
+    """An input image: a multipart part, or a JSON edit's reference once resolved."""
+
+    field: str  # image | image[] | mask (multipart); images | mask (JSON)
+    filename: str  # JSON: the reference's own name (images[0], or the file's name)
+    content_type: str  # as declared by the part (or the data URL); sniffed for file ids
     data: bytes
+    param: str | None = None  # what errors name it; None: image or mask, from the field
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def error_param(self) -> str:
+        if self.param is not None:
+            return self.param
+        return "mask" if self.field == "mask" else "image"
 
 
 def _check_declared_type(upload: UploadedFile, allowed: tuple[str, ...]) -> None:
     # The real API judges the declared MIME type, not the file name: the SDK sends a nameless
     # BytesIO as application/octet-stream, and that is rejected.
     if upload.content_type not in allowed:
-        param = "mask" if upload.field == "mask" else "image"
+        param = upload.error_param
         supported = ", ".join(f"'{m}'" for m in allowed)
         raise RuleError(
             param,
@@ -252,7 +273,7 @@ def _decode(upload: UploadedFile) -> Decoded:
 
 
 def _refuse(upload: UploadedFile, role: str, why: str) -> RuleError:
-    return RuleError(role, f"Invalid {role} '{upload.filename}': {why}.")
+    return RuleError(upload.error_param, f"Invalid {role} '{upload.filename}': {why}.")
 
 
 async def check_inputs(

@@ -1,6 +1,6 @@
 """The mock's own copy of the Images API's rules: which models exist and what each refuses.
 
-Written from the API reference and the official SDK's parameter docs (`shared/API_NOTES.md`),
+Written from the API reference and the official SDK's parameter docs (openai-python 3.57),
 independently of batchimg's catalog and rules engine, which this package never imports: when
 the engine's rules are wrong, a request it lets through is refused here, and a test fails
 instead of both sides agreeing on the same mistake. Messages follow the wording the real API
@@ -93,7 +93,7 @@ class RuleError(ValueError):
         self,
         param: str | None,
         message: str,
-        code: str = "invalid_value",
+        code: str | None = "invalid_value",
         status: int = 400,
         type_: str = "invalid_request_error",
     ) -> None:
@@ -169,8 +169,11 @@ def gif_sheet(frame_count: int) -> tuple[int, int]:
     raise RuleError("frame_count", f"Invalid 'frame_count': {frame_count}.")
 
 
-def check(params: Mapping[str, Any], endpoint: str, model: Model) -> None:
-    """Raise RuleError for the first thing the API would refuse in this request."""
+def check(
+    params: Mapping[str, Any], endpoint: str, model: Model, *, multipart: bool = False
+) -> None:
+    """Raise RuleError for the first thing the API would refuse in this request (`multipart`:
+    an edit sent as a form, whose fields differ a little from the JSON body's)."""
     for name in params:
         if name not in FIELDS:
             raise _unknown(name)
@@ -190,20 +193,18 @@ def check(params: Mapping[str, Any], endpoint: str, model: Model) -> None:
             f"{model.max_prompt}, but got a string with length {len(prompt)} instead.",
             "string_above_max_length",
         )
-    if params.get("stream"):
-        raise RuleError(
-            "stream", "The mock does not stream; send stream=false.", "unsupported_value"
-        )
+    if params.get("stream") is not None and not isinstance(params["stream"], bool):
+        raise RuleError("stream", "Invalid type for 'stream': expected a boolean.")
     for name in ("user", "safety_identifier"):
         if params.get(name) is not None and not isinstance(params[name], str):
             raise RuleError(name, f"Invalid type for '{name}': expected a string.")
     if model.kind == "gpt":
-        _check_gpt(params, endpoint, model)
+        _check_gpt(params, endpoint, model, multipart)
     else:
         _check_dalle(params, endpoint, model)
 
 
-def _check_gpt(params: Mapping[str, Any], endpoint: str, model: Model) -> None:
+def _check_gpt(params: Mapping[str, Any], endpoint: str, model: Model, multipart: bool) -> None:
     n = params.get("n")
     _int(n, "n", 1, 10)
     for name in ("response_format", "style"):
@@ -214,7 +215,8 @@ def _check_gpt(params: Mapping[str, Any], endpoint: str, model: Model) -> None:
     _one_of(params.get("output_format"), model.formats, "output_format")
     _one_of(params.get("background"), ("transparent", "opaque", "auto"), "background")
     _one_of(params.get("moderation"), ("low", "auto"), "moderation")
-    if endpoint == "edits" and params.get("moderation") is not None:
+    if multipart and params.get("moderation") is not None:
+        # The JSON edit body (EditImageBodyJsonParam) has `moderation`; the form does not.
         raise _unknown("moderation", " It is only supported for image generation.")
     if params.get("background") == "transparent" and fmt not in ("png", "webp"):
         if fmt == "jpeg":
@@ -252,7 +254,22 @@ def _check_gpt(params: Mapping[str, Any], endpoint: str, model: Model) -> None:
         raise RuleError("svg", "Invalid type for 'svg': expected an object.")
     if fmt == "svg" and (n or 1) > 1:
         raise RuleError("n", "SVG generation requires n=1.")
+    _check_stream(params, fmt, n)
     _check_size(params, model, fmt)
+
+
+def _check_stream(params: Mapping[str, Any], fmt: str, n: Any) -> None:
+    partial = params.get("partial_images")
+    _int(partial, "partial_images", 0, 3)
+    if fmt in ("gif", "svg") and (params.get("stream") or partial):
+        raise RuleError(
+            "stream" if params.get("stream") else "partial_images",
+            f"{fmt.upper()} output does not support streaming or partial images.",
+        )
+    # The stream's events carry no image index (ImageGenCompletedEvent has none), so one stream
+    # holds one image; the docs are silent and the mock refuses rather than guess an order.
+    if params.get("stream") and (n or 1) > 1:
+        raise RuleError("n", "Streaming supports n=1 only: send one request per image.")
 
 
 def _check_size(params: Mapping[str, Any], model: Model, fmt: str) -> None:
@@ -314,9 +331,13 @@ def _check_dalle(params: Mapping[str, Any], endpoint: str, model: Model) -> None
         if params.get("style") is not None:
             raise _unknown("style", " It is only supported by dall-e-3.")
     _one_of(params.get("response_format"), ("url", "b64_json"), "response_format")
+    if params.get("stream"):
+        raise RuleError(
+            "stream", f"Streaming is only supported for GPT image models, not {model.name}."
+        )
     for name in (
         "output_format", "output_compression", "background", "moderation", "input_fidelity",
-        "complexity", "frame_count", "frame_duration_ms", "svg",
+        "complexity", "frame_count", "frame_duration_ms", "svg", "partial_images",
     ):  # fmt: skip
         if params.get(name) is not None:
             raise _unknown(name, f" {model.name} does not support it.")

@@ -3,25 +3,41 @@
 Surface::
 
     POST /v1/images/generations                          JSON body
-    POST /v1/images/edits                                multipart: image | image[] (1-16), mask
+    POST /v1/images/edits                                multipart: image | image[] (1-16), mask;
+                                                         or JSON: images [{image_url | file_id}]
+                                                         (1-16), mask {image_url | file_id}
     POST /openai/deployments/{dep}/images/generations    Azure shape (api-version query ignored,
     POST /openai/deployments/{dep}/images/edits          model defaults to the deployment name)
+    POST /v1/files, GET /v1/files/{id}[/content]         uploads for file_id (see `files`)
     GET  /v1/models, /v1/models/{id}                     the mock's models, with shutdown_date
     GET  /v1/_mock/files/{token}                         what `url` data items point at
 
     auth       Authorization: Bearer KEY (Azure paths also take `api-key: KEY`)   -> 401
-    every response carries `x-request-id: req_<hex>`; errors use the official envelope
-    {"error": {"message", "type", "param", "code"}}
+    errors     the official envelope {"error": {"message", "type", "param", "code"}}
+    headers    every response: `x-request-id: req_<hex>`, `openai-version: 2020-10-01`,
+               `openai-processing-ms`; every image answer also `x-ratelimit-limit-*`,
+               `-remaining-*`, `-reset-*` for requests and tokens (and images with an
+               `ipm_limit`): the configured limits, else generous advertised ones
+               (`faults.ADVERTISED_RPM` / `ADVERTISED_TPM`) with real remaining counts;
+               none at all with `ratelimit_headers=False`
+
+`stream: true` (GPT image models, n=1, not gif or svg) answers with server-sent events instead
+of an `ImagesResponse`: `partial_images` drafts, then the completed image with its usage (each
+draft bills 100 more output tokens); see `stream`. Faults apply to streams too: `truncate` cuts
+the connection inside the completed event (the drafts got through), `drop` sends nothing.
 
 A request goes through: auth (401) -> body parsing (400) -> the model (404 model_not_found with
 `enforce_shutdown`, for a retired or unknown one) -> `latency_s` -> the API's rules (`rules`,
-400) -> input images and mask (400) -> prompt directives -> configured faults (one seeded draw
-per request) -> quota -> success (200, `ImagesResponse`, usage from `billing`). Edit inputs are
-judged by their declared part Content-Type, as OpenAI does: a part sent as
-application/octet-stream is a 400 `unsupported_file_mimetype` even if its bytes are a PNG.
+400) -> input images and mask (JSON references resolved by `files`: 400, or 404 for an unknown
+file id) -> prompt directives -> configured faults (one seeded draw per request) -> quota ->
+success (200: an `ImagesResponse`, or an event stream; usage from `billing`). Edit inputs are
+judged by their declared Content-Type (the part's, or the data URL's), as OpenAI does: a part
+sent as application/octet-stream is a 400 `unsupported_file_mimetype` even if its bytes are a
+PNG.
 
-`MockServer.requests` records every image request (`MockRequest`), and `max_in_flight` the
-most answered at once, so tests can check what a client sent and how concurrently.
+`MockServer.requests` records every image request (`MockRequest`), `max_in_flight` the most
+answered at once, and `files` the uploads, so tests can check what a client sent and how
+concurrently.
 """
 
 from __future__ import annotations
@@ -36,22 +52,36 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Handler
 
-from . import billing, rules
+from . import billing, files, rules
 from .config import MockConfig
-from .faults import Directives, SlicedLimit, decide_fault, retry_after_headers
+from .faults import (
+    ADVERTISED_RPM,
+    ADVERTISED_TPM,
+    Directives,
+    SlicedLimit,
+    decide_fault,
+    retry_after_headers,
+)
 from .images import CORRUPT, EncodedImage, UploadedFile, check_inputs, render_response
+from .stream import EventStream, image_events
 
 __all__ = ["MockRequest", "MockServer", "serve"]
 
 #: OpenAI's own default model is dall-e-2; batchimg's users mean gpt-image, so the mock says so.
 DEFAULT_MODEL = "gpt-image-1"
+OPENAI_VERSION = "2020-10-01"
+#: JSON edits carry up to 16 data URLs of 20,971,520 characters each.
+MAX_BODY_BYTES = 16 * files.MAX_DATA_URL_CHARS + 2**20
+#: What a handler answers: a whole response, or a stream of events (`stream: true`).
+_Answer: TypeAlias = "web.Response | EventStream"
 _INT_FORM_FIELDS = ("n", "output_compression", "partial_images", "frame_count", "frame_duration_ms")
 
 
@@ -75,6 +105,10 @@ class MockRequest:
     usage: dict[str, Any] | None = None  # what the mock billed, for 200 answers
     #: sha256 of every image served in a 200 answer, in order
     served_sha256: list[str] = field(default_factory=list)
+    content_type: str = ""  # of the request body: application/json | multipart/form-data
+    stream: bool = False  # answered (or to be answered) as server-sent events
+    #: streams: the type of every event sent whole, in order (a cut one is not listed)
+    events: list[str] = field(default_factory=list)
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -99,6 +133,12 @@ class _ApiError(Exception):
             "code": self.code,
         }
         return _json(self.status, {"error": error}, self.headers)
+
+
+def _from_rule(error: rules.RuleError) -> _ApiError:
+    return _ApiError(
+        error.status, str(error), type_=error.type_, param=error.param, code=error.code
+    )
 
 
 def _json(
@@ -144,11 +184,15 @@ _HTML_502 = (
 class _Body:
     params: dict[str, Any]
     edit: bool = False
+    multipart: bool = False
     images: list[UploadedFile] = field(default_factory=list)
     mask: UploadedFile | None = None
+    #: JSON edits: the images and mask by reference, resolved into `images` / `mask` later
+    refs: list[files.ImageRef] = field(default_factory=list)
+    mask_ref: files.ImageRef | None = None
 
 
-async def _read_json(request: web.Request) -> _Body:
+async def _read_json(request: web.Request, *, edit: bool = False) -> _Body:
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
@@ -159,7 +203,13 @@ async def _read_json(request: web.Request) -> _Body:
             "We could not parse the JSON body of your request. "
             "The OpenAI API expects a JSON object as payload.",
         )
-    return _Body(params=body)
+    if not edit:
+        return _Body(params=body)
+    try:
+        refs, mask_ref = files.take_refs(body)
+    except rules.RuleError as e:
+        raise _from_rule(e) from e
+    return _Body(params=body, edit=True, refs=refs, mask_ref=mask_ref)
 
 
 def _form_value(name: str, text: str) -> Any:
@@ -173,8 +223,8 @@ def _form_value(name: str, text: str) -> Any:
 
 async def _read_form(request: web.Request) -> _Body:
     if request.content_type != "multipart/form-data":
-        raise _ApiError(400, "Image edits take a multipart/form-data body.")
-    body = _Body(params={}, edit=True)
+        raise _ApiError(400, "Image edits take a multipart/form-data or an application/json body.")
+    body = _Body(params={}, edit=True, multipart=True)
     reader = await request.multipart()
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader):
@@ -207,17 +257,28 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> _ApiError:
     return _ApiError(exc.status, message)
 
 
+def _stamp(headers: MutableMapping[str, str], started: float) -> None:
+    """The headers OpenAI puts on every answer (besides the request id)."""
+    headers.setdefault("openai-version", OPENAI_VERSION)
+    elapsed_ms = max(0, round((time.monotonic() - started) * 1000))
+    headers.setdefault("openai-processing-ms", str(elapsed_ms))
+
+
 @web.middleware
 async def _envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer routing errors in the official envelope and stamp every response's request id."""
+    """Answer routing errors in the official envelope and stamp every response's request id,
+    API version and processing time (streams are stamped before their first byte)."""
+    started = time.monotonic()
     try:
         response = await handler(request)
     except web.HTTPException as exc:
         response = _http_error(request, exc).response()
     except _ApiError as error:
         response = error.response()
-    if "x-request-id" not in response.headers:
-        response.headers["x-request-id"] = _new_request_id()
+    if not response.prepared:
+        _stamp(response.headers, started)
+        if "x-request-id" not in response.headers:
+            response.headers["x-request-id"] = _new_request_id()
     return response
 
 
@@ -241,8 +302,14 @@ class MockServer:
             for kind, per_min in (("requests", config.rpm_limit), ("images", config.ipm_limit))
             if per_min
         }
+        # Reported, never enforced: what the headers say when no limit is configured.
+        self._advertised = {
+            "requests": SlicedLimit(ADVERTISED_RPM),
+            "tokens": SlicedLimit(ADVERTISED_TPM),
+        }
         self._fail_counts: Counter[str] = Counter()
-        self._files: dict[str, EncodedImage] = {}
+        self._links: dict[str, EncodedImage] = {}  # /_mock/files tokens of `url` answers
+        self.uploaded_files: dict[str, files.StoredFile] = {}  # POST /v1/files, by id
         self._runner: web.AppRunner | None = None
         self._thread: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
 
@@ -267,10 +334,13 @@ class MockServer:
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError("the mock server is already started")
-        app = web.Application(middlewares=[_envelope_middleware])
+        app = web.Application(middlewares=[_envelope_middleware], client_max_size=MAX_BODY_BYTES)
         for prefix in ("/v1", "/openai/deployments/{deployment}"):
             app.router.add_post(f"{prefix}/images/generations", self._images)
             app.router.add_post(f"{prefix}/images/edits", self._images)
+        app.router.add_post("/v1/files", self._upload)
+        app.router.add_get("/v1/files/{file_id}", self._file_object)
+        app.router.add_get("/v1/files/{file_id}/content", self._file_content)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._models)
         app.router.add_get("/v1/_mock/files/{token}", self._file)
@@ -336,57 +406,105 @@ class MockServer:
             request_id=self.config.fixed_request_id or _new_request_id(),
             params={},
             received_at=time.monotonic(),
+            content_type=request.content_type,
         )
         self.requests.append(record)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        answer: _Answer
         try:
-            response = await self._answer(request, endpoint, record)
+            answer = await self._answer(request, endpoint, record)
         except _ApiError as error:
-            response = error.response()
+            answer = error.response()
         except web.HTTPException as exc:
-            response = _http_error(request, exc).response()
+            answer = _http_error(request, exc).response()
         finally:
             self.in_flight -= 1
-        record.status = response.status
-        return await self._deliver(request, response, record)
+        record.status = answer.status if isinstance(answer, web.Response) else 200
+        return await self._deliver(request, answer, record)
 
-    async def _deliver(
-        self, request: web.Request, response: web.Response, record: MockRequest
-    ) -> web.StreamResponse:
-        """Send the answer, or break it the way `record.fault` says."""
-        response.headers["x-request-id"] = record.request_id
+    def _headers(self, record: MockRequest) -> dict[str, str]:
+        """The headers of an image answer: request id, version, timing and rate limits."""
+        headers = {"x-request-id": record.request_id}
+        _stamp(headers, record.received_at)
         if self.config.ratelimit_headers:
             now = time.monotonic()
-            for kind, limit in self._limits.items():
-                response.headers.update(limit.headers(kind, now))
+            for kind, limit in {**self._advertised, **self._limits}.items():
+                headers.update(limit.headers(kind, now))
+        return headers
+
+    async def _deliver(
+        self, request: web.Request, answer: _Answer, record: MockRequest
+    ) -> web.StreamResponse:
+        """Send the answer, or break it the way `record.fault` says."""
+        headers = self._headers(record)
         transport = request.transport
         if record.fault == "drop" and transport is not None:
             transport.close()
-            return response
-        if record.fault == "truncate" and response.status == 200 and transport is not None:
-            body = bytes(response.body) if isinstance(response.body, (bytes, bytearray)) else b""
-            stream = web.StreamResponse(status=200, headers=response.headers)
+            return answer if isinstance(answer, web.Response) else web.Response(headers=headers)
+        if isinstance(answer, EventStream):
+            return await self._send_events(request, answer, headers, record)
+        answer.headers.update(headers)
+        if record.fault == "truncate" and answer.status == 200 and transport is not None:
+            body = bytes(answer.body) if isinstance(answer.body, (bytes, bytearray)) else b""
+            stream = web.StreamResponse(status=200, headers=answer.headers)
             stream.content_length = len(body)
             await stream.prepare(request)
             await stream.write(body[: len(body) // 2])
             transport.close()
             return stream
+        return answer
+
+    async def _send_events(
+        self,
+        request: web.Request,
+        answer: EventStream,
+        headers: dict[str, str],
+        record: MockRequest,
+    ) -> web.StreamResponse:
+        """Stream the events one write each; `truncate` cuts the connection halfway through
+        the last one (the completed event), so a client never sees the image complete."""
+        response = web.StreamResponse(status=200, headers=headers)
+        response.content_type = "text/event-stream"
+        response.charset = "utf-8"
+        response.headers["Cache-Control"] = "no-cache"
+        await response.prepare(request)
+        transport = request.transport
+        cut_at = len(answer.events) - 1 if record.fault == "truncate" else None
+        for index, (kind, event) in enumerate(answer.events):
+            if index == cut_at and transport is not None:
+                await response.write(event[: len(event) // 2])
+                transport.close()
+                return response
+            await response.write(event)
+            record.events.append(kind)
+        if cut_at == -1 and transport is not None:  # nothing to cut into: end it unfinished
+            transport.close()
+            return response
+        await response.write_eof()
         return response
 
-    async def _answer(
-        self, request: web.Request, endpoint: str, record: MockRequest
-    ) -> web.Response:
+    async def _answer(self, request: web.Request, endpoint: str, record: MockRequest) -> _Answer:
         deployment = request.match_info.get("deployment")
         self._check_auth(request, azure=deployment is not None)
-        body = await (_read_form(request) if endpoint == "edits" else _read_json(request))
+        if endpoint == "generations":
+            body = await _read_json(request)
+        elif request.content_type == "application/json":
+            body = await _read_json(request, edit=True)
+        else:
+            body = await _read_form(request)
         params = body.params
         record.params = dict(params)
-        record.image_count, record.has_mask = len(body.images), body.mask is not None
-        uploads = body.images + ([body.mask] if body.mask else [])
-        record.files = [(u.field, u.filename, u.content_type, u.sha256) for u in uploads]
+        if body.refs:
+            record.params["images"] = [ref.summary() for ref in body.refs]
+        if body.mask_ref is not None:
+            record.params["mask"] = body.mask_ref.summary()
+        record.image_count = len(body.images) or len(body.refs)
+        record.has_mask = body.mask is not None or body.mask_ref is not None
+        self._record_files(record, body)
         record.prompt = params["prompt"] if isinstance(params.get("prompt"), str) else None
         record.n = params["n"] if isinstance(params.get("n"), int) else None
+        record.stream = params.get("stream") is True
         params = {"model": deployment or DEFAULT_MODEL, **params}
         record.model = params["model"] if isinstance(params["model"], str) else None
 
@@ -398,12 +516,21 @@ class MockServer:
         if config.latency_s:
             await asyncio.sleep(config.latency_s)
         try:
-            rules.check(params, endpoint, model)
+            if body.refs and model.kind != "gpt":
+                raise rules.RuleError(
+                    "model",
+                    f"JSON edits support GPT image models only; {model.name} edits take a "
+                    "multipart/form-data body.",
+                )
+            rules.check(params, endpoint, model, multipart=body.multipart)
             fmt = rules.output_format(params, model)
+            if body.refs:
+                self._resolve_refs(request, body)
+                self._record_files(record, body)
             inputs = await check_inputs(body.images, body.mask, model, fmt) if body.edit else []
             directives = Directives.parse(params["prompt"])
         except rules.RuleError as e:
-            raise _ApiError(e.status, str(e), type_=e.type_, param=e.param, code=e.code) from e
+            raise _from_rule(e) from e
 
         # A test's explicit directives decide before the random faults do.
         prompt: str = params["prompt"]
@@ -441,6 +568,26 @@ class MockServer:
                 raise _quota_exhausted()
             self._admitted += 1
         return await self._succeed(request, params, model, directives, inputs, record)
+
+    @staticmethod
+    def _record_files(record: MockRequest, body: _Body) -> None:
+        uploads = body.images + ([body.mask] if body.mask else [])
+        record.files = [(u.field, u.filename, u.content_type, u.sha256) for u in uploads]
+
+    def _resolve_refs(self, request: web.Request, body: _Body) -> None:
+        """A JSON edit's references, made into the inputs a multipart edit would have sent."""
+        port = self.port
+        hosts = (self.host, "127.0.0.1", "localhost", "[::1]")
+        own_hosts = {request.host, *(f"{host}:{port}" for host in hosts)}
+
+        def resolve(ref: files.ImageRef) -> UploadedFile:
+            return files.resolve(
+                ref, own_hosts=own_hosts, links=self._links, files=self.uploaded_files
+            )
+
+        body.images = [resolve(ref) for ref in body.refs]
+        if body.mask_ref is not None:
+            body.mask = resolve(body.mask_ref)
 
     def _today(self) -> dt.date:
         if self.config.today:
@@ -497,6 +644,7 @@ class MockServer:
             raise _rate_limited(wait, style)
         for kind, limit in self._limits.items():
             limit.take(weights[kind], now)
+        self._advertised["requests"].take(1, now)
 
     def _check_auth(self, request: web.Request, *, azure: bool) -> None:
         if not self.config.require_auth:
@@ -521,17 +669,18 @@ class MockServer:
         directives: Directives,
         inputs: list[tuple[int, int]],
         record: MockRequest,
-    ) -> web.Response:
+    ) -> _Answer:
         prompt = params["prompt"]
         gpt = model.kind == "gpt"
         n = params.get("n") or 1
         fmt = rules.output_format(params, model)
         width, height = rules.resolve_size(params, model)
         transparent = params.get("background") == "transparent"
-        images = (
-            [CORRUPT] * n
-            if directives.corrupt
-            else await render_response(
+        drafts = int(params.get("partial_images") or 0) if record.stream else 0
+        if directives.corrupt:
+            images, partials = [CORRUPT] * n, [CORRUPT] * drafts
+        else:
+            images, partials = await render_response(
                 fmt,
                 width,
                 height,
@@ -541,41 +690,55 @@ class MockServer:
                 transparent=transparent,
                 frames=rules.frames(params, model),
                 detailed=self.config.detailed_images,
+                drafts=drafts,
             )
-        )
         if self.config.image_count is not None:  # too few or too many: a broken server
             images = (images * self.config.image_count)[: self.config.image_count]
         record.served_sha256 = [image.sha256 for image in images]
+        fields: dict[str, Any] = {}  # what a GPT answer (and every stream event) says of itself
+        extra: dict[str, Any] = {}  # what only a whole answer or a completed event carries
+        if gpt:
+            fields["background"] = "transparent" if transparent else "opaque"
+            fields["output_format"] = fmt
+            fields["size"] = f"{width}x{height}"
+            fields["quality"] = rules.resolve_quality(params, model)
+            record.usage = usage = billing.usage(params, model, n, inputs, drafts)
+            self._advertised["tokens"].take(usage["total_tokens"], time.monotonic())
+            if self.config.fake_usage is not None:
+                extra["usage"] = self.config.fake_usage
+            elif not self.config.omit_usage:
+                extra["usage"] = usage
+            if fmt == "svg":
+                extra["svg_usage"] = billing.svg_usage(params)
+            identifier = params.get("safety_identifier") or params.get("user")
+            if identifier:
+                extra["safety_identifier"] = identifier
+        if record.stream:  # the rules let only GPT image models stream
+            return image_events(
+                record.endpoint,
+                {"created_at": int(time.time()), **fields},
+                [self._b64(image, directives) for image in partials],
+                [self._b64(image, directives) for image in images],
+                extra,
+            )
         as_url = directives.url or (not gpt and params.get("response_format") != "b64_json")
         data: list[dict[str, str]] = []
         for image in images:
             if as_url:
                 token = secrets.token_urlsafe(16)
-                self._files[token] = image
+                self._links[token] = image
                 data.append({"url": f"{request.scheme}://{request.host}/v1/_mock/files/{token}"})
-            elif directives.datauri:
-                data.append({"b64_json": f"data:{image.mime};base64,{image.b64}"})
             else:
-                data.append({"b64_json": image.b64})
+                data.append({"b64_json": self._b64(image, directives)})
             if model.kind == "dall-e-3":
                 data[-1]["revised_prompt"] = prompt
-        payload: dict[str, Any] = {"created": int(time.time()), "data": data}
-        if gpt:
-            payload["background"] = "transparent" if transparent else "opaque"
-            payload["output_format"] = fmt
-            payload["size"] = f"{width}x{height}"
-            payload["quality"] = rules.resolve_quality(params, model)
-            record.usage = billing.usage(params, model, n, inputs)
-            if self.config.fake_usage is not None:
-                payload["usage"] = self.config.fake_usage
-            elif not self.config.omit_usage:
-                payload["usage"] = record.usage
-            if fmt == "svg":
-                payload["svg_usage"] = billing.svg_usage(params)
-            identifier = params.get("safety_identifier") or params.get("user")
-            if identifier:
-                payload["safety_identifier"] = identifier
-        return _json(200, payload)
+        return _json(200, {"created": int(time.time()), "data": data, **fields, **extra})
+
+    @staticmethod
+    def _b64(image: EncodedImage, directives: Directives) -> str:
+        if directives.datauri:
+            return f"data:{image.mime};base64,{image.b64}"
+        return image.b64
 
     async def _stats(self, request: web.Request) -> web.Response:
         """Counts for benchmarks and scripts that run the mock in another process."""
@@ -585,12 +748,59 @@ class MockServer:
         return _json(200, payload)
 
     async def _file(self, request: web.Request) -> web.Response:
-        image = self._files.get(request.match_info["token"])
+        image = self._links.get(request.match_info["token"])
         if image is None:
             return _ApiError(
                 404, "No such file (mock file links live as long as the server)."
             ).response()
         return web.Response(body=image.data, content_type=image.mime)
+
+    # -- the Files API, as much as a JSON edit's file_id needs --
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        """`POST /v1/files` (multipart `file` and `purpose`): the FileObject."""
+        self._check_auth(request, azure=False)
+        if request.content_type != "multipart/form-data":
+            raise _ApiError(400, "File uploads take a multipart/form-data body.")
+        fields: dict[str, str] = {}
+        upload: tuple[str, str, bytes] | None = None  # filename, declared type, bytes
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise _ApiError(400, "Nested multipart bodies are not supported.")
+            data = bytes(await part.read())
+            if part.name == "file":
+                mime = part.headers.get("Content-Type", "application/octet-stream")
+                upload = (part.filename or "upload", mime.split(";")[0].strip().lower(), data)
+            else:
+                fields[part.name or ""] = data.decode("utf-8", errors="replace")
+        for name, given in (("file", upload is not None), ("purpose", "purpose" in fields)):
+            if not given:
+                message = f"Missing required parameter: '{name}'."
+                raise _ApiError(400, message, param=name, code="missing_required_parameter")
+        assert upload is not None
+        filename, mime, data = upload
+        try:
+            stored = files.new_file(filename, fields["purpose"], data, mime)
+        except rules.RuleError as e:
+            raise _from_rule(e) from e
+        self.uploaded_files[stored.id] = stored
+        return _json(200, stored.as_object())
+
+    def _stored(self, request: web.Request) -> files.StoredFile:
+        self._check_auth(request, azure=False)
+        file_id = request.match_info["file_id"]
+        stored = self.uploaded_files.get(file_id)
+        if stored is None:
+            raise _from_rule(files.no_such_file(file_id, "id"))
+        return stored
+
+    async def _file_object(self, request: web.Request) -> web.Response:
+        return _json(200, self._stored(request).as_object())
+
+    async def _file_content(self, request: web.Request) -> web.Response:
+        stored = self._stored(request)
+        return web.Response(body=stored.data, content_type=stored.content_type)
 
 
 def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
