@@ -5,8 +5,9 @@ decoding that holds three copies per request in flight; this parser holds one ne
 (and up to `SPILL_BYTES` of a small image, which never touches a temp file at all).
 Everything outside the base64 values (usage, sizes, error envelopes) is kept and parsed with
 orjson at the end, with each `b64_json` value left as an empty string and its image returned as
-a `SpooledImage` in order. Temp files are dot-named `.part` files in the images directory, so
-`ImageStore` renames them into place atomically, or cleans them up on the next start.
+a `SpooledImage` in order. Temp files go in the directory the caller gives (the output store's
+temp area), from where the store puts them in place atomically, or cleans them up on the next
+start.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class SpooledImage:
 
 class ImageSink:
     """Bytes of one image as they arrive: in memory while small, then spilled to a temp file
-    (dot-named `.part`, beside the final names), hashed on the way."""
+    (in the spool directory: the store's temp area), hashed on the way."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory

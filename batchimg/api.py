@@ -116,7 +116,7 @@ def api_target(config: RunConfig) -> Target:
         model = options.defaults.model_for(catalog)
         lifecycle.refuse_retired(config.manifest, catalog, model, today_utc(), "OpenAI")
     key = (
-        Secret(options.api_key)
+        Secret.checked(options.api_key, "api_key")
         if options.api_key
         else profile.api_key_from_env(key_env=options.api_key_env)
     )

@@ -21,7 +21,7 @@ from .engine import Summary
 from .errors import UsageError
 from .manifest import Defaults, materialized
 from .options import Flag, RunOptions, flag_of
-from .view import Mode, ProgressView, count_items
+from .view import LOG_EVERY_S, Mode, ProgressView, count_items
 
 FC = TypeVar("FC", bound=Callable[..., Any])
 
@@ -140,7 +140,7 @@ def run_options(command: FC) -> FC:
     wrapped: Any = default_options(wrapper)
     for f in reversed(_flagged()):
         flag: Flag = f.metadata["flag"]
-        shown = f.default not in (None, False, True, ())
+        shown = f.default is not None and not isinstance(f.default, bool) and f.default != ()
         wrapped = click.option(
             *flag.decls, f.name, default=f.default, show_default=shown, help=flag.help,
             **flag.click,
@@ -178,7 +178,7 @@ def _shared_option(name: str, help_text: str | None = None) -> Callable[[FC], FC
     "--log-every",
     "log_every_s",
     type=click.FloatRange(min=0.01),
-    default=30.0,
+    default=LOG_EVERY_S,
     show_default=True,
     help="When stderr is not a terminal (cron, CI, nohup): seconds between progress lines.",
 )
@@ -243,7 +243,8 @@ def summary_json(summary: Summary) -> dict[str, Any]:
     s = summary
     return {
         "ok": s.ok, "failed": s.failed, "already_done": s.skipped,
-        "not_attempted": s.not_attempted, "images": s.images, "input_tokens": s.input_tokens,
+        "not_attempted": s.not_attempted, "pending": s.pending, "images": s.images,
+        "input_tokens": s.input_tokens,
         "output_tokens": s.output_tokens, "cost_usd": round(s.cost_usd, 6),
         "spent_total_usd": round(s.spent_total_usd, 6), "wall_s": round(s.wall_s, 3),
         "failures": s.failures, "stop_reason": s.stop_reason, "interrupted": s.interrupted,
@@ -262,7 +263,8 @@ def format_summary(summary: Summary, *, warnings_shown: bool = True) -> str:
     s = summary
     lines = [
         f"batchimg: {s.ok} ok, {s.failed} failed, {s.skipped} already done"
-        + (f", {s.not_attempted} not attempted" if s.not_attempted else ""),
+        + (f", {s.not_attempted} not attempted" if s.not_attempted else "")
+        + (f", {s.pending} pending" if s.pending else ""),
         f"  images: {s.images}   tokens: {s.input_tokens:,} in / {s.output_tokens:,} out"
         f"   cost: ${s.cost_usd:.4f}" + (f" (+{s.unpriced} unpriced)" if s.unpriced else ""),
         f"  wall time: {s.wall_s:.1f} s   images: {s.images_at or s.out_dir / 'images'}"
@@ -307,6 +309,11 @@ def format_summary(summary: Summary, *, warnings_shown: bool = True) -> str:
             lines.append(f"  {len(s.warnings)} warning(s), printed above")
         else:
             lines.extend(f"  warning: {w}" for w in s.warnings)
+    if s.pending and not (s.interrupted or s.stop_reason):
+        lines.append(
+            f"  {s.pending} items are taken but not answered yet: run the same command again "
+            "later to collect them"
+        )
     if s.interrupted:
         lines.append("  interrupted: re-run the same command to resume")
     elif s.stop_reason:

@@ -41,6 +41,12 @@ class UsageError(BatchimgError):
     """The run cannot start as invoked (bad option, missing key, unreadable manifest)."""
 
 
+class Deferred(BatchimgError):
+    """A backend took the item but its answer will not come while this run waits (a batch
+    still running, with `--no-wait`): the item is pending, no line is written, and the run
+    exits 75 (run the same command again later)."""
+
+
 class StorageError(BatchimgError):
     """Images or ledger lines cannot be written; nothing more can be kept, so stop."""
 

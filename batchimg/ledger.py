@@ -1,10 +1,18 @@
 """The ledger: `DIR/ledger.jsonl`, one JSON object per finished item, append-only.
 
-The last item line for an id is that item's state. Besides item lines, a line with
-`"record": "charge"` records an attempt that was (or may have been) billed and that no item
-line tells of (it was retried, or the run stopped first): it counts toward what the directory
-spent, never toward an item's state. What a line counts is `charged_usd(record)`: its cost,
-or, where that is unknown (`cost_usd: null` with a `cost_note`), its `cost_bound_usd`.
+The last item line for an id is that item's state. Besides item lines (which have no `record`
+field), three kinds of line tell of attempts, never of an item's state:
+
+- `"record": "charge"`: an attempt that was (or may have been) billed and that no item line
+  tells of (it was retried, or the run stopped first). It counts toward what the directory
+  spent: `charged_usd(record)`, its cost, or, where that is unknown (`cost_usd: null` with a
+  `cost_note`), its `cost_bound_usd`.
+- `"record": "sent"`: written just before a request goes out, with the most it can cost. A
+  later line of the same run, item and attempt (or a later attempt) settles it; one that nothing
+  settles (the process was killed, or the machine died, with the request in flight) counts at
+  its bound, so a cap holds across a `kill -9` too (`Unsettled`).
+- `"record": "settled"`: an attempt that is known not to have been billed (a 429, a 5xx) whose
+  item ended with no other line for it (the run stopped while it waited to retry).
 
 Each line is written whole and flushed only after the item's image files are durable; the
 engine fsyncs it at least once a second, and on close. A line torn by a crash mid-write is cut
@@ -41,6 +49,9 @@ class ErrorRecord(TypedDict):
     request_id: str | None
 
 
+LineKind = Literal["charge", "sent", "settled"]
+
+
 class _Identified(TypedDict):
     id: str  # the item's id: every line has one
 
@@ -53,7 +64,7 @@ class LedgerRecord(_Identified, total=False):
     they use, as a hand-edited or older ledger may differ.
     """
 
-    record: Literal["charge"]  # only on charge lines
+    record: LineKind  # only on lines that are not an item's state
     line: int | None
     status: Literal["ok", "error"]
     endpoint: str
@@ -74,7 +85,7 @@ class LedgerRecord(_Identified, total=False):
     cost_note: str
     price_table: str
     attempts: int
-    attempt: int  # charge lines: which attempt of the item
+    attempt: int  # charge, sent and settled lines: which attempt of the item
     rate_limited: int
     latency_s: float | None
     request_id: str | None
@@ -132,11 +143,13 @@ def scan_ledger(
     """Read the ledger once; `on_ok` also sees every ok record (e.g. to rebuild metadata), and
     `on_usage` every record that carries a `usage` (e.g. to learn token counts)."""
     state = LedgerState(IdSet(count_lines(path) if path.exists() else 16))
+    unsettled = Unsettled()
     for record in read_ledger(path, state.garbled):
         if on_usage is not None and record.get("usage") is not None:
             on_usage(record)
         state.spent_usd += charged_usd(record)
-        if is_charge(record):
+        unsettled.see(record)
+        if not is_state(record):
             continue
         if record.get("status") == "ok":
             state.done.add(record["id"])
@@ -144,12 +157,54 @@ def scan_ledger(
                 on_ok(record)
         else:
             state.done.discard(record["id"])
+    state.spent_usd += unsettled.bound_usd()  # requests in flight when a run died
     return state
 
 
-def is_charge(record: LedgerRecord) -> bool:
-    """A line that records a billed attempt, not an item's state."""
-    return record.get("record") == "charge"
+def is_state(record: LedgerRecord) -> bool:
+    """An item's line (its state), not a line about one of its attempts."""
+    return "record" not in record
+
+
+def attempt_of(record: LedgerRecord) -> int | None:
+    """Which attempt a line tells of (an item line: its last), if it says so plausibly."""
+    value = record.get("attempt", record.get("attempts"))
+    plausible = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 10_000
+    return value if plausible else None
+
+
+class Unsettled:
+    """Read forward, the `sent` lines that no later line settles: requests that were in flight
+    when their run died, which may have been billed."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, str], LedgerRecord] = {}  # (run, item): its latest send
+
+    def see(self, record: LedgerRecord) -> None:
+        run, attempt = record.get("run_id"), attempt_of(record)
+        if not isinstance(run, str) or attempt is None:
+            return
+        key = (run, record["id"])
+        if record.get("record") == "sent":
+            self._open[key] = record  # the item's earlier attempts ended before this one
+            return
+        sent = self._open.get(key)
+        if sent is not None and (attempt_of(sent) or 0) <= attempt:
+            del self._open[key]
+
+    def records(self) -> list[LedgerRecord]:
+        return list(self._open.values())
+
+    def bound_usd(self) -> float:
+        return sum(amount(r.get("cost_bound_usd")) or 0.0 for r in self._open.values())
+
+
+def unsettled_sends(path: Path) -> list[LedgerRecord]:
+    """The `sent` lines of a ledger that nothing settles (one forward pass)."""
+    unsettled = Unsettled()
+    for record in read_ledger(path):
+        unsettled.see(record)
+    return unsettled.records()
 
 
 def amount(value: Any) -> float | None:
@@ -160,7 +215,10 @@ def amount(value: Any) -> float | None:
 
 def charged_usd(record: LedgerRecord) -> float:
     """What one line counts toward the money spent: its cost if known, else its bound
-    (anything a line says that is not an amount counts nothing)."""
+    (anything a line says that is not an amount counts nothing). A `sent` line counts only if
+    nothing settles it (`Unsettled`), a `settled` line never."""
+    if record.get("record") in ("sent", "settled"):
+        return 0.0
     cost = amount(record.get("cost_usd"))
     if cost is not None:
         return cost

@@ -194,7 +194,10 @@ class Limiter:
             wait = self._pause_until - now
             buckets = self._buckets()
             for kind, bucket in buckets:
-                wait = max(wait, bucket.wait_s(weights[kind]))
+                bucket_wait = bucket.wait_s(weights[kind])
+                wait = max(wait, bucket_wait)
+                if bucket_wait > MAX_PAUSE_S and self._learned.get(kind) is bucket:
+                    self._say_long_wait(kind, bucket_wait, weights[kind])
             if wait <= 1e-6:  # float dust must not turn into an endless loop of tiny sleeps
                 for kind, bucket in buckets:
                     bucket.take(weights[kind])
@@ -204,6 +207,17 @@ class Limiter:
                     admitted.popleft()
                 return now
             await self.sleep(wait)
+
+    def _say_long_wait(self, kind: str, wait_s: float, weight: float) -> None:
+        if self.note is None:
+            return
+        limit = self._learned_limits.get(kind, 0)
+        self.note(
+            f"long-wait:{kind}",
+            f"requests wait {wait_s:,.0f} s each for the server's limit of {limit:,} {kind} a "
+            f"minute (x-ratelimit-limit-{kind}), a request weighing {weight:,.0f}: if that "
+            "limit is wrong, run with --no-adaptive and --rpm/--ipm/--tpm",
+        )
 
     def _buckets(self) -> list[tuple[str, TokenBucket]]:
         found = list(self._static.items()) + list(self._learned.items())

@@ -8,6 +8,7 @@ the CLI, the Python API and the engine cannot disagree on a default.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +142,7 @@ class RunOptions:
         900.0,
         "--stall-timeout",
         help="Stop the run (exit 3) if no request finishes for this many seconds.",
-        type=click.FloatRange(min=1),
+        type=click.FloatRange(min=0, min_open=True),
     )
     grace_period_s: float = _flag(
         30.0,
@@ -153,7 +154,7 @@ class RunOptions:
         ClientConfig.timeout_s,
         "--timeout",
         help="Seconds one request may take in all.",
-        type=click.FloatRange(min=1),
+        type=click.FloatRange(min=0, min_open=True),
     )
     connect_timeout_s: float = _flag(
         ClientConfig.connect_timeout_s,
@@ -222,26 +223,26 @@ class RunOptions:
     defaults: Defaults = field(default_factory=Defaults)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # the flags' own ranges hold for Python callers too
+            flag, value = f.metadata.get("flag"), getattr(self, f.name)
+            kind = flag.click.get("type") if flag is not None else None
+            if flag is not None and isinstance(kind, (click.IntRange, click.FloatRange)):
+                try:
+                    if value is not None:
+                        kind.convert(value, None, None)
+                except click.BadParameter as exc:
+                    raise UsageError(f"{flag.decls[0]}: {exc.message}") from None
         if self.provider not in PROFILES:
             choices = ", ".join(PROFILES)
             raise UsageError(f"unknown provider {self.provider!r}: choose one of {choices}")
-        if self.concurrency < 1:
-            raise UsageError(f"concurrency must be at least 1, got {self.concurrency}")
-        if self.max_attempts < 1:
-            raise UsageError(f"max attempts must be at least 1, got {self.max_attempts}")
-        if self.stall_timeout_s <= 0 or self.grace_period_s < 0:
-            raise UsageError("stall timeout must be > 0 and grace period >= 0")
-        if self.max_cost_usd is not None and not self.max_cost_usd > 0:
+        if self.max_cost_usd is not None and not self.max_cost_usd > 0:  # NaN passes a range
             raise UsageError(
                 f"--max-cost must be a positive amount in USD, got {self.max_cost_usd}"
             )
         if self.layout not in LAYOUTS:  # the registry, which a program may extend
             raise UsageError(f"unknown --format {self.layout!r}: choose {' or '.join(LAYOUTS)}")
-        if self.shard_size is not None:
-            if self.layout != "webdataset":
-                raise UsageError("--shard-size needs --format webdataset")
-            if self.shard_size < 1:
-                raise UsageError(f"shard size must be at least 1, got {self.shard_size}")
+        if self.shard_size is not None and self.layout != "webdataset":
+            raise UsageError("--shard-size needs --format webdataset")
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(

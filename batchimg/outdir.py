@@ -17,12 +17,16 @@ from pathlib import Path
 
 from .errors import UsageError
 from .ledger import LEDGER_NAME
+from .stores.local import ORPHANS_DIR, TEMP_DIR
 
 LOCK_NAME = ".batchimg.lock"  # held while a run writes into the directory
 #: Less free space than this at the start and a run would buy images it cannot keep.
 MIN_FREE_BYTES = 64 << 20
 #: Files a run writes in place: each must be a plain file of the directory's own.
 _OWN_FILES = (LEDGER_NAME, LOCK_NAME, "metadata.jsonl", "metadata-svg.jsonl")
+#: Directories a run moves files into by rename: each must be a directory on the same
+#: filesystem as the output directory (its temp area, `.tmp`, is where files start from).
+_OWN_DIRS = ("images", "shards", TEMP_DIR, ORPHANS_DIR)
 
 
 def check_output(out: Path) -> None:
@@ -46,7 +50,36 @@ def check_output(out: Path) -> None:
             )
         if path.exists() and not path.is_file():
             raise UsageError(f"{path} is not a file: move it away, then re-run")
-    probe = out / f".batchimg-probe-{os.getpid()}"
+    device = out.stat().st_dev
+    for name in _OWN_DIRS:
+        path = out / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if path.is_symlink() and name == TEMP_DIR:  # it is emptied at every start
+            raise UsageError(
+                f"{path} is a symbolic link: batchimg empties its temp area at every start, "
+                "and only its own directory; remove the link, then re-run"
+            )
+        if not path.is_dir():
+            raise UsageError(f"{path} is not a directory: move it away, then re-run")
+        if path.stat().st_dev != device:
+            raise UsageError(
+                f"{path} is on another filesystem than {out}: batchimg moves finished files "
+                "into it by rename, which cannot cross filesystems; give an --out on one"
+            )
+        _probe(path, f"cannot write to {path}")
+    _probe(out, f"cannot write to --out {out}")
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise UsageError(
+            f"only {free / 2**20:.1f} MiB free where --out {out} is: free some space first (a "
+            "run would buy images it cannot keep)"
+        )
+
+
+def _probe(directory: Path, what: str) -> None:
+    """UsageError unless a file can be written (and synced) in `directory`."""
+    probe = directory / f".batchimg-probe-{os.getpid()}"
     try:
         with open(probe, "wb") as fh:
             fh.write(b"x")
@@ -54,18 +87,11 @@ def check_output(out: Path) -> None:
             os.fsync(fh.fileno())
     except OSError as exc:
         raise UsageError(
-            f"cannot write to --out {out}: {exc.strerror or exc} (a read-only filesystem, or "
-            "no permission?)"
+            f"{what}: {exc.strerror or exc} (a read-only filesystem, or no permission?)"
         ) from None
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()
-    free = shutil.disk_usage(out).free
-    if free < MIN_FREE_BYTES:
-        raise UsageError(
-            f"only {free / 2**20:.1f} MiB free where --out {out} is: free some space first (a "
-            "run would buy images it cannot keep)"
-        )
 
 
 @contextlib.contextmanager

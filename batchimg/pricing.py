@@ -33,6 +33,10 @@ from .usage import UsageProblem, read_usage
 WORST_CASE_INPUT_MARGIN = 1.25
 #: Headroom over the most a group's answers used, when that is the bound.
 LEARNED_MARGIN = 0.25
+#: An answer whose usage says more output tokens than this many times the most the catalog
+#: allows the request (its ceiling, or a published count) is not believed: a broken or hostile
+#: server, not a bill. Its cost is unknown, and counts at its bound.
+IMPLAUSIBLE_FACTOR = 4
 Basis = Literal["published", "learned", "unknown"]
 
 
@@ -89,9 +93,13 @@ class PriceTable:
         """Cost of one answer from its `usage`; None if the model or the counts are unknown."""
         return self.answer_cost({"model": model}, usage)[0]
 
-    def answer_cost(self, params: Mapping[str, Any], usage: Any) -> tuple[float | None, str | None]:
+    def answer_cost(
+        self, params: Mapping[str, Any], usage: Any, *, input_bound: int | None = None
+    ) -> tuple[float | None, str | None]:
         """What one answer cost, from its `usage` (per image for DALL·E), and, when that is
-        unknown, why: (cost, None) or (None, the reason)."""
+        unknown, why: (cost, None) or (None, the reason). Usage beyond what the request can
+        use (`IMPLAUSIBLE_FACTOR`, and `input_bound` input tokens, where given) is not
+        believed."""
         model = str(params.get("model") or "")
         prices = self.prices(model)
         if prices is None:
@@ -105,6 +113,17 @@ class PriceTable:
         counts = read_usage(usage)
         if isinstance(counts, UsageProblem):
             return None, str(counts)  # a missing or broken count is unknown, never $0
+        if input_bound is not None and counts.input > input_bound:
+            return None, (
+                f"usage says {counts.input:,} input tokens, more than the request can have "
+                f"({input_bound:,} at most): not believed"
+            )
+        most = self.output_ceiling(params)
+        if most is not None and counts.output > IMPLAUSIBLE_FACTOR * most + 1000:
+            return None, (
+                f"usage says {counts.output:,} output tokens, over {IMPLAUSIBLE_FACTOR}x the "
+                f"most such a request can use ({most:,}): not believed"
+            )
         rates = _Rates.of(prices.per_1m_tokens)
         usd = (
             (counts.text_in - counts.cached_text_in) * rates.text_in
@@ -114,9 +133,11 @@ class PriceTable:
         )
         return round(usd / 1_000_000, 8), None
 
-    def request_cost(self, params: Mapping[str, Any], usage: Any) -> float | None:
+    def request_cost(
+        self, params: Mapping[str, Any], usage: Any, *, input_bound: int | None = None
+    ) -> float | None:
         """Cost of one answered request: from `usage`, or per image for models billed so."""
-        return self.answer_cost(params, usage)[0]
+        return self.answer_cost(params, usage, input_bound=input_bound)[0]
 
     # -- what it will cost --
 
@@ -208,6 +229,22 @@ class PriceTable:
                 return ceiling, "ceiling"
             return bound, "learned"
         return (ceiling, "ceiling") if ceiling is not None else None
+
+    def output_ceiling(self, params: Mapping[str, Any]) -> int | None:
+        """The most output tokens the catalog allows the whole request (every image, the
+        dearest of its `auto` choices), from published counts or ceilings; None if unknown."""
+        spec = self.catalog.spec(str(params.get("model") or ""))
+        most = 0
+        for quality in specs.quality_choices(params, self.catalog):
+            for size in specs.size_choices(params, self.catalog):
+                choice = {**params, "quality": quality, "size": size}
+                per_image = self._published_output(spec, quality, size)
+                if per_image is None:
+                    per_image = self.ceiling(spec, choice, quality, size)
+                if per_image is None:
+                    return None
+                most = max(most, per_image)
+        return most * _n(params)
 
     def ceiling(
         self, spec: ModelSpec, params: Mapping[str, Any], quality: str, size: str

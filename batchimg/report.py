@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 from ._idset import IdSet, count_lines
 from .errors import UsageError
 from .estimate import render_rows
-from .ledger import LEDGER_NAME, LedgerRecord, amount, is_charge, parse_record
+from .ledger import LEDGER_NAME, LedgerRecord, amount, is_state, parse_record, unsettled_sends
 from .pricing import PriceTable
 from .usage import UsageProblem, read_usage
 
@@ -251,6 +251,8 @@ def build_report(
     paths = ledger_paths(targets)
     records = sum(count_lines(path) for path in paths)
     seen_ids, seen_answers = IdSet(records), IdSet(records)
+    # Requests a dead run left in flight: the only `sent` lines that count (a forward pass).
+    open_sends = {_identity(r) for path in paths for r in unsettled_sends(path)}
     total = Group(key={})
     groups: dict[tuple[Any, ...], Group] = {}
     tables: set[str] = set()
@@ -260,11 +262,13 @@ def build_report(
             group = groups.get(key)
             if group is None:
                 group = groups[key] = Group(key=dict(zip(by, key, strict=True)))
-            charge = is_charge(record)
-            if not charge and seen_ids.add(record["id"]):  # the first met is its last state
+            if is_state(record) and seen_ids.add(record["id"]):  # the first met: its state
                 total.add_item(record)
                 group.add_item(record)
-            if not seen_answers.add(_identity(record)):
+            kind, identity = record.get("record"), _identity(record)
+            if kind == "settled" or (kind == "sent" and identity not in open_sends):
+                continue  # an attempt another line tells of, or one known not billed
+            if not seen_answers.add(identity):
                 continue  # the same line in two ledgers (a ledger given twice): bill it once
             cost = _cost(record, prices)
             if prices is None and isinstance(record.get("price_table"), str) and cost is not None:
@@ -281,7 +285,7 @@ def _identity(record: LedgerRecord) -> str:
     item and the attempt (older lines, without a run id: when it started and finished). Never a
     provider's request id alone, which a gateway may repeat."""
     parts = (
-        "c" if is_charge(record) else "i",
+        str(record.get("record", "item")),
         record.get("run_id") or f"{record.get('started_at')}/{record.get('finished_at')}",
         record["id"],
         record.get("attempt", record.get("attempts")),
@@ -310,7 +314,11 @@ def _cost(record: LedgerRecord, prices: PriceTable | None) -> float | None:
         for k in ("model", "n", "size", "quality", "prompt", "output_format", "complexity")
         if isinstance(record.get(k), (str, int)) and not isinstance(record.get(k), bool)
     }
-    return prices.request_cost(params, record.get("usage"))
+    prompt = record.get("prompt")
+    generation = record.get("endpoint") == "generations" and isinstance(prompt, str)
+    # As when the line was written: no more input tokens than a generation's prompt can have.
+    bound = len(prompt.encode("utf-8")) + 1000 if generation and isinstance(prompt, str) else None
+    return prices.request_cost(params, record.get("usage"), input_bound=bound)
 
 
 _COLUMNS = ("items", "ok", "failed", "images", "in tokens", "out tokens", "cost", "avg s",

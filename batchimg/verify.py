@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from ._idset import IdSet, count_lines
 from .errors import UsageError
 from .layouts.webdataset import SHARD_PREFIX, SHARDS_DIR, sample_key
-from .ledger import LEDGER_NAME, LedgerRecord, LedgerWriter, is_charge
+from .ledger import LEDGER_NAME, LedgerRecord, LedgerWriter, is_state
 from .outdir import exclusive
 from .report import read_backwards
 from .writer import IMAGES_DIR
@@ -80,7 +80,7 @@ def _last_ok_records(ledger: Path) -> Iterator[LedgerRecord]:
     """Each item's last line, where that line is ok (newest first, one pass, compact memory)."""
     seen = IdSet(count_lines(ledger))
     for record in read_backwards(ledger):
-        if is_charge(record) or not seen.add(record["id"]):
+        if not is_state(record) or not seen.add(record["id"]):
             continue
         if record.get("status") == "ok":
             yield record
@@ -121,7 +121,8 @@ def verify(out: Path, *, repair: bool = False) -> VerifyReport:
         packed = _packed(out)
         for record in _last_ok_records(ledger):
             report.checked += 1
-            report.files += len(record.get("files") or [])
+            files = record.get("files")
+            report.files += len(files) if isinstance(files, list) else 0
             problems = _problems(out, record, packed)
             if problems:
                 report.broken.append(Broken(record, problems))

@@ -58,6 +58,10 @@ class Snapshot:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(self).items()}
 
 
+#: When stderr is not a terminal: seconds between progress lines (`--log-every`).
+LOG_EVERY_S = 30.0
+
+
 class ProgressView:
     """The engine's progress callback; `close()` it when the run ends."""
 
@@ -66,7 +70,7 @@ class ProgressView:
         *,
         mode: Mode,
         total: int | None = None,
-        log_every_s: float = 30.0,
+        log_every_s: float = LOG_EVERY_S,
         log_format: Literal["text", "json"] = "text",
         stream: TextIO | None = None,
     ) -> None:

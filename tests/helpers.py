@@ -48,13 +48,13 @@ EXTRA_USAGE_FIELDS = {"extra_usage", "cost_note", "cost_bound_usd"}
 
 
 def ledger_lines(out: Path) -> list[dict[str, Any]]:
-    """Every line of the ledger: item lines and charge records."""
+    """Every line of the ledger: item lines, charge records, and sent/settled lines."""
     return [orjson.loads(line) for line in (out / "ledger.jsonl").read_bytes().splitlines()]
 
 
 def ledger(out: Path) -> list[dict[str, Any]]:
-    """The item lines (what each item became), without charge records."""
-    return [record for record in ledger_lines(out) if record.get("record") != "charge"]
+    """The item lines (what each item became), without the lines about attempts."""
+    return [record for record in ledger_lines(out) if "record" not in record]
 
 
 def charges(out: Path) -> list[dict[str, Any]]:
@@ -62,10 +62,32 @@ def charges(out: Path) -> list[dict[str, Any]]:
     return [record for record in ledger_lines(out) if record.get("record") == "charge"]
 
 
+def unsettled(out: Path) -> list[dict[str, Any]]:
+    """`sent` lines that no later line of the same run and item tells of (an attempt at or
+    after theirs): requests in flight when their run died."""
+    lines = ledger_lines(out)
+    found = []
+    for index, sent in enumerate(lines):
+        if sent.get("record") != "sent":
+            continue
+        same = [
+            r
+            for r in lines[index + 1 :]
+            if (r.get("run_id"), r["id"]) == (sent["run_id"], sent["id"])
+        ]
+        told = [r for r in same if r.get("attempt", r.get("attempts", 0)) >= sent["attempt"]]
+        if not told:  # a later send of the item means this attempt had ended
+            found.append(sent)
+    return found
+
+
 def spent(out: Path) -> float:
-    """What the ledger says the directory spent: every line's cost, else its bound."""
+    """What the ledger says the directory spent: every item and charge line's cost, else its
+    bound, plus the bounds of requests a dead run left in flight."""
+    counted = [r for r in ledger_lines(out) if r.get("record") in (None, "charge")]
+    counted += unsettled(out)
     return sum(r["cost_usd"] if r["cost_usd"] is not None else r.get("cost_bound_usd") or 0.0
-               for r in ledger_lines(out))  # fmt: skip
+               for r in counted)  # fmt: skip
 
 
 def last_states(out: Path) -> dict[str, dict[str, Any]]:

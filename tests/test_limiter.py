@@ -234,3 +234,18 @@ async def test_a_wait_no_per_minute_limit_needs_is_capped_at_a_minute_and_said_o
     assert clock.now - start <= MAX_PAUSE_S + 1e-9
     assert [k for k, _ in notes] == ["pause:retry-after"] + ["pause:x-ratelimit-reset-requests"] * 5
     assert "999,999,999 s" in notes[0][1]
+
+
+async def test_a_learned_limit_that_makes_requests_wait_long_is_said() -> None:
+    """A server saying 100 tokens a minute while a request weighs 7,000: honoured (it is the
+    server's word), but the person running it hears why nothing moves, and how to override."""
+    clock = FakeClock()
+    notes: list[tuple[str, str]] = []
+    lim = Limiter(clock=clock, sleep=clock.sleep, note=lambda k, m: notes.append((k, m)))
+    lim.observe(RateLimitHeaders(limit_tokens=100))
+    await lim.acquire(tokens=7000)  # the first goes (a bucket starts full), into debt
+    start = clock.now
+    await lim.acquire(tokens=7000)
+    assert clock.now - start > MAX_PAUSE_S  # honoured
+    assert [k for k, _ in notes] == ["long-wait:tokens"]
+    assert "100 tokens a minute" in notes[0][1] and "--no-adaptive" in notes[0][1]

@@ -9,6 +9,7 @@ those it then cut off), priced at the catalog's prices (`billed_usd`).
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,7 +24,17 @@ from batchimg.mock import MockConfig, MockServer
 from batchimg.pricing import PriceTable
 from batchimg.report import build_report, read_backwards
 from tests.conftest import TEST_KEY
-from tests.helpers import ROOT, charges, ledger, ledger_lines, spent
+from tests.helpers import (
+    ROOT,
+    charges,
+    ledger,
+    ledger_lines,
+    spent,
+    start_cli,
+    threaded_mock,
+    unsettled,
+    wait_for,
+)
 
 
 def billed_usd(server: MockServer) -> float:
@@ -97,7 +108,7 @@ async def test_each_billed_attempt_is_recorded_not_only_each_item(
     assert {r["id"] for r in ledger(tmp_path / "out")} == {f"m{i}" for i in range(20)}
     # Each line says who wrote it and which attempt it is: a charge and its item never clash.
     keys = [(r["run_id"], r["id"], r.get("attempt", r.get("attempts"))) for r in
-            ledger_lines(tmp_path / "out")]  # fmt: skip
+            ledger_lines(tmp_path / "out") if r.get("record") in (None, "charge")]  # fmt: skip
     assert len(keys) == len(set(keys))
     assert summary.unknown_costs == len(records)
 
@@ -213,3 +224,89 @@ async def test_the_cap_counts_what_earlier_runs_only_bounded(
         billed_second = billed_usd(server)
     assert second.spent_total_usd <= cap + 1e-9
     assert billed_second <= 0.1 + 1e-9  # only the money the earlier bounds left
+
+
+def test_the_cap_holds_across_kill_9_with_requests_in_flight(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    """A request is on the ledger (a `sent` line, with its bound) before it goes: a run killed
+    with requests in flight leaves them counted, so the next runs cannot spend the cap again."""
+    manifest = write_manifest(lines(40, quality="low"))
+    out, cap = tmp_path / "out", 0.25
+    flags = ("--max-cost", str(cap), "--concurrency", "8", "--quiet")
+    with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.5)) as server:
+        kills = 0
+        for _ in range(3):
+            before = len(server.requests)
+            with start_cli(manifest, out, server, *flags) as proc:
+                # Killed with requests in flight, unless the cap already stops it from sending.
+                sending = lambda: server.in_flight >= 1 and len(server.requests) > before  # noqa: B023, E731
+                wait_for(lambda: sending() or proc.poll() is not None)  # noqa: B023
+                proc.kill()
+                proc.communicate()
+            kills += proc.returncode == -signal.SIGKILL
+        assert kills >= 2
+        with start_cli(manifest, out, server, *flags) as proc:
+            _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode in (0, 3), stderr
+        wait_for(lambda: server.in_flight == 0)  # the killed runs' requests, answered and billed
+        assert billed_usd(server) <= cap + 1e-9
+        assert unsettled(out)  # the killed runs' requests in flight, counted at their bounds
+        assert spent(out) >= billed_usd(server) - 1e-9
+
+
+async def test_a_learned_bound_that_proves_too_low_is_exceeded_by_one_answer_at_most(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    """Counts learned from another run (`--from-ledger`) that are far too low: this run's first
+    request of the kind goes alone, and its answer corrects the bound for the rest."""
+    sample, out = tmp_path / "sample", tmp_path / "out"
+    item = {"model": "gpt-image-2", "size": "1024x1024", "quality": "medium"}
+    small = {"input_tokens": 10, "output_tokens": 500, "total_tokens": 510,
+             "input_tokens_details": {"text_tokens": 10, "image_tokens": 0}}  # fmt: skip
+    async with MockServer(MockConfig(api_key=TEST_KEY, fake_usage=small)) as server:
+        await run(write_manifest([{"id": "s", "prompt": "a sample", **item}], "s.jsonl"), sample,
+                  server)  # fmt: skip
+    manifest = write_manifest(
+        [{"id": f"i{i}", "prompt": f"the job {i}", **item} for i in range(30)]
+    )
+    cap = 0.3
+    async with MockServer(MockConfig(api_key=TEST_KEY)) as server:
+        summary = await run(manifest, out, server, concurrency=8, max_cost_usd=cap,
+                            from_ledger=(sample,))  # fmt: skip
+        answers = [r for r in server.requests if r.status == 200]
+        billed = billed_usd(server)
+    one_answer = billed / len(answers)
+    assert summary.exit_code == 3 and len(answers) > 1
+    assert answers[0].usage["output_tokens"] > 2 * 500  # the sample was far too low
+    assert billed <= cap + one_answer  # not eight requests' excess: one answer's at most
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"input_tokens": 10, "output_tokens": 9_999_999},  # under any fixed limit, absurd here
+        {
+            "input_tokens": 9_999_999,
+            "output_tokens": 272,
+            "input_tokens_details": {"text_tokens": 10, "image_tokens": 9_999_989},
+        },
+    ],
+    ids=["output", "input"],
+)
+async def test_usage_beyond_what_the_request_can_use_is_not_believed(
+    tmp_path: Path, write_manifest: Callable[..., Path], usage: dict[str, Any]
+) -> None:
+    manifest = write_manifest(lines(3, quality="low", size="1024x1024"))
+    out = tmp_path / "out"
+    async with MockServer(MockConfig(api_key=TEST_KEY, fake_usage=usage)) as server:
+        summary = await run(manifest, out, server)
+    assert summary.ok == 3 and summary.unknown_costs == 3
+    for record in ledger(out):
+        assert record["cost_usd"] is None and "not believed" in record["cost_note"]
+        assert 0 < record["cost_bound_usd"] < 0.1  # the request's worst case, not $300
+    async with MockServer(MockConfig(api_key=TEST_KEY)) as server:  # an honest server
+        again = await run(write_manifest(lines(6, quality="low"), "more.jsonl"), out, server,
+                          max_cost_usd=1.0)  # fmt: skip
+    # The directory is not blocked by a claim nobody could be billed: the rest is made.
+    assert (again.ok, again.skipped, again.exit_code) == (3, 3, 0)

@@ -235,7 +235,7 @@ def test_as_openai_itself_a_retired_model_is_not_found() -> None:
         assert client.images.generate(model="gpt-image-2", prompt="p").data
 
 
-# -- streaming, JSON edits and headers (issue 14): the SDK's own methods where it has them -----
+# -- streaming, JSON edits and headers: the SDK's own methods where it has them -----
 
 
 def decode_image(b64: str) -> Image.Image:

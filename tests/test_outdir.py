@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections import namedtuple
 from collections.abc import Callable
 from pathlib import Path
@@ -42,8 +43,30 @@ def manifest_at(path: Path, count: int = 3) -> Path:
             lambda out: out.mkdir() or (out / ".batchimg.lock").symlink_to(out.parent / "victim"),
             "is a symbolic link",
         ),
+        # The temp area is emptied at every start: a link to elsewhere would empty elsewhere.
+        (lambda out: out.mkdir() or (out / ".tmp").symlink_to(out.parent), "is a symbolic link"),
+        (lambda out: out.mkdir() or (out / ".tmp").write_text("x"), "is not a directory"),
+        (lambda out: out.mkdir() or (out / "images").write_text("x"), "is not a directory"),
+        pytest.param(
+            lambda out: out.mkdir() or (out / "images").symlink_to("/dev/shm"),
+            "on another filesystem",
+            marks=pytest.mark.skipif(
+                not os.path.isdir("/dev/shm")
+                or os.stat("/dev/shm").st_dev == os.stat(tempfile.gettempdir()).st_dev,
+                reason="no second filesystem at /dev/shm",
+            ),
+        ),
     ],
-    ids=["out-is-a-file", "ledger-is-a-directory", "ledger-is-a-symlink", "lock-is-a-symlink"],
+    ids=[
+        "out-is-a-file",
+        "ledger-is-a-directory",
+        "ledger-is-a-symlink",
+        "lock-is-a-symlink",
+        "temp-area-is-a-symlink",
+        "temp-area-is-a-file",
+        "images-is-a-file",
+        "images-on-another-filesystem",
+    ],
 )
 def test_an_unusable_output_is_exit_2_before_anything_is_sent(
     tmp_path: Path, make: Callable[[Path], object], fragment: str
@@ -237,3 +260,31 @@ def test_after_ctrl_c_the_summary_accounts_for_every_item(tmp_path: Path) -> Non
     found = re.search(r"(\d+) ok, (\d+) failed, (\d+) already done, (\d+) not attempted", stderr)
     assert found is not None, stderr
     assert sum(map(int, found.groups())) == 60  # the rest of the manifest is counted too
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "webdataset"])
+async def test_ledger_lines_of_odd_shapes_break_no_command(
+    tmp_path: Path, mock_server: MockServer, layout: str
+) -> None:
+    """Lines that parse as JSON but not as the ledger's shapes (a hand edit, another tool):
+    `run`, `verify` and `report` go on; the odd ok line's item is counted done but its files
+    are reported broken by `verify`."""
+    out = tmp_path / layout
+    out.mkdir()
+    odd = [
+        {"id": "o0", "status": "ok", "files": 5, "sha256": "x", "started_at": "yesterday"},
+        {"id": "o1", "status": "error", "error": "boom", "finished_at": 12},
+        {"id": "o9", "status": "ok", "files": ["images/o9-0.png"], "sha256": None},
+    ]
+    (out / "ledger.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in odd))
+    summary = await batchimg.arun(
+        manifest_at(tmp_path / "m.jsonl"),
+        out,
+        batchimg.RunOptions(base_url=mock_server.base_url, api_key=TEST_KEY, layout=layout),  # type: ignore[arg-type]
+    )
+    assert (summary.ok, summary.skipped) == (2, 1)  # o1 and o2 made, o0 taken as done
+    for args in (["verify", str(out)], ["report", str(out), "--format", "json"]):
+        result = run_cli(*args)
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.returncode == (1 if args[0] == "verify" else 0), result.stderr
+    assert "o0" in run_cli("verify", str(out)).stdout + run_cli("verify", str(out)).stderr

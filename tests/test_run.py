@@ -160,7 +160,9 @@ async def test_torn_last_ledger_line_is_ignored_and_resumed(
     path = out / "ledger.jsonl"
     kept = path.read_bytes().splitlines(keepends=True)
     done_ids = {r["id"] for r in ledger(out)[:4]}
-    path.write_bytes(b"".join(kept[:4]) + kept[4][: len(kept[4]) // 2])  # crash mid-write
+    items = [i for i, line in enumerate(kept) if b'"record"' not in line]  # item lines
+    cut = items[4]  # the 5th item line, torn by a crash mid-write; what follows never written
+    path.write_bytes(b"".join(kept[:cut]) + kept[cut][: len(kept[cut]) // 2])
     summary = await run(manifest, out, mock_server)
     assert (summary.ok, summary.skipped) == (2, 4)
     counts = Counter(r.prompt for r in mock_server.requests)

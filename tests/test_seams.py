@@ -19,7 +19,7 @@ import batchimg
 from batchimg.backends import Answer, ClientConfig, OnlineBackend, Profile, Secret
 from batchimg.config import RunConfig
 from batchimg.engine import Engine
-from batchimg.errors import ErrorInfo, ItemFailed, ServerError
+from batchimg.errors import Deferred, ErrorInfo, ItemFailed, ServerError
 from batchimg.layouts import LAYOUTS, LayoutContext
 from batchimg.limiter import Limiter
 from batchimg.manifest import Item
@@ -28,7 +28,7 @@ from batchimg.options import RunOptions
 from batchimg.pricing import PriceTable
 from batchimg.stores import LocalStore
 from tests.conftest import TEST_KEY
-from tests.helpers import charges, last_states, ledger
+from tests.helpers import charges, last_states, ledger, unsettled
 
 
 def png(color: tuple[int, int, int]) -> bytes:
@@ -53,7 +53,7 @@ class ScriptedBackend:
 
     scripts: dict[str, list[str]]
     refuse: set[str] = field(default_factory=set)  # prompts `check` turns away
-    per_minute: bool = True  # `paced`: whether the account's per-minute limits apply
+    answers_now: bool = True  # `online`: each attempt is answered while it waits
     sent: list[str] = field(default_factory=list)
     fetched: list[str] = field(default_factory=list)
 
@@ -62,8 +62,8 @@ class ScriptedBackend:
         return "scripted://"
 
     @property
-    def paced(self) -> bool:
-        return self.per_minute
+    def online(self) -> bool:
+        return self.answers_now
 
     def check(self, item: Item) -> ErrorInfo | None:
         if item.prompt in self.refuse:
@@ -78,6 +78,8 @@ class ScriptedBackend:
             raise ServerError(ErrorInfo("boom", "server_error", http_status=500))
         if step == "moderated":
             raise ItemFailed(ErrorInfo("no", "moderation_blocked", http_status=400))
+        if step == "later":
+            raise Deferred(f"{item.id} is in a batch still running")
         entry = (
             {"url": f"scripted://{item.id}"}
             if step == "url"
@@ -134,9 +136,9 @@ async def test_a_scripted_backend_drives_the_engine_through_retries_urls_and_ref
     assert charges(out) == []  # a 500 is not billed: no charge line for the first try
 
 
-@pytest.mark.parametrize("paced", [True, False])
-async def test_only_a_paced_backend_waits_for_the_per_minute_limiter(
-    paced: bool, tmp_path: Path, write_manifest: Callable[..., Path]
+@pytest.mark.parametrize("online", [True, False])
+async def test_only_an_online_backend_waits_for_the_per_minute_limiter(
+    online: bool, tmp_path: Path, write_manifest: Callable[..., Path]
 ) -> None:
     waits: list[float] = []
     now = [100.0]
@@ -146,14 +148,31 @@ async def test_only_a_paced_backend_waits_for_the_per_minute_limiter(
         now[0] += seconds
 
     lines = [{"id": f"i{i}", "prompt": f"p{i}", "model": "gpt-image-1"} for i in range(4)]
-    backend = ScriptedBackend({f"p{i}": ["ok"] for i in range(4)}, per_minute=paced)
+    backend = ScriptedBackend({f"p{i}": ["ok"] for i in range(4)}, answers_now=online)
     limiter = Limiter(rpm=6, adaptive=False, clock=lambda: now[0], sleep=sleep)
     out = tmp_path / "out"
     config = config_for(write_manifest(lines), out, concurrency=1)
     summary = await Engine(config, backend, LocalStore(out), limiter=limiter).run()
     assert summary.ok == 4
-    # 6 a minute admits one request every 10 s: paced, the 2nd to 4th waited; else none did.
-    assert (sum(waits) >= 29.0) if paced else waits == []
+    # 6 a minute admits one request every 10 s: online, the 2nd to 4th waited; else none did.
+    assert (sum(waits) >= 29.0) if online else waits == []
+
+
+async def test_an_item_a_backend_defers_is_pending_with_exit_75_and_done_next_run(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    lines = [{"id": "now", "prompt": "now"}, {"id": "later", "prompt": "later"}]
+    backend = ScriptedBackend({"now": ["ok"], "later": ["later", "ok"]}, answers_now=False)
+    out = tmp_path / "out"
+    config = config_for(write_manifest(lines), out, max_cost_usd=5.0)
+    summary = await Engine(config, backend, LocalStore(out)).run()
+    assert (summary.ok, summary.pending, summary.exit_code) == (1, 1, 75)
+    assert set(last_states(out)) == {"now"}  # no line for an item still pending
+    (sent,) = [r for r in unsettled(out) if r["id"] == "later"]  # counted until answered
+    assert sent["cost_bound_usd"] > 0
+
+    again = await Engine(config, backend, LocalStore(out)).run()
+    assert (again.ok, again.skipped, again.pending, again.exit_code) == (1, 1, 0, 0)
 
 
 class RecordingStore(LocalStore):

@@ -3,8 +3,9 @@
 The engine's item runner owns everything around an attempt (the budget, the rate limiter,
 retries, turning answers into stored bytes); a backend owns only the wire. It takes one item,
 returns an `Answer` (the images, or where to fetch them, with `usage` and the request id) or
-raises a `RequestError` subclass that says whether trying again can help, and fetches the
-`url` images an answer points at. It also has its own rules (`check`): what it cannot send.
+raises a `RequestError` subclass that says whether trying again can help (or `Deferred`: taken,
+but the answer will come to a later run), and fetches the `url` images an answer points at.
+It also has its own rules (`check`): what it cannot send.
 
 Implementations:
 - `online.OnlineBackend`: one HTTP request per attempt (OpenAI, Azure, gateways: `profiles`).
@@ -56,10 +57,12 @@ class Backend(Protocol):
         ...
 
     @property
-    def paced(self) -> bool:
-        """Whether each attempt counts against the account's per-minute limits (requests,
-        images, tokens), so the engine's rate limiter admits it; a batch backend's requests
-        do not (the Batch API has limits of its own, which the backend keeps)."""
+    def online(self) -> bool:
+        """Whether each attempt is one request answered while it waits (seconds to minutes):
+        then the account's per-minute limits apply (the engine's rate limiter admits it), it
+        counts as in flight for the stall watch, and under a cap the first request of a kind
+        whose cost is not published goes alone. False for a backend whose answers come much
+        later (a batch), which keeps its own limits and liveness."""
         ...
 
     def check(self, item: Item) -> ErrorInfo | None:

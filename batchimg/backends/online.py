@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
+import yarl
 
 from .._spool import BadBase64, ImageSink, ResponseSpool, SpooledImage, SpoolError, discard
 from ..errors import (
@@ -41,6 +42,7 @@ from ..specs import ANSWER_SLACK
 from .base import Answer
 from .profiles import DEFAULT_AZURE_API_VERSION, PROFILES, Profile, Secret
 
+_T = TypeVar("_T")
 USER_AGENT = "batchimg/0.1"
 #: Read at most this much of an error answer or a model list (the API's are a few hundred bytes).
 ERROR_BODY_BYTES = 1 << 20
@@ -116,9 +118,10 @@ class OnlineBackend:
     """Sends image requests over one pooled session; use as an async context manager."""
 
     def __init__(
-        self, config: ClientConfig, *, pool_size: int = 8, spool_dir: Path | None = None
+        self, config: ClientConfig, *, pool_size: int = 100, spool_dir: Path | None = None
     ) -> None:
-        """`spool_dir`: decode `b64_json` images into temp files there while answers stream
+        """`pool_size`: connections kept open at most (the run passes its concurrency);
+        `spool_dir`: decode `b64_json` images into temp files there while answers stream
         in (entries then carry `"spooled": SpooledImage`), instead of holding whole bodies."""
         self._config = config
         self._pool_size = pool_size
@@ -148,8 +151,8 @@ class OnlineBackend:
         return self._config.base_url
 
     @property
-    def paced(self) -> bool:
-        return True  # every request counts against the account's per-minute limits
+    def online(self) -> bool:
+        return True  # one request per attempt, answered while it waits
 
     @property
     def models_url(self) -> str | None:
@@ -240,8 +243,8 @@ class OnlineBackend:
         if status >= 400:
             error = classify(
                 status,
-                parsed,
-                request_id=request_id,
+                self._scrub(parsed),
+                request_id=self._scrub(request_id),
                 retry_after_s=parse_retry_after(resp_headers),
                 should_retry=_should_retry(resp_headers),
             )
@@ -256,29 +259,38 @@ class OnlineBackend:
                     message=f"HTTP {status} answer was {what} ({size} bytes)",
                     code="bad_response",
                     http_status=status,
-                    request_id=request_id,
+                    request_id=self._scrub(request_id),
                 )
             )
         if spooled:  # the spool left each b64_json empty; its image is on disk, in order
             images = iter(spooled)
             for entry in data:
                 if entry.get("b64_json") == "":
-                    entry["spooled"] = next(images)
+                    image = next(images, None)
+                    if image is None:  # an empty value the spool did not empty: not an image
+                        break
+                    entry["spooled"] = image
+            discard(list(images))  # spooled from a key outside the data entries: not kept
         assert isinstance(parsed, dict)
-        usage = parsed.get("usage")
+        scrub = self._scrub
         echo = {k: v for k, v in parsed.items() if k in _ECHO and _ECHO[k].fullmatch(str(v))}
         extra = {
             k: v for k, v in parsed.items() if k.endswith("_usage") and isinstance(v, dict) and v
         }
         return Answer(
             data=data,
-            usage=usage,
-            request_id=request_id,
+            usage=scrub(parsed.get("usage")),
+            request_id=scrub(request_id),
             latency_s=latency_s,
-            echo=echo,
+            echo=scrub(echo),
             ratelimit=ratelimit,
-            extra_usage=extra or None,
+            extra_usage=scrub(extra) or None,
         )
+
+    def _scrub(self, value: _T) -> _T:
+        """What a server said, with our own key cut out wherever it echoes it (an answer's
+        words end up in the ledger, the logs and error messages)."""
+        return scrub_secret(value, self._config.api_key.reveal())
 
     async def _spool(
         self, resp: aiohttp.ClientResponse, directory: Path, limit: int
@@ -350,10 +362,11 @@ class OnlineBackend:
         Streamed into the spool directory (memory holds one chunk, and small images); more than
         `limit_bytes` (decompressed) fails the item (`answer_too_large`)."""
         limit = limit_bytes or DEFAULT_LIMIT_BYTES
+        target = _image_url(url)
         sink = ImageSink(self._spool_dir) if self._spool_dir is not None else None
         data = bytearray()
         try:
-            async with self.session.get(url) as resp:
+            async with self.session.get(target) as resp:
                 status = resp.status
                 if status >= 400:
                     await _read_capped(resp, ERROR_BODY_BYTES)
@@ -375,6 +388,10 @@ class OnlineBackend:
             if sink is not None:
                 sink.abort()
             raise StorageError(f"cannot write images to {self._spool_dir}: {exc}") from exc
+        except (ValueError, AssertionError) as exc:  # a link aiohttp cannot follow (bad host)
+            if sink is not None:
+                sink.abort()
+            raise _bad_url(url, exc) from None
         except BaseException:
             if sink is not None:
                 sink.abort()
@@ -388,6 +405,20 @@ class OnlineBackend:
         return sink.finish() if sink is not None else bytes(data)
 
 
+def scrub_secret(value: _T, secret: str) -> _T:
+    """`value` (a string, or JSON-like data) with every occurrence of `secret` replaced by
+    `***`, in strings and object keys alike."""
+    if not secret:
+        return value
+    if isinstance(value, str):
+        return value.replace(secret, "***") if secret in value else value  # type: ignore[return-value]
+    if isinstance(value, dict):
+        return {scrub_secret(k, secret): scrub_secret(v, secret) for k, v in value.items()}  # type: ignore[return-value]
+    if isinstance(value, list):
+        return [scrub_secret(v, secret) for v in value]  # type: ignore[return-value]
+    return value
+
+
 async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> tuple[bytes, int]:
     """Up to `cap` bytes of a body (and how many it had, counting to `cap` + 1 at most): an
     error page or a listing is read only that far."""
@@ -397,6 +428,26 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> tuple[bytes, i
         if len(body) > cap:
             return bytes(body[: cap + 1]), cap + 1
     return bytes(body), len(body)
+
+
+def _image_url(url: str) -> yarl.URL:
+    """An answer's image link, if it is one that can be fetched: http(s) with a host."""
+    try:
+        target = yarl.URL(url)
+        host = target.host
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise _bad_url(url, exc) from None
+    if target.scheme not in ("http", "https") or not host:
+        raise _bad_url(url, None)
+    return target
+
+
+def _bad_url(url: str, exc: BaseException | None) -> ItemFailed:
+    shown = url if len(url) <= 200 else url[:200] + "…"
+    why = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+    info = ErrorInfo(message=f"the answer's image link cannot be fetched: {shown!r}{why}",
+                     code="bad_url", type="invalid_response")  # fmt: skip
+    return ItemFailed(info)
 
 
 def _too_large(size: int, cap: int, request_id: str | None, what: str = "answer") -> ItemFailed:

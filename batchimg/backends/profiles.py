@@ -31,6 +31,17 @@ class Secret:
     def reveal(self) -> str:
         return self._value
 
+    @classmethod
+    def checked(cls, value: str, where: str) -> Secret:
+        """A key that can go in an HTTP header; UsageError (which never shows it) if not."""
+        value = value.strip()
+        if not value or any(not 0x21 <= ord(c) <= 0x7E for c in value):
+            raise UsageError(
+                f"the API key from {where} is empty or holds a space, line break or other "
+                "character no header can carry: check how it was set"
+            )
+        return cls(value)
+
     def __repr__(self) -> str:
         return "Secret('***')"
 
@@ -87,7 +98,7 @@ class Profile:
         for name in names:
             value = environ.get(name, "").strip()
             if value:
-                return Secret(value)
+                return Secret.checked(value, f"${name}")
         raise UsageError(
             f"no API key: set {' or '.join(names)} (looked at {', '.join(names)}), "
             "or use --mock to run against the embedded mock server"

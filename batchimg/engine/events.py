@@ -54,7 +54,7 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 @dataclass
 class Summary:
-    """How a run went; `exit_code` follows the CLI contract (0 / 1 / 3 / 130)."""
+    """How a run went; `exit_code` follows the CLI contract (0 / 1 / 3 / 75 / 130)."""
 
     out_dir: Path
     ledger_path: Path
@@ -62,6 +62,7 @@ class Summary:
     failed: int = 0
     skipped: int = 0
     not_attempted: int = 0
+    pending: int = 0  # taken by a backend whose answers come to a later run (exit 75)
     images: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -91,4 +92,6 @@ class Summary:
             return 130
         if self.stop_reason is not None:
             return 3
+        if self.pending:
+            return 75
         return 1 if self.failed else 0

@@ -8,6 +8,7 @@ durably through the writer, and only then is the item's line handed to the sink.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from ..backends import Answer, Backend
 from ..budget import Budget
 from ..catalog import Catalog
 from ..errors import (
+    Deferred,
     ErrorInfo,
     ItemFailed,
     RateLimited,
@@ -52,6 +54,8 @@ class _Tally:
     #: The latest attempt's charge, until it is written: as a charge record of its own when
     #: another attempt follows (or the run stops), else in the item's line.
     pending: Charge | None = None
+    sent: int = 0  # the last attempt a `sent` line announced
+    told: int = 0  # the last attempt a charge line or the item's line tells of
 
 
 class Abandoned(Exception):
@@ -93,6 +97,7 @@ class ItemRunner:
         self.budget_short = False  # an item was left because its bound did not fit the cap
         self._cheapest_admitted_usd = float("inf")  # the least a reserved bound came to
         self._probes: dict[GroupKey, anyio.Lock] = {}  # one first request per unknown group
+        self._probed: set[GroupKey] = set()  # groups this run has had an answer of
         self._answered = False  # an answer (2xx) has come: the API is reachable as configured
         self._unreachable: dict[str, int] = {}  # before that: failures no item can fix, by code
 
@@ -107,6 +112,7 @@ class ItemRunner:
             # The line carries its attempt's charge: an answer that arrived but could not be
             # stored was still paid for, so its usage and cost are kept.
             charge, tally.pending = tally.pending, None
+            tally.told = tally.attempts
             self.sink.item_line(
                 item_record(
                     item,
@@ -181,15 +187,32 @@ class ItemRunner:
                 control.stop_code = exc.info.code
                 control.stop(f"{exc} — fix the account or key, then re-run the same command")
             finish("error", exc.info)
+        except Deferred:
+            control.summary.pending += 1
+            tally.told = tally.sent  # its `sent` line stays open until the answer comes
+        except Abandoned:
+            raise
+        except Exception as exc:  # a bug, or a library's surprise: this item fails, not the run
+            why = f"{type(exc).__name__}: {exc}"
+            control.warn_once(
+                ("internal", type(exc).__name__),
+                f"item {item.id} failed on an unexpected error ({why}); it is in the ledger "
+                "and runs again next time (please report this)",
+            )
+            finish("error", ErrorInfo(f"unexpected error: {why}", "internal_error", "local_error"))
         finally:
             # Stopped (or cancelled) with an attempt billed but no item line for it: its charge
-            # is written on its own, so the next run's cap counts it.
+            # is written on its own, so the next run's cap counts it. A sent attempt known not
+            # billed that nothing tells of is settled, so no later run counts it.
             with anyio.CancelScope(shield=True):
                 self._flush_charge(item, tally)
+                if tally.sent > tally.told:
+                    self.sink.settled_line(item, tally.sent)
 
     def _flush_charge(self, item: Item, tally: _Tally) -> None:
         charge, tally.pending = tally.pending, None
         if charge is not None:
+            tally.told = max(tally.told, charge.attempt)
             self.sink.charge_line(item, charge)
 
     async def _retry_wait(self, delay_s: float) -> None:
@@ -207,14 +230,16 @@ class ItemRunner:
             control.waiting_to_retry -= 1
 
     async def _attempt(self, item: Item, tally: _Tally) -> Answer:
-        """One try. Under a cap, a request whose bound is only the catalog's ceiling (no answer
-        of its kind is known yet) goes alone: its group's others wait for its answer, which
-        turns their bound into a learned one, so a ceiling that proves too low is exceeded by
-        one request at most, not by every request sent before the first answer."""
+        """One try. Under a cap, until this run has had an answer of its kind, a request whose
+        bound is not a published count (the catalog's ceiling, or counts learned from other
+        runs) goes alone: its group's others wait for its answer, which tightens (or corrects)
+        their bound, so a bound that proves too low is exceeded by one request at most, not by
+        every request sent before the first answer."""
         if self.budget.cap_usd is not None:
             bound = self.prices.worst_case(item.params, item.image_tokens, self.book)
-            if bound is not None and bound.basis == "ceiling":
-                group = request_group(item.params, self.catalog)
+            group = request_group(item.params, self.catalog)
+            unknown = bound is not None and bound.basis != "published"
+            if unknown and self.backend.online and group not in self._probed:
                 async with self._probes.setdefault(group, anyio.Lock()):
                     return await self._attempt_once(item, tally)
         return await self._attempt_once(item, tally)
@@ -234,14 +259,18 @@ class ItemRunner:
             worst_usd = reserved
             self._cheapest_admitted_usd = min(self._cheapest_admitted_usd, reserved)
         started_at, attempt = now(), tally.attempts
-        limiter, charge = self.limiter, None
+        limiter, charge, deferred = self.limiter, None, False
         try:
             if self.control.stopping:  # stopped while this item waited for budget: send nothing
                 raise Abandoned
-            paced = self.backend.paced  # else the backend keeps limits of its own
-            sent_at = await limiter.acquire(images=item.n, tokens=tokens) if paced else 0.0
+            online = self.backend.online  # else the backend keeps limits of its own
+            sent_at = await limiter.acquire(images=item.n, tokens=tokens) if online else 0.0
+            # Said before it goes: if the process dies with it in flight, the next run counts it.
+            sent_bound = worst_usd if capped else self._worst_usd(item)
+            self.sink.sent_line(item, attempt, started_at, sent_bound)
+            tally.sent = attempt
             try:
-                with self.control.on_the_wire():
+                with self.control.on_the_wire() if online else contextlib.nullcontext():
                     answer = await self.backend.send(item, limit_bytes=self._answer_limit(item))
             except RateLimited as exc:
                 tally.rate_limited += 1
@@ -264,23 +293,39 @@ class ItemRunner:
                         error=exc.info,
                     )
                 raise
+            except Deferred:
+                # Taken, to be answered to a later run: counted at its bound here, and by later
+                # runs through its `sent` line until the answer settles it.
+                charge = Charge(attempt, started_at, bound_usd=worst_usd or None)
+                deferred = True
+                raise
             except anyio.get_cancelled_exc_class():
                 # Sent, then dropped by a stop: the API may have generated (and billed) it.
-                charge = self._unknown_charge(
-                    item,
-                    attempt,
-                    started_at,
-                    worst_usd,
-                    "cancelled in flight: may have been billed",
-                )
+                why = "cancelled in flight: may have been billed"
+                charge = self._unknown_charge(item, attempt, started_at, worst_usd, why)
                 raise
+            except StorageError:
+                # Answered, but the answer could not be kept (the disk): it was billed.
+                why = "answered, but the answer could not be stored: billed at a cost unknown"
+                charge = self._unknown_charge(item, attempt, started_at, worst_usd, why)
+                raise
+            except Exception as exc:  # the backend broke on the answer: it may have been billed
+                what = f"{type(exc).__name__}: {exc}"
+                why = f"failed on the answer ({what}): may have been billed"
+                charge = self._unknown_charge(item, attempt, started_at, worst_usd, why)
+                info = ErrorInfo(f"unexpected error on the answer: {what}", "internal_error",
+                                 "local_error")  # fmt: skip
+                raise ItemFailed(info) from exc
             limiter.observe(answer.ratelimit)
             limiter.on_success()
             self._answered = True
+            self._probed.add(request_group(item.params, self.catalog))
             counts = read_usage(answer.usage)
             if not isinstance(counts, UsageProblem):
                 limiter.settle_tokens(tokens, counts.total)
-            cost, unknown = self.prices.answer_cost(item.params, answer.usage)
+            cost, unknown = self.prices.answer_cost(
+                item.params, answer.usage, input_bound=self._input_bound(item)
+            )
             if cost is None:  # billed but not priceable: count the worst, never $0
                 charge = self._unknown_charge(
                     item,
@@ -301,7 +346,7 @@ class ItemRunner:
                 )
             return answer
         finally:
-            tally.pending = charge
+            tally.pending = None if deferred else charge
             actual_usd = charge.counted_usd if charge is not None else 0.0
             if capped:
                 self.budget.settle(worst_usd, actual_usd)
@@ -322,10 +367,7 @@ class ItemRunner:
     ) -> Charge:
         """A charge whose cost cannot be known: bounded by what was reserved for it (under a
         cap), else by the worst case now (None where nothing bounds it)."""
-        bound: float | None = reserved_usd or None
-        if bound is None:
-            worst = self.prices.worst_case(item.params, item.image_tokens, self.book)
-            bound = worst.cost_usd if worst is not None else None
+        bound = reserved_usd or self._worst_usd(item)
         if bound is None:
             note += "; nothing bounds its cost (no price or token count known)"
         return Charge(
@@ -337,6 +379,15 @@ class ItemRunner:
             request_id=request_id,
             error=error,
         )
+
+    def _worst_usd(self, item: Item) -> float | None:
+        worst = self.prices.worst_case(item.params, item.image_tokens, self.book)
+        return worst.cost_usd if worst is not None else None
+
+    def _input_bound(self, item: Item) -> int:
+        """The most input tokens the request can be billed: a token per byte of the prompt,
+        its images' tokens four times over, and slack."""
+        return len(item.prompt.encode("utf-8")) + 4 * item.image_tokens + 1000
 
     def _first_contact(self, exc: RequestError) -> None:
         """Until one answer has come, the first failures that no item can fix (the host cannot

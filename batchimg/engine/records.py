@@ -151,3 +151,31 @@ def _charge_fields(record: LedgerRecord, charge: Charge | None) -> None:
         return
     record["cost_bound_usd"] = charge.bound_usd
     record["cost_note"] = charge.note or ""
+
+
+def sent_record(
+    item: Item, *, attempt: int, run_id: str, started_at: str, bound_usd: float | None
+) -> LedgerRecord:
+    """A line written just before a request goes out: if the run dies before any line settles
+    it, it counts at its bound (see `ledger.Unsettled`)."""
+    record = LedgerRecord(
+        record="sent",
+        id=item.id,
+        line=item.line,
+        run_id=run_id,
+        attempt=attempt,
+        endpoint=item.endpoint,
+        model=item.params.get("model"),
+        cost_usd=None,
+        started_at=started_at,
+    )
+    record["cost_bound_usd"] = bound_usd
+    record["cost_note"] = "sent: unless a later line tells of this attempt, it may have been billed"
+    return record
+
+
+def settled_record(item: Item, *, attempt: int, run_id: str) -> LedgerRecord:
+    """A line for an attempt known not to have been billed that no other line tells of."""
+    return LedgerRecord(
+        record="settled", id=item.id, run_id=run_id, attempt=attempt, finished_at=now()
+    )

@@ -167,6 +167,10 @@ class Engine:
             await self._run_all(handle_signals)
         finally:
             self.runner.writer.close()
+        if summary.interrupted:  # a second signal may have cut the count short: redo it
+            total = await anyio.to_thread.run_sync(self._count_entries)
+            done = summary.ok + summary.failed + summary.skipped + summary.pending
+            summary.not_attempted = max(summary.not_attempted, total - done)
         summary.wall_s = time.monotonic() - started
         summary.limiter = self.limiter.stats()
         summary.spent_total_usd = self.budget.spent_usd

@@ -20,7 +20,7 @@ from ..tokens import TokenBook
 from ..usage import UsageProblem, read_usage
 from .control import RunControl
 from .events import ProgressEvent
-from .records import Charge, charge_record, item_record, now
+from .records import Charge, charge_record, item_record, now, sent_record, settled_record
 
 
 class ResultSink:
@@ -130,6 +130,18 @@ class ResultSink:
         )
         if self._write(record):
             self._count_charge(record)
+
+    def sent_line(self, item: Item, attempt: int, started_at: str, bound_usd: float | None) -> None:
+        """A request is about to go out: say so first, with the most it can cost."""
+        record = sent_record(
+            item, attempt=attempt, run_id=self.run_id, started_at=started_at, bound_usd=bound_usd
+        )
+        if not self._write(record):
+            raise StorageError(f"cannot append to {self.ledger_path}")
+
+    def settled_line(self, item: Item, attempt: int) -> None:
+        """An attempt known not billed, whose item ends with no line telling of it."""
+        self._write(settled_record(item, attempt=attempt, run_id=self.run_id))
 
     def item_line(self, record: LedgerRecord) -> None:
         """An item's line: written, handed to the layout (if ok), counted and announced."""

@@ -37,6 +37,8 @@ class LocalStore:
         return self._temp_dir
 
     def clean_temps(self) -> None:
+        if self._temp_dir.is_symlink():  # emptying it would empty whatever it points at
+            raise OSError(f"{self._temp_dir} is a symbolic link, not this store's temp area")
         self._temp_dir.mkdir(parents=True, exist_ok=True)
         self._temp_ready = True
         for stale in self._temp_dir.iterdir():
