@@ -408,8 +408,14 @@ class OnlineBackend:
 def scrub_secret(value: _T, secret: str) -> _T:
     """`value` (a string, or JSON-like data) with every occurrence of `secret` replaced by
     `***`, in strings and object keys alike."""
-    if not secret:
+    if not secret or value is None:
         return value
+    if isinstance(value, (dict, list)):  # one C-speed look first: most answers never echo it
+        try:
+            if secret.encode() not in orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS):
+                return value
+        except orjson.JSONEncodeError:
+            pass
     if isinstance(value, str):
         return value.replace(secret, "***") if secret in value else value  # type: ignore[return-value]
     if isinstance(value, dict):
