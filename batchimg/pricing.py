@@ -74,6 +74,8 @@ class PriceTable:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.name = catalog.name
+        #: What the catalog alone bounds, by the request's shape (asked for every answer).
+        self._ceilings: dict[tuple[Any, ...], int | None] = {}
 
     @classmethod
     def default(cls) -> PriceTable:
@@ -233,6 +235,14 @@ class PriceTable:
     def output_ceiling(self, params: Mapping[str, Any]) -> int | None:
         """The most output tokens the catalog allows the whole request (every image, the
         dearest of its `auto` choices), from published counts or ceilings; None if unknown."""
+        key = tuple(_shape(params))
+        if key not in self._ceilings:
+            if len(self._ceilings) > 4096:
+                self._ceilings.clear()
+            self._ceilings[key] = self._output_ceiling(params)
+        return self._ceilings[key]
+
+    def _output_ceiling(self, params: Mapping[str, Any]) -> int | None:
         spec = self.catalog.spec(str(params.get("model") or ""))
         most = 0
         for quality in specs.quality_choices(params, self.catalog):
@@ -336,3 +346,13 @@ def usage_cost_usd(model: str, usage: Any) -> float | None:
 def request_cost_usd(params: Mapping[str, Any], usage: Any) -> float | None:
     """Cost of one answered request with the built-in catalog."""
     return PriceTable.default().request_cost(params, usage)
+
+
+#: The request fields an output bound depends on.
+_SHAPE_FIELDS = ("model", "size", "quality", "n", "output_format", "frame_count", "complexity")
+
+
+def _shape(params: Mapping[str, Any]) -> list[Any]:
+    shape = [params.get(name) for name in _SHAPE_FIELDS]
+    return [value if isinstance(value, (str, int, float, type(None))) else repr(value)
+            for value in shape]  # fmt: skip

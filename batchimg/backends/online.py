@@ -43,6 +43,7 @@ from .base import Answer
 from .profiles import DEFAULT_AZURE_API_VERSION, PROFILES, Profile, Secret
 
 _T = TypeVar("_T")
+MIN_SECRET_CHARS = 8
 USER_AGENT = "batchimg/0.1"
 #: Read at most this much of an error answer or a model list (the API's are a few hundred bytes).
 ERROR_BODY_BYTES = 1 << 20
@@ -407,8 +408,9 @@ class OnlineBackend:
 
 def scrub_secret(value: _T, secret: str) -> _T:
     """`value` (a string, or JSON-like data) with every occurrence of `secret` replaced by
-    `***`, in strings and object keys alike."""
-    if not secret or value is None:
+    `***`, in strings and object keys alike. A "key" shorter than `MIN_SECRET_CHARS` (a local
+    gateway's `x`) is no secret, and cutting it out would garble every word that holds it."""
+    if len(secret) < MIN_SECRET_CHARS or value is None:
         return value
     if isinstance(value, (dict, list)):  # one C-speed look first: most answers never echo it
         try:
