@@ -16,6 +16,7 @@ from aiohttp import web
 from PIL import Image
 
 import batchimg
+from batchimg.backends.online import scrub_secret
 from tests.helpers import charges, ledger, ledger_lines, run_cli
 
 KEY = "sk-hostile-0123456789abcdefSECRET"
@@ -147,3 +148,12 @@ def test_a_key_no_header_can_carry_is_exit_2_and_never_shown(tmp_path: Path) -> 
     assert result.returncode == 2, result.stderr
     assert "line break" in result.stderr and "Traceback" not in result.stderr
     assert "LEAK" not in result.stderr
+
+
+def test_the_key_is_cut_out_where_it_is_and_nowhere_else() -> None:
+    key = "sk-0123456789abcdef"
+    said = {"message": f"bad {key}!", key: [f"x{key}"], "usage": {"text_tokens": 3}}
+    assert scrub_secret(said, key) == {"message": "bad ***!", "***": ["x***"],
+                                       "usage": {"text_tokens": 3}}  # fmt: skip
+    # A local gateway's "x" is no secret: cutting it out would garble every word with an x.
+    assert scrub_secret({"text_tokens": 3}, "x") == {"text_tokens": 3}
