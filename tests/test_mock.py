@@ -577,14 +577,20 @@ async def test_edit_needs_a_multipart_or_json_body(
 # -- serve() --------------------------------------------------------------------------------
 
 
-def test_serve_prints_its_base_url_and_stops_on_ctrl_c() -> None:
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_serve_prints_its_base_url_and_stops_on_ctrl_c(inherited: str) -> None:
+    # "ignored": started as a shell's background job, which gets SIGINT ignored.
     code = (
         "from batchimg.mock import MockConfig, serve; "
         "serve(MockConfig(require_auth=False), '127.0.0.1', 0)"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ignore = (
+        (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if inherited == "ignored" else None
     )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=ignore,
+    )  # fmt: skip
     try:
         assert proc.stdout is not None
         base_url = proc.stdout.readline().strip()

@@ -11,9 +11,14 @@ The surface, as the official clients use it: generations (JSON) and edits (multi
 with `images: [{image_url} | {file_id}]`), each answered whole or, with `stream: true`, as
 server-sent events (`partial_images` 0-3 drafts, then the completed image with its usage; the
 `image_generation.*` and `image_edit.*` pairs); `usage` with `input_tokens_details` and
-`output_tokens_details`; a minimal `/v1/files` for file ids; `/v1/models` with shutdown dates;
-and on every answer `x-request-id`, `openai-version`, `openai-processing-ms` and (image
-answers) `x-ratelimit-*`, generous when no limit is configured.
+`output_tokens_details`; the Files API (upload, list, retrieve, content, delete: file ids for
+JSON edits, batch input files, and the output and error files batches write, streamed from
+disk); the Batch API for both image endpoints, with the real state machine (validating ->
+in_progress -> finalizing -> completed; failed at validation with line-numbered errors;
+expired with part of the lines undone; cancelling -> cancelled), each line run through the
+same request pipeline as an online request and recorded with `via="batch"`; `/v1/models` with
+shutdown dates; and on every answer `x-request-id`, `openai-version`, `openai-processing-ms`
+and (image answers) `x-ratelimit-*`, generous when no limit is configured.
 
     config.py    MockConfig: faults, limits, latency, which models it serves
     server.py    MockServer: routes, auth, headers, the request pipeline, /v1/models, /v1/files
@@ -23,8 +28,11 @@ answers) `x-ratelimit-*`, generous when no limit is configured.
     images.py    the images it draws (png, jpeg, webp, animated gif, svg, blurred drafts) and the
                  uploads it checks
     stream.py    the server-sent events of a streamed answer
-    files.py     uploaded files, and the image references of JSON edits (data URLs, own URLs,
-                 file ids: the mock has no outside network)
+    files.py     the Files API's files (uploads in memory, batch results on disk), and the
+                 image references of JSON edits (data URLs, own URLs, file ids: the mock has
+                 no outside network)
+    batches.py   the Batch API: create-time checks, input file validation, the state machine
+                 driven by time, result files in shuffled order
 
 Prompt directives, for deterministic tests (several may appear in one prompt):
 
@@ -42,6 +50,13 @@ cut off mid-stream (an event stream is cut inside its completed event), dropped 
 and slow answers; data-URI answers; quota that runs out after N successes (429
 insufficient_quota); a key revoked after N requests (401); OpenAI's refusal of retired models
 (`enforce_shutdown`).
+
+Batches on demand (`MockConfig.batch_*`): how long validating, each line, finalizing and
+cancelling take (small by default, so a test polls for well under a second); the completion
+window (`batch_expire_after_s`), or a deterministic expiry after N lines have run
+(`batch_expire_after_lines`); a share of lines answered 500 (`batch_error_rate`, drawn per
+batch from the seed); the input limits (50,000 lines, 200 MB) lowered for tests. The prompt
+directives above work per line. Online faults, limits and latency do not apply to batch lines.
 """
 
 from .config import MockConfig, RetryAfterStyle

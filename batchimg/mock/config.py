@@ -51,6 +51,19 @@ class MockConfig:
     #: names it does not know. False (the default): as a gateway that still serves old models.
     enforce_shutdown: bool = False
     today: str | None = None  # YYYY-MM-DD for shutdown checks (default: the real date, UTC)
+    # The Batch API (`batches`): how long each phase takes, faults, and its input limits.
+    batch_validate_s: float = 0.05  # time in `validating` before the file is checked
+    batch_line_s: float = 0.0  # time each line takes in `in_progress` (lines run one by one)
+    batch_finalize_s: float = 0.05  # time in `finalizing`
+    batch_cancel_s: float = 0.05  # time in `cancelling` (after the line being run, if any)
+    #: The completion window: a batch still running this long after its creation expires
+    #: (the real one is 24 h; `expires_at` says when).
+    batch_expire_after_s: float = 86_400.0
+    #: Expire every batch once this many of its lines have run (a deterministic expiry).
+    batch_expire_after_lines: int | None = None
+    batch_error_rate: float = 0.0  # lines answered 500 server_error (per-batch seeded draws)
+    batch_max_lines: int = 50_000  # an input file's most requests (the API's limit)
+    batch_max_bytes: int = 200 * 1024 * 1024  # an input file's largest size (the API's limit)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,3 +79,18 @@ class MockConfig:
             raise ValueError("fault rates must be in [0, 1] and sum to <= 1")
         if self.latency_s < 0 or self.retry_after_s < 0 or self.slow_s < 0:
             raise ValueError("latency_s, slow_s and retry_after_s must be >= 0")
+        phases = (
+            self.batch_validate_s,
+            self.batch_line_s,
+            self.batch_finalize_s,
+            self.batch_cancel_s,
+            self.batch_expire_after_s,
+        )
+        if any(s < 0 for s in phases):
+            raise ValueError("the batch_*_s durations must be >= 0")
+        if not 0.0 <= self.batch_error_rate <= 1.0:
+            raise ValueError("batch_error_rate must be in [0, 1]")
+        if self.batch_expire_after_lines is not None and self.batch_expire_after_lines < 0:
+            raise ValueError("batch_expire_after_lines must be >= 0")
+        if self.batch_max_lines < 1 or self.batch_max_bytes < 1:
+            raise ValueError("batch_max_lines and batch_max_bytes must be >= 1")

@@ -1,8 +1,16 @@
-"""Inputs by reference: a small twin of the Files API, and the image references of JSON edits.
+"""Files: a small twin of the Files API, and the image references of JSON edits.
 
-    POST /v1/files                 multipart `file` + `purpose`  -> a FileObject, id `file-...`
-    GET  /v1/files/{id}            the FileObject (404 for an id this server never gave)
-    GET  /v1/files/{id}/content    the bytes
+    POST   /v1/files                 multipart `file` + `purpose` -> a FileObject, id `file-...`
+    GET    /v1/files                 the list (`purpose`, `order`, `limit`, `after`)
+    GET    /v1/files/{id}            the FileObject (404 for an id this server never gave)
+    GET    /v1/files/{id}/content    the bytes (a batch's output and error files are streamed
+                                     from disk, never held in memory)
+    DELETE /v1/files/{id}            {id, object: "file", deleted: true}
+
+Uploads (`StoredFile`) are kept in memory; what a batch writes (`OutputFile`, purpose
+`batch_output`) lives in a temporary file. An upload with purpose `batch` must be named
+`*.jsonl` (the API's 400 "Invalid file format for Batch API. Must be .jsonl", as reported by
+a gateway that relays it) and expires after 30 days, the SDK's documented default.
 
 A JSON edit (`EditImageBodyJsonParam`) names each image as `{"image_url": ...}` or
 `{"file_id": ...}`, and its mask the same way. The mock has no outside network, so:
@@ -24,9 +32,10 @@ import binascii
 import re
 import secrets
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from .images import EncodedImage, UploadedFile
@@ -37,8 +46,39 @@ PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 MAX_FILE_BYTES = 512 * 1024 * 1024
 MAX_DATA_URL_CHARS = 20_971_520
 MAX_IMAGES = 16
+#: Files with purpose batch (inputs and outputs) expire this long after their creation unless
+#: told otherwise (openai-python's `FileCreateParams.expires_after`: 30 days).
+BATCH_FILE_EXPIRY_S = 30 * 24 * 3600
+LIST_LIMIT = 10_000
 _MOCK_LINK = re.compile(r"/v1/_mock/files/([^/]+)")
 _FILE_CONTENT = re.compile(r"/v1/files/([^/]+)/content")
+
+
+class ListedFile(Protocol):
+    """What the Files API lists: an upload or a file a batch wrote."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def purpose(self) -> str: ...
+    def as_object(self) -> dict[str, Any]: ...
+
+
+def _file_object(
+    file_id: str, size: int, created_at: int, expires_at: int | None, filename: str, purpose: str
+) -> dict[str, Any]:
+    """The API's FileObject."""
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": size,
+        "created_at": created_at,
+        "expires_at": expires_at,
+        "filename": filename,
+        "purpose": purpose,
+        "status": "processed",
+        "status_details": None,
+    }
 
 
 @dataclass(frozen=True)
@@ -51,20 +91,34 @@ class StoredFile:
     data: bytes
     content_type: str  # as the upload's part declared it
     created_at: int
+    expires_at: int | None = None
 
     def as_object(self) -> dict[str, Any]:
-        """The API's FileObject."""
-        return {
-            "id": self.id,
-            "object": "file",
-            "bytes": len(self.data),
-            "created_at": self.created_at,
-            "expires_at": None,
-            "filename": self.filename,
-            "purpose": self.purpose,
-            "status": "processed",
-            "status_details": None,
-        }
+        return _file_object(
+            self.id, len(self.data), self.created_at, self.expires_at, self.filename, self.purpose
+        )
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A batch's output or error file (purpose `batch_output`), kept on disk."""
+
+    id: str
+    filename: str
+    path: Path
+    size: int
+    created_at: int
+    expires_at: int | None
+    purpose: str = "batch_output"
+
+    def as_object(self) -> dict[str, Any]:
+        return _file_object(
+            self.id, self.size, self.created_at, self.expires_at, self.filename, self.purpose
+        )
+
+
+def new_file_id() -> str:
+    return f"file-{secrets.token_hex(11)}"
 
 
 def new_file(filename: str, purpose: str, data: bytes, content_type: str) -> StoredFile:
@@ -76,8 +130,50 @@ def new_file(filename: str, purpose: str, data: bytes, content_type: str) -> Sto
         raise RuleError("file", "Invalid file 'file': the file is empty.")
     if len(data) > MAX_FILE_BYTES:
         raise RuleError("file", f"Invalid file 'file': over {MAX_FILE_BYTES // 2**20} MB.")
-    file_id = f"file-{secrets.token_hex(11)}"
-    return StoredFile(file_id, filename, purpose, data, content_type, int(time.time()))
+    if purpose == "batch" and not filename.lower().endswith(".jsonl"):
+        raise RuleError(None, "Invalid file format for Batch API. Must be .jsonl", code=None)
+    now = int(time.time())
+    expires_at = now + BATCH_FILE_EXPIRY_S if purpose == "batch" else None
+    return StoredFile(new_file_id(), filename, purpose, data, content_type, now, expires_at)
+
+
+def listing(found: Iterable[ListedFile], query: Mapping[str, str]) -> dict[str, Any]:
+    """`GET /v1/files`: the files (given oldest first) filtered, ordered and paged as asked."""
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        message = f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'."
+        raise RuleError("order", message)
+    limit = parse_limit(query.get("limit"), LIST_LIMIT, LIST_LIMIT)
+    purpose = query.get("purpose")
+    chosen = [f for f in found if purpose is None or f.purpose == purpose]
+    if order == "desc":
+        chosen.reverse()
+    return page([f.as_object() for f in chosen], query.get("after"), limit)
+
+
+def parse_limit(text: str | None, default: int, most: int) -> int:
+    """A list's `limit` query parameter (RuleError outside 1..most)."""
+    if text is None:
+        return default
+    if not text.strip().isdigit() or not 1 <= int(text) <= most:
+        message = f"Invalid 'limit': {text!r}. Expected an integer from 1 to {most}."
+        raise RuleError("limit", message)
+    return int(text)
+
+
+def page(objects: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """One page of a cursor list, as the API's list endpoints answer (`after`: an object id)."""
+    if after is not None:
+        ids = [o["id"] for o in objects]
+        objects = objects[ids.index(after) + 1 :] if after in ids else []
+    data = objects[:limit]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(objects) > limit,
+    }
 
 
 def no_such_file(file_id: str, param: str) -> RuleError:

@@ -8,7 +8,11 @@ Surface::
                                                          (1-16), mask {image_url | file_id}
     POST /openai/deployments/{dep}/images/generations    Azure shape (api-version query ignored,
     POST /openai/deployments/{dep}/images/edits          model defaults to the deployment name)
-    POST /v1/files, GET /v1/files/{id}[/content]         uploads for file_id (see `files`)
+    POST /v1/files, GET /v1/files                        upload, list (see `files`)
+    GET, DELETE /v1/files/{id}                           a file, its deletion
+    GET  /v1/files/{id}/content                          its bytes (a batch's: streamed from disk)
+    POST /v1/batches, GET /v1/batches                    create, list (see `batches`)
+    GET  /v1/batches/{id}, POST /v1/batches/{id}/cancel  a batch, its cancellation
     GET  /v1/models, /v1/models/{id}                     the mock's models, with shutdown_date
     GET  /v1/_mock/files/{token}                         what `url` data items point at
 
@@ -35,9 +39,15 @@ judged by their declared Content-Type (the part's, or the data URL's), as OpenAI
 sent as application/octet-stream is a 400 `unsupported_file_mimetype` even if its bytes are a
 PNG.
 
-`MockServer.requests` records every image request (`MockRequest`), `max_in_flight` the most
-answered at once, and `files` the uploads, so tests can check what a client sent and how
-concurrently.
+A batch line takes the same path from the body on, as a JSON request (`_batch_line`): no auth,
+limits, latency or online faults, but its batch's fault draw (`batch_error_rate`); streaming
+is refused (400); the answer becomes the line's `response` instead of an HTTP answer.
+
+`MockServer.requests` records every image request (`MockRequest`; batch lines with
+`via="batch"`, their `custom_id` and `batch_id`), `max_in_flight` the most online requests
+answered at once, `uploaded_files` every upload (`deleted_files` those since deleted),
+`batches` every batch and `batch_files` the files they wrote, so tests can check what a client
+sent, what it was billed, and how concurrently.
 """
 
 from __future__ import annotations
@@ -46,9 +56,11 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import logging
 import random
 import re
 import secrets
+import signal
 import threading
 import time
 from collections import Counter
@@ -60,7 +72,7 @@ import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Handler
 
-from . import billing, files, rules
+from . import batches, billing, files, rules
 from .config import MockConfig
 from .faults import (
     ADVERTISED_RPM,
@@ -74,6 +86,8 @@ from .images import CORRUPT, EncodedImage, UploadedFile, check_inputs, render_re
 from .stream import EventStream, image_events
 
 __all__ = ["MockRequest", "MockServer", "serve"]
+
+_log = logging.getLogger(__name__)
 
 #: OpenAI's own default model is dall-e-2; batchimg's users mean gpt-image, so the mock says so.
 DEFAULT_MODEL = "gpt-image-1"
@@ -109,6 +123,9 @@ class MockRequest:
     stream: bool = False  # answered (or to be answered) as server-sent events
     #: streams: the type of every event sent whole, in order (a cut one is not listed)
     events: list[str] = field(default_factory=list)
+    via: str = "online"  # "online" (an HTTP request) | "batch" (a line of a batch)
+    custom_id: str | None = None  # batch lines: the line's custom_id
+    batch_id: str | None = None  # batch lines: the batch it belongs to
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -125,14 +142,17 @@ class _ApiError(Exception):
     code: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
-    def response(self) -> web.Response:
+    def envelope(self) -> dict[str, Any]:
         error = {
             "message": self.message,
             "type": self.type_,
             "param": self.param,
             "code": self.code,
         }
-        return _json(self.status, {"error": error}, self.headers)
+        return {"error": error}
+
+    def response(self) -> web.Response:
+        return _json(self.status, self.envelope(), self.headers)
 
 
 def _from_rule(error: rules.RuleError) -> _ApiError:
@@ -192,7 +212,16 @@ class _Body:
     mask_ref: files.ImageRef | None = None
 
 
-async def _read_json(request: web.Request, *, edit: bool = False) -> _Body:
+@dataclass(frozen=True)
+class _Origin:
+    """Where a request came in: what its answer's links start with, and the `host:port`
+    forms of this server (a JSON edit's URLs that point here are read, not downloaded)."""
+
+    base: str  # scheme://host[:port]
+    own_hosts: set[str]
+
+
+async def _read_object(request: web.Request) -> dict[str, Any]:
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
@@ -203,6 +232,15 @@ async def _read_json(request: web.Request, *, edit: bool = False) -> _Body:
             "We could not parse the JSON body of your request. "
             "The OpenAI API expects a JSON object as payload.",
         )
+    return body
+
+
+async def _read_json(request: web.Request, *, edit: bool = False) -> _Body:
+    return _json_body(await _read_object(request), edit=edit)
+
+
+def _json_body(body: dict[str, Any], *, edit: bool) -> _Body:
+    """A JSON request body as the pipeline takes it (a JSON edit's references taken out)."""
     if not edit:
         return _Body(params=body)
     try:
@@ -309,7 +347,21 @@ class MockServer:
         }
         self._fail_counts: Counter[str] = Counter()
         self._links: dict[str, EncodedImage] = {}  # /_mock/files tokens of `url` answers
-        self.uploaded_files: dict[str, files.StoredFile] = {}  # POST /v1/files, by id
+        self._online_requests = 0  # image requests over HTTP (batch lines are not counted)
+        #: Every upload to POST /v1/files, by id, deleted ones included (see `deleted_files`)
+        self.uploaded_files: dict[str, files.StoredFile] = {}
+        self.deleted_files: set[str] = set()  # DELETE /v1/files/{id}: uploads and batch files
+        self._live_uploads: dict[str, files.StoredFile] = {}  # uploads not deleted
+        self.batch_files: dict[str, files.OutputFile] = {}  # what batches wrote, by id
+        self._batches = batches.Batches(
+            config,
+            self._batch_line,
+            find_upload=self._live_uploads.get,
+            outputs=self.batch_files,
+            default_model=DEFAULT_MODEL,
+        )
+        #: POST /v1/batches, by id (`batches.Batch`: status, counts, file ids, timestamps)
+        self.batches = self._batches.batches
         self._runner: web.AppRunner | None = None
         self._thread: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
 
@@ -339,8 +391,14 @@ class MockServer:
             app.router.add_post(f"{prefix}/images/generations", self._images)
             app.router.add_post(f"{prefix}/images/edits", self._images)
         app.router.add_post("/v1/files", self._upload)
+        app.router.add_get("/v1/files", self._list_files)
         app.router.add_get("/v1/files/{file_id}", self._file_object)
+        app.router.add_delete("/v1/files/{file_id}", self._delete_file)
         app.router.add_get("/v1/files/{file_id}/content", self._file_content)
+        app.router.add_post("/v1/batches", self._create_batch)
+        app.router.add_get("/v1/batches", self._list_batches)
+        app.router.add_get("/v1/batches/{batch_id}", self._batch)
+        app.router.add_post("/v1/batches/{batch_id}/cancel", self._cancel_batch)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._models)
         app.router.add_get("/v1/_mock/files/{token}", self._file)
@@ -359,6 +417,7 @@ class MockServer:
     async def stop(self) -> None:
         if self._runner is not None:
             runner, self._runner = self._runner, None
+            await self._batches.close()
             await runner.cleanup()
 
     async def __aenter__(self) -> MockServer:
@@ -395,8 +454,8 @@ class MockServer:
 
     # -- handlers --
 
-    async def _images(self, request: web.Request) -> web.StreamResponse:
-        endpoint = "edits" if request.path.endswith("/edits") else "generations"
+    def _new_record(self, endpoint: str, content_type: str, **batch: Any) -> MockRequest:
+        """A request as it arrives (filled in as it goes through), recorded in `requests`."""
         record = MockRequest(
             endpoint=endpoint,
             prompt=None,
@@ -406,9 +465,16 @@ class MockServer:
             request_id=self.config.fixed_request_id or _new_request_id(),
             params={},
             received_at=time.monotonic(),
-            content_type=request.content_type,
+            content_type=content_type,
+            **batch,
         )
         self.requests.append(record)
+        return record
+
+    async def _images(self, request: web.Request) -> web.StreamResponse:
+        endpoint = "edits" if request.path.endswith("/edits") else "generations"
+        record = self._new_record(endpoint, request.content_type)
+        self._online_requests += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         answer: _Answer
@@ -493,6 +559,27 @@ class MockServer:
             body = await _read_json(request, edit=True)
         else:
             body = await _read_form(request)
+        origin = _Origin(f"{request.scheme}://{request.host}", self._own_hosts(request.host))
+        outcome = await self._pipeline(body, endpoint, record, origin, deployment=deployment)
+        return _json(200, outcome) if isinstance(outcome, dict) else outcome
+
+    async def _pipeline(
+        self,
+        body: _Body,
+        endpoint: str,
+        record: MockRequest,
+        origin: _Origin,
+        *,
+        deployment: str | None = None,
+        server_error: bool = False,
+    ) -> dict[str, Any] | EventStream | web.Response:
+        """One image request, from its parsed body to its answer: an `ImagesResponse`, an
+        event stream, or a broken answer; `_ApiError` for an error answer.
+
+        Online requests (`record.via`) meet the configured limits, latency and faults; a batch
+        line meets none of them, only its batch's draw (`server_error`: answer it 500).
+        """
+        online = record.via == "online"
         params = body.params
         record.params = dict(params)
         if body.refs:
@@ -509,12 +596,14 @@ class MockServer:
         record.model = params["model"] if isinstance(params["model"], str) else None
 
         config = self.config
-        if config.auth_fail_after is not None and len(self.requests) > config.auth_fail_after:
+        revoke_after = config.auth_fail_after
+        if online and revoke_after is not None and self._online_requests > revoke_after:
             raise _ApiError(401, "This API key has been revoked.", code="invalid_api_key")
         model = self._model(params["model"])
-        self._enforce_limits(params, record)
-        if config.latency_s:
-            await asyncio.sleep(config.latency_s)
+        if online:
+            self._enforce_limits(params, record)
+            if config.latency_s:
+                await asyncio.sleep(config.latency_s)
         try:
             if body.refs and model.kind != "gpt":
                 raise rules.RuleError(
@@ -523,9 +612,11 @@ class MockServer:
                     "multipart/form-data body.",
                 )
             rules.check(params, endpoint, model, multipart=body.multipart)
+            if not online and record.stream:
+                raise rules.RuleError("stream", "The Batch API does not support streaming.")
             fmt = rules.output_format(params, model)
             if body.refs:
-                self._resolve_refs(request, body)
+                self._resolve_refs(origin, body)
                 self._record_files(record, body)
             inputs = await check_inputs(body.images, body.mask, model, fmt) if body.edit else []
             directives = Directives.parse(params["prompt"])
@@ -548,41 +639,78 @@ class MockServer:
                 code="moderation_blocked",
             )
 
-        fault = record.fault = decide_fault(self._rng.random(), config)
-        if self._rng.random() < config.datauri_rate:
-            directives = dataclasses.replace(directives, datauri=True)
-        if fault == "slow":
-            await asyncio.sleep(config.slow_s)
-        elif fault == "rate_limit":
-            style = config.retry_after_style
-            if style == "mixed":
-                style = self._rng.choice(("ms", "seconds", "date"))
-            raise _rate_limited(config.retry_after_s, style)
-        elif fault == "server_error":
+        if server_error:
+            record.fault = "server_error"
             raise _server_error()
-        elif fault == "html_error":
-            return web.Response(status=502, body=_HTML_502, content_type="text/html")
+        if online:
+            fault = record.fault = decide_fault(self._rng.random(), config)
+            if self._rng.random() < config.datauri_rate:
+                directives = dataclasses.replace(directives, datauri=True)
+            if fault == "slow":
+                await asyncio.sleep(config.slow_s)
+            elif fault == "rate_limit":
+                style = config.retry_after_style
+                if style == "mixed":
+                    style = self._rng.choice(("ms", "seconds", "date"))
+                raise _rate_limited(config.retry_after_s, style)
+            elif fault == "server_error":
+                raise _server_error()
+            elif fault == "html_error":
+                return web.Response(status=502, body=_HTML_502, content_type="text/html")
         if config.quota_after is not None:
             # Counted when admitted, so concurrent requests cannot overdraw the credit.
             if self._admitted >= config.quota_after:
                 raise _quota_exhausted()
             self._admitted += 1
-        return await self._succeed(request, params, model, directives, inputs, record)
+        return await self._succeed(origin, params, model, directives, inputs, record)
+
+    async def _batch_line(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        *,
+        custom_id: str,
+        batch_id: str,
+        server_error: bool,
+    ) -> batches.LineAnswer:
+        """One line of a batch through the pipeline, as a JSON request to `endpoint` would go
+        (recorded in `requests` with `via="batch"`)."""
+        kind = "edits" if endpoint.endswith("/edits") else "generations"
+        record = self._new_record(
+            kind, "application/json", via="batch", custom_id=custom_id, batch_id=batch_id
+        )
+        origin = _Origin(self.base_url.removesuffix("/v1"), self._own_hosts())
+        try:
+            parsed = _json_body(dict(body), edit=kind == "edits")
+            outcome = await self._pipeline(parsed, kind, record, origin, server_error=server_error)
+        except _ApiError as error:
+            record.status = error.status
+            return batches.LineAnswer(error.status, record.request_id, error.envelope())
+        except Exception:  # a bug of the mock's: a 500 for the line, as aiohttp answers online
+            _log.exception("batch %s, line %r: the pipeline failed", batch_id, custom_id)
+            record.status = 500
+            return batches.LineAnswer(500, record.request_id, _server_error().envelope())
+        assert isinstance(outcome, dict)  # no stream, no broken answer: batch lines are JSON
+        record.status = 200
+        return batches.LineAnswer(200, record.request_id, outcome)
+
+    def _own_hosts(self, *also: str) -> set[str]:
+        """The `host:port` forms under which links to this server point at it."""
+        port = self.port
+        hosts = (self.host, "127.0.0.1", "localhost", "[::1]")
+        return {*also, *(f"{host}:{port}" for host in hosts)}
 
     @staticmethod
     def _record_files(record: MockRequest, body: _Body) -> None:
         uploads = body.images + ([body.mask] if body.mask else [])
         record.files = [(u.field, u.filename, u.content_type, u.sha256) for u in uploads]
 
-    def _resolve_refs(self, request: web.Request, body: _Body) -> None:
+    def _resolve_refs(self, origin: _Origin, body: _Body) -> None:
         """A JSON edit's references, made into the inputs a multipart edit would have sent."""
-        port = self.port
-        hosts = (self.host, "127.0.0.1", "localhost", "[::1]")
-        own_hosts = {request.host, *(f"{host}:{port}" for host in hosts)}
 
         def resolve(ref: files.ImageRef) -> UploadedFile:
             return files.resolve(
-                ref, own_hosts=own_hosts, links=self._links, files=self.uploaded_files
+                ref, own_hosts=origin.own_hosts, links=self._links, files=self._live_uploads
             )
 
         body.images = [resolve(ref) for ref in body.refs]
@@ -663,13 +791,13 @@ class MockServer:
 
     async def _succeed(
         self,
-        request: web.Request,
+        origin: _Origin,
         params: dict[str, Any],
         model: rules.Model,
         directives: Directives,
         inputs: list[tuple[int, int]],
         record: MockRequest,
-    ) -> _Answer:
+    ) -> dict[str, Any] | EventStream:
         prompt = params["prompt"]
         gpt = model.kind == "gpt"
         n = params.get("n") or 1
@@ -703,7 +831,8 @@ class MockServer:
             fields["size"] = f"{width}x{height}"
             fields["quality"] = rules.resolve_quality(params, model)
             record.usage = usage = billing.usage(params, model, n, inputs, drafts)
-            self._advertised["tokens"].take(usage["total_tokens"], time.monotonic())
+            if record.via == "online":  # the Batch API has limits of its own
+                self._advertised["tokens"].take(usage["total_tokens"], time.monotonic())
             if self.config.fake_usage is not None:
                 extra["usage"] = self.config.fake_usage
             elif not self.config.omit_usage:
@@ -727,12 +856,12 @@ class MockServer:
             if as_url:
                 token = secrets.token_urlsafe(16)
                 self._links[token] = image
-                data.append({"url": f"{request.scheme}://{request.host}/v1/_mock/files/{token}"})
+                data.append({"url": f"{origin.base}/v1/_mock/files/{token}"})
             else:
                 data.append({"b64_json": self._b64(image, directives)})
             if model.kind == "dall-e-3":
                 data[-1]["revised_prompt"] = prompt
-        return _json(200, {"created": int(time.time()), "data": data, **fields, **extra})
+        return {"created": int(time.time()), "data": data, **fields, **extra}
 
     @staticmethod
     def _b64(image: EncodedImage, directives: Directives) -> str:
@@ -744,7 +873,13 @@ class MockServer:
         """Counts for benchmarks and scripts that run the mock in another process."""
         statuses = Counter(str(r.status) for r in self.requests)
         faults = Counter(r.fault for r in self.requests if r.fault)
-        payload = {"requests": len(self.requests), "by_status": statuses, "faults": faults}
+        batch_states = Counter(batch.status for batch in self.batches.values())
+        payload = {
+            "requests": len(self.requests),
+            "by_status": statuses,
+            "faults": faults,
+            "batches": batch_states,
+        }
         return _json(200, payload)
 
     async def _file(self, request: web.Request) -> web.Response:
@@ -755,7 +890,7 @@ class MockServer:
             ).response()
         return web.Response(body=image.data, content_type=image.mime)
 
-    # -- the Files API, as much as a JSON edit's file_id needs --
+    # -- the Files API (see `files`) --
 
     async def _upload(self, request: web.Request) -> web.Response:
         """`POST /v1/files` (multipart `file` and `purpose`): the FileObject."""
@@ -784,23 +919,81 @@ class MockServer:
             stored = files.new_file(filename, fields["purpose"], data, mime)
         except rules.RuleError as e:
             raise _from_rule(e) from e
-        self.uploaded_files[stored.id] = stored
+        self.uploaded_files[stored.id] = self._live_uploads[stored.id] = stored
         return _json(200, stored.as_object())
 
-    def _stored(self, request: web.Request) -> files.StoredFile:
+    def _stored(self, request: web.Request) -> files.StoredFile | files.OutputFile:
         self._check_auth(request, azure=False)
         file_id = request.match_info["file_id"]
-        stored = self.uploaded_files.get(file_id)
+        stored = self._live_uploads.get(file_id) or self.batch_files.get(file_id)
         if stored is None:
             raise _from_rule(files.no_such_file(file_id, "id"))
         return stored
 
+    async def _list_files(self, request: web.Request) -> web.Response:
+        """`GET /v1/files`: uploads and batch files, newest first unless `order=asc`."""
+        self._check_auth(request, azure=False)
+        found: list[files.StoredFile | files.OutputFile] = [
+            *self._live_uploads.values(),
+            *self.batch_files.values(),
+        ]
+        found.sort(key=lambda f: f.created_at)
+        try:
+            return _json(200, files.listing(found, request.query))
+        except rules.RuleError as e:
+            raise _from_rule(e) from e
+
     async def _file_object(self, request: web.Request) -> web.Response:
         return _json(200, self._stored(request).as_object())
 
-    async def _file_content(self, request: web.Request) -> web.Response:
+    async def _delete_file(self, request: web.Request) -> web.Response:
         stored = self._stored(request)
+        self.deleted_files.add(stored.id)
+        self._live_uploads.pop(stored.id, None)
+        output = self.batch_files.pop(stored.id, None)
+        if output is not None:
+            output.path.unlink(missing_ok=True)
+        return _json(200, {"id": stored.id, "object": "file", "deleted": True})
+
+    async def _file_content(self, request: web.Request) -> web.StreamResponse:
+        """The bytes; a batch's file streamed from disk (sendfile), never read whole."""
+        stored = self._stored(request)
+        if isinstance(stored, files.OutputFile):
+            headers = {"Content-Type": "application/octet-stream"}
+            return web.FileResponse(stored.path, headers=headers)
         return web.Response(body=stored.data, content_type=stored.content_type)
+
+    # -- the Batch API (see `batches`) --
+
+    async def _create_batch(self, request: web.Request) -> web.Response:
+        """`POST /v1/batches`: the new Batch, validating."""
+        self._check_auth(request, azure=False)
+        params = await _read_object(request)
+        try:
+            return _json(200, self._batches.create(params).as_object())
+        except rules.RuleError as e:
+            raise _from_rule(e) from e
+
+    async def _list_batches(self, request: web.Request) -> web.Response:
+        self._check_auth(request, azure=False)
+        try:
+            return _json(200, self._batches.listing(request.query))
+        except rules.RuleError as e:
+            raise _from_rule(e) from e
+
+    async def _batch(self, request: web.Request) -> web.Response:
+        self._check_auth(request, azure=False)
+        try:
+            return _json(200, self._batches.get(request.match_info["batch_id"]).as_object())
+        except rules.RuleError as e:
+            raise _from_rule(e) from e
+
+    async def _cancel_batch(self, request: web.Request) -> web.Response:
+        self._check_auth(request, azure=False)
+        try:
+            return _json(200, self._batches.cancel(request.match_info["batch_id"]).as_object())
+        except rules.RuleError as e:
+            raise _from_rule(e) from e
 
 
 def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -811,5 +1004,8 @@ def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000) -> None
             print(server.base_url, flush=True)
             await asyncio.Event().wait()
 
+    # Started from a shell's background job, SIGINT comes in ignored (no job control): a
+    # server in the foreground of its own process still stops on Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
