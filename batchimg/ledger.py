@@ -57,7 +57,8 @@ class _Identified(TypedDict):
 
 
 class LedgerRecord(_Identified, total=False):
-    """One ledger line: an item's state, or (`record: "charge"`) a billed attempt of its own.
+    """One ledger line: an item's state, or (with `record`) a line about one of its attempts:
+    a `charge`, a `sent` request or a `settled` one (see the module docstring).
 
     The engine's sink writes these; `report`, `verify`, the layouts and the token book read
     them. Lines read back are only known to have a string `id`: readers check the shape of what
