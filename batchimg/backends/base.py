@@ -9,10 +9,9 @@ It also has its own rules (`check`): what it cannot send.
 
 Implementations:
 - `online.OnlineBackend`: one HTTP request per attempt (OpenAI, Azure, gateways: `profiles`).
-- A batch backend (OpenAI's Batch API) fits the same shape: `send` adds the item's line to the
-  input file being built and waits for its line in the output file; the backend decides when a
-  file is full, uploads it, polls, and streams the results back to the waiting attempts. See
-  ARCHITECTURE.md.
+- A batch backend (OpenAI's Batch API) fits the same shape, not `online`: `send` adds the
+  item's line to the input file being built and raises `Deferred`; a later round (or run)
+  sends the item again, and `send` answers from the batch's output file. See ARCHITECTURE.md.
 """
 
 from __future__ import annotations
