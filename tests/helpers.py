@@ -16,6 +16,7 @@ from xml.etree import ElementTree
 import orjson
 from PIL import Image
 
+import batchimg
 from batchimg.mock import MockConfig, MockServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,3 +148,18 @@ def threaded_mock(config: MockConfig) -> Iterator[MockServer]:
         yield server
     finally:
         server.stop_in_thread()
+
+
+async def run_on_mock(
+    manifest: Path, out: Path, server: MockServer, *, sleep: Any = None, **options: Any
+) -> batchimg.Summary:
+    """`batchimg.arun` against a mock server with its key, quick retries, and `options`."""
+    options.setdefault("backoff_base_s", 0.01)
+    return await batchimg.arun(
+        manifest,
+        out,
+        batchimg.RunOptions(
+            base_url=server.base_url, api_key=server.config.api_key or "sk-any-key", **options
+        ),
+        sleep=sleep,
+    )

@@ -23,6 +23,7 @@ from batchimg.pricing import LEARNED_MARGIN, PRICE_TABLE, PriceTable
 from batchimg.report import build_report, format_csv, read_backwards
 from tests.conftest import TEST_KEY
 from tests.helpers import ledger
+from tests.helpers import run_on_mock as run
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "jobs"
@@ -39,17 +40,6 @@ def billed_usd(server: MockServer) -> float:
             assert cost is not None
             total += cost
     return total
-
-
-async def run(
-    manifest: Path, out: Path, server: MockServer, *, sleep: Any = None, **options: Any
-) -> batchimg.Summary:
-    return await batchimg.arun(
-        manifest,
-        out,
-        batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, **options),
-        sleep=sleep,
-    )
 
 
 #: Lines of the models whose output tokens are published (a table, or per-image prices).

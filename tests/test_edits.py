@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-import batchimg
 from batchimg.catalog import Catalog
 from batchimg.manifest import Item, read_manifest
 from batchimg.mock import MockConfig, MockServer
 from batchimg.pricing import usage_cost_usd
 from tests.conftest import TEST_KEY
 from tests.helpers import check_ok_record, last_states, ledger
+from tests.helpers import run_on_mock as run
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
@@ -49,18 +49,6 @@ def sparse(path: Path, nbytes: int) -> Path:
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-async def run(
-    manifest: Path, out: Path, server: MockServer, *, sleep: Any = None, **options: Any
-) -> batchimg.Summary:
-    options.setdefault("backoff_base_s", 0.01)
-    return await batchimg.arun(
-        manifest,
-        out,
-        batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, **options),
-        sleep=sleep,
-    )
 
 
 def _cases(d: Path) -> dict[str, tuple[dict[str, Any], str]]:

@@ -27,20 +27,9 @@ from batchimg.options import RunOptions
 from batchimg.stores import LocalStore
 from tests.conftest import TEST_KEY
 from tests.helpers import check_ok_record, last_states, ledger, start_cli, threaded_mock, wait_for
+from tests.helpers import run_on_mock as run
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def run(
-    manifest: Path, out: Path, server: MockServer, *, sleep: Any = None, **options: Any
-) -> batchimg.Summary:
-    options.setdefault("backoff_base_s", 0.01)
-    return await batchimg.arun(
-        manifest,
-        out,
-        batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, **options),
-        sleep=sleep,
-    )
 
 
 def items(count: int, prefix: str = "item") -> list[dict[str, Any]]:

@@ -19,7 +19,6 @@ from typing import Any
 import orjson
 import pytest
 
-import batchimg
 from batchimg.mock import MockConfig, MockServer
 from batchimg.pricing import PriceTable
 from batchimg.report import build_report, read_backwards
@@ -35,6 +34,9 @@ from tests.helpers import (
     unsettled,
     wait_for,
 )
+from tests.helpers import (
+    run_on_mock as run,
+)
 
 
 def billed_usd(server: MockServer) -> float:
@@ -46,18 +48,6 @@ def billed_usd(server: MockServer) -> float:
             assert cost is not None
             total += cost
     return total
-
-
-async def run(
-    manifest: Path, out: Path, server: MockServer, *, sleep: Any = None, **options: Any
-) -> batchimg.Summary:
-    options.setdefault("backoff_base_s", 0.01)
-    return await batchimg.arun(
-        manifest,
-        out,
-        batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, **options),
-        sleep=sleep,
-    )
 
 
 def lines(count: int, **fields: Any) -> list[dict[str, Any]]:

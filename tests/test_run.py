@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,20 +13,9 @@ from batchimg.mock import MockConfig, MockServer
 from batchimg.pricing import PriceTable
 from tests.conftest import TEST_KEY
 from tests.helpers import LEDGER_FIELDS, check_ok_record, last_states, ledger
+from tests.helpers import run_on_mock as run
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
-
-
-async def run(
-    manifest: Path, out: Path, server: MockServer, *, sleep: Any = None, **options: Any
-) -> batchimg.Summary:
-    options.setdefault("backoff_base_s", 0.01)
-    return await batchimg.arun(
-        manifest,
-        out,
-        batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, **options),
-        sleep=sleep,
-    )
 
 
 async def test_example_job_produces_every_image_and_a_contract_ledger(
