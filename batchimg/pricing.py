@@ -37,6 +37,14 @@ LEARNED_MARGIN = 0.25
 #: allows the request (its ceiling, or a published count) is not believed: a broken or hostile
 #: server, not a bill. Its cost is unknown, and counts at its bound.
 IMPLAUSIBLE_FACTOR = 4
+
+
+def input_bound(prompt: str, image_tokens: int = 0) -> int:
+    """The most input tokens a request can be billed: a token per byte of its prompt, its
+    images' estimated tokens four times over, and slack. More is not believed."""
+    return len(prompt.encode("utf-8")) + IMPLAUSIBLE_FACTOR * image_tokens + 1000
+
+
 Basis = Literal["published", "learned", "unknown"]
 
 

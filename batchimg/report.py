@@ -24,7 +24,7 @@ from ._idset import IdSet, count_lines
 from .errors import UsageError
 from .estimate import render_rows
 from .ledger import LEDGER_NAME, LedgerRecord, amount, is_state, parse_record, unsettled_sends
-from .pricing import PriceTable
+from .pricing import PriceTable, input_bound
 from .usage import UsageProblem, read_usage
 
 GROUP_FIELDS = (
@@ -317,7 +317,7 @@ def _cost(record: LedgerRecord, prices: PriceTable | None) -> float | None:
     prompt = record.get("prompt")
     generation = record.get("endpoint") == "generations" and isinstance(prompt, str)
     # As when the line was written: no more input tokens than a generation's prompt can have.
-    bound = len(prompt.encode("utf-8")) + 1000 if generation and isinstance(prompt, str) else None
+    bound = input_bound(prompt) if generation and isinstance(prompt, str) else None
     return prices.request_cost(params, record.get("usage"), input_bound=bound)
 
 

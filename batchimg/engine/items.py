@@ -31,7 +31,7 @@ from ..errors import (
 )
 from ..limiter import Limiter
 from ..manifest import Item
-from ..pricing import Bound, PriceTable
+from ..pricing import Bound, PriceTable, input_bound
 from ..retry import RetryPolicy, retrying
 from ..tokens import GroupKey, TokenBook, request_group
 from ..usage import UsageProblem, read_usage
@@ -324,7 +324,7 @@ class ItemRunner:
             if not isinstance(counts, UsageProblem):
                 limiter.settle_tokens(tokens, counts.total)
             cost, unknown = self.prices.answer_cost(
-                item.params, answer.usage, input_bound=self._input_bound(item)
+                item.params, answer.usage, input_bound=input_bound(item.prompt, item.image_tokens)
             )
             if cost is None:  # billed but not priceable: count the worst, never $0
                 charge = self._unknown_charge(
@@ -383,11 +383,6 @@ class ItemRunner:
     def _worst_usd(self, item: Item) -> float | None:
         worst = self.prices.worst_case(item.params, item.image_tokens, self.book)
         return worst.cost_usd if worst is not None else None
-
-    def _input_bound(self, item: Item) -> int:
-        """The most input tokens the request can be billed: a token per byte of the prompt,
-        its images' tokens four times over, and slack."""
-        return len(item.prompt.encode("utf-8")) + 4 * item.image_tokens + 1000
 
     def _first_contact(self, exc: RequestError) -> None:
         """Until one answer has come, the first failures that no item can fix (the host cannot
