@@ -16,6 +16,7 @@ from .backends import PROFILES, ClientConfig, OnlineBackend, Profile, Secret
 from .catalog import Catalog, load_catalog, today_utc
 from .config import RunConfig
 from .engine import Engine, ProgressCallback, Summary
+from .engine.batch import BatchEngine
 from .errors import RequestError, UsageError
 from .manifest import Defaults, materialized
 from .options import RunOptions
@@ -79,6 +80,11 @@ async def arun(
             learn_from=tuple(ledger_paths(options.from_ledger)),
         )
         target = None if options.mock else api_target(config)  # exit 2 before anything else
+        if options.batch_api and target is not None and not target.profile.batches:
+            raise UsageError(
+                f"--batch-api needs OpenAI's Batch API: provider {target.profile.name} has none "
+                "that batchimg speaks"
+            )
         check_output(out)  # before anything is sent: exit 2 if it cannot keep what it buys
         store = store or open_store(out)
         async with open_backend(config, target, store.temp_dir) as backend:
@@ -88,7 +94,11 @@ async def arun(
                 else []
             )
             store.temp_dir.mkdir(parents=True, exist_ok=True)
-            engine = Engine(config, backend, store, progress=progress, sleep=sleep)
+            engine = (
+                BatchEngine(config, backend, store, progress=progress, sleep=sleep)
+                if options.batch_api
+                else Engine(config, backend, store, progress=progress, sleep=sleep)
+            )
             for line in checked:
                 engine.warn(line)
             return await engine.run(handle_signals=handle_signals)

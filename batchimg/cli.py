@@ -155,7 +155,10 @@ def _flagged() -> list[dataclasses.Field[Any]]:
 def _shared_option(name: str, help_text: str | None = None) -> Callable[[FC], FC]:
     """A run flag that another command takes too (`--catalog`, `--prices`)."""
     flag = flag_of(name)
-    return click.option(*flag.decls, name, help=help_text or flag.help, **flag.click)
+    default = RunOptions.__dataclass_fields__[name].default
+    return click.option(
+        *flag.decls, name, default=default, help=help_text or flag.help, **flag.click
+    )
 
 
 @cli.command()
@@ -515,6 +518,90 @@ def verify(out: Path, repair: bool) -> None:
         raise _usage_error(exc) from None
     click.echo(format_report(out, result))
     sys.exit(1 if result.broken and not result.repaired else 0)
+
+
+@cli.group()
+def batch() -> None:
+    """The Batch API batches of an output directory (made by `run --batch-api`)."""
+
+
+def _connection_options(command: FC) -> FC:
+    for option in reversed(
+        (
+            _shared_option("provider"),
+            _shared_option("base_url"),
+            _shared_option("api_key_env"),
+            click.argument("out", type=click.Path(path_type=Path, file_okay=False), metavar="DIR"),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+@batch.command("status")
+@_connection_options
+@click.option("--all", "everything", is_flag=True, help="Also batches already collected.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)  # fmt: skip
+def batch_status(
+    out: Path,
+    provider: str,
+    base_url: str | None,
+    api_key_env: str | None,
+    everything: bool,
+    fmt: str,
+) -> None:
+    """Each live batch of DIR: its status and request counts, asked of the API now (with a
+    key), else as the last run saw them. Exit status 75 while any is still running."""
+    from . import batches
+
+    try:
+        conn = batches.connection(provider, base_url, api_key_env)
+        rows = anyio.run(functools.partial(batches.status, out, conn, everything=everything))
+    except UsageError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    _show_batches(rows, fmt, "no live batches: everything sent is collected")
+    if conn.key is None and rows:
+        click.echo("(no API key: shown as the last run saw them)", err=True)
+    running = [r for r in rows if not r["collected"] and r["dropped"] is None]
+    sys.exit(75 if running else 0)
+
+
+@batch.command("cancel")
+@_connection_options
+def batch_cancel(out: Path, provider: str, base_url: str | None, api_key_env: str | None) -> None:
+    """Cancel every live batch of DIR (what finished is still collected by the next run,
+    which sends the rest again)."""
+    from . import batches
+
+    try:
+        conn = batches.connection(provider, base_url, api_key_env)
+        rows = anyio.run(batches.cancel, out, conn)
+    except UsageError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    _show_batches(rows, "table", "nothing to cancel: no batch is running")
+
+
+def _show_batches(rows: list[dict[str, Any]], fmt: str, empty: str) -> None:
+    if fmt == "json":
+        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return
+    if not rows:
+        click.echo(empty)
+        return
+    from .estimate import render_rows
+
+    header = ("batch", "status", "model", "seen", "done", "failed", "requests")
+    cells = [
+        (r["batch_id"] or r["file"], r["status"], r["model"], r["seen"], str(r["completed"]),
+         str(r["failed"]), str(r["requests"]))
+        for r in rows
+    ]  # fmt: skip
+    total = ("total", "", "", "", *(str(sum(r[k] for r in rows)) for k in
+             ("completed", "failed", "requests")))  # fmt: skip
+    click.echo("\n".join(render_rows(header, [*cells, total], numeric_from=4)))
 
 
 def _rate(flag: str, what: str) -> Callable[[FC], FC]:

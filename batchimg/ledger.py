@@ -96,6 +96,8 @@ class LedgerRecord(_Identified, total=False):
     inputs: list[dict[str, Any]]  # edits: each input's path, size and sha256
     mask: dict[str, Any] | None
     run_id: str | None
+    via: Literal["batch"]  # sent through the Batch API (absent: online), with its batch
+    batch_id: str | None
     extra_usage: dict[str, Any]  # usage billed apart (svg_usage), unpriced
     error: ErrorRecord
 
@@ -231,7 +233,7 @@ def completed_ids(path: Path) -> IdSet:
     return scan_ledger(path).done
 
 
-def _cut_torn_tail(path: Path) -> None:
+def cut_torn_tail(path: Path) -> None:
     """Drop a last line that has no newline (written halfway when the process died)."""
     with open(path, "rb+") as fh:
         size = fh.seek(0, os.SEEK_END)
@@ -263,7 +265,7 @@ class LedgerWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         if path.exists():
-            _cut_torn_tail(path)
+            cut_torn_tail(path)
         try:  # never through a symbolic link: the ledger is the directory's own file
             self._fd = os.open(
                 path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644

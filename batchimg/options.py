@@ -203,6 +203,39 @@ class RunOptions:
         metavar="MB",
     )
 
+    # -- the Batch API --
+    batch_api: bool = _flag(
+        False,
+        "--batch-api",
+        help="Send the pending items through OpenAI's Batch API (half the price, answered "
+        "within 24 h) instead of one request each; re-running collects, resumes and retries.",
+        is_flag=True,
+    )
+    poll_interval_s: float = _flag(
+        60.0,
+        "--poll-interval",
+        help="With --batch-api: seconds between looks at the batches (each wait drawn "
+        "within 20 % of it).",
+        type=click.FloatRange(min=0.01),
+        metavar="S",
+    )
+    no_wait: bool = _flag(
+        False,
+        "--no-wait",
+        help="With --batch-api: submit (or collect what is finished) and exit at once; exit "
+        "status 75 while batches are pending (run the same command again later).",
+        is_flag=True,
+    )
+    stragglers: str = _flag(
+        "batch",
+        "--stragglers",
+        help="With --batch-api: where lines the Batch API could not run (5xx, expired, "
+        "cancelled) go again: a new batch, or the online API at full price.",
+        type=click.Choice(["batch", "online"]),
+    )
+    batch_max_lines: int = 50_000  # Python only: an input file's most lines (the API's limit)
+    batch_max_bytes: int = 200 * 2**20  # and largest size
+
     # -- how the output is laid out --
     layout: Layout = _flag(
         "imagefolder",
@@ -241,6 +274,19 @@ class RunOptions:
             )
         if self.layout not in LAYOUTS:  # the registry, which a program may extend
             raise UsageError(f"unknown --format {self.layout!r}: choose {' or '.join(LAYOUTS)}")
+        if not self.batch_api:
+            if self.no_wait or self.stragglers != "batch":
+                what = "--no-wait" if self.no_wait else "--stragglers"
+                raise UsageError(f"{what} needs --batch-api")
+        elif self.mock and self.no_wait:
+            raise UsageError(
+                "--no-wait needs a server that outlives the run: --mock runs one inside it "
+                "(start `batchimg mock` and give --base-url instead)"
+            )
+        if self.stragglers not in ("batch", "online"):
+            raise UsageError(f"--stragglers: choose batch or online, not {self.stragglers!r}")
+        if self.batch_max_lines < 1 or self.batch_max_bytes < 1024:
+            raise UsageError("batch_max_lines must be >= 1 and batch_max_bytes >= 1024")
         if self.shard_size is not None and self.layout != "webdataset":
             raise UsageError("--shard-size needs --format webdataset")
 

@@ -79,9 +79,12 @@ class Bound:
 class PriceTable:
     """The catalog's prices, with the arithmetic on them."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, *, multiplier: float = 1.0) -> None:
         self.catalog = catalog
         self.name = catalog.name
+        #: What these prices are of the catalog's (online) ones: the Batch API's are
+        #: `catalog.batch_multiplier` of them (`batch()`).
+        self.multiplier = multiplier
         #: What the catalog alone bounds, by the request's shape (asked for every answer).
         self._ceilings: dict[tuple[Any, ...], int | None] = {}
 
@@ -93,6 +96,14 @@ class PriceTable:
     def load(cls, path: str | Path) -> PriceTable:
         """The built-in prices with a price file's models replacing or adding theirs."""
         return cls(load_catalog(prices=path))
+
+    def batch(self) -> PriceTable:
+        """The same prices for requests sent through the Batch API (half, by the catalog)."""
+        return PriceTable(self.catalog, multiplier=self.catalog.batch_multiplier)
+
+    def via(self, via: object) -> PriceTable:
+        """The prices a ledger line's `via` (`batch`, else online) was billed at."""
+        return self.batch() if via == "batch" and self.multiplier == 1.0 else self
 
     def prices(self, model: str) -> ModelPrices | None:
         return self.catalog.spec(model).prices
@@ -119,7 +130,7 @@ class PriceTable:
             per_image = prices.per_image.get((quality, specs.resolved_size(params, self.catalog)))
             if per_image is None:
                 return None, f"the catalog has no per-image price for {model} at that size"
-            return round(per_image * _n(params), 8), None
+            return round(per_image * _n(params) * self.multiplier, 8), None
         counts = read_usage(usage)
         if isinstance(counts, UsageProblem):
             return None, str(counts)  # a missing or broken count is unknown, never $0
@@ -141,7 +152,7 @@ class PriceTable:
             + counts.image_in * rates.image_in
             + counts.output * rates.image_out
         )
-        return round(usd / 1_000_000, 8), None
+        return round(usd * self.multiplier / 1_000_000, 8), None
 
     def request_cost(
         self, params: Mapping[str, Any], usage: Any, *, input_bound: int | None = None
@@ -315,11 +326,11 @@ class PriceTable:
             usd = per_image * n
             if rates is not None:
                 usd += (text * rates.text_in + image * rates.image_in) / 1e6
-            return round(usd, 8)
+            return round(usd * self.multiplier, 8)
         if rates is None:
             return None
         usd = text * rates.text_in + image * rates.image_in + output * rates.image_out
-        return round(usd / 1_000_000, 8)
+        return round(usd * self.multiplier / 1_000_000, 8)
 
 
 class _Rates(NamedTuple):

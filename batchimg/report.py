@@ -29,7 +29,7 @@ from .usage import UsageProblem, read_usage
 
 GROUP_FIELDS = (
     "model", "size", "quality", "output_format", "complexity", "frame_count", "status",
-    "endpoint", "day",
+    "endpoint", "day", "via",
 )  # fmt: skip
 _BUCKET = math.log(1.02)  # latency histogram: 2 % wide buckets, so p95 is within 2 %
 
@@ -216,6 +216,8 @@ def group_value(record: LedgerRecord, name: str) -> Any:
         metadata = record.get("metadata")
         value = metadata.get(name.split(".", 1)[1]) if isinstance(metadata, dict) else None
         return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+    if name == "via":  # lines from before the Batch API were all sent online
+        return record.get("via") or "online"
     return record.get(name)
 
 
@@ -318,7 +320,8 @@ def _cost(record: LedgerRecord, prices: PriceTable | None) -> float | None:
     generation = record.get("endpoint") == "generations" and isinstance(prompt, str)
     # As when the line was written: no more input tokens than a generation's prompt can have.
     bound = input_bound(prompt) if generation and isinstance(prompt, str) else None
-    return prices.request_cost(params, record.get("usage"), input_bound=bound)
+    table = prices.via(record.get("via"))  # a batch line at batch prices
+    return table.request_cost(params, record.get("usage"), input_bound=bound)
 
 
 _COLUMNS = ("items", "ok", "failed", "images", "in tokens", "out tokens", "cost", "avg s",

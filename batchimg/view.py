@@ -106,6 +106,8 @@ class ProgressView:
             self._log("warning", message=f"stopping: {event.message}")
         elif event.kind == "warning" and self.mode != "quiet":
             self._log("warning", message=event.message)
+        elif event.kind == "note" and self.mode != "quiet":
+            self._log("info", message=event.message)
 
     def _forget_before(self, cutoff: float) -> None:
         """Drop finishes older than the rate window (call with the lock held)."""

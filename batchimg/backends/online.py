@@ -273,6 +273,18 @@ class OnlineBackend:
                     entry["spooled"] = image
             discard(list(images))  # spooled from a key outside the data entries: not kept
         assert isinstance(parsed, dict)
+        return self.answer(data, parsed, request_id, latency_s, ratelimit)
+
+    def answer(
+        self,
+        data: list[dict[str, Any]],
+        parsed: dict[str, Any],
+        request_id: str | None,
+        latency_s: float,
+        ratelimit: RateLimitHeaders | None = None,
+    ) -> Answer:
+        """An `ImagesResponse` (parsed, its `data` checked) as an Answer: what the server said
+        of the result (`echo`, only in the shapes believed), usage, extra usage, scrubbed."""
         scrub = self._scrub
         echo = {k: v for k, v in parsed.items() if k in _ECHO and _ECHO[k].fullmatch(str(v))}
         extra = {
@@ -287,6 +299,14 @@ class OnlineBackend:
             ratelimit=ratelimit,
             extra_usage=scrub(extra) or None,
         )
+
+    @property
+    def config(self) -> ClientConfig:
+        return self._config
+
+    def scrub(self, value: _T) -> _T:
+        """What a server said, with our own key cut out (see `_scrub`)."""
+        return self._scrub(value)
 
     def _scrub(self, value: _T) -> _T:
         """What a server said, with our own key cut out wherever it echoes it (an answer's

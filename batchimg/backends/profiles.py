@@ -66,6 +66,7 @@ class Profile:
     auth_header: str = "Authorization"
     auth_scheme: str | None = "Bearer"  # the key follows it in the header; None: the key alone
     endpoints: frozenset[str] = ENDPOINTS  # what the provider serves
+    batches: bool = True  # serves OpenAI's Files and Batches API (`--batch-api`)
 
     def endpoint_url(
         self,
@@ -115,6 +116,7 @@ PROFILES: dict[str, Profile] = {
         default_base_url="https://api.modelverse.cn/v1",
         key_env="MODELVERSE_API_KEY",
         default_model="gpt-image-1",
+        batches=False,  # its documentation has no Batch API
     ),
     # Azure has no shared endpoint (the resource URL is the user's own), names deployments in
     # the path, sends the key as `api-key` and lists no models.
@@ -126,5 +128,6 @@ PROFILES: dict[str, Profile] = {
         models_path=None,
         auth_header="api-key",
         auth_scheme=None,
+        batches=False,  # Azure's batch is a service of its own (global-batch deployments)
     ),
 }

@@ -41,6 +41,10 @@ class RunControl:
         self.summary.warnings.append(message)
         self.emit(ProgressEvent("warning", message=message))
 
+    def note(self, message: str) -> None:
+        """News for the person running this that is not a problem (a batch's progress)."""
+        self.emit(ProgressEvent("note", message=message))
+
     def warn_once(self, key: Any, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)

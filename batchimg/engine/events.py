@@ -11,7 +11,7 @@ from typing import Literal
 from ..limiter import LimiterStats
 from ..pricing import Bound
 
-EventKind = Literal["started", "item_finished", "retry", "stopping", "warning"]
+EventKind = Literal["started", "item_finished", "retry", "stopping", "warning", "note"]
 
 
 @dataclass(frozen=True)

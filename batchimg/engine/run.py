@@ -193,15 +193,7 @@ class Engine:
                     outer.start_soon(self._watch_for_stalls)
                     if handle_signals:
                         outer.start_soon(self._watch_signals, outer)
-                    concurrency = self.config.options.concurrency
-                    send, receive = anyio.create_memory_object_stream[Item](
-                        max_buffer_size=concurrency * 2
-                    )
-                    async with anyio.create_task_group() as work:
-                        work.start_soon(self._produce, send)
-                        async with receive:
-                            for _ in range(concurrency):
-                                work.start_soon(self._work, receive.clone())
+                    await self._work_all()
                     outer.cancel_scope.cancel()
                 # The last shard (webdataset) is written here, off the event loop.
                 await anyio.to_thread.run_sync(layout.close)
@@ -212,6 +204,16 @@ class Engine:
         except BaseException:
             layout.abort()
             raise
+
+    async def _work_all(self) -> None:
+        """The producer and the workers, until the manifest is done (or the run stops)."""
+        concurrency = self.config.options.concurrency
+        send, receive = anyio.create_memory_object_stream[Item](max_buffer_size=concurrency * 2)
+        async with anyio.create_task_group() as work:
+            work.start_soon(self._produce, send)
+            async with receive:
+                for _ in range(concurrency):
+                    work.start_soon(self._work, receive.clone())
 
     def _sync_ledger_now(self) -> None:
         """Make every ledger line written so far durable (called from the layout's thread)."""

@@ -131,17 +131,30 @@ class ResultSink:
         if self._write(record):
             self._count_charge(record)
 
-    def sent_line(self, item: Item, attempt: int, started_at: str, bound_usd: float | None) -> None:
-        """A request is about to go out: say so first, with the most it can cost."""
+    def sent_line(
+        self,
+        item: Item,
+        attempt: int,
+        started_at: str,
+        bound_usd: float | None,
+        *,
+        run_id: str | None = None,
+    ) -> None:
+        """A request is about to go out: say so first, with the most it can cost. `run_id`:
+        the run that sends it, if not this one (a batch another run made)."""
         record = sent_record(
-            item, attempt=attempt, run_id=self.run_id, started_at=started_at, bound_usd=bound_usd
+            item,
+            attempt=attempt,
+            run_id=run_id or self.run_id,
+            started_at=started_at,
+            bound_usd=bound_usd,
         )
         if not self._write(record):
             raise StorageError(f"cannot append to {self.ledger_path}")
 
-    def settled_line(self, item: Item, attempt: int) -> None:
+    def settled_line(self, item: Item, attempt: int, *, run_id: str | None = None) -> None:
         """An attempt known not billed, whose item ends with no line telling of it."""
-        self._write(settled_record(item, attempt=attempt, run_id=self.run_id))
+        self._write(settled_record(item, attempt=attempt, run_id=run_id or self.run_id))
 
     def item_line(self, record: LedgerRecord) -> None:
         """An item's line: written, handed to the layout (if ok), counted and announced."""

@@ -64,6 +64,13 @@ class MockConfig:
     batch_error_rate: float = 0.0  # lines answered 500 server_error (per-batch seeded draws)
     batch_max_lines: int = 50_000  # an input file's most requests (the API's limit)
     batch_max_bytes: int = 200 * 1024 * 1024  # an input file's largest size (the API's limit)
+    #: Answer an upload (`POST /v1/files`) or a new batch (`POST /v1/batches`) this long after
+    #: it is made: a client killed meanwhile has made something it does not know of.
+    upload_delay_s: float = 0.0
+    batch_create_delay_s: float = 0.0
+    #: Send a batch's result file half, wait this long, then the rest (a download cut short);
+    #: only the first download of each file.
+    content_stall_s: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,9 +92,14 @@ class MockConfig:
             self.batch_finalize_s,
             self.batch_cancel_s,
             self.batch_expire_after_s,
+            self.upload_delay_s,
+            self.batch_create_delay_s,
+            self.content_stall_s,
         )
         if any(s < 0 for s in phases):
-            raise ValueError("the batch_*_s durations must be >= 0")
+            raise ValueError(
+                "the batch_*_s, upload_delay_s and content_stall_s durations must be >= 0"
+            )
         if not 0.0 <= self.batch_error_rate <= 1.0:
             raise ValueError("batch_error_rate must be in [0, 1]")
         if self.batch_expire_after_lines is not None and self.batch_expire_after_lines < 0:

@@ -66,6 +66,7 @@ import time
 from collections import Counter
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import orjson
@@ -350,6 +351,7 @@ class MockServer:
         self._online_requests = 0  # image requests over HTTP (batch lines are not counted)
         #: Every upload to POST /v1/files, by id, deleted ones included (see `deleted_files`)
         self.uploaded_files: dict[str, files.StoredFile] = {}
+        self._stalled: set[str] = set()  # result files whose download stalled once
         self.deleted_files: set[str] = set()  # DELETE /v1/files/{id}: uploads and batch files
         self._live_uploads: dict[str, files.StoredFile] = {}  # uploads not deleted
         self.batch_files: dict[str, files.OutputFile] = {}  # what batches wrote, by id
@@ -920,6 +922,7 @@ class MockServer:
         except rules.RuleError as e:
             raise _from_rule(e) from e
         self.uploaded_files[stored.id] = self._live_uploads[stored.id] = stored
+        await asyncio.sleep(self.config.upload_delay_s)
         return _json(200, stored.as_object())
 
     def _stored(self, request: web.Request) -> files.StoredFile | files.OutputFile:
@@ -960,8 +963,23 @@ class MockServer:
         stored = self._stored(request)
         if isinstance(stored, files.OutputFile):
             headers = {"Content-Type": "application/octet-stream"}
+            if self.config.content_stall_s and stored.id not in self._stalled:
+                self._stalled.add(stored.id)  # the first download of each file only
+                return await self._stalled_content(request, stored.path)
             return web.FileResponse(stored.path, headers=headers)
         return web.Response(body=stored.data, content_type=stored.content_type)
+
+    async def _stalled_content(self, request: web.Request, path: Path) -> web.StreamResponse:
+        """A result file's first half, a stall of `content_stall_s`, then the rest."""
+        data = path.read_bytes()
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        await resp.write(data[: len(data) // 2])
+        await asyncio.sleep(self.config.content_stall_s)
+        await resp.write(data[len(data) // 2 :])
+        await resp.write_eof()
+        return resp
 
     # -- the Batch API (see `batches`) --
 
@@ -970,9 +988,11 @@ class MockServer:
         self._check_auth(request, azure=False)
         params = await _read_object(request)
         try:
-            return _json(200, self._batches.create(params).as_object())
+            batch = self._batches.create(params)
         except rules.RuleError as e:
             raise _from_rule(e) from e
+        await asyncio.sleep(self.config.batch_create_delay_s)
+        return _json(200, batch.as_object())
 
     async def _list_batches(self, request: web.Request) -> web.Response:
         self._check_auth(request, azure=False)

@@ -1,0 +1,865 @@
+"""The Batch API path: the same run, with the requests sent as batches at half the price.
+
+`BatchEngine` is the `Engine` (lock, resume from the ledger, sink, layout, writer, budget,
+signals, summary) with its producer and workers replaced by rounds:
+
+1. **Advance** every live batch of the directory (`batchstate`): a closed input file is
+   uploaded, an uploaded one made into a batch, a running one looked at; a finished one is
+   **collected**: its output and error files are streamed to disk, then read line by line,
+   matched to their items by `custom_id`, and each answer's images stored and its ledger line
+   written, exactly as an online answer's (plus `via: "batch"` and `batch_id`).
+2. **Submit** what is pending (not `ok`, not in a live batch, or sent again after a line the
+   API could not run): one input file per endpoint and model, split at the API's 50,000 lines
+   and 200 MB, each line's worst case counted against `--max-cost` as it is written.
+3. **Wait** `--poll-interval` (with jitter) and go again, until nothing is live; with
+   `--no-wait`, return at once: the run ends pending (exit 75) while batches are running.
+
+Money, as online: before a file is uploaded, a `sent` line per request (its worst case, at
+batch prices) goes into the ledger and is synced, under the run that wrote the file; the item
+line that collection writes carries that run's id and attempt, so it settles the `sent` line in
+one append, whichever run collects it. A line the API never ran (5xx, expired, cancelled, a
+file that failed validation) is settled as not billed and sent again (within
+`--max-attempts` per run, by batch or, with `--stragglers online`, online). A file is found
+again after a crash by name (uploads) and by input file id (batches), so nothing is uploaded
+or submitted twice.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import anyio.to_thread
+import orjson
+
+from .. import specs
+from ..backends.batch import BatchAPI
+from ..backends.online import OnlineBackend
+from ..config import RunConfig
+from ..errors import (
+    ErrorInfo,
+    ItemFailed,
+    RequestError,
+    Retryable,
+    RunFatal,
+    StorageError,
+    classify,
+)
+from ..inputs import InputFile
+from ..ledger import LedgerRecord
+from ..manifest import BadLine, Item, read_manifest
+from ..pricing import input_bound
+from ..stores import Store
+from ..writer import check_image, decode_b64_image
+from .batchstate import BatchFile, BatchState, Entry
+from .events import ProgressCallback, ProgressEvent
+from .records import Charge, item_record, now
+from .run import Engine
+
+_T = TypeVar("_T")
+#: Output lines read, decoded and stored at once while collecting (memory: this many lines).
+COLLECTORS = 8
+#: Tries of one Files or Batches call before the round leaves it for the next.
+CALL_TRIES = 3
+JITTER = 0.2
+URLS = {"generations": "/v1/images/generations", "edits": "/v1/images/edits"}
+
+
+@dataclass
+class _Open:
+    """An input file being written."""
+
+    name: str
+    endpoint: str
+    model: str
+    fh: IO[bytes]
+    entries: list[Entry] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+    bytes: int = 0
+
+
+class BatchEngine(Engine):
+    """An `Engine` whose requests go as batches (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        backend: OnlineBackend,
+        store: Store,
+        *,
+        progress: ProgressCallback | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__(config, backend, store, progress=progress, sleep=sleep)
+        self.sleep = sleep  # an injected clock for the waits between looks (tests)
+        self.online_backend = backend
+        self.api = BatchAPI(backend, backend.config)
+        self.batch_prices = self.prices.batch()
+        self.state = BatchState(config.out_dir)
+        self._finished: set[str] = set()  # items whose line this run wrote
+        self._again: dict[str, int] = {}  # items to send again (this run): their next attempt
+        self._tries: dict[str, int] = {}  # lines sent per item, this run
+        self._short: set[str] = set()  # items whose bound did not fit under the cap (yet)
+        self._learned = False  # answers collected since the last submission
+        self._seq = 0  # lines written by this run (custom ids)
+        self._file_seq = 0  # input files opened by this run
+        self._first_pass = True
+        self._fresh: set[str] = set()  # files this process closed (no crash since)
+        self._rng = random.Random()
+
+    # -- the rounds --
+
+    async def _work_all(self) -> None:
+        state = self.state
+        await anyio.to_thread.run_sync(state.load)
+        try:
+            self._forget_orphans()
+            await self._rounds()
+        finally:
+            state.close()
+        live = state.live()
+        self.summary.pending = sum(len(f.entries) for f in live)
+        self.summary.not_attempted += len(self._short)
+        self.runner.budget_short = bool(self._short)
+        if live:  # stopped waiting (Ctrl-C, --no-wait): they go on at the API
+            self.control.note(
+                f"{len(live)} batches ({self.summary.pending} requests) still running at "
+                f"{self.api.where}: run the same command again to collect them "
+                f"(`batchimg batch status {self.config.out_dir}` shows them)"
+            )
+
+    async def _rounds(self) -> None:
+        control, options = self.control, self.config.options
+        while True:
+            await self._advance_all()
+            if control.stopping:
+                return
+            await self._submit()
+            if control.stopping or not self.state.live():
+                return
+            if options.no_wait:
+                return
+            if not any(f.finished for f in self.state.live()):
+                delay = options.poll_interval_s * self._rng.uniform(1 - JITTER, 1 + JITTER)
+                if await self._wait(delay):
+                    return
+
+    async def _wait(self, delay_s: float) -> bool:
+        """Wait for the next look; True if the run was stopped meanwhile (Ctrl-C: the batches
+        keep running at the API)."""
+        if self.sleep is not None:
+            await self.sleep(delay_s)
+            return self.control.stopping
+        return await self.control.wait_or_stop(delay_s)
+
+    def _forget_orphans(self) -> None:
+        """Input files a killed run left half written, or never announced: never sent."""
+        named = {self.state.input_path(name).name for name in self.state.files}
+        for path in self.state.dir.glob("*.jsonl*"):
+            if path.name.endswith(".part") or (
+                path.name not in named
+                and path.name != self.state.path.name
+                and not path.name.endswith((".output.jsonl", ".errors.jsonl"))
+            ):
+                path.unlink(missing_ok=True)
+
+    # -- 1. advance and collect --
+
+    async def _advance_all(self) -> None:
+        finished: list[BatchFile] = []
+        for batch in self.state.live():
+            if self.control.stopping:
+                return
+            try:
+                await self._advance(batch)
+            except RequestError as exc:
+                self._api_trouble(exc, f"batch {batch.batch_id or batch.name}")
+                continue
+            if batch.finished:
+                finished.append(batch)
+        if finished:
+            await self._collect(finished)
+
+    async def _advance(self, f: BatchFile) -> None:
+        """One step (or more) along: uploaded, created, looked at."""
+        api, state = self.api, self.state
+        fresh = f.name in self._fresh
+        if f.file_id is None:
+            if not fresh:
+                await self._sent_lines_again(f)
+            filename = state.input_path(f.name).name
+            file_id = None if fresh else await self._call(api.find_file, filename, "batch")
+            if file_id is None:
+                try:
+                    file_id = await self._call(
+                        api.upload, state.input_path(f.name), filename, "batch"
+                    )
+                except ItemFailed as exc:
+                    await self._drop(f, exc.info)
+                    return
+            state.append({"event": "uploaded", "file": f.name, "file_id": file_id})
+        assert f.file_id is not None
+        if f.batch_id is None:
+            found = None if fresh else await self._call(api.find_batch, f.file_id)
+            if found is None:
+                try:
+                    found = await self._call(api.create, f.file_id, URLS[f.endpoint], f.name)
+                except ItemFailed as exc:
+                    await self._drop(f, exc.info)
+                    return
+            batch_id = found.get("id")
+            if not isinstance(batch_id, str):
+                raise RequestError(
+                    ErrorInfo("the API answered a batch without an id", "bad_response")
+                )
+            state.append({"event": "created", "file": f.name, "batch_id": batch_id})
+            self.control.note(f"batch {batch_id} created: {f.lines} requests ({f.model})")
+            self._status(f, found)
+        elif not f.finished:
+            self._status(f, await self._call(api.get, f.batch_id))
+
+    def _status(self, f: BatchFile, batch: dict[str, Any]) -> None:
+        """Record a batch's status when it changed, and say so."""
+        status = batch.get("status")
+        counts = batch.get("request_counts")
+        if status == f.status and counts == f.request_counts:
+            return
+        self.state.append(
+            {
+                "event": "status",
+                "file": f.name,
+                "status": status,
+                "request_counts": counts if isinstance(counts, dict) else {},
+                "output_file_id": batch.get("output_file_id"),
+                "error_file_id": batch.get("error_file_id"),
+                "errors": batch.get("errors"),
+            }
+        )
+        self.control.note(f"batch {f.describe()}")
+
+    async def _collect(self, files: list[BatchFile]) -> None:
+        """Every line of finished batches into the ledger: their items read from the
+        manifest in one pass, their result files streamed."""
+        self._learned = True
+        wanted = {e.item_id for f in files for e in f.entries.values()}
+        items = await anyio.to_thread.run_sync(self._items, wanted)
+        for f in files:
+            if self.control.stopping and self.summary.interrupted:
+                return
+            try:
+                await self._collect_one(f, items)
+            except RequestError as exc:
+                self._api_trouble(exc, f"collecting batch {f.batch_id}")
+
+    def _items(self, wanted: set[str]) -> dict[str, Item]:
+        found: dict[str, Item] = {}
+        for entry in self._manifest():
+            if isinstance(entry, Item) and entry.id in wanted:
+                found[entry.id] = entry
+        return found
+
+    async def _collect_one(self, f: BatchFile, items: dict[str, Item]) -> None:
+        seen: set[str] = set()
+        for kind, file_id in (("output", f.output_file_id), ("errors", f.error_file_id)):
+            if file_id is None:
+                continue
+            path = self.state.result_path(f.name, kind)
+            if not path.exists():
+                await self._call(self.api.download, file_id, path)
+            await self._collect_file(f, path, items, seen)
+        if f.status == "failed":
+            self._say_validation_errors(f, items)
+        for entry in f.entries.values():
+            if entry.custom_id in seen:
+                continue
+            item = items.get(entry.item_id)
+            if item is None or self._done_already(item.id):
+                continue
+            if f.status == "completed":  # the API says done, yet names no answer: maybe billed
+                message = f"batch {f.batch_id} finished without a line for this request"
+                info = ErrorInfo(message, "missing_from_batch", "invalid_response")
+                charge = Charge(
+                    entry.attempt,
+                    f.at,
+                    bound_usd=entry.bound_usd,
+                    note="no answer in the batch's files: may have been billed",
+                )
+                self._line(f, entry, item, "error", error=info, charge=charge)
+            else:
+                why = f"batch {f.batch_id} {f.status} before this request ran"
+                self._not_run(f, entry, item, ErrorInfo(why, f"batch_{f.status}"))
+        self.state.append({"event": "collected", "file": f.name})
+        for path in (
+            self.state.input_path(f.name),
+            self.state.result_path(f.name, "output"),
+            self.state.result_path(f.name, "errors"),
+        ):
+            path.unlink(missing_ok=True)
+
+    async def _collect_file(
+        self, f: BatchFile, path: Path, items: dict[str, Item], seen: set[str]
+    ) -> None:
+        send, receive = anyio.create_memory_object_stream[bytes](max_buffer_size=COLLECTORS)
+
+        async def read() -> None:
+            async with send:
+                async for raw in _lines(path):
+                    await send.send(raw)
+
+        async def work(lines: anyio.abc.ObjectReceiveStream[bytes]) -> None:
+            async with lines:
+                async for raw in lines:
+                    await self._collect_line(f, raw, items, seen)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(read)
+            async with receive:
+                for _ in range(COLLECTORS):
+                    group.start_soon(work, receive.clone())
+
+    async def _collect_line(
+        self, f: BatchFile, raw: bytes, items: dict[str, Item], seen: set[str]
+    ) -> None:
+        try:
+            line = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.control.warn_once(
+                ("garbled", f.name),
+                f"batch {f.batch_id}: a result line that is not JSON was skipped",
+            )
+            return
+        custom_id = line.get("custom_id") if isinstance(line, dict) else None
+        entry = f.entries.get(custom_id) if isinstance(custom_id, str) else None
+        if entry is None or custom_id in seen:
+            self.control.warn_once(
+                ("stranger", f.name),
+                f"batch {f.batch_id}: a result line for no request of ours was skipped",
+            )
+            return
+        seen.add(entry.custom_id)
+        item = items.get(entry.item_id)
+        if item is None:
+            self.control.warn_once(
+                ("gone", f.name),
+                f"batch {f.batch_id}: item {entry.item_id} is no longer in the manifest; its "
+                "answer is not kept and its cost stays counted at its bound",
+            )
+            return
+        if self._done_already(item.id):
+            return  # collected before a crash: its line is in the ledger
+        response = line.get("response")
+        if isinstance(response, dict) and isinstance(response.get("status_code"), int):
+            status = response["status_code"]
+            body = self.online_backend.scrub(response.get("body"))
+            request_id = self.online_backend.scrub(response.get("request_id"))
+            request_id = request_id if isinstance(request_id, str) else None
+            if status < 400:
+                await self._answered(f, entry, item, body, request_id)
+                return
+            error = classify(status, body, request_id=request_id)
+        else:
+            got = line.get("error")
+            got = self.online_backend.scrub(got) if isinstance(got, dict) else {}
+            code = str(got.get("code") or "batch_error")
+            error = Retryable(ErrorInfo(str(got.get("message") or "not run"), code))
+        if isinstance(error, Retryable):
+            self._not_run(f, entry, item, error.info)
+        elif isinstance(error, RunFatal):
+            self._not_run(f, entry, item, error.info, again=False)
+            if not self.control.stopping:
+                self.control.stop_code = error.info.code
+                self.control.stop(f"{error} — fix the account or key, then re-run the same command")
+        else:
+            self._line(f, entry, item, "error", error=error.info)
+
+    async def _answered(
+        self, f: BatchFile, entry: Entry, item: Item, body: Any, request_id: str | None
+    ) -> None:
+        """A 2xx line: billed. Its images stored, then its line, with its cost (or bound)."""
+        data = body.get("data") if isinstance(body, dict) else None
+        usage = body.get("usage") if isinstance(body, dict) else None
+        cost, why = self.batch_prices.answer_cost(
+            item.params, usage, input_bound=input_bound(item.prompt, item.image_tokens)
+        )
+        charge = (
+            Charge(entry.attempt, f.at, cost_usd=cost, usage=usage, request_id=request_id)
+            if cost is not None
+            else Charge(
+                entry.attempt,
+                f.at,
+                bound_usd=entry.bound_usd,
+                note=why,
+                usage=usage,
+                request_id=request_id,
+            )
+        )
+        if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
+            info = ErrorInfo(
+                "answer without a 'data' list", "bad_response", "invalid_response", 200, request_id
+            )
+            self._line(f, entry, item, "error", error=info, charge=charge)
+            return
+        assert isinstance(body, dict)
+        answer = self.online_backend.answer(data, body, request_id, 0.0)
+        expected = specs.output_format(item.params, self.sink.catalog)
+        try:
+            images = await anyio.to_thread.run_sync(_decode, data, expected)
+        except ItemFailed as exc:
+            self._line(f, entry, item, "error", error=exc.info, charge=charge, answer=answer)
+            return
+        with anyio.CancelScope(shield=True):  # paid for: stored and written, whatever comes
+            try:
+                stored = await self.runner.writer.save(item.file_stem, images, expected)
+            except StorageError as exc:
+                info = ErrorInfo(str(exc), "storage_error", "local_error")
+                self._line(f, entry, item, "error", error=info, charge=charge, answer=answer)
+                self.control.stop(f"{exc}; free space (or fix the output directory), then re-run")
+                return
+            if len(stored) < item.n:
+                message = (
+                    f"the answer has {len(stored)} of the {item.n} images asked for: "
+                    "those are kept (and paid for); the item is done again next run"
+                )
+                info = ErrorInfo(message, "missing_images", "invalid_response")
+                self._line(
+                    f, entry, item, "error", error=info, charge=charge, answer=answer, files=stored
+                )
+            else:
+                self._line(f, entry, item, "ok", charge=charge, answer=answer, files=stored)
+
+    def _line(
+        self,
+        f: BatchFile,
+        entry: Entry,
+        item: Item,
+        status: str,
+        *,
+        error: ErrorInfo | None = None,
+        charge: Charge | None = None,
+        answer: Any = None,
+        files: Any = None,
+    ) -> None:
+        """The item's line, under the run that sent it (which settles its `sent` line)."""
+        record: LedgerRecord = item_record(
+            item,
+            status=status,
+            started_at=f.at,
+            attempts=entry.attempt,
+            price_table=self.batch_prices.name,
+            catalog=self.sink.catalog,
+            run_id=f.run_id,
+            answer=answer,
+            error=error,
+            charge=charge,
+            files=files,
+        )
+        record["latency_s"] = None  # a batch answers within its window, not per request
+        record["via"] = "batch"
+        record["batch_id"] = f.batch_id
+        self._finished.add(item.id)
+        self._again.pop(item.id, None)
+        counted = charge.counted_usd if charge is not None else 0.0
+        self._recount(entry, counted)
+        self.sink.item_line(record)
+
+    def _not_run(
+        self, f: BatchFile, entry: Entry, item: Item, info: ErrorInfo, *, again: bool = True
+    ) -> None:
+        """A line the API did not run (not billed): settled, and sent again if it may be."""
+        if again and self._tries.get(item.id, 0) >= self.config.options.max_attempts:
+            self._line(f, entry, item, "error", error=info)
+            return
+        self.sink.settled_line(item, entry.attempt, run_id=f.run_id)
+        self._recount(entry, 0.0)
+        if again:
+            self._again[item.id] = entry.attempt + 1
+            self.control.emit(ProgressEvent("retry", item_id=item.id))
+
+    def _recount(self, entry: Entry, actual_usd: float) -> None:
+        """The budget counted the line at its bound since it was sent: now at what it cost."""
+        budget = self.budget
+        budget.spent_usd = max(0.0, budget.spent_usd - (entry.bound_usd or 0.0) + actual_usd)
+
+    def _done_already(self, item_id: str) -> bool:
+        return item_id in self._finished or item_id in self._done
+
+    def _say_validation_errors(self, f: BatchFile, items: dict[str, Item]) -> None:
+        errors = f.errors.get("data") if isinstance(f.errors, dict) else None
+        shown = []
+        by_line = list(f.entries.values())
+        for error in errors if isinstance(errors, list) else []:
+            if not isinstance(error, dict):
+                continue
+            where = error.get("line")
+            what = f"{error.get('code')}: {error.get('message')}"
+            if isinstance(where, int) and 0 < where <= len(by_line):
+                entry = by_line[where - 1]
+                item = items.get(entry.item_id)
+                manifest_line = f", manifest line {item.line}" if item else ""
+                what = f"input line {where} (item {entry.item_id}{manifest_line}): {what}"
+            shown.append(what)
+        more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+        self.control.warn(
+            f"batch {f.batch_id} failed validation: "
+            + ("; ".join(shown[:5]) or "no reason given")
+            + more
+            + f" (input file {self.state.input_path(f.name)})"
+        )
+
+    # -- 2. submit --
+
+    async def _submit(self) -> None:
+        """Pending items into new input files (the first round: the whole manifest; later
+        ones: the lines to send again), each shipped as soon as it is full."""
+        first, self._first_pass = self._first_pass, False
+        learned, self._learned = self._learned, False
+        if not first and not self._again and not (self._short and learned):
+            return  # nothing to send again, and no answer since that could tighten a bound
+        self.summary.next_bound = None
+        if not first and self._again and self.config.options.stragglers == "online":
+            await self._online(set(self._again))
+        held = self.state.held()
+        control, summary = self.control, self.summary
+        files: dict[tuple[str, str], _Open] = {}
+        try:
+            for count, entry in enumerate(self._manifest()):
+                if count % 256 == 0:
+                    await anyio.lowlevel.checkpoint()
+                if isinstance(entry, BadLine):
+                    if first and not control.stopping:
+                        self.sink.bad_line(entry)
+                    continue
+                item_id = entry.id
+                if item_id in self._done or item_id in self._finished:
+                    if first and item_id in self._done:
+                        summary.skipped += 1
+                    continue
+                if item_id in held or (
+                    not first and item_id not in self._again and item_id not in self._short
+                ):
+                    continue
+                if control.stopping:
+                    summary.not_attempted += 1
+                    continue
+                await self._add(entry, files)
+        finally:
+            for open_file in list(files.values()):
+                if control.interrupt_now:  # Ctrl-C: what is not yet shipped is not sent
+                    _abandon(open_file, self.state)
+                    summary.not_attempted += len(open_file.entries)
+                else:
+                    await self._ship(open_file)
+
+    async def _online(self, ids: set[str]) -> None:
+        """`--stragglers online`: what the batches could not run goes one request at a time."""
+        self._again.clear()
+        concurrency = self.config.options.concurrency
+        send, receive = anyio.create_memory_object_stream[Item](max_buffer_size=concurrency)
+        self.control.note(f"{len(ids)} requests the batches did not run go online")
+
+        async def produce() -> None:
+            async with send:
+                for entry in self._manifest():
+                    if isinstance(entry, Item) and entry.id in ids:
+                        self._finished.add(entry.id)
+                        await send.send(entry)
+
+        async with anyio.create_task_group() as work:
+            work.start_soon(produce)
+            async with receive:
+                for _ in range(concurrency):
+                    work.start_soon(self._work, receive.clone())
+
+    async def _add(self, item: Item, files: dict[tuple[str, str], _Open]) -> None:
+        """One item's line into its endpoint and model's input file (a new one when full)."""
+        refused = self.online_backend.check(item) or self._batchable(item)
+        if refused is not None:
+            self._finished.add(item.id)
+            self.sink.item_line(self._refusal(item, refused))
+            return
+        bound = self.batch_prices.worst_case(item.params, item.image_tokens, self.book)
+        bound_usd = bound.cost_usd if bound is not None else None
+        budget = self.budget
+        if budget.cap_usd is not None:
+            if bound is None:
+                self._finished.add(item.id)
+                why = (
+                    f"no price (or token bound) for model {item.model!r}: --max-cost cannot "
+                    "bound it (add it with --catalog or --prices)"
+                )
+                info = ErrorInfo(why, "unpriced_model", "local_error")
+                self.sink.item_line(self._refusal(item, info))
+                return
+            if budget.spent_usd + bound.cost_usd > budget.cap_usd + 1e-12:
+                # Left for now: answers collected may tighten its bound (the next round
+                # tries again), else for a run with a higher cap.
+                summary = self.summary
+                if summary.next_bound is None or bound.cost_usd < summary.next_bound.cost_usd:
+                    summary.next_bound = bound
+                self._short.add(item.id)
+                return
+            self._short.discard(item.id)
+        try:
+            body = await self._body(item)
+        except RequestError as exc:
+            self._finished.add(item.id)
+            self.sink.item_line(self._refusal(item, exc.info))
+            if isinstance(exc, RunFatal):
+                self.control.stop(f"{exc} — fix the account or key, then re-run")
+            return
+        attempt = self._again.pop(item.id, 1)
+        self._seq += 1
+        custom_id = f"{self.sink.run_id}-{self._seq}"
+        line = (
+            orjson.dumps(
+                {"custom_id": custom_id, "method": "POST", "url": URLS[item.endpoint], "body": body}
+            )
+            + b"\n"
+        )
+        options = self.config.options
+        if len(line) > options.batch_max_bytes:
+            self._finished.add(item.id)
+            info = ErrorInfo(
+                f"its request line is {len(line):,} bytes, over the "
+                f"{options.batch_max_bytes:,} a batch file may hold",
+                "line_too_large",
+                "local_error",
+            )
+            self.sink.item_line(self._refusal(item, info))
+            return
+        key = (item.endpoint, item.model)
+        current = files.get(key)
+        if current is not None and (
+            len(current.entries) >= options.batch_max_lines
+            or current.bytes + len(line) > options.batch_max_bytes
+        ):
+            del files[key]
+            await self._ship(current)
+            current = None
+        if current is None:
+            current = files[key] = self._new_file(item)
+        await anyio.to_thread.run_sync(current.fh.write, line)
+        current.bytes += len(line)
+        current.entries.append(Entry(custom_id, item.id, attempt, bound_usd))
+        current.items.append(item)
+        self._tries[item.id] = self._tries.get(item.id, 0) + 1
+        if bound_usd is not None:
+            budget.charge(bound_usd)  # counted at its worst from now until collected
+
+    def _new_file(self, item: Item) -> _Open:
+        self._file_seq += 1
+        name = f"{self.sink.run_id}-{self._file_seq:04d}"
+        path = self.state.input_path(name)
+        try:
+            self.state.dir.mkdir(parents=True, exist_ok=True)
+            fh = open(path.with_name(path.name + ".part"), "wb")  # noqa: SIM115 (closed in _ship)
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        return _Open(name, item.endpoint, item.model, fh)
+
+    async def _ship(self, f: _Open) -> None:
+        """Close an input file, announce it (state, then a `sent` line per request), and
+        upload it and make it a batch."""
+        path = self.state.input_path(f.name)
+        await anyio.to_thread.run_sync(_close_synced, f.fh)
+        if not f.entries:
+            path.with_name(path.name + ".part").unlink(missing_ok=True)
+            return
+        path.with_name(path.name + ".part").replace(path)
+        _sync_dir(path.parent)
+        at = now()
+        self.state.append(
+            {
+                "event": "closed",
+                "file": f.name,
+                "run_id": self.sink.run_id,
+                "endpoint": f.endpoint,
+                "model": f.model,
+                "lines": len(f.entries),
+                "bytes": f.bytes,
+                "at": at,
+                "entries": [[e.custom_id, e.item_id, e.attempt, e.bound_usd] for e in f.entries],
+            }
+        )
+        for entry, item in zip(f.entries, f.items, strict=True):
+            self.sink.sent_line(item, entry.attempt, at, entry.bound_usd)
+        self.sink.sync_now()
+        self._fresh.add(f.name)
+        batch = self.state.files[f.name]
+        try:
+            await self._advance(batch)
+        except RequestError as exc:
+            self._api_trouble(exc, f"batch file {f.name}")
+
+    async def _sent_lines_again(self, f: BatchFile) -> None:
+        """A file a killed run closed but may not have announced in the ledger: its `sent`
+        lines (again: one more changes nothing), before it is uploaded. The budget counts
+        them from now (twice, if they were there: never less than was sent)."""
+        wanted = {e.item_id for e in f.entries.values()}
+        items = await anyio.to_thread.run_sync(self._items, wanted)
+        for entry in f.entries.values():
+            item = items.get(entry.item_id)
+            if item is not None:
+                self.sink.sent_line(item, entry.attempt, f.at, entry.bound_usd, run_id=f.run_id)
+                self.budget.charge(entry.bound_usd or 0.0)
+        self.sink.sync_now()
+
+    async def _drop(self, f: BatchFile, info: ErrorInfo) -> None:
+        """The API refused the file or the batch: nothing of it ran. Its lines fail with the
+        API's words (sending the same file again would be refused again)."""
+        self.state.append({"event": "dropped", "file": f.name, "why": info.message})
+        items = await anyio.to_thread.run_sync(self._items, {e.item_id for e in f.entries.values()})
+        for entry in f.entries.values():
+            item = items.get(entry.item_id)
+            if item is not None and not self._done_already(item.id):
+                self._line(f, entry, item, "error", error=info)
+        self.control.warn(f"the API refused batch file {f.name}: {info.message}")
+
+    async def _body(self, item: Item) -> dict[str, Any]:
+        """The request's JSON body; edit inputs by `file_id`, each uploaded once."""
+        body = dict(item.params)
+        if item.endpoint != "edits":
+            return body
+        body["images"] = [{"file_id": await self._input_id(f)} for f in item.images]
+        if item.mask is not None:
+            body["mask"] = {"file_id": await self._input_id(item.mask)}
+        return body
+
+    async def _input_id(self, source: InputFile) -> str:
+        known = self.state.inputs.get(source.sha256)
+        if known is not None:
+            return known
+        name = f"{source.sha256[:16]}{source.path.suffix}"
+        try:
+            file_id = await self._call(
+                self.api.upload, source.path, name, "vision", source.content_type
+            )
+        except OSError as exc:
+            raise ItemFailed(ErrorInfo(f"cannot read input file: {exc}", "input_error")) from None
+        self.state.append({"event": "input", "sha256": source.sha256, "file_id": file_id})
+        return file_id
+
+    def _batchable(self, item: Item) -> ErrorInfo | None:
+        spec = self.sink.catalog.spec(item.model)
+        if "batch" in spec.endpoints:
+            return None
+        return ErrorInfo(
+            f"the catalog says {item.model} cannot be sent through the Batch API: run it "
+            "without --batch-api",
+            "not_batchable",
+            "local_error",
+        )
+
+    def _refusal(self, item: Item, info: ErrorInfo) -> LedgerRecord:
+        return item_record(
+            item,
+            status="error",
+            started_at=now(),
+            attempts=0,
+            price_table=self.batch_prices.name,
+            catalog=self.sink.catalog,
+            run_id=self.sink.run_id,
+            error=info,
+        )
+
+    # -- the API's calls --
+
+    async def _call(self, call: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """A Files or Batches call, tried again a few times on a transient failure."""
+        for attempt in range(1, CALL_TRIES + 1):
+            try:
+                return await call(*args)
+            except Retryable as exc:
+                if attempt == CALL_TRIES or self.control.stopping:
+                    raise
+                delay = exc.retry_after_s if exc.retry_after_s is not None else 2.0**attempt
+                if await self._wait(min(delay, 60.0)):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _api_trouble(self, exc: RequestError, what: str) -> None:
+        if isinstance(exc, RunFatal):
+            if not self.control.stopping:
+                self.control.stop_code = exc.info.code
+                self.control.stop(f"{exc} — fix the account or key, then re-run the same command")
+            return
+        self.control.warn(f"{what}: {exc}; left for the next look (or run)")
+
+    def _manifest(self) -> Iterable[Item | BadLine]:
+        return read_manifest(
+            self.config.manifest,
+            self.config.options.defaults,
+            catalog=self.sink.catalog,
+            inputs_dir=self.config.inputs_dir,
+            warn=self.control.warn if self._first_pass else None,
+        )
+
+
+def _decode(data: list[dict[str, Any]], expected: str) -> list[bytes]:
+    images = []
+    for entry in data:
+        value = entry.get("b64_json")
+        if not isinstance(value, str):
+            raise ItemFailed(
+                ErrorInfo(
+                    "a batch answer's image is not b64_json", "bad_response", "invalid_response"
+                )
+            )
+        image = decode_b64_image(value)
+        check_image(image, expected)
+        images.append(image)
+    return images
+
+
+def _close_synced(fh: IO[bytes]) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+    fh.close()
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _abandon(f: _Open, state: BatchState) -> None:
+    f.fh.close()
+    path = state.input_path(f.name)
+    path.with_name(path.name + ".part").unlink(missing_ok=True)
+
+
+async def _lines(path: Path) -> AsyncIterator[bytes]:
+    """A file's lines, read off the event loop, one at a time (never the whole file)."""
+    fh = await anyio.to_thread.run_sync(open, path, "rb")
+    try:
+        while True:
+            lines = await anyio.to_thread.run_sync(_some_lines, fh)
+            if not lines:
+                return
+            for line in lines:
+                yield line
+    finally:
+        fh.close()
+
+
+def _some_lines(fh: IO[bytes], most_bytes: int = 8 << 20) -> list[bytes]:
+    lines: list[bytes] = []
+    size = 0
+    while size < most_bytes:
+        line = fh.readline()
+        if not line:
+            break
+        if line.strip():
+            lines.append(line)
+            size += len(line)
+    return lines

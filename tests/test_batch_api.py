@@ -1,0 +1,390 @@
+"""`run --batch-api`: the real engine through the mock's Files and Batch APIs over loopback.
+
+Every test checks the same contract as an online run (every item `ok` once, the ledger's
+fields, images that decode) plus what batches add: half the price, `via` and `batch_id`, no
+item submitted twice and no file uploaded twice across kills and re-runs, the cap at the mock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+import batchimg
+from batchimg.engine.batchstate import BatchState
+from batchimg.mock import MockConfig, MockServer
+from batchimg.pricing import PriceTable
+from tests.conftest import TEST_KEY, StartMock
+from tests.helpers import (
+    ROOT,
+    check_ok_record,
+    last_states,
+    ledger,
+    ledger_lines,
+    run_cli,
+    spent,
+    threaded_mock,
+    unsettled,
+    wait_for,
+)
+from tests.helpers import run_on_mock as run
+from tests.test_edits import make_image, make_mask, sha
+
+#: A mock whose batches move on at once (the lines themselves take no time).
+QUICK = {"batch_validate_s": 0.0, "batch_finalize_s": 0.0}
+BATCH = {"batch_api": True, "poll_interval_s": 0.02}
+
+
+def lines(count: int, prefix: str = "b", **fields: Any) -> list[dict[str, Any]]:
+    return [{"id": f"{prefix}{i}", "prompt": f"a batch test {prefix}{i}", "model": "gpt-image-2",
+             "quality": "low", "size": "1024x1024", **fields} for i in range(count)]  # fmt: skip
+
+
+def billed(server: MockServer) -> float:
+    """What the mock billed: each 200 answer at its price (batch lines at batch prices)."""
+    table = PriceTable.default()
+    total = 0.0
+    for r in server.requests:
+        if r.status == 200 and r.usage is not None:
+            cost = table.via(r.via).request_cost({**r.params, "model": r.model}, r.usage)
+            assert cost is not None
+            total += cost
+    return total
+
+
+def answered(server: MockServer) -> Counter[str]:
+    """Prompts answered 200 (billed), counted: each must be 1."""
+    return Counter(r.prompt or "" for r in server.requests if r.status == 200)
+
+
+def batch_uploads(server: MockServer) -> list[Any]:
+    return [f for f in server.uploaded_files.values() if f.purpose == "batch"]
+
+
+def check_batch_ledger(out: Path, server: MockServer, count: int) -> None:
+    """Every item ok once, with the online ledger's fields plus via and batch_id, answered
+    once by the mock, and the ledger's spend equal to the mock's bill at batch prices."""
+    states = last_states(out)
+    assert len(states) == count and all(r["status"] == "ok" for r in states.values()), [
+        (r["id"], r.get("error")) for r in states.values() if r["status"] != "ok"
+    ]
+    oks = [r for r in ledger(out) if r["status"] == "ok"]
+    assert len(oks) == count  # never collected twice
+    batch_ids = {b.id for b in server._batches.batches.values()}
+    for record in oks:
+        assert record.pop("via") == "batch" and record.pop("batch_id") in batch_ids
+        check_ok_record(out, record)
+        assert record["latency_s"] is None
+    assert set(answered(server).values()) == {1}, answered(server)
+    assert not unsettled(out)
+    assert spent(out) == pytest.approx(billed(server), abs=1e-9)
+
+
+async def test_a_clean_batch_run_costs_half_of_the_same_run_online(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(
+        lines(6) + lines(3, prefix="q", model="gpt-image-2.5-flare", quality="medium")
+    )
+    server = await start_mock(api_key=TEST_KEY, **QUICK)
+    summary = await run(manifest, tmp_path / "batch", server, **BATCH)
+    assert (summary.ok, summary.failed, summary.pending, summary.exit_code) == (9, 0, 0, 0)
+    check_batch_ledger(tmp_path / "batch", server, 9)
+    batches = [r for r in server.requests if r.via == "batch"]
+    assert len(batches) == 9 and len({r.batch_id for r in batches}) == 2  # one per model
+    assert len(batch_uploads(server)) == 2
+    online_server = await start_mock(api_key=TEST_KEY)
+    online = await run(manifest, tmp_path / "online", online_server)
+    assert online.cost_usd > 0 and summary.cost_usd == pytest.approx(online.cost_usd / 2)
+    # The state keeps nothing to collect; the input and result files are gone.
+    state = BatchState(tmp_path / "batch").load()
+    assert not state.live() and all(f.collected for f in state.files.values())
+    assert sorted(p.name for p in (tmp_path / "batch" / "batches").iterdir()) == ["state.jsonl"]
+
+
+async def test_5xx_lines_go_again_in_a_new_batch_and_complete(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(lines(12))
+    server = await start_mock(api_key=TEST_KEY, batch_error_rate=0.4, seed=3, **QUICK)
+    summary = await run(manifest, tmp_path / "out", server, max_attempts=8, **BATCH)
+    assert (summary.ok, summary.failed) == (12, 0)
+    check_batch_ledger(tmp_path / "out", server, 12)
+    failed = [r for r in server.requests if r.status == 500]
+    assert failed  # the draw did hit some lines
+    assert len({r.batch_id for r in server.requests}) >= 2
+    settled = [r for r in ledger_lines(tmp_path / "out") if r.get("record") == "settled"]
+    assert len(settled) == len(failed)  # each 500 line settled as not billed
+
+
+async def test_moderation_fails_its_item_after_one_line_with_the_apis_words(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(
+        [*lines(3), {"id": "bad", "prompt": "[[mock:moderation]] no", "model": "gpt-image-2"}]
+    )
+    server = await start_mock(api_key=TEST_KEY, **QUICK)
+    summary = await run(manifest, tmp_path / "out", server, **BATCH)
+    assert (summary.ok, summary.failed, summary.exit_code) == (3, 1, 1)
+    bad = last_states(tmp_path / "out")["bad"]
+    assert bad["error"]["code"] == "moderation_blocked" and bad["error"]["http_status"] == 400
+    assert "safety system" in bad["error"]["message"] and bad["cost_usd"] is None
+    assert bad["via"] == "batch" and bad["attempts"] == 1
+    assert sum(r.prompt == "[[mock:moderation]] no" for r in server.requests) == 1
+    assert not unsettled(tmp_path / "out")
+
+
+async def test_an_expired_batchs_remainder_is_sent_again(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(lines(8))
+    server = await start_mock(api_key=TEST_KEY, batch_expire_after_lines=3, **QUICK)
+    summary = await run(manifest, tmp_path / "out", server, **BATCH)
+    assert (summary.ok, summary.failed) == (8, 0)
+    check_batch_ledger(tmp_path / "out", server, 8)
+    statuses = [b.status for b in server._batches.batches.values()]
+    assert statuses.count("expired") == 2 and statuses.count("completed") == 1  # 3 + 3 + 2
+
+
+async def test_lines_the_batches_cannot_run_go_online_with_stragglers_online(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(lines(5))
+    server = await start_mock(api_key=TEST_KEY, batch_error_rate=1.0, **QUICK)
+    summary = await run(manifest, tmp_path / "out", server, stragglers="online", **BATCH)
+    assert (summary.ok, summary.failed) == (5, 0)
+    oks = [r for r in ledger(tmp_path / "out") if r["status"] == "ok"]
+    assert len(oks) == 5 and all("via" not in r for r in oks)  # answered online
+    assert [r.via for r in server.requests].count("online") == 5
+    assert set(answered(server).values()) == {1}
+    assert spent(tmp_path / "out") == pytest.approx(billed(server))
+
+
+async def test_a_batch_that_fails_validation_says_why_by_line_and_item(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(lines(3))
+    server = await start_mock(api_key=TEST_KEY, batch_max_lines=2, **QUICK)  # the file holds 3
+    summary = await run(manifest, tmp_path / "out", server, max_attempts=2, **BATCH)
+    assert (summary.ok, summary.failed, summary.exit_code) == (0, 3, 1)
+    assert any("failed validation" in w and "too_many_tasks" in w for w in summary.warnings)
+    states = last_states(tmp_path / "out")
+    assert {r["error"]["code"] for r in states.values()} == {"batch_failed"}
+    assert not [r for r in server.requests if r.status == 200] and spent(tmp_path / "out") == 0
+
+
+async def test_files_split_at_the_line_and_byte_limits(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    """The split rule at limits small enough to test; the mock refuses a file over them."""
+    long = [{**line, "prompt": line["prompt"] + " with many words" * 8} for line in lines(9)]
+    manifest = write_manifest(long + lines(2, prefix="w", model="gpt-image-2.5-flare"))
+    server = await start_mock(api_key=TEST_KEY, batch_max_lines=4, batch_max_bytes=1200, **QUICK)
+    summary = await run(
+        manifest, tmp_path / "out", server, batch_max_lines=4, batch_max_bytes=1200, **BATCH
+    )
+    assert (summary.ok, summary.failed) == (11, 0)
+    uploads = batch_uploads(server)
+    assert all(len(f.data) <= 1200 and f.data.count(b"\n") <= 4 for f in uploads)
+    assert sum(f.data.count(b"\n") for f in uploads) == 11 and len(uploads) >= 4
+    check_batch_ledger(tmp_path / "out", server, 11)
+
+
+async def test_the_cap_holds_at_the_mock_over_runs(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(lines(30, model="gpt-image-2.5-flare", quality="medium"))
+    server = await start_mock(api_key=TEST_KEY, **QUICK)
+    cap = 0.15  # one line at the catalog's ceiling; many once their cost is learned
+    first = await run(manifest, tmp_path / "out", server, max_cost_usd=cap, **BATCH)
+    assert first.exit_code == 3 and "budget" in (first.stop_reason or "")
+    assert 2 < first.ok < 30 and billed(server) <= cap
+    assert len(server._batches.batches) >= 2
+    again = await run(manifest, tmp_path / "out", server, max_cost_usd=cap, **BATCH)
+    assert billed(server) <= cap and spent(tmp_path / "out") <= cap + 1e-9
+    assert again.ok + first.ok <= 30 and set(answered(server).values()) == {1}
+
+
+async def test_edits_send_each_input_once_by_file_id_across_lines_and_runs(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    a, b, c = (make_image(tmp_path / f"{n}.png", size=(s, s)) for n, s in (("a", 64), ("b", 48),
+                                                                          ("c", 32)))  # fmt: skip
+    make_image(tmp_path / "c2.png", size=(32, 32))  # the same bytes as c.png: one upload
+    mask = make_mask(tmp_path / "m.png")
+    edit = {"model": "gpt-image-2", "image": ["a.png", "b.png", "c.png"], "mask": "m.png"}
+    first = write_manifest([{"id": "e1", "prompt": "edit one", **edit},
+                            {"id": "e2", "prompt": "edit two", **edit}])  # fmt: skip
+    server = await start_mock(api_key=TEST_KEY, **QUICK)
+    summary = await run(first, tmp_path / "out", server, **BATCH)
+    assert (summary.ok, summary.failed) == (2, 0)
+    inputs = [f for f in server.uploaded_files.values() if f.purpose != "batch"]
+    digests = sorted(hashlib.sha256(f.data).hexdigest() for f in inputs)
+    assert digests == sorted({sha(a), sha(b), sha(c), sha(mask)})
+    lines_sent = [r for r in server.requests if r.via == "batch"]
+    assert all(r.image_count == 3 and r.has_mask for r in lines_sent)
+    second = write_manifest(
+        [{"id": "e3", "prompt": "edit three", **edit, "image": ["a.png", "c2.png", "b.png"]}],
+        name="more.jsonl",
+    )
+    await run(second, tmp_path / "out", server, **BATCH)
+    inputs = [f for f in server.uploaded_files.values() if f.purpose != "batch"]
+    assert len(inputs) == 4 and {f.content_type for f in inputs} == {"image/png"}
+    records = ledger(tmp_path / "out")
+    assert all(r["status"] == "ok" and r["endpoint"] == "edits" for r in records)
+    assert records[0]["mask"]["sha256"] == sha(mask)
+
+
+async def test_a_refused_key_stops_the_run_and_loses_nothing(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(lines(3))
+    server = await start_mock(api_key=TEST_KEY, **QUICK)
+    options = batchimg.RunOptions(base_url=server.base_url, api_key="sk-not-this-key", **BATCH)
+    summary = await batchimg.arun(manifest, tmp_path / "out", options)
+    assert summary.exit_code == 3 and "401" in (summary.stop_reason or "")
+    assert not server.uploaded_files and not server.requests
+    again = await run(manifest, tmp_path / "out", server, **BATCH)  # the right key
+    assert again.ok == 3 and again.exit_code == 0
+    check_batch_ledger(tmp_path / "out", server, 3)
+
+
+# -- the CLI, killed and re-run --
+
+
+def cli(manifest: Path, out: Path, server: MockServer, *extra: str) -> subprocess.Popen[str]:
+    args = [sys.executable, "-m", "batchimg", "run", str(manifest), "--out", str(out), "--base-url",
+            server.base_url, "--batch-api", "--poll-interval", "0.05", *extra]  # fmt: skip
+    env = {**os.environ, "BATCHIMG_API_KEY": TEST_KEY}
+    return subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def rerun(manifest: Path, out: Path, server: MockServer, *extra: str) -> tuple[int, str]:
+    proc = cli(manifest, out, server, *extra)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def state_events(out: Path) -> list[str]:
+    path = out / "batches" / "state.jsonl"
+    if not path.exists():
+        return []
+    return [
+        orjson.loads(x).get("event") for x in path.read_bytes().splitlines() if x.endswith(b"}")
+    ]
+
+
+KILL_POINTS = {
+    # an input file written and being uploaded: the mock has it, the run does not know
+    "uploading": ({"upload_delay_s": 60.0}, lambda s, out: bool(batch_uploads(s))),
+    # the batch made, its answer not yet read
+    "creating": ({"batch_create_delay_s": 60.0}, lambda s, out: bool(s._batches.batches)),
+    # the batch running, the run polling it
+    "polling": (
+        {"batch_line_s": 0.1},
+        lambda s, out: "status" in state_events(out) and not s.requests,
+    ),
+    # the output file half downloaded
+    "collecting": (
+        {"content_stall_s": 60.0},
+        lambda s, out: any(p.name.endswith(".part") for p in (out / "batches").glob("*")),
+    ),
+}
+
+
+@pytest.mark.parametrize("stage", list(KILL_POINTS))
+def test_kill_9_at_each_stage_then_rerun_pays_once_submits_once_uploads_once(
+    tmp_path: Path, write_manifest: Callable[..., Path], stage: str
+) -> None:
+    config, reached = KILL_POINTS[stage]
+    manifest = write_manifest(lines(6))
+    out = tmp_path / "out"
+    with threaded_mock(MockConfig(api_key=TEST_KEY, **QUICK, **config)) as server:
+        proc = cli(manifest, out, server)
+        try:
+            wait_for(lambda: reached(server, out) or proc.poll() is not None)
+        finally:
+            proc.kill()
+            proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, stage  # killed where meant, not done
+        code, err = rerun(manifest, out, server)
+        assert code == 0, err
+        check_batch_ledger(out, server, 6)
+        assert len(batch_uploads(server)) == 1  # found again, not uploaded twice
+        assert len(server._batches.batches) == 1
+
+
+def test_no_wait_exits_75_while_pending_then_0_and_status_and_ctrl_c(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(lines(4))
+    out = tmp_path / "out"
+    with threaded_mock(MockConfig(api_key=TEST_KEY, batch_line_s=0.5, **QUICK)) as server:
+        code, err = rerun(manifest, out, server, "--no-wait")
+        assert code == 75, err
+        assert "run the same command again" in err and "still running" in err
+        env = {"BATCHIMG_API_KEY": TEST_KEY}
+        status = run_cli("batch", "status", str(out), "--base-url", server.base_url, env=env)
+        assert status.returncode == 75 and "now" in status.stdout, status.stderr
+        offline = run_cli("batch", "status", str(out))
+        assert offline.returncode == 75 and "last run" in offline.stdout
+        # Two runs on one directory stay refused, even while the first only waits.
+        waiting = cli(manifest, out, server)
+        try:
+            seen = len(state_events(out))  # the waiting run records what it sees
+            wait_for(lambda: len(state_events(out)) > seen or waiting.poll() is not None)
+            second = run_cli("run", str(manifest), "--out", str(out), "--batch-api",
+                             "--base-url", server.base_url, env=env)  # fmt: skip
+            assert second.returncode == 2 and "another batchimg run" in second.stderr
+            waiting.send_signal(signal.SIGINT)  # the first Ctrl-C stops waiting
+            _, err = waiting.communicate(timeout=60)
+        finally:
+            waiting.kill()
+            waiting.communicate()
+        assert waiting.returncode == 130 and "run the same command again" in err
+        wait_for(lambda: all(b.status == "completed" for b in server._batches.batches.values()))
+        code, err = rerun(manifest, out, server, "--no-wait")
+        assert code == 0, err
+        check_batch_ledger(out, server, 4)
+        done = run_cli("batch", "status", str(out), "--base-url", server.base_url, env=env)
+        assert done.returncode == 0 and "no live batches" in done.stdout
+
+
+def test_cancel_stops_the_batches_and_a_rerun_sends_the_rest(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest(lines(6))
+    out = tmp_path / "out"
+    env = {"BATCHIMG_API_KEY": TEST_KEY}
+    with threaded_mock(MockConfig(api_key=TEST_KEY, batch_line_s=0.2, **QUICK)) as server:
+        assert rerun(manifest, out, server, "--no-wait")[0] == 75
+        cancelled = run_cli("batch", "cancel", str(out), "--base-url", server.base_url, env=env)
+        assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout, cancelled.stderr
+        wait_for(lambda: all(b.status == "cancelled" for b in server._batches.batches.values()))
+        code, err = rerun(manifest, out, server)
+        assert code == 0, err
+        check_batch_ledger(out, server, 6)
+        assert len(server._batches.batches) == 2
+
+
+def test_usage_errors_before_anything_is_sent(write_manifest: Callable[..., Path]) -> None:
+    manifest = write_manifest(lines(1))
+    for args, words in [
+        (["--mock", "--batch-api", "--no-wait"], "outlives the run"),
+        (["--mock", "--no-wait"], "needs --batch-api"),
+        (["--provider", "azure", "--base-url", "https://x.openai.azure.com", "--batch-api"],
+         "Batch API"),
+    ]:  # fmt: skip
+        env = {"AZURE_OPENAI_API_KEY": "k" * 20}
+        result = run_cli("run", str(manifest), "--out", str(manifest.parent / "o"), *args, env=env)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
