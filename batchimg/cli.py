@@ -607,7 +607,7 @@ def _show_batches(rows: list[dict[str, Any]], fmt: str, empty: str) -> None:
 def _rate(flag: str, what: str) -> Callable[[FC], FC]:
     return click.option(
         flag, type=click.FloatRange(0, 1), default=0.0, show_default=True,
-        help=f"Fraction of requests {what}.",
+        help=f"Fraction {what}." if what.startswith("of ") else f"Fraction of requests {what}.",
     )  # fmt: skip
 
 
@@ -692,6 +692,36 @@ def _rate(flag: str, what: str) -> Callable[[FC], FC]:
     is_flag=True,
     help="Serve photo-sized images (~2.5 MB PNG at 1024x1024) instead of tiny flat "
     "ones, for payload benchmarks.",
+)
+@click.option(
+    "--batch-validate",
+    "batch_validate_s",
+    type=click.FloatRange(min=0),
+    default=0.05,
+    show_default=True,
+    help="Seconds a batch spends validating.",
+)
+@click.option(
+    "--batch-line",
+    "batch_line_s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds each line of a batch takes (lines run one by one).",
+)
+@click.option(
+    "--batch-finalize",
+    "batch_finalize_s",
+    type=click.FloatRange(min=0),
+    default=0.05,
+    show_default=True,
+    help="Seconds a batch spends finalizing.",
+)
+@_rate("--batch-error-rate", "of batch lines answered 500 server_error")
+@click.option(
+    "--batch-expire-after-lines",
+    type=click.IntRange(min=0),
+    help="Expire every batch once this many of its lines have run (the rest never run).",
 )
 def mock(host: str, port: int, api_key: str | None, no_auth: bool, **faults: Any) -> None:
     """Serve an OpenAI-compatible mock Images API (real images, usage, errors) on loopback."""

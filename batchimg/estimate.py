@@ -46,6 +46,15 @@ class EstimateGroup:
     cost_high_usd: float = 0.0
     max_usd: float | None = 0.0  # unknown groups: the most they can cost (None: no bound)
     unpriced: bool = False
+    batchable: bool = True  # the catalog says the model takes the Batch API
+    batch_multiplier: float = 0.5  # what the Batch API charges of the price (the catalog's)
+
+    @property
+    def batch_cost_usd(self) -> float | None:
+        """The same requests through the Batch API (None: not batchable, or no figure)."""
+        if not self.batchable or self.cost_usd is None or self.basis == "unknown":
+            return None
+        return self.cost_usd * self.batch_multiplier
 
     def as_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -62,6 +71,10 @@ class EstimateGroup:
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens if self.basis != "unknown" else None,
             "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 6),
+            "batch_cost_usd": None
+            if self.batch_cost_usd is None
+            else round(self.batch_cost_usd, 6),
+            "batchable": self.batchable,
             "unpriced": self.unpriced,
         }
         if self.basis == "learned":
@@ -97,6 +110,8 @@ class ManifestEstimate:
     learned_groups: int = 0
     warnings: list[str] = field(default_factory=list)
     groups: dict[GroupKey, EstimateGroup] = field(default_factory=dict)
+    batch_cost_usd: float = 0.0  # the priced total, through the Batch API where it can go
+    not_batchable_items: int = 0  # of the priced total: items whose model the Batch API refuses
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +121,8 @@ class ManifestEstimate:
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "total_cost_usd": round(self.total_cost_usd, 6),
+            "batch_total_cost_usd": round(self.batch_cost_usd, 6),
+            "not_batchable_items": self.not_batchable_items,
             "cost_range_usd": [round(self.cost_low_usd, 6), round(self.cost_high_usd, 6)],
             "unpriced_items": self.unpriced_items,
             "unknown_items": self.unknown_items,
@@ -157,7 +174,13 @@ def estimate_manifest(
         estimate = table.estimate(params, entry.image_tokens, book)
         group = result.groups.get(key)
         if group is None:
-            group = result.groups[key] = EstimateGroup(*key, basis=estimate.basis)
+            batchable = "batch" in catalog.spec(entry.model).endpoints
+            group = result.groups[key] = EstimateGroup(
+                *key,
+                basis=estimate.basis,
+                batchable=batchable,
+                batch_multiplier=catalog.batch_multiplier,
+            )
         group.samples = max(group.samples, estimate.samples)
         group.items += 1
         group.images += estimate.images
@@ -198,23 +221,34 @@ def estimate_manifest(
         group.cost_low_usd += cost_low
         group.cost_high_usd += cost_high
         result.total_cost_usd += estimate.cost_usd
+        if group.batchable:
+            result.batch_cost_usd += estimate.cost_usd * catalog.batch_multiplier
+        else:  # counted at the online price: it cannot go by batch
+            result.batch_cost_usd += estimate.cost_usd
+            result.not_batchable_items += 1
         result.cost_low_usd += cost_low
         result.cost_high_usd += cost_high
     return result
 
 
-def _cost_cell(group: EstimateGroup) -> str:
+def _cost_cell(group: EstimateGroup, times: float = 1.0) -> str:
+    """A group's cost for the table (`times`: the Batch API's share of the price)."""
     if group.unpriced:
         return "unpriced"
     if group.basis == "unknown":
-        return "unknown" if group.max_usd is None else f"<= ${group.max_usd:,.4f}"
+        return "unknown" if group.max_usd is None else f"<= ${group.max_usd * times:,.4f}"
     if group.cost_usd is None:
         return "unpriced"
+    low, high = group.cost_low_usd * times, group.cost_high_usd * times
     if group.basis == "learned":
-        spread = f"{group.cost_low_usd:,.4f}" != f"{group.cost_high_usd:,.4f}"
-        span = f" (${group.cost_low_usd:,.4f}-{group.cost_high_usd:,.4f})" if spread else ""
-        return f"~${group.cost_usd:,.4f}{span}"
-    return f"${group.cost_usd:,.4f}"
+        spread = f"{low:,.4f}" != f"{high:,.4f}"
+        span = f" (${low:,.4f}-{high:,.4f})" if spread else ""
+        return f"~${group.cost_usd * times:,.4f}{span}"
+    return f"${group.cost_usd * times:,.4f}"
+
+
+def _batch_cell(group: EstimateGroup) -> str:
+    return _cost_cell(group, group.batch_multiplier) if group.batchable else "no batch"
 
 
 def format_table(estimate: ManifestEstimate) -> str:
@@ -234,7 +268,8 @@ def format_table(estimate: ManifestEstimate) -> str:
     head: tuple[str, ...] = ("model", "size", "quality", "format")
     if extra:
         head += ("complexity", "frames")
-    header = (*head, "items", "images", "in tokens", "out tokens", "cost", "tokens from")
+    header = (*head, "items", "images", "in tokens", "out tokens", "cost", "batch cost",
+              "tokens from")  # fmt: skip
     rows = []
     for g in groups:
         key: tuple[str, ...] = (g.model, g.size, g.quality, g.output_format)
@@ -250,6 +285,7 @@ def format_table(estimate: ManifestEstimate) -> str:
                 f"{g.input_tokens:,}",
                 out,
                 _cost_cell(g),
+                _batch_cell(g),
                 basis,
             )
         )
@@ -258,10 +294,15 @@ def format_table(estimate: ManifestEstimate) -> str:
         total_cost += f" (${estimate.cost_low_usd:,.4f}-{estimate.cost_high_usd:,.4f})"
     total = (
         "total", *("",) * (len(head) - 1), f"{estimate.items:,}", f"{estimate.images:,}",
-        f"{estimate.input_tokens:,}", f"{estimate.output_tokens:,}", total_cost, "",
+        f"{estimate.input_tokens:,}", f"{estimate.output_tokens:,}", total_cost,
+        f"${estimate.batch_cost_usd:,.4f}", "",
     )  # fmt: skip
     lines = render_rows(header, [*rows, total], numeric_from=len(head))
-    notes = [f"prices: {estimate.price_table}"]
+    notes = [f"prices: {estimate.price_table}; batch cost: the same through the Batch API "
+             "(`run --batch-api`, answered within 24 h)"]  # fmt: skip
+    if estimate.not_batchable_items:
+        notes.append(f"{estimate.not_batchable_items} items use models the Batch API does not "
+                     "take: the batch total counts them at the online price")  # fmt: skip
     if estimate.learned_from:
         notes.append(
             f"learned {estimate.learned_groups} groups from {', '.join(estimate.learned_from)}"

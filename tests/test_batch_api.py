@@ -22,6 +22,7 @@ import pytest
 
 import batchimg
 from batchimg.engine.batchstate import BatchState
+from batchimg.estimate import estimate_manifest
 from batchimg.mock import MockConfig, MockServer
 from batchimg.pricing import PriceTable
 from tests.conftest import TEST_KEY, StartMock
@@ -259,6 +260,23 @@ async def test_a_refused_key_stops_the_run_and_loses_nothing(
     check_batch_ledger(tmp_path / "out", server, 3)
 
 
+async def test_estimate_puts_the_batch_cost_beside_the_online_one(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    """Learned from an online sample, the batch column predicts what batches then cost."""
+    sample = write_manifest(lines(4, prefix="s"), name="sample.jsonl")
+    await run(sample, tmp_path / "sample", await start_mock(api_key=TEST_KEY))
+    manifest = write_manifest(lines(10))
+    result = estimate_manifest(manifest, ledgers=[tmp_path / "sample"])
+    assert result.batch_cost_usd == pytest.approx(result.total_cost_usd / 2)
+    server = await start_mock(api_key=TEST_KEY, **QUICK)
+    await run(manifest, tmp_path / "out", server, **BATCH)
+    assert billed(server) == pytest.approx(result.batch_cost_usd, rel=0.02)
+    shown = run_cli("estimate", str(manifest), "--from-ledger", str(tmp_path / "sample"))
+    assert shown.returncode == 0 and "batch cost" in shown.stdout
+    assert f"${result.batch_cost_usd:,.4f}" in shown.stdout.splitlines()[-3]
+
+
 # -- the CLI, killed and re-run --
 
 
@@ -375,6 +393,36 @@ def test_cancel_stops_the_batches_and_a_rerun_sends_the_rest(
         assert code == 0, err
         check_batch_ledger(out, server, 6)
         assert len(server._batches.batches) == 2
+
+
+def test_collecting_a_large_output_file_keeps_memory_flat(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    """The output file is streamed to disk and read a line at a time: the collecting run's
+    peak memory does not grow from 30 photo-sized answers to 90 (~290 MB of output)."""
+    peak: dict[int, float] = {}
+    config = MockConfig(api_key=TEST_KEY, detailed_images=True, **QUICK)
+    with threaded_mock(config) as server:
+        for count in (30, 90):
+            manifest = write_manifest(lines(count, prefix=f"p{count}-"), name=f"m{count}.jsonl")
+            out = tmp_path / f"out{count}"
+            assert rerun(manifest, out, server, "--no-wait")[0] == 75
+            wait_for(
+                lambda: all(b.status == "completed" for b in server._batches.batches.values()),
+                timeout_s=300,
+            )
+            proc = cli(manifest, out, server, "--no-wait", "--quiet")
+            _, status, usage = os.wait4(proc.pid, 0)
+            assert proc.stderr is not None
+            proc.stderr.close()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            assert proc.returncode == 0
+            peak[count] = usage.ru_maxrss / 1024  # MiB
+            assert len(last_states(out)) == count
+        biggest = max(f.path.stat().st_size for f in server.batch_files.values()) / 2**20
+    assert biggest > 250
+    assert peak[90] - peak[30] < 20, peak  # not the ~190 MB more the file holds
+    assert peak[90] < biggest / 2, (peak, biggest)
 
 
 def test_usage_errors_before_anything_is_sent(write_manifest: Callable[..., Path]) -> None:
