@@ -66,7 +66,8 @@ def row(f: BatchFile, live: dict[str, Any] | None = None) -> dict[str, Any]:
         "failed": counts.get("failed", 0),
         "collected": f.collected,
         "dropped": f.dropped,
-        "seen": "now" if live else "last run",
+        "seen": "now" if live and "error" not in live else "last run",
+        "error": batch.get("error"),
     }
 
 
@@ -105,7 +106,7 @@ async def _ask(
         try:
             answers[f.name] = await call(f.batch_id)
         except RequestError as exc:
-            answers[f.name] = {"status": f"{failed} ({exc})"}
+            answers[f.name] = {"status": failed, "error": str(exc)}
     return answers
 
 

@@ -564,6 +564,8 @@ def batch_status(
     _show_batches(rows, fmt, "no live batches: everything sent is collected")
     if conn.key is None and rows:
         click.echo("(no API key: shown as the last run saw them)", err=True)
+    if _api_errors(rows):
+        sys.exit(3)
     running = [r for r in rows if not r["collected"] and r["dropped"] is None]
     sys.exit(75 if running else 0)
 
@@ -582,6 +584,16 @@ def batch_cancel(out: Path, provider: str, base_url: str | None, api_key_env: st
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     _show_batches(rows, "table", "nothing to cancel: no batch is running")
+    if _api_errors(rows):
+        sys.exit(3)
+
+
+def _api_errors(rows: list[dict[str, Any]]) -> bool:
+    """Say what the API refused (a wrong key, an unknown batch): True if it refused any."""
+    errors = {r["error"] for r in rows if r.get("error")}
+    for error in sorted(errors):
+        click.echo(f"error: the API answered: {error}", err=True)
+    return bool(errors)
 
 
 def _show_batches(rows: list[dict[str, Any]], fmt: str, empty: str) -> None:

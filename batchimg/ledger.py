@@ -136,6 +136,9 @@ class LedgerState:
     done: IdSet  # ids whose last state is ok: skipped
     spent_usd: float = 0.0  # every billed answer recorded, across all earlier runs
     garbled: list[int] = field(default_factory=list)  # lines that are not ledger records
+    #: `sent` lines nothing settles: requests a dead run left in flight, and batch lines
+    #: whose answers have not been collected yet
+    unsettled: list[LedgerRecord] = field(default_factory=list)
 
 
 def scan_ledger(
@@ -161,6 +164,7 @@ def scan_ledger(
         else:
             state.done.discard(record["id"])
     state.spent_usd += unsettled.bound_usd()  # requests in flight when a run died
+    state.unsettled = unsettled.records()
     return state
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 
@@ -277,6 +278,131 @@ async def test_estimate_puts_the_batch_cost_beside_the_online_one(
     assert f"${result.batch_cost_usd:,.4f}" in shown.stdout.splitlines()[-3]
 
 
+async def submitted(manifest: Path, out: Path, server: MockServer, **options: Any) -> None:
+    """`--no-wait` against a mock that outlives it: the batches made, then finished."""
+    summary = await run(manifest, out, server, no_wait=True, **BATCH, **options)
+    assert summary.exit_code == 75, summary
+    while not all(b.status in ("completed", "expired") for b in server._batches.batches.values()):
+        await anyio.sleep(0.02)
+
+
+async def test_answers_are_recorded_as_sent_whatever_the_manifest_says_by_then(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    """The manifest changes while its batch runs (a model, a prompt, an item gone, another
+    manifest run on the directory): each answer is recorded and priced as what was sent, and
+    nothing is paid for twice."""
+    out = tmp_path / "out"
+    server = await start_mock(api_key=TEST_KEY, **QUICK)
+    sent = lines(4, model="gpt-image-2.5-flare", quality="medium")
+    await submitted(write_manifest(sent), out, server, max_cost_usd=0.5)
+    changed = [{**x, "model": "gpt-image-2", "quality": "low"} for x in sent[:2]]
+    changed[1]["prompt"] = "a completely different prompt"
+    other = write_manifest([*changed, *lines(2, prefix="new")], name="other.jsonl")
+    summary = await run(other, out, server, max_cost_usd=0.5, **BATCH)
+    assert summary.ok == 6 and summary.exit_code == 0  # b2, b3 (no longer listed) included
+    states = last_states(out)
+    for record in sent:
+        got = states[record["id"]]
+        assert (got["model"], got["quality"], got["prompt"]) == (
+            record["model"], record["quality"], record["prompt"]
+        )  # fmt: skip
+    assert set(answered(server).values()) == {1}
+    assert spent(out) == pytest.approx(billed(server)) and billed(server) <= 0.5
+    assert not unsettled(out)
+
+
+async def test_an_online_run_leaves_items_in_live_batches_alone(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    out = tmp_path / "out"
+    server = await start_mock(api_key=TEST_KEY, batch_validate_s=30.0)  # still running
+    manifest = write_manifest(lines(3))
+    assert (await run(manifest, out, server, no_wait=True, **BATCH)).exit_code == 75
+    online = await run(write_manifest([*lines(3), *lines(1, prefix="x")]), out, server)
+    assert (online.ok, online.pending, online.exit_code) == (1, 3, 75)
+    assert any("batches still running" in w for w in online.warnings)
+    assert [r.prompt for r in server.requests] == ["a batch test x0"]
+
+
+async def test_a_result_file_gone_at_the_api_ends_the_run_and_costs_its_bound(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path], http: Any
+) -> None:
+    out = tmp_path / "out"
+    server = await start_mock(api_key=TEST_KEY, **QUICK)
+    manifest = write_manifest(lines(3))
+    await submitted(manifest, out, server)
+    (batch,) = server._batches.batches.values()
+    url = f"{server.base_url}/files/{batch.output_file_id}"
+    async with http.delete(url, headers={"Authorization": f"Bearer {TEST_KEY}"}) as resp:
+        assert resp.status == 200
+    summary = await run(manifest, out, server, poll_interval_s=5.0, batch_api=True)
+    assert (summary.ok, summary.failed, summary.exit_code) == (0, 3, 1)  # no wait: nothing live
+    assert any("cannot be had" in w for w in summary.warnings)
+    states = last_states(out)
+    assert {r["error"]["code"] for r in states.values()} == {"missing_from_batch"}
+    assert spent(out) >= billed(server)  # billed, lost: counted at the bound
+    again = await run(manifest, out, server, **BATCH)
+    assert again.ok == 3
+
+
+async def test_a_damaged_batch_state_is_refused_before_anything_is_sent(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    out = tmp_path / "out"
+    server = await start_mock(api_key=TEST_KEY, batch_validate_s=30.0)
+    manifest = write_manifest(lines(3))
+    await run(manifest, out, server, no_wait=True, **BATCH)
+    (out / "batches" / "state.jsonl").unlink()
+    before = len(server.requests), len(server.uploaded_files)
+    for options in (BATCH, {}):  # a batch run, and an online one
+        with pytest.raises(batchimg.UsageError, match="damaged or deleted"):
+            await run(manifest, out, server, **options)
+    assert (len(server.requests), len(server.uploaded_files)) == before
+
+
+async def test_a_collection_cut_short_does_not_record_an_answer_twice(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    """Killed after some lines were written, before the batch was marked collected: the
+    re-run reads the whole file again, and writes no second line for what it has."""
+    out = tmp_path / "out"
+    server = await start_mock(api_key=TEST_KEY, **QUICK)
+    bad = {"id": "bad", "prompt": "[[mock:corrupt]] broken", "model": "gpt-image-2"}
+    manifest = write_manifest([*lines(3), bad])
+    await submitted(manifest, out, server)
+    kept = {p.name: p.read_bytes() for p in (out / "batches").iterdir() if p.name != "state.jsonl"}
+    await run(manifest, out, server, **BATCH)  # collects everything
+    state = out / "batches" / "state.jsonl"
+    events = state.read_bytes().splitlines(keepends=True)
+    state.write_bytes(b"".join(e for e in events if b'"collected"' not in e))
+    for name, data in kept.items():  # as the killed run left them
+        (out / "batches" / name).write_bytes(data)
+    (first,) = server._batches.batches
+    summary = await run(manifest, out, server, **BATCH)
+    assert summary.ok == 0 and summary.failed == 1  # only "bad", tried again in a new batch
+    assert [(r["id"], r["batch_id"]) for r in ledger(out)].count(("bad", first)) == 1
+    assert spent(out) == pytest.approx(billed(server))
+
+
+async def test_an_edit_input_gone_at_the_api_is_uploaded_again(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path], http: Any
+) -> None:
+    make_image(tmp_path / "a.png")
+    out = tmp_path / "out"
+    server = await start_mock(api_key=TEST_KEY, **QUICK)
+    edit = {"model": "gpt-image-2", "image": "a.png"}
+    await run(write_manifest([{"id": "e1", "prompt": "one", **edit}]), out, server, **BATCH)
+    (uploaded,) = [f for f in server.uploaded_files.values() if f.purpose != "batch"]
+    url = f"{server.base_url}/files/{uploaded.id}"
+    async with http.delete(url, headers={"Authorization": f"Bearer {TEST_KEY}"}) as resp:
+        assert resp.status == 200
+    more = write_manifest([{"id": "e2", "prompt": "two", **edit}], name="more.jsonl")
+    summary = await run(more, out, server, **BATCH)
+    assert summary.ok == 1
+    assert len([f for f in server.uploaded_files.values() if f.purpose != "batch"]) == 2
+
+
 # -- the CLI, killed and re-run --
 
 
@@ -422,7 +548,7 @@ def test_collecting_a_large_output_file_keeps_memory_flat(
         biggest = max(f.path.stat().st_size for f in server.batch_files.values()) / 2**20
     assert biggest > 250
     assert peak[90] - peak[30] < 20, peak  # not the ~190 MB more the file holds
-    assert peak[90] < biggest / 2, (peak, biggest)
+    assert peak[90] < biggest, (peak, biggest)  # never the whole file
 
 
 def test_usage_errors_before_anything_is_sent(write_manifest: Callable[..., Path]) -> None:

@@ -62,6 +62,19 @@ class BatchAPI:
                 return _id(entry, "file")
         return None
 
+    async def file(self, file_id: str) -> dict[str, Any]:
+        """`GET /files/{id}`: the file object (ItemFailed 404 once it is deleted or expired)."""
+        return await self._call("GET", f"/files/{file_id}")
+
+    async def list_files(self, purpose: str) -> dict[str, str]:
+        """Filename -> id of the uploaded files of a purpose (the newest of each name)."""
+        found: dict[str, str] = {}
+        async for entry in self._list("/files", {"purpose": purpose, "order": "desc"}):
+            name, file_id = entry.get("filename"), entry.get("id")
+            if isinstance(name, str) and isinstance(file_id, str):
+                found.setdefault(name, file_id)
+        return found
+
     async def create(self, input_file_id: str, endpoint: str, name: str) -> dict[str, Any]:
         """`POST /batches` over an uploaded input file; the Batch."""
         body = {

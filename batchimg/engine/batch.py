@@ -41,7 +41,7 @@ import orjson
 
 from .. import specs
 from ..backends.batch import BatchAPI
-from ..backends.online import OnlineBackend
+from ..backends.online import DEFAULT_LIMIT_BYTES, OnlineBackend
 from ..config import RunConfig
 from ..errors import (
     ErrorInfo,
@@ -53,12 +53,12 @@ from ..errors import (
     classify,
 )
 from ..inputs import InputFile
-from ..ledger import LedgerRecord
+from ..ledger import LedgerRecord, LedgerState, attempt_of, read_ledger
 from ..manifest import BadLine, Item, read_manifest
 from ..pricing import input_bound
 from ..stores import Store
 from ..writer import check_image, decode_b64_image
-from .batchstate import BatchFile, BatchState, Entry
+from .batchstate import BatchFile, BatchState, Entry, item_json, read_items
 from .events import ProgressCallback, ProgressEvent
 from .records import Charge, item_record, now
 from .run import Engine
@@ -72,6 +72,9 @@ COLLECT_BYTES = 16 << 20
 #: Tries of one Files or Batches call before the round leaves it for the next.
 CALL_TRIES = 3
 JITTER = 0.2
+#: A result line longer than this is not read (the most any answer may weigh online).
+MAX_LINE_BYTES = DEFAULT_LIMIT_BYTES
+INPUT_PURPOSE = "vision"  # what edit inputs are uploaded as (referenced by file_id)
 URLS = {"generations": "/v1/images/generations", "edits": "/v1/images/edits"}
 
 
@@ -83,6 +86,7 @@ class _Open:
     endpoint: str
     model: str
     fh: IO[bytes]
+    items_fh: IO[bytes]  # NAME.items.jsonl: each line's item as sent
     entries: list[Entry] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)
     bytes: int = 0
@@ -115,13 +119,29 @@ class BatchEngine(Engine):
         self._file_seq = 0  # input files opened by this run
         self._first_pass = True
         self._fresh: set[str] = set()  # files this process closed (no crash since)
+        self._resent: set[str] = set()  # files whose `sent` lines this process wrote again
+        self._told: set[tuple[str, str, int]] = set()  # (run, item, attempt) with an item line
+        self._inputs_seen: set[str] = set()  # edit input file ids checked at the API this run
+        self._inputs_listed: dict[str, str] | None = None  # uploaded inputs by name, if listed
         self._rng = random.Random()
 
     # -- the rounds --
 
+    def _check_batches(self, ledger: LedgerState) -> frozenset[str]:
+        """The batch state, read, checked against the ledger's batch lines; and which of them
+        the ledger already has an item line for (a collection cut short by a crash)."""
+        state = self.state.load()
+        state.check_sends(ledger.unsettled)
+        if state.garbled:
+            self.control.warn(
+                f"{state.path}: {state.garbled} lines that are not batch events were skipped"
+            )
+        if state.live():
+            self._told = _told(self.summary.ledger_path)
+        return frozenset()
+
     async def _work_all(self) -> None:
         state = self.state
-        await anyio.to_thread.run_sync(state.load)
         try:
             self._forget_orphans()
             await self._rounds()
@@ -149,10 +169,9 @@ class BatchEngine(Engine):
                 return
             if options.no_wait:
                 return
-            if not any(f.finished for f in self.state.live()):
-                delay = options.poll_interval_s * self._rng.uniform(1 - JITTER, 1 + JITTER)
-                if await self._wait(delay):
-                    return
+            delay = options.poll_interval_s * self._rng.uniform(1 - JITTER, 1 + JITTER)
+            if await self._wait(delay):
+                return
 
     async def _wait(self, delay_s: float) -> bool:
         """Wait for the next look; True if the run was stopped meanwhile (Ctrl-C: the batches
@@ -165,6 +184,7 @@ class BatchEngine(Engine):
     def _forget_orphans(self) -> None:
         """Input files a killed run left half written, or never announced: never sent."""
         named = {self.state.input_path(name).name for name in self.state.files}
+        named |= {self.state.items_path(name).name for name in self.state.files}
         for path in self.state.dir.glob("*.jsonl*"):
             if path.name.endswith(".part") or (
                 path.name not in named
@@ -248,25 +268,28 @@ class BatchEngine(Engine):
         self.control.note(f"batch {f.describe()}")
 
     async def _collect(self, files: list[BatchFile]) -> None:
-        """Every line of finished batches into the ledger: their items read from the
-        manifest in one pass, their result files streamed."""
+        """Every line of finished batches into the ledger, each recorded as the item was
+        sent (`NAME.items.jsonl`), their result files streamed."""
         self._learned = True
-        wanted = {e.item_id for f in files for e in f.entries.values()}
-        items = await anyio.to_thread.run_sync(self._items, wanted)
         for f in files:
             if self.control.stopping and self.summary.interrupted:
                 return
+            items = await self._items(f)
             try:
                 await self._collect_one(f, items)
             except RequestError as exc:
                 self._api_trouble(exc, f"collecting batch {f.batch_id}")
 
-    def _items(self, wanted: set[str]) -> dict[str, Item]:
-        found: dict[str, Item] = {}
-        for entry in self._manifest():
-            if isinstance(entry, Item) and entry.id in wanted:
-                found[entry.id] = entry
-        return found
+    async def _items(self, f: BatchFile) -> dict[str, Item]:
+        """custom_id -> the item as sent in that file."""
+        items = await anyio.to_thread.run_sync(read_items, self.state.items_path(f.name))
+        if len(items) < len(f.entries):
+            self.control.warn(
+                f"{self.state.items_path(f.name)} lacks {len(f.entries) - len(items)} of its "
+                "items: their answers cannot be recorded, and their cost stays counted at its "
+                "bound"
+            )
+        return items
 
     async def _collect_one(self, f: BatchFile, items: dict[str, Item]) -> None:
         seen: set[str] = set()
@@ -275,15 +298,22 @@ class BatchEngine(Engine):
                 continue
             path = self.state.result_path(f.name, kind)
             if not path.exists():
-                await self._call(self.api.download, file_id, path)
+                try:
+                    await self._call(self.api.download, file_id, path)
+                except ItemFailed as exc:  # gone at the API (expired, deleted): it stays gone
+                    self.control.warn(
+                        f"batch {f.batch_id}'s {kind} file {file_id} cannot be had ({exc}): "
+                        "its requests are recorded as answered but lost"
+                    )
+                    continue
             await self._collect_file(f, path, items, seen)
         if f.status == "failed":
             self._say_validation_errors(f, items)
         for entry in f.entries.values():
             if entry.custom_id in seen:
                 continue
-            item = items.get(entry.item_id)
-            if item is None or self._done_already(item.id):
+            item = items.get(entry.custom_id)
+            if item is None or self._told_already(f, entry):
                 continue
             if f.status == "completed":  # the API says done, yet names no answer: maybe billed
                 message = f"batch {f.batch_id} finished without a line for this request"
@@ -301,6 +331,7 @@ class BatchEngine(Engine):
         self.state.append({"event": "collected", "file": f.name})
         for path in (
             self.state.input_path(f.name),
+            self.state.items_path(f.name),
             self.state.result_path(f.name, "output"),
             self.state.result_path(f.name, "errors"),
         ):
@@ -348,22 +379,16 @@ class BatchEngine(Engine):
         custom_id = line.get("custom_id") if isinstance(line, dict) else None
         entry = f.entries.get(custom_id) if isinstance(custom_id, str) else None
         if entry is None or custom_id in seen:
+            what = "a second result line for one request" if entry else "a result line for no "
             self.control.warn_once(
-                ("stranger", f.name),
-                f"batch {f.batch_id}: a result line for no request of ours was skipped",
+                ("stranger", f.name, entry is None),
+                f"batch {f.batch_id}: {what}{'' if entry else 'request of ours'} was skipped",
             )
             return
         seen.add(entry.custom_id)
-        item = items.get(entry.item_id)
-        if item is None:
-            self.control.warn_once(
-                ("gone", f.name),
-                f"batch {f.batch_id}: item {entry.item_id} is no longer in the manifest; its "
-                "answer is not kept and its cost stays counted at its bound",
-            )
-            return
-        if self._done_already(item.id):
-            return  # collected before a crash: its line is in the ledger
+        item = items.get(entry.custom_id)
+        if item is None or self._told_already(f, entry):
+            return  # no record of what was sent (warned), or collected before a crash
         response = line.get("response")
         if isinstance(response, dict) and isinstance(response.get("status_code"), int):
             status = response["status_code"]
@@ -499,8 +524,15 @@ class BatchEngine(Engine):
         budget = self.budget
         budget.spent_usd = max(0.0, budget.spent_usd - (entry.bound_usd or 0.0) + actual_usd)
 
-    def _done_already(self, item_id: str) -> bool:
-        return item_id in self._finished or item_id in self._done
+    def _told_already(self, f: BatchFile, entry: Entry) -> bool:
+        """Whether the entry's item has its line already: ok in the ledger, written by this
+        run, or this very line's, written before a crash cut its collection short."""
+        item_id = entry.item_id
+        return (
+            item_id in self._finished
+            or item_id in self._done
+            or (f.run_id, item_id, entry.attempt) in self._told
+        )
 
     def _say_validation_errors(self, f: BatchFile, items: dict[str, Item]) -> None:
         errors = f.errors.get("data") if isinstance(f.errors, dict) else None
@@ -513,7 +545,7 @@ class BatchEngine(Engine):
             what = f"{error.get('code')}: {error.get('message')}"
             if isinstance(where, int) and 0 < where <= len(by_line):
                 entry = by_line[where - 1]
-                item = items.get(entry.item_id)
+                item = items.get(entry.custom_id)
                 manifest_line = f", manifest line {item.line}" if item else ""
                 what = f"input line {where} (item {entry.item_id}{manifest_line}): {what}"
             shown.append(what)
@@ -658,6 +690,7 @@ class BatchEngine(Engine):
         if current is None:
             current = files[key] = self._new_file(item)
         await anyio.to_thread.run_sync(current.fh.write, line)
+        await anyio.to_thread.run_sync(current.items_fh.write, item_json(custom_id, item))
         current.bytes += len(line)
         current.entries.append(Entry(custom_id, item.id, attempt, bound_usd))
         current.items.append(item)
@@ -668,23 +701,27 @@ class BatchEngine(Engine):
     def _new_file(self, item: Item) -> _Open:
         self._file_seq += 1
         name = f"{self.sink.run_id}-{self._file_seq:04d}"
-        path = self.state.input_path(name)
+        path, items = self.state.input_path(name), self.state.items_path(name)
         try:
             self.state.dir.mkdir(parents=True, exist_ok=True)
-            fh = open(path.with_name(path.name + ".part"), "wb")  # noqa: SIM115 (closed in _ship)
+            fh = open(_part(path), "wb")  # noqa: SIM115 (closed in _ship)
+            items_fh = open(_part(items), "wb")  # noqa: SIM115
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        return _Open(name, item.endpoint, item.model, fh)
+        return _Open(name, item.endpoint, item.model, fh, items_fh)
 
     async def _ship(self, f: _Open) -> None:
         """Close an input file, announce it (state, then a `sent` line per request), and
         upload it and make it a batch."""
-        path = self.state.input_path(f.name)
+        path, items = self.state.input_path(f.name), self.state.items_path(f.name)
         await anyio.to_thread.run_sync(_close_synced, f.fh)
+        await anyio.to_thread.run_sync(_close_synced, f.items_fh)
         if not f.entries:
-            path.with_name(path.name + ".part").unlink(missing_ok=True)
+            _part(path).unlink(missing_ok=True)
+            _part(items).unlink(missing_ok=True)
             return
-        path.with_name(path.name + ".part").replace(path)
+        _part(path).replace(path)
+        _part(items).replace(items)
         _sync_dir(path.parent)
         at = now()
         self.state.append(
@@ -701,7 +738,7 @@ class BatchEngine(Engine):
             }
         )
         for entry, item in zip(f.entries, f.items, strict=True):
-            self.sink.sent_line(item, entry.attempt, at, entry.bound_usd)
+            self.sink.sent_line(item, entry.attempt, at, entry.bound_usd, via="batch")
         self.sink.sync_now()
         self._fresh.add(f.name)
         batch = self.state.files[f.name]
@@ -712,14 +749,18 @@ class BatchEngine(Engine):
 
     async def _sent_lines_again(self, f: BatchFile) -> None:
         """A file a killed run closed but may not have announced in the ledger: its `sent`
-        lines (again: one more changes nothing), before it is uploaded. The budget counts
-        them from now (twice, if they were there: never less than was sent)."""
-        wanted = {e.item_id for e in f.entries.values()}
-        items = await anyio.to_thread.run_sync(self._items, wanted)
+        lines (again: one more changes nothing), once, before it is uploaded. The budget
+        counts them from now (twice, if they were there: never less than was sent)."""
+        if f.name in self._resent:
+            return
+        self._resent.add(f.name)
+        items = await self._items(f)
         for entry in f.entries.values():
-            item = items.get(entry.item_id)
+            item = items.get(entry.custom_id)
             if item is not None:
-                self.sink.sent_line(item, entry.attempt, f.at, entry.bound_usd, run_id=f.run_id)
+                self.sink.sent_line(
+                    item, entry.attempt, f.at, entry.bound_usd, run_id=f.run_id, via="batch"
+                )
                 self.budget.charge(entry.bound_usd or 0.0)
         self.sink.sync_now()
 
@@ -727,10 +768,10 @@ class BatchEngine(Engine):
         """The API refused the file or the batch: nothing of it ran. Its lines fail with the
         API's words (sending the same file again would be refused again)."""
         self.state.append({"event": "dropped", "file": f.name, "why": info.message})
-        items = await anyio.to_thread.run_sync(self._items, {e.item_id for e in f.entries.values()})
+        items = await self._items(f)
         for entry in f.entries.values():
-            item = items.get(entry.item_id)
-            if item is not None and not self._done_already(item.id):
+            item = items.get(entry.custom_id)
+            if item is not None and not self._told_already(f, entry):
                 self._line(f, entry, item, "error", error=info)
         self.control.warn(f"the API refused batch file {f.name}: {info.message}")
 
@@ -745,17 +786,33 @@ class BatchEngine(Engine):
         return body
 
     async def _input_id(self, source: InputFile) -> str:
+        """An edit input's file id: uploaded once per content, across lines and runs. One
+        known from an earlier run is checked at the API once per run (uploads expire or get
+        deleted); one a killed run uploaded without recording it is found by its name."""
         known = self.state.inputs.get(source.sha256)
         if known is not None:
-            return known
-        name = f"{source.sha256[:16]}{source.path.suffix}"
-        try:
-            file_id = await self._call(
-                self.api.upload, source.path, name, "vision", source.content_type
-            )
-        except OSError as exc:
-            raise ItemFailed(ErrorInfo(f"cannot read input file: {exc}", "input_error")) from None
+            if known in self._inputs_seen:
+                return known
+            try:
+                await self._call(self.api.file, known)
+                self._inputs_seen.add(known)
+                return known
+            except ItemFailed:
+                pass  # gone at the API: upload it again
+        name = f"{source.sha256[:32]}{source.path.suffix}"
+        if self._inputs_listed is None:
+            self._inputs_listed = await self._call(self.api.list_files, INPUT_PURPOSE)
+        file_id = self._inputs_listed.get(name) if known is None else None
+        if file_id is None:
+            try:
+                file_id = await self._call(
+                    self.api.upload, source.path, name, INPUT_PURPOSE, source.content_type
+                )
+            except OSError as exc:
+                info = ErrorInfo(f"cannot read input file: {exc}", "input_error")
+                raise ItemFailed(info) from None
         self.state.append({"event": "input", "sha256": source.sha256, "file_id": file_id})
+        self._inputs_seen.add(file_id)
         return file_id
 
     def _batchable(self, item: Item) -> ErrorInfo | None:
@@ -875,8 +932,24 @@ def _sync_dir(path: Path) -> None:
 
 def _abandon(f: _Open, state: BatchState) -> None:
     f.fh.close()
-    path = state.input_path(f.name)
-    path.with_name(path.name + ".part").unlink(missing_ok=True)
+    f.items_fh.close()
+    _part(state.input_path(f.name)).unlink(missing_ok=True)
+    _part(state.items_path(f.name)).unlink(missing_ok=True)
+
+
+def _part(path: Path) -> Path:
+    return path.with_name(path.name + ".part")
+
+
+def _told(ledger: Path) -> set[tuple[str, str, int]]:
+    """(run, item, attempt) of every batch item line in the ledger."""
+    told = set()
+    for record in read_ledger(ledger):
+        if record.get("via") == "batch" and "record" not in record:
+            run, attempt = record.get("run_id"), attempt_of(record)
+            if isinstance(run, str) and attempt is not None:
+                told.add((run, record["id"], attempt))
+    return told
 
 
 async def _lines(path: Path) -> AsyncIterator[bytes]:
@@ -893,13 +966,21 @@ async def _lines(path: Path) -> AsyncIterator[bytes]:
         fh.close()
 
 
-def _some_lines(fh: IO[bytes], most_bytes: int = 1 << 20) -> list[bytes]:
+def _some_lines(
+    fh: IO[bytes], most_bytes: int = 1 << 20, longest: int = MAX_LINE_BYTES
+) -> list[bytes]:
+    """The next lines, up to about `most_bytes` of them; a line over `longest` bytes (no
+    answer is that big) is skipped unread and stands as one that is not JSON."""
     lines: list[bytes] = []
     size = 0
     while size < most_bytes:
-        line = fh.readline()
+        line = fh.readline(longest)
         if not line:
             break
+        if len(line) >= longest and not line.endswith(b"\n"):
+            while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            line = b"\x00 too long"
         if line.strip():
             lines.append(line)
             size += len(line)

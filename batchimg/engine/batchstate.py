@@ -15,8 +15,11 @@ the next one from here and the ledger:
     {"event": "dropped",  "file": NAME, "why"}    never made into a batch (its lines settled)
     {"event": "input",    "sha256", "file_id"}    an edit input uploaded (reused by later lines)
 
-The input file itself is `DIR/batches/NAME.jsonl`, written through `NAME.jsonl.part`; a file
-the state does not name as closed was never sent, and a re-run deletes it.
+The input file itself is `DIR/batches/NAME.jsonl`, and beside it `NAME.items.jsonl` holds
+each line's item as it was sent (id, manifest line, parameters, metadata, inputs), so its
+answer is recorded as what was asked for whatever the manifest says by then; both are written
+through `.part` files and synced before the `closed` event. Files the state does not name as
+closed were never sent, and a re-run deletes them.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from typing import Any
 
 import orjson
 
-from ..errors import StorageError
-from ..ledger import cut_torn_tail
+from ..errors import StorageError, UsageError
+from ..inputs import InputFile
+from ..ledger import LedgerRecord, cut_torn_tail
+from ..manifest import Item
 
 STATE_DIR = "batches"
 STATE_NAME = "state.jsonl"
@@ -100,12 +105,15 @@ class BatchState:
         self.path = self.dir / STATE_NAME
         self.files: dict[str, BatchFile] = {}
         self.inputs: dict[str, str] = {}  # sha256 -> file_id of edit inputs uploaded
+        self.garbled = 0  # lines that are not events (skipped)
         self._fh: Any = None
 
     def load(self) -> BatchState:
         if self.path.exists():
-            for record in _records(self.path):
+            skipped: list[int] = []
+            for record in _records(self.path, skipped):
                 self._apply(record)
+            self.garbled = len(skipped)
         return self
 
     def open(self) -> None:
@@ -143,6 +151,39 @@ class BatchState:
 
     def input_path(self, name: str) -> Path:
         return self.dir / f"{name}.jsonl"
+
+    def items_path(self, name: str) -> Path:
+        return self.dir / f"{name}.items.jsonl"
+
+    def knows(self, run_id: str, item_id: str, attempt: int) -> bool:
+        """Whether a batch line of that run, item and attempt is in the state."""
+        return any(
+            f.run_id == run_id and e.item_id == item_id and e.attempt == attempt
+            for f in self.files.values()
+            for e in f.entries.values()
+        )
+
+    def check_sends(self, unsettled: list[LedgerRecord]) -> None:
+        """UsageError if the ledger has batch lines sent that the state does not know (it
+        was damaged or deleted): sending their items again could pay for them twice."""
+        known = {
+            (f.run_id, e.item_id, e.attempt)
+            for f in self.files.values()
+            for e in f.entries.values()
+        }
+        lost = [
+            r
+            for r in unsettled
+            if r.get("via") == "batch" and (r.get("run_id"), r["id"], r.get("attempt")) not in known
+        ]
+        if lost:
+            shown = ", ".join(sorted({r["id"] for r in lost})[:5])
+            raise UsageError(
+                f"the ledger says {len(lost)} requests were sent in batches that {self.path} "
+                f"does not know (items {shown}{', …' if len(lost) > 5 else ''}): the file was "
+                "damaged or deleted. Restore it from a backup before running again; sending "
+                "these items again could pay for them twice"
+            )
 
     def result_path(self, name: str, kind: str) -> Path:
         return self.dir / f"{name}.{kind}.jsonl"
@@ -193,17 +234,85 @@ class BatchState:
             found.dropped = str(record.get("why") or "dropped")
 
 
-def _records(path: Path) -> Iterator[dict[str, Any]]:
+def held_ids(out_dir: Path) -> frozenset[str]:
+    """Items of the directory's live batches (an online run leaves them to be collected)."""
+    state = BatchState(out_dir)
+    if not state.path.exists():
+        return frozenset()
+    return frozenset(state.load().held())
+
+
+def item_json(custom_id: str, item: Item) -> bytes:
+    """One line of a `NAME.items.jsonl`: the item as sent."""
+    return (
+        orjson.dumps(
+            {
+                "custom_id": custom_id,
+                "id": item.id,
+                "line": item.line,
+                "endpoint": item.endpoint,
+                "params": item.params,
+                "metadata": item.metadata,
+                "images": [_input_json(f) for f in item.images],
+                "mask": _input_json(item.mask) if item.mask is not None else None,
+            }
+        )
+        + b"\n"
+    )
+
+
+def read_items(path: Path) -> dict[str, Item]:
+    """custom_id -> the item as sent, from a `NAME.items.jsonl` (empty if it is gone)."""
+    found: dict[str, Item] = {}
+    if not path.exists():
+        return found
+    for raw in _records(path):
+        try:
+            mask = raw.get("mask")
+            found[str(raw["custom_id"])] = Item(
+                id=str(raw["id"]),
+                line=int(raw["line"]),
+                params=dict(raw["params"]),
+                metadata=raw.get("metadata"),
+                endpoint=raw.get("endpoint") or "generations",
+                images=tuple(_input(f) for f in raw.get("images") or ()),
+                mask=_input(mask) if mask is not None else None,
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
+
+
+def _input_json(f: InputFile) -> dict[str, Any]:
+    return {"path": str(f.path), "given": f.given, "fmt": f.fmt, "sha256": f.sha256,
+            "width": f.width, "height": f.height}  # fmt: skip
+
+
+def _input(raw: dict[str, Any]) -> InputFile:
+    return InputFile(
+        path=Path(raw["path"]),
+        given=str(raw["given"]),
+        fmt=str(raw["fmt"]),
+        sha256=str(raw["sha256"]),
+        width=int(raw.get("width") or 0),
+        height=int(raw.get("height") or 0),
+    )
+
+
+def _records(path: Path, skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The file's JSON objects; a line that is not one goes into `skipped` (its number)."""
     with open(path, "rb") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, 1):
             if not line.endswith(b"\n"):
                 return  # written halfway when a run died: that step was never taken
             try:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError:
-                continue
+                record = None
             if isinstance(record, dict):
                 yield record
+            elif skipped is not None and line.strip():
+                skipped.append(number)
 
 
 def _str(value: Any) -> str | None:

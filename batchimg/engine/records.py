@@ -154,7 +154,13 @@ def _charge_fields(record: LedgerRecord, charge: Charge | None) -> None:
 
 
 def sent_record(
-    item: Item, *, attempt: int, run_id: str, started_at: str, bound_usd: float | None
+    item: Item,
+    *,
+    attempt: int,
+    run_id: str,
+    started_at: str,
+    bound_usd: float | None,
+    via: str | None = None,
 ) -> LedgerRecord:
     """A line written just before a request goes out: if the run dies before any line settles
     it, it counts at its bound (see `ledger.Unsettled`)."""
@@ -171,6 +177,8 @@ def sent_record(
     )
     record["cost_bound_usd"] = bound_usd
     record["cost_note"] = "sent: unless a later line tells of this attempt, it may have been billed"
+    if via == "batch":
+        record["via"] = "batch"
     return record
 
 

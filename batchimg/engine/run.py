@@ -35,7 +35,7 @@ from ..catalog import Catalog
 from ..config import RunConfig
 from ..errors import StorageError
 from ..layouts import LayoutContext, open_layout
-from ..ledger import FSYNC_INTERVAL_S, LEDGER_NAME, read_ledger
+from ..ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerState, read_ledger
 from ..limiter import Limiter
 from ..manifest import BadLine, Item, manifest_lines, read_manifest
 from ..outdir import exclusive
@@ -43,6 +43,7 @@ from ..pricing import PriceTable
 from ..stores import Store
 from ..tokens import TokenBook
 from ..writer import BatchedWriter, ImageWriter
+from .batchstate import BatchState
 from .control import RunControl
 from .events import ProgressCallback, ProgressEvent, RunSnapshot, Summary
 from .items import Abandoned, ItemRunner
@@ -118,6 +119,7 @@ class Engine:
             sleep=sleep,
         )
         self._done: Container[str] = frozenset()
+        self._held: Container[str] = frozenset()  # items in the directory's live batches
 
     def snapshot(self) -> RunSnapshot:
         """The live counts, for a view (safe from another thread)."""
@@ -153,6 +155,7 @@ class Engine:
         self.store.clean_temps()  # another run's would not be stale: hence the lock
         state = self.sink.resume()
         try:
+            self._held = self._check_batches(state)
             own = summary.ledger_path.resolve()
             for path in {p.resolve(): None for p in self.config.learn_from}:  # each ledger once
                 if path != own:  # other runs' answers: bounds known from the start
@@ -204,6 +207,18 @@ class Engine:
         except BaseException:
             layout.abort()
             raise
+
+    def _check_batches(self, ledger: LedgerState) -> frozenset[str]:
+        """Items in the directory's live batches (`--batch-api`), which this run leaves for
+        a batch run to collect; UsageError if the ledger has batch lines the batch state does
+        not know (it was damaged): sending those items again could pay twice."""
+        batches = BatchState(self.config.out_dir)
+        sent_by_batch = any(r.get("via") == "batch" for r in ledger.unsettled)
+        if not batches.path.exists() and not sent_by_batch:
+            return frozenset()
+        batches.load()
+        batches.check_sends(ledger.unsettled)
+        return frozenset(batches.held())
 
     async def _work_all(self) -> None:
         """The producer and the workers, until the manifest is done (or the run stops)."""
@@ -284,6 +299,13 @@ class Engine:
                     self.sink.bad_line(entry)
                 elif entry.id in done:
                     summary.skipped += 1
+                elif entry.id in self._held:
+                    summary.pending += 1  # its answer is in a batch still running
+                    control.warn_once(
+                        "held",
+                        "some items are in batches still running (sent by `run --batch-api`): "
+                        "they are left to be collected by that command, not sent again",
+                    )
                 else:
                     await send.send(entry)
 

@@ -139,15 +139,18 @@ class ResultSink:
         bound_usd: float | None,
         *,
         run_id: str | None = None,
+        via: str | None = None,
     ) -> None:
         """A request is about to go out: say so first, with the most it can cost. `run_id`:
-        the run that sends it, if not this one (a batch another run made)."""
+        the run that sends it, if not this one (a batch another run made); `via`: "batch"
+        for a line of a batch."""
         record = sent_record(
             item,
             attempt=attempt,
             run_id=run_id or self.run_id,
             started_at=started_at,
             bound_usd=bound_usd,
+            via=via,
         )
         if not self._write(record):
             raise StorageError(f"cannot append to {self.ledger_path}")

@@ -64,8 +64,8 @@ class MockConfig:
     batch_error_rate: float = 0.0  # lines answered 500 server_error (per-batch seeded draws)
     batch_max_lines: int = 50_000  # an input file's most requests (the API's limit)
     batch_max_bytes: int = 200 * 1024 * 1024  # an input file's largest size (the API's limit)
-    #: Answer an upload (`POST /v1/files`) or a new batch (`POST /v1/batches`) this long after
-    #: it is made: a client killed meanwhile has made something it does not know of.
+    #: Answer the first upload (`POST /v1/files`), or every new batch (`POST /v1/batches`),
+    #: this long after it is made: a client killed meanwhile made something it does not know of.
     upload_delay_s: float = 0.0
     batch_create_delay_s: float = 0.0
     #: Send a batch's result file half, wait this long, then the rest (a download cut short);

@@ -922,7 +922,8 @@ class MockServer:
         except rules.RuleError as e:
             raise _from_rule(e) from e
         self.uploaded_files[stored.id] = self._live_uploads[stored.id] = stored
-        await asyncio.sleep(self.config.upload_delay_s)
+        if len(self.uploaded_files) == 1:  # the first upload only
+            await asyncio.sleep(self.config.upload_delay_s)
         return _json(200, stored.as_object())
 
     def _stored(self, request: web.Request) -> files.StoredFile | files.OutputFile:
