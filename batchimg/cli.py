@@ -203,7 +203,8 @@ def run(
     """Generate every image in MANIFEST into --out; re-running the same command resumes.
 
     Exit status: 0 all ok, 1 some items failed, 2 bad invocation (or, against OpenAI, a
-    model past its shutdown date), 3 stopped early (bad key, quota, budget), 130 interrupted.
+    model past its shutdown date), 3 stopped early (bad key, quota, budget), 75 batches still
+    running (--batch-api: run it again later), 130 interrupted.
     """
     try:
         with materialized(manifest) as (path, inputs_dir):

@@ -42,9 +42,8 @@ class UsageError(BatchimgError):
 
 
 class Deferred(BatchimgError):
-    """A backend took the item but its answer will not come while this run waits (a batch
-    still running, with `--no-wait`): the item is pending, no line is written, and the run
-    exits 75 (run the same command again later)."""
+    """A backend took the item but its answer will not come while this run waits: the item
+    is pending, no line is written, and the run exits 75 (run the same command again later)."""
 
 
 class StorageError(BatchimgError):

@@ -202,6 +202,26 @@ async def test_files_split_at_the_line_and_byte_limits(
     check_batch_ledger(tmp_path / "out", server, 11)
 
 
+async def test_a_manifest_over_200_mb_is_split_at_the_apis_limit(
+    tmp_path: Path, start_mock: StartMock
+) -> None:
+    """At the real limits: 6,600 prompts of 32,000 characters (~210 MB of input) make one
+    file just under 200 MB and one with the rest."""
+    manifest = tmp_path / "big.jsonl"
+    words = ("a long prompt about a lighthouse at dusk " * 800)[:31_990]
+    with open(manifest, "wb") as fh:
+        for i in range(6_600):
+            line = {"id": f"big{i}", "prompt": f"{i:05d} {words}", "model": "gpt-image-2"}
+            fh.write(orjson.dumps(line) + b"\n")
+    server = await start_mock(api_key=TEST_KEY, batch_validate_s=3600.0)  # never runs a line
+    summary = await run(manifest, tmp_path / "out", server, no_wait=True, **BATCH)
+    assert summary.exit_code == 75 and summary.pending == 6_600
+    sizes = sorted((len(f.data), f.data.count(b"\n")) for f in batch_uploads(server))
+    assert len(sizes) == 2 and sizes[1][0] <= 200 * 2**20 < sizes[1][0] + 33_000
+    assert sum(lines for _, lines in sizes) == 6_600
+    assert len(server._batches.batches) == 2
+
+
 async def test_the_cap_holds_at_the_mock_over_runs(
     tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
 ) -> None:

@@ -9,9 +9,10 @@ It also has its own rules (`check`): what it cannot send.
 
 Implementations:
 - `online.OnlineBackend`: one HTTP request per attempt (OpenAI, Azure, gateways: `profiles`).
-- A batch backend (OpenAI's Batch API) fits the same shape, not `online`: `send` adds the
-  item's line to the input file being built and raises `Deferred`; a later round (or run)
-  sends the item again, and `send` answers from the batch's output file. See ARCHITECTURE.md.
+
+OpenAI's Batch API is not one attempt per request: its wire is `batch.BatchAPI` (Files and
+Batches, over the online backend's session), driven by `engine.batch.BatchEngine`, which
+shares the engine's sink, writer, budget and records (see ARCHITECTURE.md).
 """
 
 from __future__ import annotations
