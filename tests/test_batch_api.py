@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -202,24 +203,59 @@ async def test_files_split_at_the_line_and_byte_limits(
     check_batch_ledger(tmp_path / "out", server, 11)
 
 
-async def test_a_manifest_over_200_mb_is_split_at_the_apis_limit(
-    tmp_path: Path, start_mock: StartMock
-) -> None:
+def test_a_manifest_over_200_mb_is_split_at_the_apis_limit(tmp_path: Path) -> None:
     """At the real limits: 6,600 prompts of 32,000 characters (~210 MB of input) make one
-    file just under 200 MB and one with the rest."""
+    file just under 200 MB and one with the rest. The mock runs in a process of its own (it
+    holds the uploads), so this one stays small for the tests that measure their children."""
     manifest = tmp_path / "big.jsonl"
     words = ("a long prompt about a lighthouse at dusk " * 800)[:31_990]
     with open(manifest, "wb") as fh:
         for i in range(6_600):
             line = {"id": f"big{i}", "prompt": f"{i:05d} {words}", "model": "gpt-image-2"}
             fh.write(orjson.dumps(line) + b"\n")
-    server = await start_mock(api_key=TEST_KEY, batch_validate_s=3600.0)  # never runs a line
-    summary = await run(manifest, tmp_path / "out", server, no_wait=True, **BATCH)
-    assert summary.exit_code == 75 and summary.pending == 6_600
-    sizes = sorted((len(f.data), f.data.count(b"\n")) for f in batch_uploads(server))
-    assert len(sizes) == 2 and sizes[1][0] <= 200 * 2**20 < sizes[1][0] + 33_000
-    assert sum(lines for _, lines in sizes) == 6_600
-    assert len(server._batches.batches) == 2
+    mock = [
+        sys.executable,
+        "-m",
+        "batchimg",
+        "mock",
+        "--port",
+        "0",
+        "--api-key",
+        TEST_KEY,
+        "--batch-validate",
+        "3600",
+    ]  # fmt: skip (it never runs a line)
+    with subprocess.Popen(mock, stdout=subprocess.PIPE, text=True, cwd=ROOT) as server:
+        try:
+            assert server.stdout is not None
+            base_url = server.stdout.readline().strip()
+            env = {"BATCHIMG_API_KEY": TEST_KEY}
+            result = run_cli("run", str(manifest), "--out", str(tmp_path / "out"), "--base-url",
+                             base_url, "--batch-api", "--no-wait", "--quiet", env=env)  # fmt: skip
+            assert result.returncode == 75, result.stderr
+            auth = {"Authorization": f"Bearer {TEST_KEY}"}
+            listed = get_json(f"{base_url}/files?purpose=batch", auth)["data"]
+            sizes = sorted(f["bytes"] for f in listed)
+            lines_in = [count_lines(f"{base_url}/files/{f['id']}/content", auth) for f in listed]
+            batches = get_json(f"{base_url}/batches", auth)["data"]
+        finally:
+            server.terminate()
+    assert len(sizes) == 2 and sizes[1] <= 200 * 2**20 < sizes[1] + 33_000
+    assert sum(lines_in) == 6_600 and len(batches) == 2
+
+
+def get_json(url: str, headers: dict[str, str]) -> Any:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers)) as response:
+        return orjson.loads(response.read())
+
+
+def count_lines(url: str, headers: dict[str, str]) -> int:
+    """Lines of a file served at `url`, read in chunks (never whole)."""
+    count = 0
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers)) as response:
+        while chunk := response.read(1 << 20):
+            count += chunk.count(b"\n")
+    return count
 
 
 async def test_the_cap_holds_at_the_mock_over_runs(
@@ -545,27 +581,39 @@ def test_collecting_a_large_output_file_keeps_memory_flat(
     tmp_path: Path, write_manifest: Callable[..., Path]
 ) -> None:
     """The output file is streamed to disk and read a line at a time: the collecting run's
-    peak memory does not grow from 30 photo-sized answers to 90 (~290 MB of output)."""
+    peak memory does not grow from 30 photo-sized answers to 90 (~290 MB of output). The mock
+    runs in a process of its own, so this one stays small (a child's peak counts its parent's
+    memory at the fork)."""
     peak: dict[int, float] = {}
-    config = MockConfig(api_key=TEST_KEY, detailed_images=True, **QUICK)
-    with threaded_mock(config) as server:
-        for count in (30, 90):
-            manifest = write_manifest(lines(count, prefix=f"p{count}-"), name=f"m{count}.jsonl")
-            out = tmp_path / f"out{count}"
-            assert rerun(manifest, out, server, "--no-wait")[0] == 75
-            wait_for(
-                lambda: all(b.status == "completed" for b in server._batches.batches.values()),
-                timeout_s=300,
-            )
-            proc = cli(manifest, out, server, "--no-wait", "--quiet")
-            _, status, usage = os.wait4(proc.pid, 0)
-            assert proc.stderr is not None
-            proc.stderr.close()
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            assert proc.returncode == 0
-            peak[count] = usage.ru_maxrss / 1024  # MiB
-            assert len(last_states(out)) == count
-        biggest = max(f.path.stat().st_size for f in server.batch_files.values()) / 2**20
+    auth = {"Authorization": f"Bearer {TEST_KEY}"}
+    mock = [sys.executable, "-m", "batchimg", "mock", "--port", "0", "--api-key", TEST_KEY,
+            "--batch-validate", "0", "--batch-finalize", "0", "--detailed-images"]  # fmt: skip
+    with subprocess.Popen(mock, stdout=subprocess.PIPE, text=True, cwd=ROOT) as server:
+        try:
+            assert server.stdout is not None
+            base_url = server.stdout.readline().strip()
+            env = {**os.environ, "BATCHIMG_API_KEY": TEST_KEY}
+            for count in (30, 90):
+                manifest = write_manifest(lines(count, prefix=f"p{count}-"), name=f"{count}.jsonl")
+                out = tmp_path / f"out{count}"
+                args = [sys.executable, "-m", "batchimg", "run", str(manifest), "--out", str(out),
+                        "--base-url", base_url, "--batch-api", "--no-wait", "--quiet"]  # fmt: skip
+                assert subprocess.run(args, env=env, capture_output=True).returncode == 75
+                wait_for(
+                    lambda: all(b["status"] == "completed"
+                                for b in get_json(f"{base_url}/batches", auth)["data"]),
+                    timeout_s=300,
+                )  # fmt: skip
+                proc = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL, cwd=ROOT)
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                assert proc.returncode == 0
+                peak[count] = usage.ru_maxrss / 1024  # MiB
+                assert len(last_states(out)) == count
+            outputs = get_json(f"{base_url}/files?purpose=batch_output", auth)["data"]
+            biggest = max(f["bytes"] for f in outputs) / 2**20
+        finally:
+            server.terminate()
     assert biggest > 250
     assert peak[90] - peak[30] < 20, peak  # not the ~190 MB more the file holds
     assert peak[90] < biggest, (peak, biggest)  # never the whole file
