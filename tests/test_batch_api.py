@@ -471,7 +471,11 @@ def cli(manifest: Path, out: Path, server: MockServer, *extra: str) -> subproces
 
 def rerun(manifest: Path, out: Path, server: MockServer, *extra: str) -> tuple[int, str]:
     proc = cli(manifest, out, server, *extra)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=50)
+    finally:
+        proc.kill()
+        proc.communicate()
     return proc.returncode, err
 
 
@@ -497,7 +501,7 @@ KILL_POINTS = {
     # the output file half downloaded
     "collecting": (
         {"content_stall_s": 60.0},
-        lambda s, out: any(p.name.endswith(".part") for p in (out / "batches").glob("*")),
+        lambda s, out: any((out / "batches").glob("*.output.jsonl.part")),
     ),
 }
 
