@@ -533,7 +533,8 @@ def test_no_wait_exits_75_while_pending_then_0_and_status_and_ctrl_c(
 ) -> None:
     manifest = write_manifest(lines(4))
     out = tmp_path / "out"
-    with threaded_mock(MockConfig(api_key=TEST_KEY, batch_line_s=0.5, **QUICK)) as server:
+    # Lines slow enough (10 s for the batch) that the batch outlives every check below.
+    with threaded_mock(MockConfig(api_key=TEST_KEY, batch_line_s=2.5, **QUICK)) as server:
         code, err = rerun(manifest, out, server, "--no-wait")
         assert code == 75, err
         assert "run the same command again" in err and "still running" in err
@@ -547,6 +548,7 @@ def test_no_wait_exits_75_while_pending_then_0_and_status_and_ctrl_c(
         try:
             seen = len(state_events(out))  # the waiting run records what it sees
             wait_for(lambda: len(state_events(out)) > seen or waiting.poll() is not None)
+            assert waiting.poll() is None  # waiting on the batch
             second = run_cli("run", str(manifest), "--out", str(out), "--batch-api",
                              "--base-url", server.base_url, env=env)  # fmt: skip
             assert second.returncode == 2 and "another batchimg run" in second.stderr
@@ -570,7 +572,7 @@ def test_cancel_stops_the_batches_and_a_rerun_sends_the_rest(
     manifest = write_manifest(lines(6))
     out = tmp_path / "out"
     env = {"BATCHIMG_API_KEY": TEST_KEY}
-    with threaded_mock(MockConfig(api_key=TEST_KEY, batch_line_s=0.2, **QUICK)) as server:
+    with threaded_mock(MockConfig(api_key=TEST_KEY, batch_line_s=1.0, **QUICK)) as server:
         assert rerun(manifest, out, server, "--no-wait")[0] == 75
         cancelled = run_cli("batch", "cancel", str(out), "--base-url", server.base_url, env=env)
         assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout, cancelled.stderr
