@@ -130,6 +130,18 @@ async def test_5xx_lines_go_again_in_a_new_batch_and_complete(
     assert len(settled) == len(failed)  # each 500 line settled as not billed
 
 
+async def test_an_upload_whose_answer_is_lost_is_found_not_made_twice(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    """The upload times out after the API stored it: the next look finds it by its name."""
+    manifest = write_manifest(lines(3))
+    server = await start_mock(api_key=TEST_KEY, upload_delay_s=3.0, **QUICK)
+    summary = await run(manifest, tmp_path / "out", server, timeout_s=0.5, **BATCH)
+    assert summary.ok == 3 and any("Timeout" in w for w in summary.warnings), summary.warnings
+    assert len(batch_uploads(server)) == 1
+    check_batch_ledger(tmp_path / "out", server, 3)
+
+
 async def test_moderation_fails_its_item_after_one_line_with_the_apis_words(
     tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
 ) -> None:

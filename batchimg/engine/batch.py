@@ -211,7 +211,15 @@ class BatchEngine(Engine):
             await self._collect(finished)
 
     async def _advance(self, f: BatchFile) -> None:
-        """One step (or more) along: uploaded, created, looked at."""
+        """One step (or more) along: uploaded, created, looked at. A call that failed may
+        still have been done at the API (its answer lost): the next try looks for it first."""
+        try:
+            await self._advance_once(f)
+        except BaseException:
+            self._fresh.discard(f.name)
+            raise
+
+    async def _advance_once(self, f: BatchFile) -> None:
         api, state = self.api, self.state
         fresh = f.name in self._fresh
         if f.file_id is None:
@@ -220,10 +228,8 @@ class BatchEngine(Engine):
             filename = state.input_path(f.name).name
             file_id = None if fresh else await self._call(api.find_file, filename, "batch")
             if file_id is None:
-                try:
-                    file_id = await self._call(
-                        api.upload, state.input_path(f.name), filename, "batch"
-                    )
+                try:  # tried once: an upload whose answer is lost is looked for, not redone
+                    file_id = await api.upload(state.input_path(f.name), filename, "batch")
                 except ItemFailed as exc:
                     await self._drop(f, exc.info)
                     return
@@ -232,8 +238,8 @@ class BatchEngine(Engine):
         if f.batch_id is None:
             found = None if fresh else await self._call(api.find_batch, f.file_id)
             if found is None:
-                try:
-                    found = await self._call(api.create, f.file_id, URLS[f.endpoint], f.name)
+                try:  # tried once, as the upload
+                    found = await api.create(f.file_id, URLS[f.endpoint], f.name)
                 except ItemFailed as exc:
                     await self._drop(f, exc.info)
                     return
