@@ -9,15 +9,15 @@ sends the rest again.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .backends import PROFILES, ClientConfig, OnlineBackend, Secret
 from .backends.batch import BatchAPI
-from .engine.batchstate import STATE_DIR, STATE_NAME, BatchFile, BatchState
-from .errors import RequestError, UsageError
+from .engine.batchstate import STATE_DIR, STATE_NAME, TERMINAL, BatchFile, BatchState
+from .errors import ItemFailed, RequestError, UsageError
+from .ledger import LEDGER_NAME, unsettled_sends
 from .outdir import exclusive
 
 
@@ -42,13 +42,19 @@ def connection(provider: str, base_url: str | None, api_key_env: str | None) -> 
 
 
 def load_state(out: Path) -> BatchState:
+    """The directory's batch state, checked against its ledger as a run checks it (UsageError
+    if the ledger has batch lines the state does not know: the state was damaged)."""
     state = BatchState(out)
     if not state.path.exists():
         raise UsageError(
             f"{out} has no batches ({STATE_DIR}/{STATE_NAME} is missing): "
             "`batchimg run ... --batch-api` makes them"
         )
-    return state.load()
+    state.load()
+    ledger = out / LEDGER_NAME
+    if ledger.exists():
+        state.check_sends(unsettled_sends(ledger))
+    return state
 
 
 def row(f: BatchFile, live: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -56,7 +62,7 @@ def row(f: BatchFile, live: dict[str, Any] | None = None) -> dict[str, Any]:
     batch = live or {}
     counts = batch.get("request_counts") or f.request_counts or {}
     return {
-        "batch_id": f.batch_id,
+        "batch_id": batch.get("id") if isinstance(batch.get("id"), str) else f.batch_id,
         "file": f.name,
         "model": f.model,
         "endpoint": f.endpoint,
@@ -73,41 +79,57 @@ def row(f: BatchFile, live: dict[str, Any] | None = None) -> dict[str, Any]:
 
 async def status(out: Path, conn: Connection, *, everything: bool = False) -> list[dict[str, Any]]:
     """Every batch the directory knows (live ones only unless `everything`), looked up anew
-    when a key is at hand."""
+    when a key is at hand (one a killed run made but never recorded is found by its file)."""
     state = load_state(out)
     chosen = list(state.files.values()) if everything else state.live()
     if conn.key is None:
         return [row(f) for f in chosen]
     async with _api(conn) as api:
-        asked = [f for f in chosen if f.batch_id is not None and f.live]
-        answers = await _ask(api.get, asked, "unknown")
-        return [row(f, answers.get(f.name)) for f in chosen]
+        rows = []
+        for f in chosen:
+            answer = await _look(api, state, f) if f.live else None
+            rows.append(row(f, answer))
+        return rows
 
 
 async def cancel(out: Path, conn: Connection) -> list[dict[str, Any]]:
-    """Ask the API to cancel every live batch of the directory; each one's answer."""
+    """Ask the API to cancel every live batch of the directory; each one's answer (a batch
+    that finished meanwhile is shown as it is: there is nothing to cancel)."""
     if conn.key is None:
         raise UsageError("no API key: `batch cancel` needs one (as `run` does)")
     with exclusive(out):
         state = load_state(out)
+        rows = []
         async with _api(conn) as api:
-            asked = [f for f in state.live() if f.batch_id is not None and not f.finished]
-            answers = await _ask(api.cancel, asked, "not cancelled")
-            return [row(f, answers[f.name]) for f in asked]
+            for f in state.live():
+                answer = await _look(api, state, f)
+                batch_id = answer.get("id") if answer else None
+                if not isinstance(batch_id, str) or answer is None or "error" in answer:
+                    rows.append(row(f, answer))
+                    continue
+                if answer.get("status") not in TERMINAL:
+                    try:
+                        answer = await api.cancel(batch_id)
+                    except ItemFailed:  # finished since the look: nothing to cancel
+                        answer = await _look(api, state, f)
+                    except RequestError as exc:
+                        answer = {"status": "not cancelled", "error": str(exc)}
+                rows.append(row(f, answer))
+        return rows
 
 
-async def _ask(
-    call: Callable[[str], Awaitable[dict[str, Any]]], files: list[BatchFile], failed: str
-) -> dict[str, dict[str, Any]]:
-    """`call(batch_id)` for each file's batch: its answer, or a status saying what failed."""
-    answers = {}
-    for f in files:
-        assert f.batch_id is not None
-        try:
-            answers[f.name] = await call(f.batch_id)
-        except RequestError as exc:
-            answers[f.name] = {"status": failed, "error": str(exc)}
-    return answers
+async def _look(api: BatchAPI, state: BatchState, f: BatchFile) -> dict[str, Any] | None:
+    """The file's batch as the API has it now: by its id, else found by its input file (a
+    killed run made it without recording it); None if it was never made (the next run sends
+    it); a status saying what failed if the API would not answer."""
+    try:
+        if f.batch_id is not None:
+            return await api.get(f.batch_id)
+        file_id = f.file_id or await api.find_file(state.input_path(f.name).name, "batch")
+        found = await api.find_batch(file_id) if file_id else None
+        return found if found is not None else {"status": "not sent yet (the next run sends it)"}
+    except RequestError as exc:
+        return {"status": "unknown", "error": str(exc)}
 
 
 class _api:

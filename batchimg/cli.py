@@ -457,7 +457,7 @@ def models(fmt: str, catalog: Path | None) -> None:
     default="",
     metavar="FIELD,...",
     help="Group by any of: model, size, quality, output_format, complexity, frame_count, "
-    "status, endpoint, day, metadata.KEY.",
+    "status, endpoint, via, day, metadata.KEY.",
 )
 @click.option(
     "--format",
@@ -553,7 +553,8 @@ def batch_status(
     fmt: str,
 ) -> None:
     """Each live batch of DIR: its status and request counts, asked of the API now (with a
-    key), else as the last run saw them. Exit status 75 while any is still running."""
+    key), else as the last run saw them. Exit status 75 while any is not yet collected
+    (running, or finished and waiting for the next run), 3 if the API refused to say."""
     from . import batches
 
     try:

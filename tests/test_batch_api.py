@@ -42,6 +42,7 @@ from tests.helpers import (
 )
 from tests.helpers import run_on_mock as run
 from tests.test_edits import make_image, make_mask, sha
+from tests.test_failures import FullDisk
 
 #: A mock whose batches move on at once (the lines themselves take no time).
 QUICK = {"batch_validate_s": 0.0, "batch_finalize_s": 0.0}
@@ -453,6 +454,40 @@ async def test_a_collection_cut_short_does_not_record_an_answer_twice(
     assert spent(out) == pytest.approx(billed(server))
 
 
+async def test_a_full_disk_mid_collection_keeps_the_rest_for_the_next_run(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    """The disk fills up after 5 images of a 20-line batch: the run stops (exit 3), the
+    result file is kept, and the next run collects the rest without sending anything again."""
+    out = tmp_path / "out"
+    server = await start_mock(api_key=TEST_KEY, **QUICK)
+    manifest = write_manifest(lines(20))
+    await submitted(manifest, out, server)
+    options = batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, **BATCH)
+    summary = await batchimg.arun(manifest, out, options, store=FullDisk(out, room=5))
+    assert summary.exit_code == 3 and "No space left" in (summary.stop_reason or "")
+    assert 5 <= summary.ok < 20 and summary.failed == 0
+    assert list((out / "batches").glob("*.output.jsonl"))  # kept for the next run
+    again = await run(manifest, out, server, **BATCH)
+    assert again.exit_code == 0 and summary.ok + again.ok == 20
+    check_batch_ledger(out, server, 20)
+    assert len(server._batches.batches) == 1
+
+
+async def test_stragglers_go_online_from_the_first_look_of_a_cron_run(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    out = tmp_path / "out"
+    server = await start_mock(api_key=TEST_KEY, batch_expire_after_lines=2, **QUICK)
+    manifest = write_manifest(lines(6))
+    await submitted(manifest, out, server)
+    summary = await run(manifest, out, server, no_wait=True, stragglers="online", **BATCH)
+    assert (summary.ok, summary.exit_code) == (6, 0)
+    assert [r.via for r in server.requests].count("online") == 4  # the expired remainder
+    assert len(server._batches.batches) == 1
+    assert spent(out) == pytest.approx(billed(server)) and not unsettled(out)
+
+
 async def test_an_edit_input_gone_at_the_api_is_uploaded_again(
     tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path], http: Any
 ) -> None:
@@ -533,11 +568,46 @@ def test_kill_9_at_each_stage_then_rerun_pays_once_submits_once_uploads_once(
             proc.kill()
             proc.communicate()
         assert proc.returncode == -signal.SIGKILL, stage  # killed where meant, not done
+        if stage == "creating":  # made at the API, never recorded: `batch status` finds it
+            env = {"BATCHIMG_API_KEY": TEST_KEY}
+            shown = run_cli("batch", "status", str(out), "--base-url", server.base_url, env=env)
+            (made,) = server._batches.batches
+            assert shown.returncode == 75 and made in shown.stdout, shown.stdout
         code, err = rerun(manifest, out, server)
         assert code == 0, err
         check_batch_ledger(out, server, 6)
         assert len(batch_uploads(server)) == 1  # found again, not uploaded twice
         assert len(server._batches.batches) == 1
+
+
+def test_a_rerun_counts_a_killed_runs_lines_once_under_the_cap(
+    tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    """Killed while uploading its first file (its lines in the ledger): the re-run announces
+    them again only if the ledger lacks them, so under a cap that fits every item once it
+    sends the rest instead of stopping for money it has not spent."""
+    both = [*lines(5), *lines(5, prefix="s", model="gpt-image-2.5-sunburst")]  # two files
+    manifest = write_manifest(both)
+    out = tmp_path / "out"
+    config = MockConfig(api_key=TEST_KEY, upload_delay_s=60.0, **QUICK)
+    with threaded_mock(config) as server:
+        proc = cli(manifest, out, server, "--max-cost", "100")
+        try:
+            wait_for(lambda: bool(batch_uploads(server)) or proc.poll() is not None)
+        finally:
+            proc.kill()
+            proc.communicate()
+        assert len([r for r in ledger_lines(out) if r.get("record") == "sent"]) == 5
+        table = PriceTable.default().batch()
+        worst = sum(table.worst_case_usd({k: v for k, v in x.items() if k != "id"}) or 0
+                    for x in both)  # fmt: skip
+        cap = f"{worst * 1.05:.6f}"  # every item once, with a little room
+        code, err = rerun(manifest, out, server, "--max-cost", cap, "--no-wait")
+        assert code == 75, err  # all ten sent at once: none held back for the cap
+        assert len(server._batches.batches) == 2
+        code, err = rerun(manifest, out, server, "--max-cost", cap)
+        assert code == 0, err
+        check_batch_ledger(out, server, 10)
 
 
 def test_no_wait_exits_75_while_pending_then_0_and_status_and_ctrl_c(
@@ -593,6 +663,12 @@ def test_cancel_stops_the_batches_and_a_rerun_sends_the_rest(
         assert code == 0, err
         check_batch_ledger(out, server, 6)
         assert len(server._batches.batches) == 2
+        # A batch that finished since the last look: nothing to cancel, and no error.
+        more = write_manifest(lines(2, prefix="z"), name="z.jsonl")
+        assert rerun(more, out, server, "--no-wait")[0] == 75
+        wait_for(lambda: [*server._batches.batches.values()][-1].status == "completed")
+        finished = run_cli("batch", "cancel", str(out), "--base-url", server.base_url, env=env)
+        assert finished.returncode == 0 and "completed" in finished.stdout, finished.stderr
 
 
 def test_collecting_a_large_output_file_keeps_memory_flat(

@@ -72,8 +72,10 @@ COLLECT_BYTES = 16 << 20
 #: Tries of one Files or Batches call before the round leaves it for the next.
 CALL_TRIES = 3
 JITTER = 0.2
-#: A result line longer than this is not read (the most any answer may weigh online).
+#: A result line longer than this is not read (the most any answer may weigh online); in
+#: practice the cap is the largest answer a file's requests may have, plus the envelope.
 MAX_LINE_BYTES = DEFAULT_LIMIT_BYTES
+LINE_ENVELOPE = 64 << 10  # custom_id, ids, status, usage around the answer's body
 INPUT_PURPOSE = "vision"  # what edit inputs are uploaded as (referenced by file_id)
 URLS = {"generations": "/v1/images/generations", "edits": "/v1/images/edits"}
 
@@ -121,6 +123,8 @@ class BatchEngine(Engine):
         self._fresh: set[str] = set()  # files this process closed (no crash since)
         self._resent: set[str] = set()  # files whose `sent` lines this process wrote again
         self._told: set[tuple[str, str, int]] = set()  # (run, item, attempt) with an item line
+        #: (run, item, attempt) of the batch `sent` lines the ledger counts, unsettled
+        self._announced: set[tuple[Any, str, Any]] = set()
         self._inputs_seen: set[str] = set()  # edit input file ids checked at the API this run
         self._inputs_listed: dict[str, str] | None = None  # uploaded inputs by name, if listed
         self._rng = random.Random()
@@ -132,6 +136,11 @@ class BatchEngine(Engine):
         the ledger already has an item line for (a collection cut short by a crash)."""
         state = self.state.load()
         state.check_sends(ledger.unsettled)
+        self._announced = {
+            (r.get("run_id"), r["id"], r.get("attempt"))
+            for r in ledger.unsettled
+            if r.get("via") == "batch"
+        }
         if state.garbled:
             self.control.warn(
                 f"{state.path}: {state.garbled} lines that are not batch events were skipped"
@@ -334,6 +343,8 @@ class BatchEngine(Engine):
             else:
                 why = f"batch {f.batch_id} {f.status} before this request ran"
                 self._not_run(f, entry, item, ErrorInfo(why, f"batch_{f.status}"))
+        if self.control.stopping:
+            return  # perhaps cut short (a disk, a signal): the next run reads the file again
         self.state.append({"event": "collected", "file": f.name})
         for path in (
             self.state.input_path(f.name),
@@ -348,10 +359,19 @@ class BatchEngine(Engine):
     ) -> None:
         send, receive = anyio.create_memory_object_stream[bytes](max_buffer_size=0)
         held = _Held(COLLECT_BYTES)
+        # No line is longer than the largest answer one of the file's requests may have (as
+        # online), plus the line's own envelope: a longer one is skipped unread.
+        most = self.config.options.max_answer_bytes or max(
+            (specs.max_answer_bytes(i.params, self.sink.catalog) for i in items.values()),
+            default=0,
+        )
+        longest = most + LINE_ENVELOPE
 
         async def read() -> None:
             async with send:
-                async for raw in _lines(path):
+                async for raw in _lines(path, longest):
+                    if self.control.stopping:  # the rest waits in the file for the next run
+                        return
                     await held.take(len(raw))  # many small lines at once, few large ones
                     await send.send(raw)
 
@@ -363,6 +383,11 @@ class BatchEngine(Engine):
                     del raw  # only the parsed line is held while its images are stored
                     try:
                         await self._collect_line(f, line, items, seen)
+                    except StorageError as exc:  # its answer stays in the file (kept)
+                        self.control.stop(
+                            f"{exc}; free space, then re-run: the rest of batch "
+                            f"{f.batch_id} is collected then, without paying again"
+                        )
                     finally:
                         del line
                         held.give(size)
@@ -458,13 +483,10 @@ class BatchEngine(Engine):
             self._line(f, entry, item, "error", error=exc.info, charge=charge, answer=answer)
             return
         with anyio.CancelScope(shield=True):  # paid for: stored and written, whatever comes
-            try:
-                stored = await self.runner.writer.save(item.file_stem, images, expected)
-            except StorageError as exc:
-                info = ErrorInfo(str(exc), "storage_error", "local_error")
-                self._line(f, entry, item, "error", error=info, charge=charge, answer=answer)
-                self.control.stop(f"{exc}; free space (or fix the output directory), then re-run")
-                return
+            # A StorageError goes up and stops the run: the answer stays in the result file,
+            # which is kept, and its `sent` line counted at its bound, so the next run
+            # collects it (and the rest of the file) without paying again.
+            stored = await self.runner.writer.save(item.file_stem, images, expected)
             if len(stored) < item.n:
                 message = (
                     f"the answer has {len(stored)} of the {item.n} images asked for: "
@@ -573,7 +595,7 @@ class BatchEngine(Engine):
         if not first and not self._again and not (self._short and learned):
             return  # nothing to send again, and no answer since that could tighten a bound
         self.summary.next_bound = None
-        if not first and self._again and self.config.options.stragglers == "online":
+        if self._again and self.config.options.stragglers == "online":
             await self._online(set(self._again))
         held = self.state.held()
         control, summary = self.control, self.summary
@@ -604,6 +626,8 @@ class BatchEngine(Engine):
                 if control.interrupt_now:  # Ctrl-C: what is not yet shipped is not sent
                     _abandon(open_file, self.state)
                     summary.not_attempted += len(open_file.entries)
+                    for line in open_file.entries:  # counted at their bounds when written
+                        self._recount(line, 0.0)
                 else:
                     await self._ship(open_file)
 
@@ -763,11 +787,11 @@ class BatchEngine(Engine):
         items = await self._items(f)
         for entry in f.entries.values():
             item = items.get(entry.custom_id)
-            if item is not None:
+            if item is not None and (f.run_id, item.id, entry.attempt) not in self._announced:
                 self.sink.sent_line(
                     item, entry.attempt, f.at, entry.bound_usd, run_id=f.run_id, via="batch"
                 )
-                self.budget.charge(entry.bound_usd or 0.0)
+                self.budget.charge(entry.bound_usd or 0.0)  # the ledger did not count it
         self.sink.sync_now()
 
     async def _drop(self, f: BatchFile, info: ErrorInfo) -> None:
@@ -958,12 +982,12 @@ def _told(ledger: Path) -> set[tuple[str, str, int]]:
     return told
 
 
-async def _lines(path: Path) -> AsyncIterator[bytes]:
+async def _lines(path: Path, longest: int = MAX_LINE_BYTES) -> AsyncIterator[bytes]:
     """A file's lines, read off the event loop, one at a time (never the whole file)."""
     fh = await anyio.to_thread.run_sync(open, path, "rb")
     try:
         while True:
-            lines = await anyio.to_thread.run_sync(_some_lines, fh)
+            lines = await anyio.to_thread.run_sync(_some_lines, fh, 1 << 20, longest)
             if not lines:
                 return
             for line in lines:
