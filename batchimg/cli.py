@@ -467,12 +467,24 @@ def models(fmt: str, catalog: Path | None) -> None:
     show_default=True,
     help="table for people; json or csv for scripts and sheets.",
 )
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write a page to open in a browser, offline: totals, cost by group, timeline, "
+    "failures and a gallery (thumbnails in FILE_files/ beside it).",
+)
 @_shared_option(
     "prices", "Reprice every record from its usage with this price file (plus built-ins)."
 )
 @_shared_option("catalog")
 def report(
-    targets: tuple[str, ...], by: str, fmt: str, prices: Path | None, catalog: Path | None
+    targets: tuple[str, ...],
+    by: str,
+    fmt: str,
+    html_file: Path | None,
+    prices: Path | None,
+    catalog: Path | None,
 ) -> None:
     """Totals and groups from one or many ledgers: items, failures, images, tokens, cost.
 
@@ -489,12 +501,46 @@ def report(
         result = build_report(targets, fields, repriced)
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
+    if html_file is not None:
+        _write_html_report(targets, html_file, fields, repriced)
+        return
     if fmt == "json":
         click.echo(orjson.dumps(result.as_json(), option=orjson.OPT_INDENT_2).decode())
     elif fmt == "csv":
         click.echo(format_csv(result), nl=False)
     else:
         click.echo(report_table(result))
+
+
+def _write_html_report(
+    targets: tuple[str, ...], html_file: Path, fields: list[str], prices: Any
+) -> None:
+    from .htmlreport import write_html
+
+    bar: Any = None
+    if sys.stderr.isatty():
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("thumbnails", total=None)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.update(task, completed=done, total=total)
+
+    try:
+        made = write_html(targets, html_file, fields, prices, progress=progress)
+    except OSError as exc:
+        click.echo(f"error: cannot write {html_file}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
+    finally:
+        if bar is not None:
+            bar.stop()
+    click.echo(
+        f"wrote {html_file} ({made['page_bytes']:,} bytes; {made['images']:,} images, "
+        f"{made['thumbnails_made']:,} thumbnails made, in {made['folder']})"
+    )
 
 
 @cli.command()

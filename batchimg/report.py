@@ -260,16 +260,21 @@ def build_report(
     tables: set[str] = set()
     for path in reversed(paths):
         for record in read_backwards(path):
+            state = is_state(record) and seen_ids.add(record["id"])  # the first met: its state
+            kind, identity = record.get("record"), _identity(record)
+            # An attempt another line tells of, or one known not billed, counts nothing.
+            told = kind == "settled" or (kind == "sent" and identity not in open_sends)
+            if told and not state:
+                continue
             key = tuple(_hashable(group_value(record, name)) for name in by)
             group = groups.get(key)
             if group is None:
                 group = groups[key] = Group(key=dict(zip(by, key, strict=True)))
-            if is_state(record) and seen_ids.add(record["id"]):  # the first met: its state
+            if state:
                 total.add_item(record)
                 group.add_item(record)
-            kind, identity = record.get("record"), _identity(record)
-            if kind == "settled" or (kind == "sent" and identity not in open_sends):
-                continue  # an attempt another line tells of, or one known not billed
+            if told:
+                continue
             if not seen_answers.add(identity):
                 continue  # the same line in two ledgers (a ledger given twice): bill it once
             cost = _cost(record, prices)

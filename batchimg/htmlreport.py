@@ -1,0 +1,489 @@
+"""`batchimg report ... --html FILE`: one page a person opens in a browser, offline.
+
+The page holds the totals, where the money went (a table and a bar chart by the `--by`
+groups), when (images per minute, 429s and cumulative cost over the run's time, a latency
+histogram with p50/p95), the failures grouped by error code with examples, and a gallery with
+filters. Everything is in the page or in the folder beside it (`FILE_files/`): thumbnails
+(WebP, at most 256 px, made once per image sha256 by threads and kept for the next build),
+SVG outputs copied as files and shown through `<img>` (never inlined: an SVG can carry script),
+and the gallery's rows as script chunks loaded as the reader pages through them, so a 100,000-
+image run opens at once. No network, no CDN: the charts are inline SVG drawn here.
+
+Totals are `report`'s own (`build_report`), so the page and `report --format json` agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import math
+import tarfile
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .ledger import LedgerRecord, amount, is_state, read_ledger
+from .pricing import PriceTable
+from .report import Report, _time, build_report, ledger_paths
+
+THUMB_PX = 256
+THUMB_QUALITY = 70
+CHUNK = 500  # gallery rows per script chunk (one page of the gallery)
+EXAMPLES = 3  # examples shown per failure code
+SHARDS = "shards"
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class _Image:
+    """One image to show: where its bytes are, and its row in the gallery."""
+
+    sha256: str
+    fmt: str
+    source: Path | tuple[Path, str]  # a loose file, or (shard, member)
+    row: dict[str, Any]
+
+
+@dataclass
+class _Timeline:
+    """Counts per time bucket over the run's time (a minute, or less for a short run: about
+    60 buckets in all)."""
+
+    images: Counter[int] = field(default_factory=Counter)
+    limited: Counter[int] = field(default_factory=Counter)
+    cost: Counter[int] = field(default_factory=Counter)
+    bucket_s: float = 60.0
+
+
+def write_html(
+    targets: Sequence[str | Path],
+    out_file: Path,
+    by: Sequence[str] = (),
+    prices: PriceTable | None = None,
+    *,
+    progress: Progress | None = None,
+    threads: int = 4,
+) -> dict[str, Any]:
+    """Write the page (and its folder); what it holds, for the caller's message."""
+    report = build_report(targets, by, prices)
+    paths = ledger_paths(targets)
+    last: dict[str, tuple[Path, LedgerRecord]] = {}
+    timeline = _Timeline()
+    for path in paths:
+        for record in read_ledger(path):
+            if is_state(record):
+                last[record["id"]] = (path, record)
+    _fill_timeline(timeline, (r for _, r in last.values()))
+    folder = out_file.with_name(out_file.name.rsplit(".", 1)[0] + "_files")
+    (folder / "thumbs").mkdir(parents=True, exist_ok=True)
+    images = list(_images(last.values()))
+    made = _thumbnails(images, folder, progress, threads)
+    rows = [image.row for image in images]
+    rows += [_failed_row(r) for _, r in last.values() if r.get("status") != "ok"]
+    chunks = _write_chunks(rows, folder)
+    page = _page(report, last, timeline, rows, chunks, folder.name, by)
+    tmp = out_file.with_name(out_file.name + ".part")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out_file)
+    return {"images": len(images), "thumbnails_made": made, "rows": len(rows),
+            "page_bytes": len(page.encode()), "folder": str(folder)}  # fmt: skip
+
+
+# -- the data --
+
+
+def _fill_timeline(timeline: _Timeline, records: Iterator[LedgerRecord]) -> None:
+    stamped = []
+    for record in records:
+        finished = _time(record.get("finished_at"))
+        if finished is not None:
+            stamped.append((finished, record))
+    if not stamped:
+        return
+    start = min(t for t, _ in stamped)
+    span_s = (max(t for t, _ in stamped) - start).total_seconds()
+    # About 60 buckets however long the run: a minute each at most, a millisecond at least.
+    timeline.bucket_s = bucket = min(60.0, max(0.001, float(f"{span_s / 60:.2g}")))
+    for finished, record in stamped:
+        at = int((finished - start).total_seconds() // bucket)
+        files = record.get("files")
+        if record.get("status") == "ok" and isinstance(files, list):
+            timeline.images[at] += len(files)
+        limited = record.get("rate_limited")
+        if isinstance(limited, int) and limited > 0:
+            timeline.limited[at] += limited
+        cost = amount(record.get("cost_usd"))
+        timeline.cost[at] += cost or 0.0  # type: ignore[assignment]
+
+
+def _images(records: Any) -> Iterator[_Image]:
+    """Every image of every ok item, with where its bytes are (loose, or in a shard)."""
+    packed: dict[str, tuple[Path, str]] | None = None
+    for ledger, record in records:
+        if record.get("status") != "ok":
+            continue
+        out = ledger.parent
+        files, digests = record.get("files") or [], record.get("sha256") or []
+        for index, (name, digest) in enumerate(zip(files, digests, strict=False)):
+            if not isinstance(name, str) or not isinstance(digest, str):
+                continue
+            loose = out / name
+            source: Path | tuple[Path, str] | None = loose if loose.is_file() else None
+            if source is None:
+                if packed is None:
+                    packed = _shard_members(out)
+                source = packed.get(digest)
+            if source is None:
+                continue  # gone: `batchimg verify` says so
+            fmt = name.rsplit(".", 1)[-1].lower()
+            yield _Image(digest, fmt, source, _row(record, index, digest, fmt))
+
+
+def _shard_members(out: Path) -> dict[str, tuple[Path, str]]:
+    """sha256 -> (shard, member) of every image packed in the directory's shards."""
+    found: dict[str, tuple[Path, str]] = {}
+    for shard in sorted((out / SHARDS).glob("*.tar")):
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    ext = member.name.rsplit(".", 1)[-1].lower()
+                    if not member.isfile() or ext in ("json", "txt"):
+                        continue
+                    data = tar.extractfile(member)
+                    if data is not None:
+                        found[hashlib.sha256(data.read()).hexdigest()] = (shard, member.name)
+        except (tarfile.TarError, OSError):
+            continue
+    return found
+
+
+def _row(record: LedgerRecord, index: int, digest: str, fmt: str) -> dict[str, Any]:
+    return {
+        "id": record["id"],
+        "i": index,
+        "status": "ok",
+        "prompt": record.get("prompt"),
+        "model": record.get("model"),
+        "size": record.get("size"),
+        "quality": record.get("quality"),
+        "format": fmt,
+        "cost": record.get("cost_usd"),
+        "via": record.get("via") or "online",
+        "line": record.get("line"),
+        "metadata": record.get("metadata") if isinstance(record.get("metadata"), dict) else {},
+        "thumb": f"thumbs/{digest}.{'svg' if fmt == 'svg' else 'webp'}",
+    }
+
+
+def _failed_row(record: LedgerRecord) -> dict[str, Any]:
+    error: Any = record.get("error")
+    return {
+        "id": record["id"],
+        "i": 0,
+        "status": "error",
+        "prompt": record.get("prompt"),
+        "model": record.get("model"),
+        "size": record.get("size"),
+        "quality": record.get("quality"),
+        "format": record.get("output_format"),
+        "cost": record.get("cost_usd"),
+        "via": record.get("via") or "online",
+        "line": record.get("line"),
+        "metadata": record.get("metadata") if isinstance(record.get("metadata"), dict) else {},
+        "error": f"{error.get('code')}: {error.get('message')}" if isinstance(error, dict) else "",
+        "thumb": None,
+    }
+
+
+def _thumbnails(images: list[_Image], folder: Path, progress: Progress | None, threads: int) -> int:
+    """Make the thumbnails not already in the folder (by sha256), in threads; how many."""
+    todo = {}
+    for image in images:
+        target = folder / image.row["thumb"]
+        if not target.exists():
+            todo[target] = image
+    done = 0
+    if progress is not None:
+        progress(0, len(todo))
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for _ in pool.map(lambda kv: _thumbnail(kv[1], kv[0]), todo.items()):
+            done += 1
+            if progress is not None:
+                progress(done, len(todo))
+    return done
+
+
+def _thumbnail(image: _Image, target: Path) -> None:
+    data = _read(image.source)
+    part = target.with_name(target.name + ".part")
+    if image.fmt == "svg":  # copied, never inlined: shown through <img>, where script is inert
+        part.write_bytes(data)
+        part.replace(target)
+        return
+    from PIL import Image  # Pillow: only for pages with images
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.seek(0)  # an animated gif: its first frame
+            frame = im.convert("RGBA" if im.mode in ("RGBA", "LA", "P") else "RGB")
+            frame.thumbnail((THUMB_PX, THUMB_PX))
+            frame.save(part, "WEBP", quality=THUMB_QUALITY, method=4)
+    except (OSError, ValueError, SyntaxError):
+        return  # not an image Pillow reads: the card shows no picture
+    part.replace(target)
+
+
+def _read(source: Path | tuple[Path, str]) -> bytes:
+    if isinstance(source, Path):
+        return source.read_bytes()
+    shard, member = source
+    with tarfile.open(shard) as tar:
+        data = tar.extractfile(member)
+        return data.read() if data is not None else b""
+
+
+def _write_chunks(rows: list[dict[str, Any]], folder: Path) -> int:
+    """The gallery's rows as `rows-N.js` scripts (loaded by the page when shown)."""
+    for old in folder.glob("rows-*.js"):
+        old.unlink()
+    count = max(1, math.ceil(len(rows) / CHUNK))
+    for n in range(count):
+        part = rows[n * CHUNK : (n + 1) * CHUNK]
+        payload = orjson.dumps(part).decode().replace("</", "<\\/")
+        (folder / f"rows-{n}.js").write_text(f"batchimgRows({n},{payload});\n", encoding="utf-8")
+    return count
+
+
+# -- the page --
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"${value:,.4f}"
+
+
+def _page(
+    report: Report,
+    last: dict[str, tuple[Path, LedgerRecord]],
+    timeline: _Timeline,
+    rows: list[dict[str, Any]],
+    chunks: int,
+    folder: str,
+    by: Sequence[str],
+) -> str:
+    total = report.total.as_json()
+    records = [r for _, r in last.values()]
+    via_cost: dict[str, float] = defaultdict(float)
+    for record in records:
+        via_cost[str(record.get("via") or "online")] += amount(record.get("cost_usd")) or 0.0
+    first, finish = report.total.first_started, report.total.last_finished
+    wall = (finish - first).total_seconds() if first and finish else None
+    tiles = [
+        ("items", f"{total['items']:,}"), ("ok", f"{total['ok']:,}"),
+        ("failed", f"{total['failed']:,}"), ("images", f"{total['images']:,}"),
+        ("tokens in / out", f"{total['input_tokens']:,} / {total['output_tokens']:,}"),
+        ("cost", _usd(total["cost_usd"])),
+        *((f"spent {via}", _usd(usd)) for via, usd in sorted(via_cost.items())),
+        ("billed, cost unknown (bound)", _usd(total["unknown_cost_bound_usd"])),
+        ("wall time", f"{wall:,.1f} s" if wall is not None else "-"),
+        ("prices", report.price_table or "-"),
+    ]  # fmt: skip
+    tile_html = "".join(
+        f'<div class="tile"><div class="k">{_e(k)}</div><div class="v" data-total="{_e(k)}">'
+        f"{_e(v)}</div></div>"
+        for k, v in tiles
+    )
+    groups = [(g.key, g.as_json()) for g in report.groups.values()] if by else []
+    money = _money_table(groups, by) + _bars(
+        [(" / ".join(str(v) for v in key.values()), g["cost_usd"]) for key, g in groups]
+    )
+    step = timeline.bucket_s
+    per_minute = Counter({k: v * 60 / step for k, v in timeline.images.items()})
+    n = 1 + max((*timeline.images, *timeline.limited, *timeline.cost), default=0)
+    when = (  # one time axis for the three
+        _line_chart("images per minute", per_minute, step, n)
+        + _line_chart(f"429s (per {step:g} s)", timeline.limited, step, n)
+        + _line_chart("cumulative cost (USD)", _cumulative(timeline.cost), step, n)
+        + _histogram([r.get("latency_s") for r in records])
+    )
+    failures = _failures(records)
+    filters = _filters(rows)
+    return _asset("report.html").format(
+        tiles=tile_html,
+        money=money or "<p>Give <code>--by FIELD</code> to see the cost by group.</p>",
+        when=when,
+        failures=failures,
+        filters=filters,
+        folder=_e(folder),
+        chunks=chunks,
+        rows=len(rows),
+        css=_asset("report.css"),
+        js=_asset("report.js")
+        .replace("__FOLDER__", orjson.dumps(folder).decode())
+        .replace("__CHUNKS__", str(chunks))
+        .replace("__CHUNK__", str(CHUNK)),
+    )
+
+
+def _money_table(groups: list[tuple[dict[str, Any], dict[str, Any]]], by: Sequence[str]) -> str:
+    if not groups:
+        return ""
+    head = "".join(f"<th>{_e(b)}</th>" for b in by)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{_e(v)}</td>" for v in key.values())
+        + f"<td>{g['items']:,}</td><td>{g['images']:,}</td><td>{_usd(g['cost_usd'])}</td></tr>"
+        for key, g in groups
+    )
+    return (
+        f'<table class="groups"><tr>{head}<th>items</th><th>images</th><th>cost</th></tr>'
+        f"{body}</table>"
+    )
+
+
+def _bars(values: list[tuple[str, float]]) -> str:
+    if not values:
+        return ""
+    most = max((v for _, v in values), default=0.0) or 1.0
+    height = 22 * len(values) + 10
+    bars = "".join(
+        f'<text x="0" y="{22 * i + 16}" class="lbl">{_e(label[:40])}</text>'
+        f'<rect x="260" y="{22 * i + 4}" width="{max(1.0, 400 * v / most):.1f}" height="16" '
+        f'class="bar"><title>{_e(label)}: {_usd(v)}</title></rect>'
+        f'<text x="{266 + 400 * v / most:.1f}" y="{22 * i + 16}" class="lbl">{_usd(v)}</text>'
+        for i, (label, v) in enumerate(values)
+    )
+    return f'<svg class="chart" viewBox="0 0 760 {height}" role="img">{bars}</svg>'
+
+
+def _cumulative(per_minute: Counter[int]) -> Counter[int]:
+    out: Counter[int] = Counter()
+    running = 0.0
+    for minute in range(max(per_minute, default=-1) + 1):
+        running += per_minute.get(minute, 0.0)
+        out[minute] = running  # type: ignore[assignment]
+    return out
+
+
+def _line_chart(title: str, series: Counter[int], step_s: float = 60.0, n: int = 0) -> str:
+    minutes = max(n, max(series, default=0) + 1)
+    points = [(m, float(series.get(m, 0))) for m in range(minutes)]
+    most = max((v for _, v in points), default=0.0) or 1.0
+    width, height = 360, 120
+    xs = [20 + (width - 30) * (m / max(1, minutes - 1)) for m, _ in points]
+    ys = [height - 20 - (height - 35) * v / most for _, v in points]
+    path = " ".join(
+        f"{'M' if i == 0 else 'L'}{x:.1f},{y:.1f}"
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True))
+    )
+    dots = "".join(
+        f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" class="dot"><title>{m * step_s:g} s: '
+        f"{v:,.4g}</title></circle>"
+        for (m, v), x, y in zip(points, xs, ys, strict=True)
+    )
+    return (
+        f'<figure class="small"><figcaption>{_e(title)} (max {_num(most)})</figcaption>'
+        f'<svg class="chart" viewBox="0 0 {width} {height}" role="img">'
+        f'<line x1="20" y1="{height - 20}" x2="{width - 10}" y2="{height - 20}" class="axis"/>'
+        f'<path d="{path}" class="line"/>{dots}'
+        f'<text x="20" y="{height - 5}" class="lbl">0</text>'
+        f'<text x="{width - 60}" y="{height - 5}" class="lbl">{(minutes - 1) * step_s:g} s</text>'
+        "</svg></figure>"
+    )
+
+
+def _num(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.4g}"
+
+
+def _histogram(latencies: list[Any]) -> str:
+    values = sorted(v for v in latencies if isinstance(v, (int, float)) and v > 0)
+    if not values:
+        return '<figure class="small"><figcaption>latency: none recorded</figcaption></figure>'
+    p50 = values[len(values) // 2]
+    p95 = values[min(len(values) - 1, math.ceil(0.95 * len(values)) - 1)]
+    lo, hi = values[0], values[-1]
+    bins = 20
+    span = (hi - lo) or 1.0
+    counts = Counter(min(bins - 1, int((v - lo) / span * bins)) for v in values)
+    most = max(counts.values())
+    width, height = 360, 120
+    bars = "".join(
+        f'<rect x="{20 + i * 16}" y="{height - 20 - 80 * counts[i] / most:.1f}" width="14" '
+        f'height="{80 * counts[i] / most:.1f}" class="bar"><title>{counts[i]}</title></rect>'
+        for i in range(bins)
+    )
+    marks = "".join(
+        f'<line x1="{20 + 320 * (v - lo) / span:.1f}" y1="15" x2="{20 + 320 * (v - lo) / span:.1f}"'
+        f' y2="{height - 20}" class="mark"/><text x="{22 + 320 * (v - lo) / span:.1f}" '
+        f'y="{y}" class="lbl">{name} {v:.2f} s</text>'
+        for name, v, y in (("p50", p50, 12), ("p95", p95, 26))
+    )
+    return (
+        f'<figure class="small"><figcaption>latency (p50 {p50:.2f} s, p95 {p95:.2f} s)'
+        f'</figcaption><svg class="chart" viewBox="0 0 {width} {height}" role="img">{bars}'
+        f"{marks}</svg></figure>"
+    )
+
+
+def _failures(records: list[LedgerRecord]) -> str:
+    groups: dict[str, list[LedgerRecord]] = defaultdict(list)
+    for record in records:
+        if record.get("status") != "ok":
+            error: Any = record.get("error")
+            groups[str(error.get("code") if isinstance(error, dict) else "error")].append(record)
+    if not groups:
+        return "<p>No failures.</p>"
+    parts = []
+    for code, failed in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        first: Any = failed[0].get("error")
+        message = first.get("message") if isinstance(first, dict) else ""
+        examples = "".join(
+            f"<li><code>{_e(r['id'])}</code> (line {_e(r.get('line'))}): {_e(r.get('prompt'))}</li>"
+            for r in failed[:EXAMPLES]
+        )
+        parts.append(
+            f'<div class="failure" data-code="{_e(code)}"><h3><code>{_e(code)}</code> '
+            f'<span class="count">{len(failed):,}</span></h3><p>{_e(message)}</p>'
+            f"<ul>{examples}</ul></div>"
+        )
+    return "".join(parts)
+
+
+def _filters(rows: list[dict[str, Any]]) -> str:
+    def options(name: str, values: set[Any]) -> str:
+        opts = "".join(
+            f'<option value="{_e(v)}">{_e(v)}</option>' for v in sorted(map(str, values))
+        )
+        return (
+            f'<label>{_e(name)} <select data-filter="{_e(name)}"><option value="">all</option>'
+            f"{opts}</select></label>"
+        )
+
+    keys = sorted({k for r in rows for k in r["metadata"]})
+    meta = "".join(
+        options(f"metadata.{k}", {r["metadata"].get(k) for r in rows if k in r["metadata"]})
+        for k in keys[:8]
+    )
+    return (
+        options("status", {r["status"] for r in rows})
+        + options("model", {r["model"] for r in rows if r["model"]})
+        + options("quality", {r["quality"] for r in rows if r["quality"]})
+        + meta
+    )
+
+
+def _asset(name: str) -> str:
+    """A file of the page's own (`report_assets/`): its template, style and script."""
+    return resources.files("batchimg").joinpath(f"report_assets/{name}").read_text(encoding="utf-8")

@@ -1,0 +1,184 @@
+"""`report --html`: the page from the real engine's output, checked as data and in a browser.
+
+The browser is headless Chromium (Debian's `chromium`, which `.ci/run` installs) driven by
+Playwright: the page loads from disk with JavaScript on, the filters change what is shown,
+nothing is logged as an error, and a screenshot is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from PIL import Image
+
+from batchimg.mock import MockServer
+from tests.helpers import ledger, run_cli
+from tests.helpers import run_on_mock as run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+LINES = [
+    {"id": "fox", "prompt": "a fox", "model": "gpt-image-2", "quality": "low",
+     "metadata": {"split": "train", "style": "ink"}},
+    {"id": "owl", "prompt": "an owl", "model": "gpt-image-2", "quality": "medium", "n": 2,
+     "metadata": {"split": "val", "style": "ink"}},
+    {"id": "kite", "prompt": "a kite", "model": "gpt-image-2.6-flare", "quality": "low",
+     "output_format": "webp", "metadata": {"split": "train", "style": "flat"}},
+    {"id": "icon", "prompt": "an icon", "model": "gpt-image-2.6-sunburst", "quality": "low",
+     "output_format": "svg", "metadata": {"split": "train", "style": "flat"}},
+    {"id": "spin", "prompt": "a spinner", "model": "gpt-image-2.6-flare", "quality": "low",
+     "output_format": "gif", "frame_count": 4, "size": "512x512",
+     "metadata": {"split": "val", "style": "flat"}},
+    {"id": "bad", "prompt": "[[mock:moderation]] no", "model": "gpt-image-2",
+     "metadata": {"split": "train", "style": "ink"}},
+]  # fmt: skip
+
+
+async def made(
+    tmp_path: Path, server: MockServer, write: Callable[..., Path], **options: Any
+) -> Path:
+    out = tmp_path / "out"
+    summary = await run(write(LINES), out, server, **options)
+    assert (summary.ok, summary.failed) == (5, 1)
+    return out
+
+
+def tiles(page: str) -> dict[str, str]:
+    return dict(re.findall(r'data-total="([^"]+)">([^<]*)<', page))
+
+
+async def test_the_page_agrees_with_report_json_and_has_one_thumbnail_per_image(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    out = await made(tmp_path, mock_server, write_manifest)
+    page_file = out / "report.html"
+    built = run_cli("report", str(out), "--by", "model", "--html", str(page_file))
+    assert built.returncode == 0, built.stderr
+    page = page_file.read_text()
+    data = orjson.loads(run_cli("report", str(out), "--by", "model", "--format", "json").stdout)
+    total = data
+    shown = tiles(page)
+    assert shown["items"] == str(total["items"]) and shown["ok"] == str(total["ok"])
+    assert shown["failed"] == "1" and shown["images"] == str(total["images"])
+    assert shown["cost"] == f"${total['total_cost_usd']:,.4f}"
+    for group in data["groups"]:  # the money table: one row per group, with its cost
+        assert f"<td>{group['key']['model']}</td>" in page and f"${group['cost_usd']:,.4f}" in page
+    # Failures grouped by code, with the API's words and the example's id.
+    failure = re.search(r'data-code="moderation_blocked".*?</div>', page, re.S)
+    assert failure is not None and "safety system" in failure.group(0) and "bad" in failure.group(0)
+    # One thumbnail per image (by content): small WebP, or the SVG as a file, never inlined.
+    folder = out / "report_files"
+    digests = {d for r in ledger(out) if r["status"] == "ok" for d in r["sha256"]}
+    thumbs = {p.name.split(".")[0]: p for p in (folder / "thumbs").iterdir()}
+    assert set(thumbs) == digests
+    for digest, path in thumbs.items():
+        if path.suffix == ".webp":
+            with Image.open(path) as im:
+                assert im.format == "WEBP" and max(im.size) <= 256
+        else:
+            assert path.suffix == ".svg"
+            svg = path.read_bytes()
+            assert hashlib.sha256(svg).hexdigest() == digest and svg not in page.encode()
+    assert "<svg xmlns" not in page  # the page's charts are inline, the outputs are not
+    rows = [row for chunk in sorted(folder.glob("rows-*.js")) for row in
+            orjson.loads(chunk.read_text()[len("batchimgRows(0,"):-3])]  # fmt: skip
+    assert len(rows) == total["images"] + 1  # every image, and the failed item
+    # Made once: a second build reuses every thumbnail.
+    again = run_cli("report", str(out), "--html", str(page_file))
+    assert "0 thumbnails made" in again.stdout
+
+
+async def test_webdataset_shards_have_their_thumbnails_too(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    out = await made(tmp_path, mock_server, write_manifest, layout="webdataset", shard_size=2)
+    assert not list((out / "images").glob("*"))  # all packed
+    built = run_cli("report", str(out), "--html", str(tmp_path / "page.html"))
+    assert built.returncode == 0, built.stderr
+    digests = {d for r in ledger(out) if r["status"] == "ok" for d in r["sha256"]}
+    assert {p.name.split(".")[0] for p in (tmp_path / "page_files" / "thumbs").iterdir()} == digests
+
+
+def test_report_groups_only_what_items_or_bills_made(tmp_path: Path) -> None:
+    """`sent` and `settled` lines make no group of their own (they used to, as empty rows)."""
+    lines = [
+        {"record": "sent", "id": "a", "run_id": "r", "attempt": 1, "model": "m",
+         "cost_bound_usd": 0.1},
+        {"id": "a", "status": "ok", "model": "m", "quality": "low", "files": [], "run_id": "r",
+         "attempts": 1, "cost_usd": 0.05},
+    ]  # fmt: skip
+    (tmp_path / "ledger.jsonl").write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    data = orjson.loads(run_cli("report", str(tmp_path), "--by", "quality", "--format",
+                                "json").stdout)  # fmt: skip
+    assert [g["key"] for g in data["groups"]] == [{"quality": "low"}]
+
+
+@pytest.mark.timeout(120)
+async def test_the_page_in_a_real_browser(
+    tmp_path: Path, mock_server: MockServer, write_manifest: Callable[..., Path]
+) -> None:
+    if CHROMIUM is None:
+        if os.environ.get("BATCHIMG_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is required here (BATCHIMG_REQUIRE_BROWSER) but not found")
+        pytest.skip("no Chromium on this machine (`apt-get install chromium`)")
+    out = await made(tmp_path, mock_server, write_manifest)
+    page_file = out / "report.html"
+    assert run_cli("report", str(out), "--by", "model", "--html", str(page_file)).returncode == 0
+    shot = Path(os.environ.get("BATCHIMG_SCREENSHOT") or tmp_path / "report.png")
+    import anyio.to_thread
+
+    seen = await anyio.to_thread.run_sync(browse, page_file, shot)
+    assert seen["errors"] == []
+    assert seen["all"] == 7  # 6 images of 5 items, and the failed item
+    assert seen["failed"] == 1 and seen["failed_status"] == ["error"]
+    assert seen["flat"] == 3  # metadata.style = flat: kite, icon, spin
+    assert seen["images_loaded"] >= 6  # thumbnails (webp, svg via <img>) decoded
+    with Image.open(shot) as im:
+        assert im.format == "PNG" and im.width >= 1000
+
+
+def browse(page_file: Path, shot: Path) -> dict[str, Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )  # fmt: skip
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(page_file.as_uri())
+            page.wait_for_selector(".card")
+            page.wait_for_load_state("networkidle")
+            seen: dict[str, Any] = {"all": page.locator(".card").count()}
+            seen["images_loaded"] = page.evaluate(
+                "[...document.querySelectorAll('.card img')]"
+                ".filter(i => i.complete && i.naturalWidth > 0).length"
+            )
+            page.screenshot(path=str(shot), full_page=True)
+            page.select_option('select[data-filter="status"]', "error")
+            page.wait_for_function("document.querySelectorAll('.card').length === 1")
+            seen["failed"] = page.locator(".card").count()
+            seen["failed_status"] = page.eval_on_selector_all(
+                ".card", "cards => cards.map(c => c.dataset.status)"
+            )
+            page.select_option('select[data-filter="status"]', "")
+            page.select_option('select[data-filter="metadata.style"]', "flat")
+            page.wait_for_function("document.querySelectorAll('.card').length === 3")
+            seen["flat"] = page.locator(".card").count()
+            seen["errors"] = errors
+            return seen
+        finally:
+            browser.close()
