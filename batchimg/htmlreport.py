@@ -86,6 +86,9 @@ def write_html(
     (folder / "thumbs").mkdir(parents=True, exist_ok=True)
     images = list(_images(last.values()))
     made = _thumbnails(images, folder, progress, threads)
+    for image in images:  # an image Pillow could not read: its card shows no picture
+        if not (folder / image.row["thumb"]).exists():
+            image.row["thumb"] = None
     rows = [image.row for image in images]
     rows += [_failed_row(r) for _, r in last.values() if r.get("status") != "ok"]
     chunks = _write_chunks(rows, folder)

@@ -24,6 +24,11 @@ from tests.helpers import ledger, run_cli
 from tests.helpers import run_on_mock as run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+#: A prompt (and an id, and metadata) that would run script if the page let it out of its text.
+HOSTILE = (
+    'a "quoted" prompt" onmouseover="window.__pwned=1" x=" '
+    "<img src=x onerror=window.__pwned=1> it's"
+)
 
 LINES = [
     {"id": "fox", "prompt": "a fox", "model": "gpt-image-2", "quality": "low",
@@ -39,6 +44,8 @@ LINES = [
      "metadata": {"split": "val", "style": "flat"}},
     {"id": "bad", "prompt": "[[mock:moderation]] no", "model": "gpt-image-2",
      "metadata": {"split": "train", "style": "ink"}},
+    {"id": "x\"><b>", "prompt": HOSTILE, "model": "gpt-image-2", "quality": "low",
+     "metadata": {"split": "</script><script>window.__pwned=1</script>", "style": "ink"}},
 ]  # fmt: skip
 
 
@@ -47,7 +54,7 @@ async def made(
 ) -> Path:
     out = tmp_path / "out"
     summary = await run(write(LINES), out, server, **options)
-    assert (summary.ok, summary.failed) == (5, 1)
+    assert (summary.ok, summary.failed) == (6, 1)
     return out
 
 
@@ -91,6 +98,7 @@ async def test_the_page_agrees_with_report_json_and_has_one_thumbnail_per_image(
     rows = [row for chunk in sorted(folder.glob("rows-*.js")) for row in
             orjson.loads(chunk.read_text()[len("batchimgRows(0,"):-3])]  # fmt: skip
     assert len(rows) == total["images"] + 1  # every image, and the failed item
+    assert "onerror=window" not in page and "<script>window" not in page
     # Made once: a second build reuses every thumbnail.
     again = run_cli("report", str(out), "--html", str(page_file))
     assert "0 thumbnails made" in again.stdout
@@ -137,7 +145,8 @@ async def test_the_page_in_a_real_browser(
 
     seen = await anyio.to_thread.run_sync(browse, page_file, shot)
     assert seen["errors"] == []
-    assert seen["all"] == 7  # 6 images of 5 items, and the failed item
+    assert seen["all"] == 8  # 7 images of 6 items, and the failed item
+    assert seen["pwned"] is None and seen["handlers"] == 0  # the hostile text stayed text
     assert seen["failed"] == 1 and seen["failed_status"] == ["error"]
     assert seen["flat"] == 3  # metadata.style = flat: kite, icon, spin
     assert seen["images_loaded"] >= 6  # thumbnails (webp, svg via <img>) decoded
@@ -163,6 +172,12 @@ def browse(page_file: Path, shot: Path) -> dict[str, Any]:
             page.wait_for_selector(".card")
             page.wait_for_load_state("networkidle")
             seen: dict[str, Any] = {"all": page.locator(".card").count()}
+            for card in page.locator(".card").all():
+                card.hover()  # an injected onmouseover would run now
+            seen["pwned"] = page.evaluate("window.__pwned === undefined ? null : window.__pwned")
+            seen["handlers"] = page.evaluate(
+                "document.querySelectorAll('[onmouseover],[onerror],script:not([src])').length - 1"
+            )  # the page's own inline script is the one allowed
             seen["images_loaded"] = page.evaluate(
                 "[...document.querySelectorAll('.card img')]"
                 ".filter(i => i.complete && i.naturalWidth > 0).length"

@@ -22,7 +22,10 @@ function matches(r, f) {
   }
   return true;
 }
-function esc(s) { const d = document.createElement('div'); d.textContent = s == null ? '' : String(s); return d.innerHTML; }
+function esc(s) {
+  return (s == null ? '' : String(s)).replace(/&/g, '&amp;').replace(/</g, '&lt;')
+    .replace(/>/g, '&gt;').replace(/"/g, '&quot;').replace(/'/g, '&#39;');
+}
 function card(r) {
   const pic = r.thumb ? '<img loading="lazy" alt="' + esc(r.id) + '" src="' + FOLDER + '/' + r.thumb + '">'
                       : '<div class="noimg">' + esc(r.status) + '</div>';
