@@ -517,6 +517,9 @@ def _write_html_report(
 ) -> None:
     from .htmlreport import write_html
 
+    if not html_file.name or (html_file.exists() and not html_file.is_file()):
+        click.echo(f"error: --html needs a file to write, not {str(html_file)!r}", err=True)
+        sys.exit(2)
     bar: Any = None
     if sys.stderr.isatty():
         from rich.progress import Progress

@@ -18,6 +18,7 @@ import hashlib
 import html
 import io
 import math
+import re
 import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,11 @@ from .pricing import PriceTable
 from .report import Report, _time, build_report, ledger_paths
 
 THUMB_PX = 256
+MOST_PIXELS = 50_000_000  # larger images get no thumbnail (decoding one would take GBs)
+MOST_SVG_BYTES = 256 << 10  # an SVG larger than this is not copied (no picture)
+MOST_OPTIONS = 50  # a filter with more values than this is a text box, not a list
+MOST_KEYS = 30  # metadata keys offered as filters
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 THUMB_QUALITY = 70
 CHUNK = 500  # gallery rows per script chunk (one page of the gallery)
 EXAMPLES = 3  # examples shown per failure code
@@ -48,7 +54,7 @@ class _Image:
 
     sha256: str
     fmt: str
-    source: Path | tuple[Path, str]  # a loose file, or (shard, member)
+    source: Path | tuple[Path, str] | None  # a loose file, (shard, member), or gone
     row: dict[str, Any]
 
 
@@ -74,6 +80,7 @@ def write_html(
 ) -> dict[str, Any]:
     """Write the page (and its folder); what it holds, for the caller's message."""
     report = build_report(targets, by, prices)
+    via = build_report(targets, ["via"], prices)  # spend by online / batch, billed lines all
     paths = ledger_paths(targets)
     last: dict[str, tuple[Path, LedgerRecord]] = {}
     timeline = _Timeline()
@@ -86,13 +93,13 @@ def write_html(
     (folder / "thumbs").mkdir(parents=True, exist_ok=True)
     images = list(_images(last.values()))
     made = _thumbnails(images, folder, progress, threads)
-    for image in images:  # an image Pillow could not read: its card shows no picture
-        if not (folder / image.row["thumb"]).exists():
+    for image in images:  # gone, or not a picture Pillow reads: its card shows none
+        if image.source is None or not (folder / image.row["thumb"]).exists():
             image.row["thumb"] = None
     rows = [image.row for image in images]
     rows += [_failed_row(r) for _, r in last.values() if r.get("status") != "ok"]
     chunks = _write_chunks(rows, folder)
-    page = _page(report, last, timeline, rows, chunks, folder.name, by)
+    page = _page(report, via, last, timeline, rows, chunks, folder.name, by)
     tmp = out_file.with_name(out_file.name + ".part")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out_file)
@@ -128,25 +135,31 @@ def _fill_timeline(timeline: _Timeline, records: Iterator[LedgerRecord]) -> None
 
 
 def _images(records: Any) -> Iterator[_Image]:
-    """Every image of every ok item, with where its bytes are (loose, or in a shard)."""
+    """Every image of every ok item, with where its bytes are (loose, or in a shard; None if
+    gone). Only files inside the output directory, under a real sha256, are read."""
     packed: dict[str, tuple[Path, str]] | None = None
     for ledger, record in records:
-        if record.get("status") != "ok":
+        files, digests = record.get("files"), record.get("sha256")
+        if record.get("status") != "ok" or not isinstance(files, list):
             continue
-        out = ledger.parent
-        files, digests = record.get("files") or [], record.get("sha256") or []
-        for index, (name, digest) in enumerate(zip(files, digests, strict=False)):
+        out = ledger.parent.resolve()
+        digests = digests if isinstance(digests, list) else []
+        for index, name in enumerate(files):
+            digest = digests[index] if index < len(digests) else None
             if not isinstance(name, str) or not isinstance(digest, str):
                 continue
-            loose = out / name
-            source: Path | tuple[Path, str] | None = loose if loose.is_file() else None
-            if source is None:
-                if packed is None:
-                    packed = _shard_members(out)
-                source = packed.get(digest)
-            if source is None:
-                continue  # gone: `batchimg verify` says so
-            fmt = name.rsplit(".", 1)[-1].lower()
+            if not _DIGEST.fullmatch(digest):
+                digest = hashlib.sha256(f"{record['id']}/{index}".encode()).hexdigest()
+                source: Path | tuple[Path, str] | None = None  # not one: nothing to show
+            else:
+                loose = (out / name).resolve()
+                inside = loose.is_relative_to(out)
+                source = loose if inside and loose.is_file() else None
+                if source is None and inside:
+                    if packed is None:
+                        packed = _shard_members(out)
+                    source = packed.get(digest)
+            fmt = name.rsplit(".", 1)[-1].lower()[:8]
             yield _Image(digest, fmt, source, _row(record, index, digest, fmt))
 
 
@@ -168,20 +181,37 @@ def _shard_members(out: Path) -> dict[str, tuple[Path, str]]:
     return found
 
 
-def _row(record: LedgerRecord, index: int, digest: str, fmt: str) -> dict[str, Any]:
+def _scalar(value: Any) -> Any:
+    """A ledger value as the page shows it: a string, number, true/false or null as it is,
+    anything else (a list, an object) as its JSON text."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS, default=str).decode()
+
+
+def _base_row(record: LedgerRecord) -> dict[str, Any]:
+    metadata = record.get("metadata")
     return {
         "id": record["id"],
+        "prompt": _scalar(record.get("prompt")),
+        "model": _scalar(record.get("model")),
+        "size": _scalar(record.get("size")),
+        "quality": _scalar(record.get("quality")),
+        "cost": amount(record.get("cost_usd")),
+        "via": _scalar(record.get("via") or "online"),
+        "line": _scalar(record.get("line")),
+        "metadata": {str(k): _scalar(v) for k, v in metadata.items()}
+        if isinstance(metadata, dict)
+        else {},
+    }
+
+
+def _row(record: LedgerRecord, index: int, digest: str, fmt: str) -> dict[str, Any]:
+    return {
+        **_base_row(record),
         "i": index,
         "status": "ok",
-        "prompt": record.get("prompt"),
-        "model": record.get("model"),
-        "size": record.get("size"),
-        "quality": record.get("quality"),
         "format": fmt,
-        "cost": record.get("cost_usd"),
-        "via": record.get("via") or "online",
-        "line": record.get("line"),
-        "metadata": record.get("metadata") if isinstance(record.get("metadata"), dict) else {},
         "thumb": f"thumbs/{digest}.{'svg' if fmt == 'svg' else 'webp'}",
     }
 
@@ -189,18 +219,10 @@ def _row(record: LedgerRecord, index: int, digest: str, fmt: str) -> dict[str, A
 def _failed_row(record: LedgerRecord) -> dict[str, Any]:
     error: Any = record.get("error")
     return {
-        "id": record["id"],
+        **_base_row(record),
         "i": 0,
         "status": "error",
-        "prompt": record.get("prompt"),
-        "model": record.get("model"),
-        "size": record.get("size"),
-        "quality": record.get("quality"),
-        "format": record.get("output_format"),
-        "cost": record.get("cost_usd"),
-        "via": record.get("via") or "online",
-        "line": record.get("line"),
-        "metadata": record.get("metadata") if isinstance(record.get("metadata"), dict) else {},
+        "format": _scalar(record.get("output_format")),
         "error": f"{error.get('code')}: {error.get('message')}" if isinstance(error, dict) else "",
         "thumb": None,
     }
@@ -211,37 +233,47 @@ def _thumbnails(images: list[_Image], folder: Path, progress: Progress | None, t
     todo = {}
     for image in images:
         target = folder / image.row["thumb"]
-        if not target.exists():
+        if image.source is not None and not target.exists():
             todo[target] = image
-    done = 0
+    done = made = 0
     if progress is not None:
         progress(0, len(todo))
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for _ in pool.map(lambda kv: _thumbnail(kv[1], kv[0]), todo.items()):
+        for ok in pool.map(lambda kv: _thumbnail(kv[1], kv[0]), todo.items()):
             done += 1
+            made += ok
             if progress is not None:
                 progress(done, len(todo))
-    return done
+    return made
 
 
-def _thumbnail(image: _Image, target: Path) -> None:
-    data = _read(image.source)
+def _thumbnail(image: _Image, target: Path) -> bool:
+    """Write one thumbnail; False (the card shows no picture) for what cannot be one."""
+    assert image.source is not None
     part = target.with_name(target.name + ".part")
-    if image.fmt == "svg":  # copied, never inlined: shown through <img>, where script is inert
-        part.write_bytes(data)
-        part.replace(target)
-        return
-    from PIL import Image  # Pillow: only for pages with images
-
     try:
+        data = _read(image.source)
+        if image.fmt == "svg":  # copied, never inlined: shown through <img>, script inert
+            if len(data) > MOST_SVG_BYTES:
+                return False
+            part.write_bytes(data)
+            part.replace(target)
+            return True
+        from PIL import Image  # Pillow: only for pages with images
+
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MOST_PIXELS:
+                return False  # a bomb, or a poster: decoding it would take gigabytes
+            im.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decoded small to begin with
             im.seek(0)  # an animated gif: its first frame
             frame = im.convert("RGBA" if im.mode in ("RGBA", "LA", "P") else "RGB")
             frame.thumbnail((THUMB_PX, THUMB_PX))
             frame.save(part, "WEBP", quality=THUMB_QUALITY, method=4)
-    except (OSError, ValueError, SyntaxError):
-        return  # not an image Pillow reads: the card shows no picture
+    except Exception:  # any image that cannot be read is only not shown
+        part.unlink(missing_ok=True)
+        return False
     part.replace(target)
+    return True
 
 
 def _read(source: Path | tuple[Path, str]) -> bytes:
@@ -278,6 +310,7 @@ def _usd(value: float | None) -> str:
 
 def _page(
     report: Report,
+    via: Report,
     last: dict[str, tuple[Path, LedgerRecord]],
     timeline: _Timeline,
     rows: list[dict[str, Any]],
@@ -287,9 +320,7 @@ def _page(
 ) -> str:
     total = report.total.as_json()
     records = [r for _, r in last.values()]
-    via_cost: dict[str, float] = defaultdict(float)
-    for record in records:
-        via_cost[str(record.get("via") or "online")] += amount(record.get("cost_usd")) or 0.0
+    via_cost = {str(g.key.get("via")): g.cost_usd for g in via.groups.values()}
     first, finish = report.total.first_started, report.total.last_finished
     wall = (finish - first).total_seconds() if first and finish else None
     tiles = [
@@ -312,16 +343,21 @@ def _page(
         [(" / ".join(str(v) for v in key.values()), g["cost_usd"]) for key, g in groups]
     )
     step = timeline.bucket_s
-    per_minute = Counter({k: v * 60 / step for k, v in timeline.images.items()})
     n = 1 + max((*timeline.images, *timeline.limited, *timeline.cost), default=0)
     when = (  # one time axis for the three
-        _line_chart("images per minute", per_minute, step, n)
+        _line_chart(f"images (per {step:g} s)", timeline.images, step, n)
         + _line_chart(f"429s (per {step:g} s)", timeline.limited, step, n)
         + _line_chart("cumulative cost (USD)", _cumulative(timeline.cost), step, n)
         + _histogram([r.get("latency_s") for r in records])
     )
     failures = _failures(records)
     filters = _filters(rows)
+    filled = {
+        "__FOLDER__": orjson.dumps(folder).decode().replace("<", "\\u003c"),
+        "__CHUNKS__": str(chunks),
+        "__CHUNK__": str(CHUNK),
+    }
+    script = re.sub(r"__FOLDER__|__CHUNKS__|__CHUNK__", lambda m: filled[m[0]], _asset("report.js"))
     return _asset("report.html").format(
         tiles=tile_html,
         money=money or "<p>Give <code>--by FIELD</code> to see the cost by group.</p>",
@@ -332,10 +368,7 @@ def _page(
         chunks=chunks,
         rows=len(rows),
         css=_asset("report.css"),
-        js=_asset("report.js")
-        .replace("__FOLDER__", orjson.dumps(folder).decode())
-        .replace("__CHUNKS__", str(chunks))
-        .replace("__CHUNK__", str(CHUNK)),
+        js=script,
     )
 
 
@@ -382,7 +415,8 @@ def _cumulative(per_minute: Counter[int]) -> Counter[int]:
 def _line_chart(title: str, series: Counter[int], step_s: float = 60.0, n: int = 0) -> str:
     minutes = max(n, max(series, default=0) + 1)
     points = [(m, float(series.get(m, 0))) for m in range(minutes)]
-    most = max((v for _, v in points), default=0.0) or 1.0
+    peak = max((v for _, v in points), default=0.0)
+    most = peak or 1.0
     width, height = 360, 120
     xs = [20 + (width - 30) * (m / max(1, minutes - 1)) for m, _ in points]
     ys = [height - 20 - (height - 35) * v / most for _, v in points]
@@ -396,7 +430,8 @@ def _line_chart(title: str, series: Counter[int], step_s: float = 60.0, n: int =
         for (m, v), x, y in zip(points, xs, ys, strict=True)
     )
     return (
-        f'<figure class="small"><figcaption>{_e(title)} (max {_num(most)})</figcaption>'
+        f'<figure class="small"><figcaption>{_e(title)} '
+        f"({'max ' + _num(peak) if peak else 'none'})</figcaption>"
         f'<svg class="chart" viewBox="0 0 {width} {height}" role="img">'
         f'<line x1="20" y1="{height - 20}" x2="{width - 10}" y2="{height - 20}" class="axis"/>'
         f'<path d="{path}" class="line"/>{dots}'
@@ -464,27 +499,40 @@ def _failures(records: list[LedgerRecord]) -> str:
     return "".join(parts)
 
 
+def _js_text(value: Any) -> str:
+    """A value as the page's script writes it (`String(v)`, JSON for objects)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _filters(rows: list[dict[str, Any]]) -> str:
-    def options(name: str, values: set[Any]) -> str:
-        opts = "".join(
-            f'<option value="{_e(v)}">{_e(v)}</option>' for v in sorted(map(str, values))
-        )
+    """A list for each field of few values, a text box (contains) for one of many."""
+
+    def control(name: str, values: set[str]) -> str:
+        label = _e(name if len(name) <= 40 else name[:39] + "…")
+        if len(values) > MOST_OPTIONS:
+            return (f'<label>{label} <input type="search" placeholder="contains" '
+                    f'data-filter="{_e(name)}"></label>')  # fmt: skip
+        opts = "".join(f'<option value="{_e(v)}">{_e(v[:60])}</option>' for v in sorted(values))
         return (
-            f'<label>{_e(name)} <select data-filter="{_e(name)}"><option value="">all</option>'
+            f'<label>{label} <select data-filter="{_e(name)}"><option value="">all</option>'
             f"{opts}</select></label>"
         )
 
-    keys = sorted({k for r in rows for k in r["metadata"]})
+    def values(name: str) -> set[str]:
+        return {_js_text(r.get(name)) for r in rows if r.get(name) is not None}
+
+    keys = sorted({k for r in rows for k in r["metadata"]})[:MOST_KEYS]
     meta = "".join(
-        options(f"metadata.{k}", {r["metadata"].get(k) for r in rows if k in r["metadata"]})
-        for k in keys[:8]
+        control(f"metadata.{k}", {_js_text(r["metadata"][k]) for r in rows if k in r["metadata"]})
+        for k in keys
     )
-    return (
-        options("status", {r["status"] for r in rows})
-        + options("model", {r["model"] for r in rows if r["model"]})
-        + options("quality", {r["quality"] for r in rows if r["quality"]})
-        + meta
-    )
+    return "".join(control(name, values(name)) for name in ("status", "model", "quality")) + meta
 
 
 def _asset(name: str) -> str:

@@ -32,7 +32,7 @@ HOSTILE = (
 
 LINES = [
     {"id": "fox", "prompt": "a fox", "model": "gpt-image-2", "quality": "low",
-     "metadata": {"split": "train", "style": "ink"}},
+     "metadata": {"split": "train", "style": "ink", "flag": True, "tags": ["a", "b"]}},
     {"id": "owl", "prompt": "an owl", "model": "gpt-image-2", "quality": "medium", "n": 2,
      "metadata": {"split": "val", "style": "ink"}},
     {"id": "kite", "prompt": "a kite", "model": "gpt-image-2.6-flare", "quality": "low",
@@ -149,6 +149,7 @@ async def test_the_page_in_a_real_browser(
     assert seen["pwned"] is None and seen["handlers"] == 0  # the hostile text stayed text
     assert seen["failed"] == 1 and seen["failed_status"] == ["error"]
     assert seen["flat"] == 3  # metadata.style = flat: kite, icon, spin
+    assert seen["flagged"] == ["fox"]
     assert seen["images_loaded"] >= 6  # thumbnails (webp, svg via <img>) decoded
     with Image.open(shot) as im:
         assert im.format == "PNG" and im.width >= 1000
@@ -193,7 +194,51 @@ def browse(page_file: Path, shot: Path) -> dict[str, Any]:
             page.select_option('select[data-filter="metadata.style"]', "flat")
             page.wait_for_function("document.querySelectorAll('.card').length === 3")
             seen["flat"] = page.locator(".card").count()
+            page.select_option('select[data-filter="metadata.style"]', "")
+            page.select_option('select[data-filter="metadata.flag"]', "true")  # not a string
+            page.wait_for_function("document.querySelectorAll('.card').length === 1")
+            seen["flagged"] = page.locator(".card .id").all_inner_texts()
             seen["errors"] = errors
             return seen
         finally:
             browser.close()
+
+
+def test_a_hostile_ledger_neither_scripts_nor_escapes_the_page(tmp_path: Path) -> None:
+    """Ledger lines written by hand, as a hostile or broken tool could: a sha256 that is not
+    one, a file outside the output directory, an image too large to decode, metadata of every
+    type and a key with a value per item. The page is made, small, and nothing leaks into it."""
+    from PIL import Image
+
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(out / "images" / "a.png")
+    Image.new("1", (20_000, 10_000)).save(out / "images" / "bomb.png")  # 200 MP, a few KB
+    (tmp_path / "secret.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'>secret</svg>")
+
+    def ok(id_: str, name: str, digest: str, **extra: Any) -> dict[str, Any]:
+        return {"id": id_, "status": "ok", "prompt": "p", "model": "m", "files": [name],
+                "sha256": [digest], "bytes": [1], "cost_usd": 0.01, **extra}  # fmt: skip
+
+    real = hashlib.sha256((out / "images" / "a.png").read_bytes()).hexdigest()
+    lines = [
+        ok("quote", "images/a.png", 'x" onerror="window.__pwned=1" y="'),
+        ok("escape", "../secret.svg", "f" * 64),
+        ok("bomb", "images/bomb.png", "e" * 64),
+        ok("odd", "images/a.png", real, model=["a", "list"], metadata={"flag": None, "d": {}}),
+        {"id": "files-int", "status": "ok", "files": 5, "sha256": 5},
+        *(ok(f"u{i}", "images/a.png", real, metadata={"caption": f"c{i}"}) for i in range(60)),
+    ]
+    (out / "ledger.jsonl").write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    page_file = out / "report.html"
+    built = run_cli("report", str(out), "--html", str(page_file))
+    assert built.returncode == 0, built.stderr
+    folder = out / "report_files"
+    thumbs = {p.name for p in (folder / "thumbs").iterdir()}
+    assert thumbs == {f"{real}.webp"}  # not the quote, not the secret, not the bomb
+    assert not list(tmp_path.glob("*.webp")) and "secret" not in page_file.read_text()
+    page = page_file.read_text()
+    assert 'type="search"' in page and 'data-filter="metadata.caption"' in page  # 60 values
+    assert len(page) < 60_000
+    rows = orjson.loads(next(folder.glob("rows-*.js")).read_text()[len("batchimgRows(0,") : -3])
+    assert {r["id"]: r["thumb"] for r in rows}["quote"] is None
