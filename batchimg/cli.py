@@ -667,11 +667,18 @@ def _show_batches(rows: list[dict[str, Any]], fmt: str, empty: str) -> None:
     click.echo("\n".join(render_rows(header, [*cells, total], numeric_from=4)))
 
 
-def _rate(flag: str, what: str) -> Callable[[FC], FC]:
+def _rate(flag: str, what: str, of: str = "requests") -> Callable[[FC], FC]:
     return click.option(
         flag, type=click.FloatRange(0, 1), default=0.0, show_default=True,
-        help=f"Fraction {what}." if what.startswith("of ") else f"Fraction of requests {what}.",
+        help=f"Fraction of {of} {what}.",
     )  # fmt: skip
+
+
+def _seconds(flag: str, dest: str, default: float, what: str) -> Callable[[FC], FC]:
+    """A mock option that is a duration (the MockConfig field `dest`)."""
+    return click.option(
+        flag, dest, type=click.FloatRange(min=0), default=default, show_default=True, help=what
+    )
 
 
 @cli.command()
@@ -685,14 +692,7 @@ def _rate(flag: str, what: str) -> Callable[[FC], FC]:
 )
 @click.option("--api-key", help="Accept only this bearer key (default: any non-empty key).")
 @click.option("--no-auth", is_flag=True, help="Accept requests without any key.")
-@click.option(
-    "--latency",
-    "latency_s",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="Seconds added to every image request.",
-)
+@_seconds("--latency", "latency_s", 0.0, "Seconds added to every image request.")
 @_rate("--rate-limit-rate", "answered 429 rate_limit_exceeded")
 @_rate("--error-rate", "answered 500 server_error")
 @_rate("--html-error-rate", "answered 502 with an HTML page, as proxies do")
@@ -700,22 +700,8 @@ def _rate(flag: str, what: str) -> Callable[[FC], FC]:
 @_rate("--drop-rate", "whose connection is closed with no answer")
 @_rate("--slow-rate", "answered only after --slow seconds")
 @_rate("--datauri-rate", "whose b64_json carries a data: URI prefix")
-@click.option(
-    "--slow",
-    "slow_s",
-    type=click.FloatRange(min=0),
-    default=5.0,
-    show_default=True,
-    help="Seconds a --slow-rate answer is held back.",
-)
-@click.option(
-    "--retry-after",
-    "retry_after_s",
-    type=click.FloatRange(min=0),
-    default=0.05,
-    show_default=True,
-    help="Seconds a 429 asks the client to wait.",
-)
+@_seconds("--slow", "slow_s", 5.0, "Seconds a --slow-rate answer is held back.")
+@_seconds("--retry-after", "retry_after_s", 0.05, "Seconds a 429 asks the client to wait.")
 @click.option(
     "--retry-after-style",
     type=click.Choice(["both", "ms", "seconds", "date", "mixed", "none"]),
@@ -756,31 +742,10 @@ def _rate(flag: str, what: str) -> Callable[[FC], FC]:
     help="Serve photo-sized images (~2.5 MB PNG at 1024x1024) instead of tiny flat "
     "ones, for payload benchmarks.",
 )
-@click.option(
-    "--batch-validate",
-    "batch_validate_s",
-    type=click.FloatRange(min=0),
-    default=0.05,
-    show_default=True,
-    help="Seconds a batch spends validating.",
-)
-@click.option(
-    "--batch-line",
-    "batch_line_s",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="Seconds each line of a batch takes (lines run one by one).",
-)
-@click.option(
-    "--batch-finalize",
-    "batch_finalize_s",
-    type=click.FloatRange(min=0),
-    default=0.05,
-    show_default=True,
-    help="Seconds a batch spends finalizing.",
-)
-@_rate("--batch-error-rate", "of batch lines answered 500 server_error")
+@_seconds("--batch-validate", "batch_validate_s", 0.05, "Seconds a batch spends validating.")
+@_seconds("--batch-line", "batch_line_s", 0.0, "Seconds each line of a batch takes (one by one).")
+@_seconds("--batch-finalize", "batch_finalize_s", 0.05, "Seconds a batch spends finalizing.")
+@_rate("--batch-error-rate", "answered 500 server_error", of="batch lines")
 @click.option(
     "--batch-expire-after-lines",
     type=click.IntRange(min=0),
