@@ -143,6 +143,16 @@ async def test_an_upload_whose_answer_is_lost_is_found_not_made_twice(
     check_batch_ledger(tmp_path / "out", server, 3)
 
 
+async def test_the_manifests_warnings_are_said_as_online(
+    tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
+) -> None:
+    manifest = write_manifest([*lines(2), *lines(1, prefix="x", model="my-own-model")])
+    server = await start_mock(api_key=TEST_KEY, **QUICK)
+    summary = await run(manifest, tmp_path / "out", server, **BATCH)
+    assert summary.ok == 2
+    assert [w for w in summary.warnings if "'my-own-model' has no request rules" in w]
+
+
 async def test_moderation_fails_its_item_after_one_line_with_the_apis_words(
     tmp_path: Path, start_mock: StartMock, write_manifest: Callable[..., Path]
 ) -> None:

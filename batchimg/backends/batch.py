@@ -21,6 +21,7 @@ import anyio.to_thread
 import orjson
 
 from ..errors import ErrorInfo, StorageError, TransportError, classify
+from ..stores.local import fsync_file
 from .online import ERROR_BODY_BYTES, ClientConfig, OnlineBackend, _read_capped, _transport_error
 
 #: The most of a JSON answer (a batch, a listing) that is read.
@@ -114,7 +115,7 @@ class BatchAPI:
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         size += len(chunk)
                         await anyio.to_thread.run_sync(fh.write, chunk)
-                    await anyio.to_thread.run_sync(_flush_sync, fh)
+                    await anyio.to_thread.run_sync(fsync_file, fh)
                 finally:
                     fh.close()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -169,11 +170,6 @@ class BatchAPI:
             )
             raise TransportError(info)
         return parsed
-
-
-def _flush_sync(fh: Any) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
 
 
 def _loads(body: bytes) -> Any:

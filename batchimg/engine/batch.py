@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -54,9 +54,10 @@ from ..errors import (
 )
 from ..inputs import InputFile
 from ..ledger import LedgerRecord, LedgerState, attempt_of, read_ledger
-from ..manifest import BadLine, Item, read_manifest
+from ..manifest import BadLine, Item
 from ..pricing import input_bound
 from ..stores import Store
+from ..stores.local import fsync_file, fsync_path
 from ..writer import check_image, decode_b64_image
 from .batchstate import BatchFile, BatchState, Entry, item_json, read_items
 from .events import ProgressCallback, ProgressEvent
@@ -601,7 +602,7 @@ class BatchEngine(Engine):
         control, summary = self.control, self.summary
         files: dict[tuple[str, str], _Open] = {}
         try:
-            for count, entry in enumerate(self._manifest()):
+            for count, entry in enumerate(self._entries(warn=first)):
                 if count % 256 == 0:
                     await anyio.lowlevel.checkpoint()
                 if isinstance(entry, BadLine):
@@ -640,7 +641,7 @@ class BatchEngine(Engine):
 
         async def produce() -> None:
             async with send:
-                for entry in self._manifest():
+                for entry in self._entries(warn=False):
                     if isinstance(entry, Item) and entry.id in ids:
                         self._finished.add(entry.id)
                         await send.send(entry)
@@ -744,15 +745,16 @@ class BatchEngine(Engine):
         """Close an input file, announce it (state, then a `sent` line per request), and
         upload it and make it a batch."""
         path, items = self.state.input_path(f.name), self.state.items_path(f.name)
-        await anyio.to_thread.run_sync(_close_synced, f.fh)
-        await anyio.to_thread.run_sync(_close_synced, f.items_fh)
+        for fh in (f.fh, f.items_fh):
+            with fh:
+                await anyio.to_thread.run_sync(fsync_file, fh)
         if not f.entries:
             _part(path).unlink(missing_ok=True)
             _part(items).unlink(missing_ok=True)
             return
         _part(path).replace(path)
         _part(items).replace(items)
-        _sync_dir(path.parent)
+        fsync_path(str(path.parent), os.O_DIRECTORY)
         at = now()
         self.state.append(
             {
@@ -891,15 +893,6 @@ class BatchEngine(Engine):
             return
         self.control.warn(f"{what}: {exc}; left for the next look (or run)")
 
-    def _manifest(self) -> Iterable[Item | BadLine]:
-        return read_manifest(
-            self.config.manifest,
-            self.config.options.defaults,
-            catalog=self.sink.catalog,
-            inputs_dir=self.config.inputs_dir,
-            warn=self.control.warn if self._first_pass else None,
-        )
-
 
 class _Held:
     """Bytes of lines being collected, bounded (one line is always let through)."""
@@ -944,20 +937,6 @@ def _decode(data: list[dict[str, Any]], expected: str) -> list[bytes]:
         check_image(image, expected)
         images.append(image)
     return images
-
-
-def _close_synced(fh: IO[bytes]) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
-    fh.close()
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _abandon(f: _Open, state: BatchState) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Awaitable, Callable, Container, Iterator
 
 import anyio
 import anyio.lowlevel
@@ -279,14 +279,7 @@ class Engine:
     async def _produce(self, send: MemoryObjectSendStream[Item]) -> None:
         control, summary, done = self.control, self.summary, self._done
         async with send:
-            entries = read_manifest(
-                self.config.manifest,
-                self.config.options.defaults,
-                catalog=self.sink.catalog,
-                warn=control.warn,
-                inputs_dir=self.config.inputs_dir,
-            )
-            for count, entry in enumerate(entries):
+            for count, entry in enumerate(self._entries()):
                 if count % 256 == 0:
                     await anyio.lowlevel.checkpoint()
                 if control.stopping:
@@ -308,6 +301,16 @@ class Engine:
                     )
                 else:
                     await send.send(entry)
+
+    def _entries(self, *, warn: bool = True) -> Iterator[Item | BadLine]:
+        """The manifest, streamed (`warn`: say its warnings, each once, to the person)."""
+        return read_manifest(
+            self.config.manifest,
+            self.config.options.defaults,
+            catalog=self.sink.catalog,
+            warn=self.control.warn if warn else None,
+            inputs_dir=self.config.inputs_dir,
+        )
 
     def _count_entries(self) -> int:
         return sum(1 for _ in manifest_lines(self.config.manifest))

@@ -8,7 +8,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 TEMP_DIR = ".tmp"  # the temp area, hidden from dataset loaders (same filesystem: put renames)
 ORPHANS_DIR = ".orphans"  # where files found under a name being put are set aside
@@ -103,6 +103,12 @@ class LocalStore:
         orphans.mkdir(exist_ok=True)
         target = orphans / f"{final.stem}.{uuid.uuid4().hex[:8]}{final.suffix}"
         os.replace(final, target)
+
+
+def fsync_file(fh: IO[bytes]) -> None:
+    """Flush an open file and fsync it (it stays open)."""
+    fh.flush()
+    os.fsync(fh.fileno())
 
 
 def fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
