@@ -108,7 +108,6 @@ class BatchEngine(Engine):
         sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(config, backend, store, progress=progress, sleep=sleep)
-        self.sleep = sleep  # an injected clock for the waits between looks (tests)
         self.online_backend = backend
         self.api = BatchAPI(backend, backend.config)
         self.batch_prices = self.prices.batch()

@@ -70,6 +70,7 @@ class Engine:
         budget: Budget | None = None,
     ) -> None:
         self.config = config
+        self.sleep = sleep  # an injected clock for waits (retries; a batch's looks), or None
         options = config.options
         self.store = store
         catalog = config.catalog or Catalog.default()
