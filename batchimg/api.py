@@ -23,7 +23,9 @@ from .options import RunOptions
 from .outdir import check_output
 from .pricing import PriceTable
 from .report import ledger_paths
-from .stores import Store, open_store
+from .stores import ObjectStore, Store, is_url, local_path, open_store
+from .stores.objects import check_store
+from .stores.remote import RemoteOutput
 
 
 def check_manifest(path: Path) -> None:
@@ -53,14 +55,30 @@ async def arun(
     (before sending anything) for a bad option, a missing key, an unreadable manifest or output
     directory, or (against OpenAI itself) a model past its shutdown date. `options.api_key` wins
     over the environment; `options.mock` runs against an embedded mock server and needs no key.
-    `manifest` may be `-` (standard input) or a pipe; `inputs_dir` is where edit inputs are
+    `out` may be a URL (`s3://bucket/prefix`, `gs://...`; `options.state_dir` is then where
+    the run's local state goes). `manifest` may be `-` (standard input) or a pipe; `inputs_dir`
+    is where edit inputs are
     (default: the manifest's directory; for standard input, the current one). `progress`
     receives `ProgressEvent`s; `handle_signals` lets Ctrl-C stop the run gracefully. `store`:
     where the images go, if not the directory `out` itself (a `Store` of your own).
     """
     options = options or RunOptions()
     with materialized(manifest) as (manifest, found_dir):
-        out = Path(out)
+        remote = None
+        if is_url(out):
+            if store is not None:
+                raise UsageError("give either an output URL or a store, not both")
+            if options.batch_api:
+                raise UsageError(
+                    "--batch-api keeps its batches' state in the output directory: give a "
+                    "local --out (object storage takes online runs only)"
+                )
+            store = open_store(out, options.state_dir)  # exit 2 for a missing extra
+            assert isinstance(store, ObjectStore)
+            out = store.state_dir  # the local side: the ledger's working copy, the lock
+        elif options.state_dir is not None:
+            raise UsageError("--state is for an --out URL (s3://...): a local --out is its own")
+        out = local_path(out)
         check_manifest(manifest)
         the_catalog = load_run_catalog(options.catalog, options.prices)
         defaults = options.defaults
@@ -86,6 +104,9 @@ async def arun(
                 "that batchimg speaks"
             )
         check_output(out)  # before anything is sent: exit 2 if it cannot keep what it buys
+        if isinstance(store, ObjectStore):
+            await anyio.to_thread.run_sync(check_store, store)
+            remote = RemoteOutput(store, out, options.upload_every_s)
         store = store or open_store(out)
         async with open_backend(config, target, store.temp_dir) as backend:
             checked = (
@@ -97,7 +118,7 @@ async def arun(
             engine = (
                 BatchEngine(config, backend, store, progress=progress, sleep=sleep)
                 if options.batch_api
-                else Engine(config, backend, store, progress=progress, sleep=sleep)
+                else Engine(config, backend, store, progress=progress, sleep=sleep, remote=remote)
             )
             for line in checked:
                 engine.warn(line)

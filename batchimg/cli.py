@@ -167,8 +167,9 @@ def _shared_option(name: str, help_text: str | None = None) -> Callable[[FC], FC
     "--out",
     "out",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Output directory: images/ and ledger.jsonl go here. Re-use it to resume.",
+    metavar="DIR_OR_URL",
+    help="Output directory (images/ and ledger.jsonl go here), or a bucket's URL "
+    "(s3://bucket/prefix, gs://...; pip install 'batchimg[s3]'). Re-use it to resume.",
 )
 @run_options
 @click.option(
@@ -194,7 +195,7 @@ def _shared_option(name: str, help_text: str | None = None) -> Callable[[FC], FC
 )
 def run(
     manifest: Path,
-    out: Path,
+    out: str,
     options: RunOptions,
     quiet: bool,
     log_every_s: float,
@@ -257,7 +258,8 @@ def summary_json(summary: Summary) -> dict[str, Any]:
         "unpriced_extra_usage": s.unpriced_extra, "warnings": s.warnings,
         "unknown_cost_answers": s.unknown_costs,
         "unknown_cost_bound_usd": round(s.cost_bound_usd, 6),
-        "ledger": str(s.ledger_path), "images_at": str(s.images_at or s.out_dir / "images"),
+        "ledger": s.ledger_at or str(s.ledger_path), "parked": s.parked,
+        "images_at": str(s.images_at or s.out_dir / "images"),
         "exit_code": s.exit_code,
     }  # fmt: skip
 
@@ -268,11 +270,12 @@ def format_summary(summary: Summary, *, warnings_shown: bool = True) -> str:
     lines = [
         f"batchimg: {s.ok} ok, {s.failed} failed, {s.skipped} already done"
         + (f", {s.not_attempted} not attempted" if s.not_attempted else "")
-        + (f", {s.pending} pending" if s.pending else ""),
+        + (f", {s.pending} pending" if s.pending else "")
+        + (f", {s.parked} parked (uploaded by the next run)" if s.parked else ""),
         f"  images: {s.images}   tokens: {s.input_tokens:,} in / {s.output_tokens:,} out"
         f"   cost: ${s.cost_usd:.4f}" + (f" (+{s.unpriced} unpriced)" if s.unpriced else ""),
         f"  wall time: {s.wall_s:.1f} s   images: {s.images_at or s.out_dir / 'images'}"
-        f"   ledger: {s.ledger_path}",
+        f"   ledger: {s.ledger_at or s.ledger_path}",
     ]
     # Limits learned from headers are said only when they bit (every answer carries them).
     if s.limiter is not None and (s.limiter.rate_limited or s.limiter.paused_s > 0):
@@ -547,13 +550,13 @@ def _write_html_report(
 
 
 @cli.command()
-@click.argument("out", type=click.Path(path_type=Path), metavar="DIR")
+@click.argument("out", metavar="DIR_OR_URL")
 @click.option(
     "--repair",
     is_flag=True,
     help="Mark each broken item failed in the ledger, so the next run makes it again.",
 )
-def verify(out: Path, repair: bool) -> None:
+def verify(out: str, repair: bool) -> None:
     """Check that every ok item in DIR still has its images, byte for byte (sha256).
 
     Prints each problem as DIR: ID (line N): what is wrong, then a summary. Exit status: 0 all

@@ -49,6 +49,24 @@ class Deferred(BatchimgError):
 class StorageError(BatchimgError):
     """Images or ledger lines cannot be written; nothing more can be kept, so stop."""
 
+    advice = "free space (or fix the output directory)"  # what a person does about it
+
+
+class ObjectRejected(StorageError):
+    """A store will not take one object (its key, its size): that item fails, the run goes on."""
+
+
+class StoreRefused(StorageError):
+    """A store refuses writes (permissions, bucket gone, credentials expired): stop the run.
+    `kept`: the files of the item being stored that were kept aside locally (parked) or are
+    in the store already, so the item's answer, paid for, is not lost."""
+
+    advice = "fix the store's access (credentials, permissions, the bucket)"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.kept: list[Any] = []
+
 
 @dataclass(frozen=True)
 class ErrorInfo:

@@ -20,6 +20,7 @@ from typing import Any
 from .catalog import Catalog
 from .manifest import BadLine, Defaults, read_manifest
 from .pricing import PriceTable
+from .stores.remote import shown_ledger
 from .tokens import GroupKey, TokenBook, request_group
 
 
@@ -160,7 +161,9 @@ def estimate_manifest(
     paths = ledger_files(ledgers)
     book = TokenBook.from_ledgers(paths, catalog)
     result = ManifestEstimate(
-        price_table=table.name, learned_from=[str(p) for p in paths], learned_groups=len(book)
+        price_table=table.name,
+        learned_from=[shown_ledger(p) for p in paths],
+        learned_groups=len(book),
     )
     entries = read_manifest(
         path, defaults, catalog=catalog, warn=result.warnings.append, inputs_dir=inputs_dir

@@ -26,13 +26,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 from .ledger import LedgerRecord, amount, is_state, read_ledger
 from .pricing import PriceTable
 from .report import Report, _time, build_report, ledger_paths
+from .stores import ObjectStore
+from .stores.remote import origin_of
 
 THUMB_PX = 256
 MOST_PIXELS = 50_000_000  # larger images get no thumbnail (decoding one would take GBs)
@@ -54,7 +56,7 @@ class _Image:
 
     sha256: str
     fmt: str
-    source: Path | tuple[Path, str] | None  # a loose file, (shard, member), or gone
+    source: Source | None  # None: gone
     row: dict[str, Any]
 
 
@@ -136,46 +138,96 @@ def _fill_timeline(timeline: _Timeline, records: Iterator[LedgerRecord]) -> None
 
 def _images(records: Any) -> Iterator[_Image]:
     """Every image of every ok item, with where its bytes are (loose, or in a shard; None if
-    gone). Only files inside the output directory, under a real sha256, are read."""
-    packed: dict[str, tuple[Path, str]] | None = None
+    gone). Only files inside the output (its directory, or its bucket's prefix), under a real
+    sha256, are read."""
+    packed: dict[Path, dict[str, Source]] = {}  # by ledger: its output's shard members
     for ledger, record in records:
         files, digests = record.get("files"), record.get("sha256")
         if record.get("status") != "ok" or not isinstance(files, list):
             continue
+        store = origin_of(ledger)
         out = ledger.parent.resolve()
         digests = digests if isinstance(digests, list) else []
         for index, name in enumerate(files):
             digest = digests[index] if index < len(digests) else None
             if not isinstance(name, str) or not isinstance(digest, str):
                 continue
+            source: Source | None = None
             if not _DIGEST.fullmatch(digest):
                 digest = hashlib.sha256(f"{record['id']}/{index}".encode()).hexdigest()
-                source: Path | tuple[Path, str] | None = None  # not one: nothing to show
-            else:
-                loose = (out / name).resolve()
-                inside = loose.is_relative_to(out)
-                source = loose if inside and loose.is_file() else None
+            else:  # not one: nothing to show
+                inside, source = _loose(out, store, name)
                 if source is None and inside:
-                    if packed is None:
-                        packed = _shard_members(out)
-                    source = packed.get(digest)
+                    if ledger not in packed:
+                        packed[ledger] = _shard_members(out, store)
+                    source = packed[ledger].get(digest)
             fmt = name.rsplit(".", 1)[-1].lower()[:8]
             yield _Image(digest, fmt, source, _row(record, index, digest, fmt))
 
 
-def _shard_members(out: Path) -> dict[str, tuple[Path, str]]:
-    """sha256 -> (shard, member) of every image packed in the directory's shards."""
-    found: dict[str, tuple[Path, str]] = {}
-    for shard in sorted((out / SHARDS).glob("*.tar")):
+def _loose(out: Path, store: ObjectStore | None, name: str) -> tuple[bool, Source | None]:
+    """Whether a file name is inside the output, and its loose copy (None: none)."""
+    if store is not None:
         try:
-            with tarfile.open(shard) as tar:
+            store.key(name)
+        except ValueError:
+            return False, None
+        return True, (_InBucket(store, name) if store.exists(name) else None)
+    loose = (out / name).resolve()
+    inside = loose.is_relative_to(out)
+    return inside, (loose if inside and loose.is_file() else None)
+
+
+@dataclass(frozen=True)
+class _InBucket:
+    """An image in a bucket: an object, or (start, end) a member's bytes inside a shard."""
+
+    store: ObjectStore
+    name: str
+    start: int | None = None
+    end: int | None = None
+
+    def read(self) -> bytes:
+        if self.start is None or self.end is None:
+            return self.store.read(self.name)
+        return self.store.read_range(self.name, self.start, self.end)
+
+
+Source = Path | tuple[Path, str] | _InBucket  # a loose file, (shard, member), or in a bucket
+
+
+def _open_shard(shard: Path | str, store: ObjectStore | None) -> BinaryIO:
+    if isinstance(shard, Path):
+        return open(shard, "rb")
+    assert store is not None
+    return store.open(shard)
+
+
+def _shard_members(out: Path, store: ObjectStore | None) -> dict[str, Source]:
+    """sha256 -> where it is, of every image packed in the output's shards."""
+    found: dict[str, Source] = {}
+    shards: list[Path | str] = (
+        [name for name in store.list(SHARDS) if name.endswith(".tar")]
+        if store is not None
+        else sorted((out / SHARDS).glob("*.tar"))
+    )
+    for shard in shards:
+        try:
+            with _open_shard(shard, store) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
                 for member in tar:
                     ext = member.name.rsplit(".", 1)[-1].lower()
                     if not member.isfile() or ext in ("json", "txt"):
                         continue
                     data = tar.extractfile(member)
-                    if data is not None:
-                        found[hashlib.sha256(data.read()).hexdigest()] = (shard, member.name)
+                    if data is None:
+                        continue
+                    digest = hashlib.sha256(data.read()).hexdigest()
+                    if isinstance(shard, Path):
+                        found[digest] = (shard, member.name)
+                    else:
+                        assert store is not None
+                        end = member.offset_data + member.size
+                        found[digest] = _InBucket(store, shard, member.offset_data, end)
         except (tarfile.TarError, OSError):
             continue
     return found
@@ -276,7 +328,9 @@ def _thumbnail(image: _Image, target: Path) -> bool:
     return True
 
 
-def _read(source: Path | tuple[Path, str]) -> bytes:
+def _read(source: Source) -> bytes:
+    if isinstance(source, _InBucket):
+        return source.read()
     if isinstance(source, Path):
         return source.read_bytes()
     shard, member = source

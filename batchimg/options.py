@@ -252,6 +252,25 @@ class RunOptions:
         type=click.IntRange(min=1),
     )
 
+    # -- output in object storage (--out s3://bucket/prefix) --
+    state_dir: Path | None = _flag(
+        None,
+        "--state",
+        help="With --out URL: the local directory for the run's state (the ledger's working "
+        "copy, files on their way up). [default: a directory in ~/.cache/batchimg keyed by "
+        "the URL]",
+        type=click.Path(path_type=Path, file_okay=False),
+        metavar="DIR",
+    )
+    upload_every_s: float = _flag(
+        10.0,
+        "--upload-every",
+        help="With --out URL: seconds between uploads of the ledger's new lines to the bucket "
+        "(also at the end, and on every stop).",
+        type=click.FloatRange(min=0.1),
+        metavar="S",
+    )
+
     # -- what manifest lines leave out (their flags: `cli.default_options`) --
     defaults: Defaults = field(default_factory=Defaults)
 

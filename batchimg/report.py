@@ -25,6 +25,8 @@ from .errors import UsageError
 from .estimate import render_rows
 from .ledger import LEDGER_NAME, LedgerRecord, amount, is_state, parse_record, unsettled_sends
 from .pricing import PriceTable, input_bound
+from .stores import is_url, local_path
+from .stores.remote import fetched_ledger
 from .usage import UsageProblem, read_usage
 
 GROUP_FIELDS = (
@@ -35,9 +37,14 @@ _BUCKET = math.log(1.02)  # latency histogram: 2 % wide buckets, so p95 is withi
 
 
 def ledger_paths(targets: Sequence[str | Path]) -> list[Path]:
-    """Each target is a run's output directory or a ledger file; UsageError if neither."""
+    """Each target is a run's output directory or a ledger file, or an output URL (its ledger
+    is read from the bucket into a local file, once per process); UsageError if neither."""
     paths = []
-    for target in map(Path, targets):
+    for given in targets:
+        if is_url(given):
+            paths.append(fetched_ledger(str(given)))
+            continue
+        target = local_path(given)
         path = target / LEDGER_NAME if target.is_dir() else target
         if not path.is_file():
             raise UsageError(f"no ledger at {str(path)!r} (give an output directory or a file)")

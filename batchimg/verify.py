@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import IO, BinaryIO
 
 from ._idset import IdSet, count_lines
 from .errors import UsageError
@@ -25,6 +26,8 @@ from .layouts.webdataset import SHARD_PREFIX, SHARDS_DIR, sample_key
 from .ledger import LEDGER_NAME, LedgerRecord, LedgerWriter, is_state
 from .outdir import exclusive
 from .report import read_backwards
+from .stores import ObjectStore, is_url, local_path
+from .stores.remote import fetched_ledger, origin_of
 from .writer import IMAGES_DIR
 
 _CHUNK = 1 << 20
@@ -46,33 +49,74 @@ class VerifyReport:
     repaired: bool = False
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+class _Tree:
+    """The files of an output: a local directory, or a bucket's prefix (an `ObjectStore`)."""
+
+    def __init__(self, out: Path | None, store: ObjectStore | None = None) -> None:
+        self.out, self.store = out, store
+
+    def loose(self, name: str) -> tuple[int, str] | None:
+        """A loose file's size and sha256; None if there is none; ValueError for a name that
+        is not a file of the output (outside it, or through a link out of it)."""
+        if not name.startswith(f"{IMAGES_DIR}/"):
+            raise ValueError(name)
+        if self.store is not None:
+            self.store.key(name)  # ValueError for `..`
+            try:
+                with self.store.open(name) as fh:
+                    return _digest(fh)
+            except FileNotFoundError:
+                return None
+        assert self.out is not None
+        path = self.out / name
+        if not path.resolve().is_relative_to(self.out.resolve()):
+            raise ValueError(name)
+        if not path.is_file():
+            return None
+        with open(path, "rb") as fh:
+            return _digest(fh)
+
+    def shards(self) -> list[str]:
+        """The shards' names (in a bucket) or paths."""
+        if self.store is not None:
+            return [
+                name
+                for name in self.store.list(SHARDS_DIR)
+                if PurePosixPath(name).name.startswith(SHARD_PREFIX) and name.endswith(".tar")
+            ]
+        assert self.out is not None
+        return [str(p) for p in sorted((self.out / SHARDS_DIR).glob(f"{SHARD_PREFIX}*.tar"))]
+
+    def open(self, shard: str) -> BinaryIO:
+        return self.store.open(shard) if self.store is not None else open(shard, "rb")
+
+    def shown(self, shard: str) -> str:
+        return f"{self.store.location}/{shard}" if self.store is not None else shard
 
 
-def _packed(out: Path) -> dict[str, tuple[int, str]]:
-    """Every image packed in the directory's shards: key -> (size, sha256 of its bytes)."""
+def _digest(fh: IO[bytes]) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    while chunk := fh.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _packed(tree: _Tree) -> dict[str, tuple[int, str]]:
+    """Every image packed in the output's shards: key -> (size, sha256 of its bytes)."""
     packed: dict[str, tuple[int, str]] = {}
-    for shard in sorted((out / SHARDS_DIR).glob(f"{SHARD_PREFIX}*.tar")):
+    for shard in tree.shards():
         try:
-            with tarfile.open(shard) as tar:
+            with tree.open(shard) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
                 for member in tar:
                     key, _, ext = member.name.partition(".")
                     if ext in ("json", "txt") or not member.isfile():
                         continue
                     data = tar.extractfile(member)
-                    if data is None:
-                        continue
-                    digest = hashlib.sha256()
-                    while chunk := data.read(_CHUNK):
-                        digest.update(chunk)
-                    packed[key] = (member.size, digest.hexdigest())
+                    if data is not None:
+                        packed[key] = _digest(data)
         except (tarfile.TarError, EOFError, OSError) as exc:
-            raise UsageError(f"{shard} is not a readable shard ({exc})") from None
+            raise UsageError(f"{tree.shown(shard)} is not a readable shard ({exc})") from None
     return packed
 
 
@@ -86,7 +130,7 @@ def _last_ok_records(ledger: Path) -> Iterator[LedgerRecord]:
             yield record
 
 
-def _problems(out: Path, record: LedgerRecord, packed: dict[str, tuple[int, str]]) -> list[str]:
+def _problems(tree: _Tree, record: LedgerRecord, packed: dict[str, tuple[int, str]]) -> list[str]:
     files, sizes, digests = record.get("files"), record.get("bytes"), record.get("sha256")
     if not (isinstance(files, list) and isinstance(sizes, list) and isinstance(digests, list)):
         return ["the line has no list of files, sizes and sha256"]
@@ -94,14 +138,15 @@ def _problems(out: Path, record: LedgerRecord, packed: dict[str, tuple[int, str]
         return ["the line's files, sizes and sha256 do not match up"]
     problems = []
     for name, size, digest in zip(files, sizes, digests, strict=True):
-        path = out / str(name)
-        inside = path.resolve().is_relative_to(out.resolve())
-        if not inside or not str(name).startswith(f"{IMAGES_DIR}/"):
+        try:
+            loose = tree.loose(str(name))
+        except ValueError:
             problems.append(f"{name}: not a file of the output directory")
-        elif path.is_file():
-            if path.stat().st_size != size:
-                problems.append(f"{name}: {path.stat().st_size:,} bytes, not {size:,}")
-            elif _sha256(path) != digest:
+            continue
+        if loose is not None:
+            if loose[0] != size:
+                problems.append(f"{name}: {loose[0]:,} bytes, not {size:,}")
+            elif loose[1] != digest:
                 problems.append(f"{name}: its sha256 is not the one recorded")
         elif (found := packed.get(sample_key(PurePosixPath(str(name)).name))) is not None:
             if found != (size, digest):
@@ -111,24 +156,43 @@ def _problems(out: Path, record: LedgerRecord, packed: dict[str, tuple[int, str]
     return problems
 
 
-def verify(out: Path, *, repair: bool = False) -> VerifyReport:
-    """Check every ok item's files; with `repair`, mark the broken ones for the next run."""
+def verify(out: str | Path, *, repair: bool = False) -> VerifyReport:
+    """Check every ok item's files; with `repair`, mark the broken ones for the next run.
+
+    `out` may be an output URL (s3://...): its ledger and files are read from the bucket
+    (`repair` is refused there: the marks would have to go up as a ledger segment under the
+    bucket's lock, which `verify` does not take)."""
+    if is_url(out):
+        if repair:
+            raise UsageError(
+                f"verify --repair works on a local output directory, not on {out}: re-run "
+                "`batchimg verify` without --repair to see what is broken"
+            )
+        ledger = fetched_ledger(str(out))
+        store = origin_of(ledger)
+        assert store is not None
+        return _verify(ledger, _Tree(None, store), repair=False)
+    out = local_path(out)
     ledger = out / LEDGER_NAME
     if not ledger.is_file():
         raise UsageError(f"no ledger at {str(ledger)!r} (give a run's output directory)")
-    report = VerifyReport()
     with exclusive(out):  # a run writing here meanwhile would make the answer wrong
-        packed = _packed(out)
-        for record in _last_ok_records(ledger):
-            report.checked += 1
-            files = record.get("files")
-            report.files += len(files) if isinstance(files, list) else 0
-            problems = _problems(out, record, packed)
-            if problems:
-                report.broken.append(Broken(record, problems))
-        if repair and report.broken:
-            _mark_failed(ledger, report.broken)
-            report.repaired = True
+        return _verify(ledger, _Tree(out), repair=repair)
+
+
+def _verify(ledger: Path, tree: _Tree, *, repair: bool) -> VerifyReport:
+    report = VerifyReport()
+    packed = _packed(tree)
+    for record in _last_ok_records(ledger):
+        report.checked += 1
+        files = record.get("files")
+        report.files += len(files) if isinstance(files, list) else 0
+        problems = _problems(tree, record, packed)
+        if problems:
+            report.broken.append(Broken(record, problems))
+    if repair and report.broken:
+        _mark_failed(ledger, report.broken)
+        report.repaired = True
     return report
 
 
@@ -161,7 +225,7 @@ def _mark_failed(ledger: Path, broken: list[Broken]) -> None:
             writer.append(line)
 
 
-def format_report(out: Path, report: VerifyReport) -> str:
+def format_report(out: str | Path, report: VerifyReport) -> str:
     lines = [
         f"{out}: {item.record['id']} (line {item.record.get('line')}): {problem}"
         for item in report.broken

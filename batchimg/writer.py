@@ -13,7 +13,7 @@ import hashlib
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,7 +26,7 @@ import pybase64
 
 from . import specs
 from ._spool import SpooledImage
-from .errors import ErrorInfo, ItemFailed, StorageError
+from .errors import ErrorInfo, ItemFailed, StorageError, StoreRefused
 from .stores import Store
 from .stores.local import fsync_path
 
@@ -175,10 +175,31 @@ class ImageWriter:
                 name = f"{IMAGES_DIR}/{entry.name}"
                 self.store.put(name, Path(entry.temp))
                 stored.append(StoredFile(name, entry.nbytes, entry.sha256))
+        except StoreRefused as exc:
+            # Paid for: the files not put are parked locally (where the store can), for the
+            # next run to put, and said in `exc.kept` with those put, so the item is not lost.
+            park = getattr(self.store, "park", None)
+            rest = staged[len(stored) :]
+            if park is None:
+                self.discard(rest)
+                raise
+            for entry in rest:
+                name = f"{IMAGES_DIR}/{entry.name}"
+                park(name, Path(entry.temp))
+                stored.append(StoredFile(name, entry.nbytes, entry.sha256))
+            exc.kept = stored
+            raise
+        except StorageError:
+            self.discard(staged)
+            raise
         except OSError as exc:
             self.discard(staged)
             raise StorageError(f"cannot write images to {self.where}: {exc}") from exc
         return stored
+
+    def hold(self, record: Mapping[str, Any]) -> None:
+        """Keep the line of an item whose files are parked (see `publish`) for the next run."""
+        self.store.hold(record)  # type: ignore[attr-defined]  # only stores that park
 
     def sync(self) -> None:
         """Make what was published durable (one sync covers every file put before it)."""
@@ -233,17 +254,22 @@ class BatchedWriter:
     filesystem can commit together.
     """
 
-    def __init__(self, writer: ImageWriter, threads: int = WRITER_THREADS) -> None:
+    def __init__(
+        self, writer: ImageWriter, threads: int = WRITER_THREADS, batch: int = MAX_BATCH
+    ) -> None:
         self.writer = writer
         self.threads = threads
+        self.batch = batch  # the most items one thread takes at a time
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._started = 0
+        self._busy = 0  # threads writing a batch now
+        self._busy_lock = threading.Lock()
 
     async def save(
         self, stem: str, images: Sequence[bytes | SpooledImage], fmt: str
     ) -> list[StoredFile]:
-        if self._started == 0 or (self._started < self.threads and not self._jobs.empty()):
-            self._start_thread()  # the first, or one more while work queues up
+        if self._started < self.threads and self._busy + self._jobs.qsize() >= self._started:
+            self._start_thread()  # the first, or one more while every thread has work
         job = _Job(stem, images, fmt, anyio.Event(), anyio.lowlevel.current_token())
         self._jobs.put(job)
         await job.done.wait()
@@ -255,6 +281,9 @@ class BatchedWriter:
         name = f"image-writer-{self._started + 1}"
         threading.Thread(target=self._run, name=name, daemon=True).start()
         self._started += 1  # only once it runs: a job is never queued for no thread
+
+    def hold(self, record: Mapping[str, Any]) -> None:
+        self.writer.hold(record)
 
     def close(self) -> None:
         """Let the threads end after what is queued. Not joined: a job abandoned by an abort
@@ -269,7 +298,7 @@ class BatchedWriter:
         if job is None:
             return None
         batch = [job]
-        while len(batch) < MAX_BATCH:
+        while len(batch) < self.batch:
             try:
                 more = self._jobs.get_nowait()
             except queue.Empty:
@@ -281,32 +310,44 @@ class BatchedWriter:
         return batch
 
     def _run(self) -> None:
-        store = self.writer
         while (batch := self._take_batch()) is not None:
-            staged: list[tuple[_Job, list[Staged]]] = []
-            for job in batch:
-                try:
-                    staged.append((job, store.stage(job.stem, job.images, job.fmt)))
-                except Exception as exc:  # never leave an awaiting item without an answer
-                    job.error = _storage_error(exc)
-            for job, files in staged:
-                try:
-                    job.stored = store.publish(files)
-                except Exception as exc:
-                    job.error = _storage_error(exc)
+            with self._busy_lock:
+                self._busy += 1
             try:
-                store.sync()  # one sync makes the whole batch durable
-            except StorageError as exc:
-                for job in batch:
-                    job.error = job.error or exc
-            by_loop: dict[Any, list[_Job]] = {}  # tokens of one event loop compare equal
-            for job in batch:
-                by_loop.setdefault(job.token, []).append(job)
-            for token, jobs in by_loop.items():
-                try:
-                    anyio.from_thread.run_sync(_wake, jobs, token=token)
-                except RuntimeError:  # the run's event loop is gone (aborted): nobody waits
+                if not self._write(batch):
                     return
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+
+    def _write(self, batch: list[_Job]) -> bool:
+        """Stage, put and sync one batch, then wake its items; False if nobody waits."""
+        store = self.writer
+        staged: list[tuple[_Job, list[Staged]]] = []
+        for job in batch:
+            try:
+                staged.append((job, store.stage(job.stem, job.images, job.fmt)))
+            except Exception as exc:  # never leave an awaiting item without an answer
+                job.error = _storage_error(exc)
+        for job, files in staged:
+            try:
+                job.stored = store.publish(files)
+            except Exception as exc:
+                job.error = _storage_error(exc)
+        try:
+            store.sync()  # one sync makes the whole batch durable
+        except StorageError as exc:
+            for job in batch:
+                job.error = job.error or exc
+        by_loop: dict[Any, list[_Job]] = {}  # tokens of one event loop compare equal
+        for job in batch:
+            by_loop.setdefault(job.token, []).append(job)
+        for token, jobs in by_loop.items():
+            try:
+                anyio.from_thread.run_sync(_wake, jobs, token=token)
+            except RuntimeError:  # the run's event loop is gone (aborted): nobody waits
+                return False
+        return True
 
 
 def _storage_error(exc: Exception) -> StorageError:

@@ -63,6 +63,8 @@ class Summary:
     skipped: int = 0
     not_attempted: int = 0
     pending: int = 0  # taken by a backend whose answers come to a later run (exit 75)
+    parked: int = 0  # answered, images refused by the store: kept locally for the next run
+    ledger_at: str | None = None  # where the ledger is, if not (only) at ledger_path
     images: int = 0
     input_tokens: int = 0
     output_tokens: int = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -23,10 +24,12 @@ from ..errors import (
     Deferred,
     ErrorInfo,
     ItemFailed,
+    ObjectRejected,
     RateLimited,
     RequestError,
     RunFatal,
     StorageError,
+    StoreRefused,
     may_have_been_billed,
 )
 from ..limiter import Limiter
@@ -35,7 +38,7 @@ from ..pricing import Bound, PriceTable, input_bound
 from ..retry import RetryPolicy, retrying
 from ..tokens import GroupKey, TokenBook, request_group
 from ..usage import UsageProblem, read_usage
-from ..writer import BatchedWriter, StoredFile, check_image, decode_b64_image
+from ..writer import BatchedWriter, check_image, decode_b64_image
 from .control import RunControl
 from .events import ProgressEvent
 from .records import Charge, item_record, now
@@ -56,6 +59,12 @@ class _Tally:
     pending: Charge | None = None
     sent: int = 0  # the last attempt a `sent` line announced
     told: int = 0  # the last attempt a charge line or the item's line tells of
+
+
+class Held(StorageError):
+    """The store refused an item's images: they and its line are kept for the next run."""
+
+    advice = StoreRefused.advice
 
 
 class Abandoned(Exception):
@@ -81,8 +90,13 @@ class ItemRunner:
         retry: RetryPolicy,
         max_answer_bytes: int | None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        requests: int | None = None,
     ) -> None:
         self.control = control
+        #: Items past their request (answer in hand, images on their way into the store) free
+        #: their request slot: with more workers than slots, a slow store holds up at most the
+        #: extra workers (the bounded queue), never the requests. None: no slots (one each).
+        self._slots = anyio.Semaphore(requests) if requests else None
         self.sink = sink
         self.backend = backend
         self.writer = writer
@@ -108,12 +122,14 @@ class ItemRunner:
         tally = _Tally()
         answer: Answer | None = None
 
-        def finish(status: str, error: ErrorInfo | None = None, **fields: list[StoredFile]) -> None:
+        def finish(
+            status: str, error: ErrorInfo | None = None, *, hold: bool = False, **fields: Any
+        ) -> None:
             # The line carries its attempt's charge: an answer that arrived but could not be
             # stored was still paid for, so its usage and cost are kept.
             charge, tally.pending = tally.pending, None
             tally.told = tally.attempts
-            self.sink.item_line(
+            (self.writer.hold if hold else self.sink.item_line)(
                 item_record(
                     item,
                     status=status,
@@ -135,25 +151,26 @@ class ItemRunner:
             finish("error", refused)
             return
         try:
-            async for attempt in retrying(self.retry, sleep=self._retry_wait):
-                with attempt:
-                    tally.attempts = attempt.retry_state.attempt_number
-                    if tally.attempts > 1:
-                        control.emit(ProgressEvent("retry", item_id=item.id))
-                    self._flush_charge(item, tally)  # the try before was billed, and retried
-                    answer = await self._attempt(item, tally)
-            assert answer is not None
-            try:  # downloads (url answers) may take long: a stop can still cancel them
-                images = await self._fetch_images(item, answer)
-            except anyio.get_cancelled_exc_class():
-                discard([e["spooled"] for e in answer.data if "spooled" in e])
-                with anyio.CancelScope(shield=True):  # paid: the line keeps its cost
-                    message = "stopped while downloading the images of an answer paid for"
-                    finish("error", ErrorInfo(message, "download_interrupted", "local_error"))
-                raise
-            except BaseException:
-                discard([e["spooled"] for e in answer.data if "spooled" in e])
-                raise
+            async with self._requesting():
+                async for attempt in retrying(self.retry, sleep=self._retry_wait):
+                    with attempt:
+                        tally.attempts = attempt.retry_state.attempt_number
+                        if tally.attempts > 1:
+                            control.emit(ProgressEvent("retry", item_id=item.id))
+                        self._flush_charge(item, tally)  # the try before was billed, and retried
+                        answer = await self._attempt(item, tally)
+                assert answer is not None
+                try:  # downloads (url answers) may take long: a stop can still cancel them
+                    images = await self._fetch_images(item, answer)
+                except anyio.get_cancelled_exc_class():
+                    discard([e["spooled"] for e in answer.data if "spooled" in e])
+                    with anyio.CancelScope(shield=True):  # paid: the line keeps its cost
+                        message = "stopped while downloading the images of an answer paid for"
+                        finish("error", ErrorInfo(message, "download_interrupted", "local_error"))
+                    raise
+                except BaseException:
+                    discard([e["spooled"] for e in answer.data if "spooled" in e])
+                    raise
             # Paid for, and in hand: a stop or a grace-period cancel must not drop the images
             # between the answer and its ledger line, or the next run would buy them again.
             with anyio.CancelScope(shield=True):
@@ -161,6 +178,20 @@ class ItemRunner:
                     stored = await self.writer.save(
                         item.file_stem, images, specs.output_format(item.params, self.catalog)
                     )
+                except StoreRefused as exc:
+                    discard(images)
+                    if not exc.kept:
+                        raise
+                    # Its files are parked in the state directory: its line waits there too,
+                    # and the next run puts both in place (nothing bought twice).
+                    finish("ok", hold=True, files=exc.kept)
+                    control.summary.parked += 1
+                    control.warn_once(
+                        "parked",
+                        "the store refused images already paid for: they are kept in the "
+                        "state directory (parked/), and the next run uploads them first",
+                    )
+                    raise Held(str(exc)) from exc
                 except BaseException:  # whatever was spooled and not stored must not linger
                     discard(images)
                     raise
@@ -179,6 +210,10 @@ class ItemRunner:
                             f"{item.id}): all are kept",
                         )
                     finish("ok", files=stored)
+        except Held:
+            raise  # its line is held for the next run; the run stops
+        except ObjectRejected as exc:  # this object only: the item fails, its cost kept
+            finish("error", ErrorInfo(message=str(exc), code="store_rejected", type="local_error"))
         except StorageError as exc:
             finish("error", ErrorInfo(message=str(exc), code="storage_error", type="local_error"))
             raise
@@ -208,6 +243,10 @@ class ItemRunner:
                 self._flush_charge(item, tally)
                 if tally.sent > tally.told:
                     self.sink.settled_line(item, tally.sent)
+
+    def _requesting(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """A request slot (see `__init__`), held from the first attempt to the images."""
+        return self._slots if self._slots is not None else contextlib.nullcontext()
 
     def _flush_charge(self, item: Item, tally: _Tally) -> None:
         charge, tally.pending = tally.pending, None

@@ -18,6 +18,7 @@ the same command picks up exactly what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 import uuid
@@ -35,19 +36,23 @@ from ..catalog import Catalog
 from ..config import RunConfig
 from ..errors import StorageError
 from ..layouts import LayoutContext, open_layout
+from ..layouts.imagefolder import METADATA_NAME, SVG_METADATA_NAME
 from ..ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerState, read_ledger
 from ..limiter import Limiter
 from ..manifest import BadLine, Item, manifest_lines, read_manifest
 from ..outdir import exclusive
 from ..pricing import PriceTable
 from ..stores import Store
+from ..stores.remote import HEARTBEAT_S, RemoteOutput
 from ..tokens import TokenBook
-from ..writer import BatchedWriter, ImageWriter
+from ..writer import MAX_BATCH, WRITER_THREADS, BatchedWriter, ImageWriter
 from .batchstate import BatchState
 from .control import RunControl
 from .events import ProgressCallback, ProgressEvent, RunSnapshot, Summary
 from .items import Abandoned, ItemRunner
 from .sink import ResultSink
+
+METADATA_FILES = (METADATA_NAME, SVG_METADATA_NAME)  # an imagefolder's, uploaded whole
 
 
 class Engine:
@@ -68,8 +73,10 @@ class Engine:
         sleep: Callable[[float], Awaitable[None]] | None = None,
         limiter: Limiter | None = None,
         budget: Budget | None = None,
+        remote: RemoteOutput | None = None,
     ) -> None:
         self.config = config
+        self.remote = remote  # the output is a bucket: its lock, its ledger's pieces
         self.sleep = sleep  # an injected clock for waits (retries; a batch's looks), or None
         options = config.options
         self.store = store
@@ -105,11 +112,18 @@ class Engine:
             budget=self.budget,
             run_id=uuid.uuid4().hex[:12],  # tells this run's lines from other runs' ones
         )
+        #: Items whose images are on their way into the store may wait beyond the requests in
+        #: flight, this many at most (a bucket: as many again; a local disk keeps up).
+        self.upload_queue = int(getattr(store, "upload_queue", 0)) * options.concurrency
         self.runner = ItemRunner(
             self.control,
             self.sink,
             backend,
-            BatchedWriter(ImageWriter(store)),
+            BatchedWriter(
+                ImageWriter(store),
+                threads=getattr(store, "writer_threads", WRITER_THREADS),
+                batch=getattr(store, "writer_batch", MAX_BATCH),
+            ),
             catalog=catalog,
             prices=self.prices,
             book=self.book,
@@ -118,6 +132,7 @@ class Engine:
             retry=options.retry_policy(),
             max_answer_bytes=options.max_answer_bytes,
             sleep=sleep,
+            requests=options.concurrency if self.upload_queue else None,
         )
         self._done: Container[str] = frozenset()
         self._held: Container[str] = frozenset()  # items in the directory's live batches
@@ -148,7 +163,68 @@ class Engine:
 
     async def run(self, *, handle_signals: bool = False) -> Summary:
         with exclusive(self.config.out_dir):
-            return await self._run_locked(handle_signals)
+            if self.remote is None:
+                return await self._run_locked(handle_signals)
+            return await self._run_remote(self.remote, handle_signals)
+
+    async def _run_remote(self, remote: RemoteOutput, handle_signals: bool) -> Summary:
+        """The run, holding the bucket's lock, its ledger pulled first and pushed as it grows,
+        at the end and on every stop (a line not pushed stays in the state directory, and the
+        next run here pushes it before anything else)."""
+        self.summary.ledger_at = (
+            f"{remote.store.location}/ledger/ (working copy: {self.summary.ledger_path})"
+        )
+        took_over = await anyio.to_thread.run_sync(remote.lock.acquire)
+        if took_over:
+            self.warn(took_over)
+        try:
+            try:
+                await anyio.to_thread.run_sync(remote.ledger.pull)
+                unparked = await anyio.to_thread.run_sync(remote.unpark)
+            except StorageError as exc:  # nothing sent yet: what is here stays for next time
+                self.summary.stop_reason = f"{exc}; {exc.advice}, then re-run"
+                return self.summary
+            if unparked:
+                self.warn(f"uploaded the images of {unparked} items an earlier run had parked")
+            async with anyio.create_task_group() as keep:
+                keep.start_soon(self._keep_remote, remote)
+                try:
+                    summary = await self._run_locked(handle_signals)
+                finally:
+                    keep.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                try:
+                    await anyio.to_thread.run_sync(remote.ledger.push)
+                    if self.config.options.layout == "imagefolder":
+                        await anyio.to_thread.run_sync(remote.push_files, METADATA_FILES)
+                except StorageError as exc:
+                    summary.stop_reason = summary.stop_reason or (
+                        f"{exc}; the ledger's last lines are kept in {remote.state_dir} and "
+                        "uploaded by the next run there"
+                    )
+            return summary
+        finally:
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):  # on a crash: pushed at the next start
+                    await anyio.to_thread.run_sync(remote.ledger.push)
+                await anyio.to_thread.run_sync(remote.lock.release)
+
+    async def _keep_remote(self, remote: RemoteOutput) -> None:
+        """Push the ledger's new lines every `--upload-every` seconds and renew the lock's
+        heartbeat; a store that refuses either stops the run."""
+
+        async def every(interval_s: float, step: Callable[[], object]) -> None:
+            while True:
+                await anyio.sleep(interval_s)
+                try:
+                    await anyio.to_thread.run_sync(step)
+                except StorageError as exc:
+                    self.control.stop(f"{exc}; fix the bucket's access, then re-run")
+                    return
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(every, HEARTBEAT_S, remote.lock.beat)
+            tasks.start_soon(every, remote.upload_every_s, remote.ledger.push)
 
     async def _run_locked(self, handle_signals: bool) -> Summary:
         started = time.monotonic()
@@ -228,7 +304,7 @@ class Engine:
         async with anyio.create_task_group() as work:
             work.start_soon(self._produce, send)
             async with receive:
-                for _ in range(concurrency):
+                for _ in range(concurrency + self.upload_queue):
                     work.start_soon(self._work, receive.clone())
 
     def _sync_ledger_now(self) -> None:
@@ -335,8 +411,6 @@ class Engine:
                     except Abandoned:
                         summary.not_attempted += 1
                     except StorageError as exc:
-                        control.stop(
-                            f"{exc}; free space (or fix the output directory), then re-run"
-                        )
+                        control.stop(f"{exc}; {exc.advice}, then re-run")
                 if scope.cancelled_caught:
                     summary.not_attempted += 1

@@ -94,6 +94,7 @@ class WebDatasetLayout:
         self._thread: threading.Thread | None = None
         self.error: StorageError | None = None  # the first shard that could not be written
         self._abandoned = False
+        self._loose: set[str] = set()  # loose images found by `prepare` (listed once)
 
     @property
     def images_at(self) -> str:
@@ -122,6 +123,7 @@ class WebDatasetLayout:
         only if the shard's sample has the same sha256 (a re-done item's newer image stays).
         """
         loose = {sample_key(name): name for name in self.store.list(IMAGES_DIR)}
+        self._loose = set(loose.values())
         for name in shards:
             if not loose:
                 return
@@ -134,7 +136,8 @@ class WebDatasetLayout:
                         data = tar.extractfile(member)
                         row = orjson.loads(data.read()) if data is not None else {}
                         if row.get("sha256") == _sha256_of(self.store, loose[key]):
-                            self.store.delete(loose.pop(key))
+                            self.store.delete(loose[key])
+                            self._loose.discard(loose.pop(key))
             except (tarfile.TarError, orjson.JSONDecodeError, EOFError) as exc:
                 raise UsageError(
                     f"{self.store.location}/{name} is not a readable shard ({exc}): move it "
@@ -143,7 +146,7 @@ class WebDatasetLayout:
                 ) from None
 
     def restore(self, record: LedgerRecord) -> None:
-        self._queue(record)
+        self._queue(record, loose=self._loose)
 
     def add(self, record: LedgerRecord) -> None:
         """Queue the loose images of one ok record (its ledger line is written); StorageError
@@ -153,10 +156,13 @@ class WebDatasetLayout:
         self._queue(record)
         self._submit_full()
 
-    def _queue(self, record: LedgerRecord) -> None:
+    def _queue(self, record: LedgerRecord, loose: set[str] | None = None) -> None:
+        """Queue a record's images; `loose`: the loose images there are (a record read back
+        from the ledger: one whose image is not among them was packed by an earlier run, or
+        removed by hand); None: all of them (a record just written, its images just stored)."""
         for row in metadata_rows(record):
             image = str(row.pop("file_name"))
-            if not self.store.exists(image):  # packed by an earlier run (or removed by hand)
+            if loose is not None and image not in loose:
                 continue
             digests = record.get("sha256")
             if not isinstance(digests, list) or len(digests) <= row["image_index"]:

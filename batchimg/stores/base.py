@@ -8,9 +8,15 @@ files in it, then `put` moves each finished temp file in under its final name.
 
 Implementations:
 - `local.LocalStore`: a directory; `put` is fsync + rename, `sync` fsyncs the directories.
-- An object store (`s3://`, `gs://` through fsspec) fits the same shape: its `temp_dir` is a
-  local directory, `put` uploads the file whole (one PUT) and removes it, and `sync` has
-  nothing left to do. See ARCHITECTURE.md.
+- `objects.ObjectStore`: a bucket's prefix through fsspec (`s3://`, `gs://`): its `temp_dir`
+  is in the run's local state directory, `put` uploads the file whole (one PUT) and removes
+  it, and `sync` has nothing left to do.
+
+Optional tuning a store may declare (the engine reads them if present): `writer_threads` and
+`writer_batch` (the writer threads, and the most items each takes at a time), `upload_queue`
+(items that may wait on the store beyond the requests in flight, in units of --concurrency),
+and `park(name, temp)` / `hold(record)` (keep a refused, paid-for file and its item's line for
+the next run, instead of failing the item).
 """
 
 from __future__ import annotations
