@@ -25,7 +25,7 @@ from .pricing import PriceTable
 from .report import ledger_paths
 from .stores import ObjectStore, Store, is_url, local_path, open_store
 from .stores.objects import check_store
-from .stores.remote import RemoteOutput
+from .stores.remote import RemoteLedger, RemoteOutput
 
 
 def check_manifest(path: Path) -> None:
@@ -75,6 +75,7 @@ async def arun(
                 )
             store = open_store(out, options.state_dir)  # exit 2 for a missing extra
             assert isinstance(store, ObjectStore)
+            RemoteLedger(store, store.state_dir).check()  # another output's state: exit 2
             out = store.state_dir  # the local side: the ledger's working copy, the lock
         elif options.state_dir is not None:
             raise UsageError("--state is for an --out URL (s3://...): a local --out is its own")

@@ -476,7 +476,7 @@ async def test_a_full_disk_mid_collection_keeps_the_rest_for_the_next_run(
     options = batchimg.RunOptions(base_url=server.base_url, api_key=TEST_KEY, **BATCH)
     summary = await batchimg.arun(manifest, out, options, store=FullDisk(out, room=5))
     assert summary.exit_code == 3 and "No space left" in (summary.stop_reason or "")
-    assert 5 <= summary.ok < 20 and summary.failed == 0
+    assert 5 <= summary.ok < 20 and summary.failed == 0, summary.failures
     assert list((out / "batches").glob("*.output.jsonl"))  # kept for the next run
     again = await run(manifest, out, server, **BATCH)
     assert again.exit_code == 0 and summary.ok + again.ok == 20

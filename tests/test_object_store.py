@@ -118,14 +118,20 @@ def child_env(endpoint: str, server: MockServer | None = None) -> dict[str, str]
 
 
 def run(
-    endpoint: str, manifest: Path, out: str, state: Path, *extra: str, server: MockServer | None
+    endpoint: str,
+    manifest: Path,
+    out: str,
+    state: Path,
+    *extra: str,
+    server: MockServer | None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     args = cli_args(manifest, out, state, *extra)
     if server is not None:
         args += ["--base-url", server.base_url]
     return subprocess.run(
-        args, env=child_env(endpoint, server), capture_output=True, text=True, cwd=ROOT,
-        timeout=120,
+        args, env={**child_env(endpoint, server), **(env or {})}, capture_output=True,
+        text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
 
 
@@ -337,7 +343,7 @@ def test_webdataset_shards_in_bucket_load_with_datasets(
     options = {"key": ACCESS_KEY, "secret": SECRET, "endpoint_url": s3_endpoint}
     loaded = datasets.load_dataset(
         "webdataset",
-        data_files={"train": [f"s3://{k}" for k in shards]},
+        data_files={"train": f"s3://{bucket}/wds/shards/*.tar"},
         storage_options=options,
         split="train",
         cache_dir=str(tmp_path / "hf"),
@@ -369,8 +375,9 @@ def test_no_secret_in_bucket_state_or_output(
 def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(
     s3_endpoint: str, fs: Any, bucket: str, tmp_path: Path
 ) -> None:
-    """A live lock (fresh heartbeat) refuses a run with exit 2, before anything is sent; a
-    stale one is taken over, and the run says so."""
+    """A live lock refuses a run with exit 2, before anything is sent, and so does a lock whose
+    own heartbeat looks old (a holder with a slow clock) or that is garbled, while the store
+    says it was written within the TTL; past that, it is taken over, and the run says so."""
     url = f"s3://{bucket}/locked"
     lock = f"{bucket}/locked/.batchimg.lock"
     body = {"host": "elsewhere", "pid": 4242, "token": "t", "started_at": "2026-12-01T00:00:00",
@@ -380,11 +387,19 @@ def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(
         refused = run(s3_endpoint, EXAMPLE, url, tmp_path / "s", server=server)
         assert refused.returncode == 2
         assert "a run on elsewhere (pid 4242" in refused.stderr and "is using" in refused.stderr
+        fs.pipe_file(lock, orjson.dumps({**body, "heartbeat_at": time.time() - 3600}))
+        slow_clock = run(s3_endpoint, EXAMPLE, url, tmp_path / "s", server=server)
+        assert slow_clock.returncode == 2 and "is using" in slow_clock.stderr
+        fs.pipe_file(lock, b"garbage")
+        written = time.time()
+        garbled = run(s3_endpoint, EXAMPLE, url, tmp_path / "s", server=server)
+        assert garbled.returncode == 2 and "is using" in garbled.stderr
         assert not server.requests  # nothing sent
-        fs.pipe_file(lock, orjson.dumps({**body, "heartbeat_at": time.time() - 600}))
-        taken = run(s3_endpoint, EXAMPLE, url, tmp_path / "s", server=server)
+        time.sleep(max(0.0, written + 2.2 - time.time()))  # over 1 s old by the store's clock
+        short_ttl = {"BATCHIMG_LOCK_TTL_S": "1"}
+        taken = run(s3_endpoint, EXAMPLE, url, tmp_path / "s", server=server, env=short_ttl)
         assert taken.returncode == 0, taken.stderr
-        assert "took over the lock of a run on elsewhere" in taken.stderr
+        assert "took over the lock of a run on ?" in taken.stderr
     assert not fs.exists(lock)
 
 
@@ -574,8 +589,8 @@ def test_heartbeat_renews_until_the_lock_is_taken_over(
     mine.beat()
     renewed = orjson.loads(fs.cat_file(f"{bucket}/beat/.batchimg.lock"))
     assert renewed["token"] == first["token"] and renewed["heartbeat_at"] >= first["heartbeat_at"]
-    theirs = BucketLock(store, tmp_path / "b", ttl_s=0.0)  # type: ignore[arg-type]
-    assert "took over the lock" in (theirs.acquire() or "")  # ttl 0: any heartbeat is stale
+    theirs = BucketLock(store, tmp_path / "b", ttl_s=-1.0)  # type: ignore[arg-type]
+    assert "took over the lock" in (theirs.acquire() or "")  # any heartbeat is stale to it
     with pytest.raises(StorageError, match="lost the lock"):
         mine.beat()
     assert orjson.loads(fs.cat_file(f"{bucket}/beat/.batchimg.lock"))["token"] == theirs.token
@@ -583,3 +598,171 @@ def test_heartbeat_renews_until_the_lock_is_taken_over(
     assert fs.exists(f"{bucket}/beat/.batchimg.lock")
     theirs.release()
     assert not fs.exists(f"{bucket}/beat/.batchimg.lock")
+
+
+def test_a_stray_high_segment_number_does_not_hide_later_runs(
+    s3_endpoint: str, fs: Any, bucket: str, tmp_path: Path
+) -> None:
+    """A segment numbered 999999 (by hand, or a very long history): the next run takes
+    1000000, and every later run still reads it (numbers are compared as numbers)."""
+    manifest = write_lines(tmp_path / "m.jsonl", lines(6, "n"))
+    url = f"s3://{bucket}/numbers"
+    fs.pipe_file(f"{bucket}/numbers/ledger/999999.jsonl", b"")
+    with threaded_mock(MockConfig(api_key=TEST_KEY)) as server:
+        first = run(s3_endpoint, manifest, url, tmp_path / "a", server=server)
+        assert first.returncode == 0, first.stderr
+        second = run(s3_endpoint, manifest, url, tmp_path / "b", server=server)
+        assert second.returncode == 0 and "6 already done" in second.stderr
+        assert set(answered(server).values()) == {1}
+    assert fs.exists(f"{bucket}/numbers/ledger/1000000.jsonl")
+    assert fs.exists(f"{bucket}/numbers/ledger/1000001.jsonl")
+
+
+def test_lost_bookkeeping_keeps_lines_the_bucket_lacks(
+    s3_endpoint: str, fs: Any, bucket: str, tmp_path: Path
+) -> None:
+    """Killed before its lines went up, and its remote.json lost: the next run from the same
+    state directory pushes the lines only it has (nothing dropped, nothing bought again)."""
+    manifest = write_lines(tmp_path / "m.jsonl", lines(30, "l"))
+    url = f"s3://{bucket}/lost"
+    state = tmp_path / "state"
+    with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.1)) as server:
+        args = cli_args(manifest, url, state, "--base-url", server.base_url, "--concurrency", "4",
+                        "--upload-every", "600")  # fmt: skip
+        proc = subprocess.Popen(args, env=child_env(s3_endpoint, server), cwd=ROOT,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            wait_for(lambda: sum(r.status == 200 for r in server.requests) >= 10)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert not any(r for r in bucket_ledger(fs, f"{bucket}/lost") if "record" not in r)
+        local = [orjson.loads(x) for x in (state / "ledger.jsonl").read_bytes().splitlines()
+                 if x.endswith(b"}")]  # fmt: skip
+        ok_local = {r["prompt"] for r in local if "record" not in r and r["status"] == "ok"}
+        assert len(ok_local) >= 8
+        (state / "remote.json").unlink()
+        before = answered(server)
+        rerun = run(s3_endpoint, manifest, url, state, server=server)
+        assert rerun.returncode == 0, rerun.stderr
+        again = answered(server) - before
+        assert not set(again) & ok_local  # what the killed run kept was not bought again
+    states = last_states(bucket_ledger(fs, f"{bucket}/lost"))
+    assert len(states) == 30 and all(r["status"] == "ok" for r in states.values())
+
+
+def test_pieces_fold_into_spans_read_once(
+    s3_endpoint: str, fs: Any, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every SPAN_EVERY pushes become one span and the pieces go; a span whose pieces were
+    not deleted (a crash between) is read once all the same."""
+    for name, value in aws_env(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    from batchimg.stores import open_store
+    from batchimg.stores.remote import SPAN_EVERY, download_ledger
+
+    state = tmp_path / "state"
+    store = open_store(f"s3://{bucket}/spans", state)
+    ledger = RemoteLedger(store, state)  # type: ignore[arg-type]
+    ledger.pull()
+    ids = [f"i{n}" for n in range(SPAN_EVERY + 5)]
+    for item in ids:
+        with open(ledger.path, "ab") as fh:
+            fh.write(orjson.dumps({"id": item, "status": "ok"}) + b"\n")
+        ledger.push()
+    names = [k.rsplit("/", 1)[1] for k in fs.find(f"{bucket}/spans/ledger")]
+    spans = [n for n in names if n.count("-") == 3]
+    assert len(spans) == 1 and len(names) == 1 + 1 + 5  # the mark, one span, 5 pieces
+    # A crash after a span was written but before its pieces went: both there, read once.
+    pieces = [n for n in names if n.count("-") == 2]
+    start = int(pieces[0].rsplit("-", 1)[1].split(".")[0])
+    ledger.fold()
+    for piece in pieces:  # put the folded pieces back, as if never deleted
+        fs.pipe_file(f"{bucket}/spans/ledger/{piece}", b'{"id":"stale"}\n')
+    assert fs.exists(f"{bucket}/spans/ledger/{spans[0]}") and start > 0
+    read = download_ledger(store, tmp_path / "read")  # type: ignore[arg-type]
+    assert [orjson.loads(x)["id"] for x in read.read_bytes().splitlines()] == ids
+
+
+def test_cap_holds_when_a_killed_run_is_continued_elsewhere(
+    s3_endpoint: str, fs: Any, bucket: str, tmp_path: Path
+) -> None:
+    """Under --max-cost each request's `sent` line is in the bucket before it goes: a run
+    killed with its ledger's last pushes far off (--upload-every 600), continued from another
+    machine, still keeps the total under the cap."""
+    manifest = write_lines(tmp_path / "m.jsonl", lines(60, "c"))
+    url = f"s3://{bucket}/capped"
+    cap = "0.25"
+    with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.2)) as server:
+        flags = ("--concurrency", "4", "--upload-every", "600", "--max-cost", cap)
+        args = cli_args(manifest, url, tmp_path / "a", "--base-url", server.base_url, *flags)
+        proc = subprocess.Popen(args, env=child_env(s3_endpoint, server), cwd=ROOT,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            wait_for(lambda: sum(r.status == 200 for r in server.requests) >= 8)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        killed_at = time.time()
+        time.sleep(max(0.0, killed_at + 2.2 - time.time()))  # its lock: over 1 s old
+        elsewhere = run(s3_endpoint, manifest, url, tmp_path / "b", "--max-cost", cap,
+                        server=server, env={"BATCHIMG_LOCK_TTL_S": "1"})  # fmt: skip
+        assert elsewhere.returncode == 3, elsewhere.stderr  # stopped by the cap
+        assert billed(server) <= float(cap) + 1e-9
+        assert billed(server) > float(cap) / 2  # and it did spend toward it
+
+
+def test_bad_urls_exit_2_and_say_no_secret(s3_endpoint: str, tmp_path: Path) -> None:
+    for url, says in (
+        ("s3://AKIAXX:PASSWORD123@bucket/p", "never in the URL"),
+        ("s3://bucket/../x", "plain bucket and prefix"),
+        ("s3://bucket//x", "plain bucket and prefix"),
+        ("s3://bucket/p?x=1", "plain bucket and prefix"),
+        ("memory://bucket/p", "in-memory"),
+    ):
+        done = run(s3_endpoint, EXAMPLE, url, tmp_path / "s", "--mock", server=None)
+        assert done.returncode == 2 and says in done.stderr, (url, done.stderr)
+        assert "PASSWORD123" not in done.stderr + done.stdout
+        report = cli(s3_endpoint, "report", url)
+        assert report.returncode == 2 and "PASSWORD123" not in report.stderr + report.stdout
+
+
+def test_unparking_after_another_machine_redid_the_items_keeps_its_files(
+    s3_endpoint: str, fs: Any, bucket: str, tmp_path: Path
+) -> None:
+    """Machine A's store access is cut mid-run (its images parked); machine B does the whole
+    job; then A comes back. A's parked images go to .orphans/ and its lines become charges:
+    B's images, which the ledger's last lines name, are neither moved nor replaced."""
+    import hashlib
+
+    manifest = write_lines(tmp_path / "m.jsonl", lines(20, "p"))
+    url = f"s3://{bucket}/twice"
+    state_a = tmp_path / "a"
+    with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.1)) as server:
+        args = cli_args(manifest, url, state_a, "--base-url", server.base_url, "--concurrency", "4")
+        proc = subprocess.Popen(args, env=child_env(s3_endpoint, server), cwd=ROOT,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            wait_for(lambda: sum(r.status == 200 for r in server.requests) >= 6)
+            set_auth(s3_endpoint, allowed=False)
+            proc.wait(timeout=60)
+        finally:
+            set_auth(s3_endpoint, allowed=True)
+            proc.kill()
+        assert proc.returncode == 3 and (state_a / "parked.jsonl").exists()
+        short_ttl = {"BATCHIMG_LOCK_TTL_S": "1"}
+        time.sleep(2.2)  # A's lock (never released: the store refused) is over 1 s old
+        b = run(s3_endpoint, manifest, url, tmp_path / "b", server=server, env=short_ttl)
+        assert b.returncode == 0, b.stderr
+        a = run(s3_endpoint, manifest, url, state_a, server=server)
+        assert a.returncode == 0 and "parked" in a.stderr, a.stderr
+    records = bucket_ledger(fs, f"{bucket}/twice")
+    states = last_states(records)
+    assert len(states) == 20 and all(r["status"] == "ok" for r in states.values())
+    for record in states.values():
+        for name, digest in zip(record["files"], record["sha256"], strict=True):
+            assert hashlib.sha256(fs.cat_file(f"{bucket}/twice/{name}")).hexdigest() == digest
+    charges = [r for r in records if r.get("record") == "charge"]
+    assert charges and all(f.startswith(".orphans/") for r in charges for f in r["files"])
+    for record in charges:  # A's paid-for images, kept aside
+        assert all(fs.exists(f"{bucket}/twice/{f}") for f in record["files"])

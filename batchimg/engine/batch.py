@@ -295,6 +295,10 @@ class BatchEngine(Engine):
             except RequestError as exc:
                 self._api_trouble(exc, f"collecting batch {f.batch_id}")
 
+    def _stopped(self) -> bool:
+        """Whether the run stops (asked again after steps that may stop it)."""
+        return self.control.stopping
+
     async def _items(self, f: BatchFile) -> dict[str, Item]:
         """custom_id -> the item as sent in that file."""
         items = await anyio.to_thread.run_sync(read_items, self.state.items_path(f.name))
@@ -322,6 +326,10 @@ class BatchEngine(Engine):
                     )
                     continue
             await self._collect_file(f, path, items, seen)
+        if self.control.stopping:
+            # Perhaps cut short (a disk, a signal): what was not read is not missing; the next
+            # run reads the files again.
+            return
         if f.status == "failed":
             self._say_validation_errors(f, items)
         for entry in f.entries.values():
@@ -343,8 +351,8 @@ class BatchEngine(Engine):
             else:
                 why = f"batch {f.batch_id} {f.status} before this request ran"
                 self._not_run(f, entry, item, ErrorInfo(why, f"batch_{f.status}"))
-        if self.control.stopping:
-            return  # perhaps cut short (a disk, a signal): the next run reads the file again
+        if self._stopped():  # a line that could not be written: the next run reads them again
+            return
         self.state.append({"event": "collected", "file": f.name})
         for path in (
             self.state.input_path(f.name),

@@ -97,6 +97,9 @@ class ItemRunner:
         #: their request slot: with more workers than slots, a slow store holds up at most the
         #: extra workers (the bounded queue), never the requests. None: no slots (one each).
         self._slots = anyio.Semaphore(requests) if requests else None
+        #: Awaited after a request's `sent` line is written and before it goes (a bucket
+        #: output under a cap: until that line is in the bucket). StorageError stops the run.
+        self.before_send: Callable[[], Awaitable[None]] | None = None
         self.sink = sink
         self.backend = backend
         self.writer = writer
@@ -308,6 +311,8 @@ class ItemRunner:
             sent_bound = worst_usd if capped else self._worst_usd(item)
             self.sink.sent_line(item, attempt, started_at, sent_bound)
             tally.sent = attempt
+            if self.before_send is not None:
+                await self.before_send()
             try:
                 with self.control.on_the_wire() if online else contextlib.nullcontext():
                     answer = await self.backend.send(item, limit_bytes=self._answer_limit(item))

@@ -43,7 +43,7 @@ from ..manifest import BadLine, Item, manifest_lines, read_manifest
 from ..outdir import exclusive
 from ..pricing import PriceTable
 from ..stores import Store
-from ..stores.remote import HEARTBEAT_S, RemoteOutput
+from ..stores.remote import HEARTBEAT_S, PushGate, RemoteOutput
 from ..tokens import TokenBook
 from ..writer import MAX_BATCH, WRITER_THREADS, BatchedWriter, ImageWriter
 from .batchstate import BatchState
@@ -168,40 +168,22 @@ class Engine:
             return await self._run_remote(self.remote, handle_signals)
 
     async def _run_remote(self, remote: RemoteOutput, handle_signals: bool) -> Summary:
-        """The run, holding the bucket's lock, its ledger pulled first and pushed as it grows,
-        at the end and on every stop (a line not pushed stays in the state directory, and the
-        next run here pushes it before anything else)."""
-        self.summary.ledger_at = (
-            f"{remote.store.location}/ledger/ (working copy: {self.summary.ledger_path})"
-        )
+        """The run, holding the bucket's lock (its heartbeat renewed from the first step to the
+        last), its ledger pulled first and pushed as it grows, at the end and on every stop (a
+        line not pushed stays in the state directory, and the next run here pushes it before
+        anything else)."""
+        summary = self.summary
+        summary.ledger_at = f"{remote.store.location}/ledger/ (working copy: {summary.ledger_path})"
         took_over = await anyio.to_thread.run_sync(remote.lock.acquire)
         if took_over:
             self.warn(took_over)
         try:
-            try:
-                await anyio.to_thread.run_sync(remote.ledger.pull)
-                unparked = await anyio.to_thread.run_sync(remote.unpark)
-            except StorageError as exc:  # nothing sent yet: what is here stays for next time
-                self.summary.stop_reason = f"{exc}; {exc.advice}, then re-run"
-                return self.summary
-            if unparked:
-                self.warn(f"uploaded the images of {unparked} items an earlier run had parked")
-            async with anyio.create_task_group() as keep:
-                keep.start_soon(self._keep_remote, remote)
+            async with anyio.create_task_group() as beating:
+                beating.start_soon(self._every, HEARTBEAT_S, remote.lock.beat)
                 try:
-                    summary = await self._run_locked(handle_signals)
+                    await self._run_pulled(remote, handle_signals)
                 finally:
-                    keep.cancel_scope.cancel()
-            with anyio.CancelScope(shield=True):
-                try:
-                    await anyio.to_thread.run_sync(remote.ledger.push)
-                    if self.config.options.layout == "imagefolder":
-                        await anyio.to_thread.run_sync(remote.push_files, METADATA_FILES)
-                except StorageError as exc:
-                    summary.stop_reason = summary.stop_reason or (
-                        f"{exc}; the ledger's last lines are kept in {remote.state_dir} and "
-                        "uploaded by the next run there"
-                    )
+                    beating.cancel_scope.cancel()
             return summary
         finally:
             with anyio.CancelScope(shield=True):
@@ -209,22 +191,44 @@ class Engine:
                     await anyio.to_thread.run_sync(remote.ledger.push)
                 await anyio.to_thread.run_sync(remote.lock.release)
 
-    async def _keep_remote(self, remote: RemoteOutput) -> None:
-        """Push the ledger's new lines every `--upload-every` seconds and renew the lock's
-        heartbeat; a store that refuses either stops the run."""
+    async def _run_pulled(self, remote: RemoteOutput, handle_signals: bool) -> None:
+        summary = self.summary
+        try:
+            await anyio.to_thread.run_sync(remote.ledger.pull)
+            unparked = await anyio.to_thread.run_sync(remote.unpark)
+        except StorageError as exc:  # nothing sent yet: what is here stays for next time
+            summary.stop_reason = f"{exc}; {exc.advice}, then re-run"
+            return
+        if unparked:
+            self.warn(f"uploaded the images of {unparked} items an earlier run had parked")
+        if self.config.options.max_cost_usd is not None:  # the cap holds on any machine
+            self.runner.before_send = PushGate(remote.ledger).wait
+        async with anyio.create_task_group() as pushing:
+            pushing.start_soon(self._every, remote.upload_every_s, remote.ledger.push)
+            try:
+                await self._run_locked(handle_signals)
+            finally:
+                pushing.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(remote.ledger.finish)
+                if self.config.options.layout == "imagefolder":
+                    await anyio.to_thread.run_sync(remote.push_files, METADATA_FILES)
+            except StorageError as exc:
+                summary.stop_reason = summary.stop_reason or (
+                    f"{exc}; the ledger's last lines are kept in {remote.state_dir} and "
+                    "uploaded by the next run there"
+                )
 
-        async def every(interval_s: float, step: Callable[[], object]) -> None:
-            while True:
-                await anyio.sleep(interval_s)
-                try:
-                    await anyio.to_thread.run_sync(step)
-                except StorageError as exc:
-                    self.control.stop(f"{exc}; fix the bucket's access, then re-run")
-                    return
-
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(every, HEARTBEAT_S, remote.lock.beat)
-            tasks.start_soon(every, remote.upload_every_s, remote.ledger.push)
+    async def _every(self, interval_s: float, step: Callable[[], object]) -> None:
+        """Run `step` on a thread every `interval_s`; a store that refuses stops the run."""
+        while True:
+            await anyio.sleep(interval_s)
+            try:
+                await anyio.to_thread.run_sync(step)
+            except StorageError as exc:
+                self.control.stop(f"{exc}; {exc.advice}, then re-run")
+                return
 
     async def _run_locked(self, handle_signals: bool) -> Summary:
         started = time.monotonic()

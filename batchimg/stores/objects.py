@@ -17,6 +17,7 @@ is handed to a short-lived thread (only start-up does this; writers call from th
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import hashlib
@@ -69,14 +70,29 @@ def open_filesystem(url: str) -> tuple[Any, str]:
     """The fsspec filesystem for a URL and the root path in it; UsageError (exit 2) for a
     missing extra or an unknown scheme. Credentials and endpoints come from each library's
     usual configuration (for S3: the AWS variables and files, `AWS_ENDPOINT_URL` included)."""
-    scheme = urlsplit(url).scheme
+    parts = urlsplit(url)
+    scheme = parts.scheme
     extra = EXTRAS.get(scheme)
+    if "@" in parts.netloc:
+        raise UsageError(
+            f"{shown(url)}: put credentials in the environment or the storage library's "
+            "configuration, never in the URL (it shows up in logs and process lists)"
+        )
+    segments = parts.path.strip("/").split("/") if parts.path.strip("/") else []
+    doubled = "//" in parts.path
+    if parts.query or parts.fragment or doubled or any(p in ("", ".", "..") for p in segments):
+        raise UsageError(
+            f"{shown(url)}: give a plain bucket and prefix (no '?', '#', '.', '..' or "
+            "empty parts), e.g. s3://bucket/run1"
+        )
+    if scheme in ("memory", "memfs"):
+        raise UsageError(f"{shown(url)}: an in-memory store is gone when the run ends")
     try:
         import fsspec
         from fsspec.core import url_to_fs
     except ImportError:
         raise UsageError(
-            f"--out {shown(url)} needs fsspec: pip install 'batchimg[{extra or 's3'}]'"
+            f"{shown(url)} needs fsspec: pip install 'batchimg[{extra or 's3'}]'"
         ) from None
     options: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
     if extra == "s3":
@@ -86,12 +102,12 @@ def open_filesystem(url: str) -> tuple[Any, str]:
         fs, root = url_to_fs(url, **options)
     except ImportError:
         hint = f"pip install 'batchimg[{extra}]'" if extra else f"install fsspec's {scheme} module"
-        raise UsageError(f"--out {shown(url)} needs a library not installed: {hint}") from None
+        raise UsageError(f"{shown(url)} needs a library not installed: {hint}") from None
     except ValueError as exc:
-        raise UsageError(f"--out {shown(url)}: not a storage URL fsspec knows ({exc})") from None
+        raise UsageError(f"{shown(url)}: not a storage URL fsspec knows ({exc})") from None
     root = str(root).rstrip("/")
     if not root or (extra is not None and "/" not in root and len(root) < 3):
-        raise UsageError(f"--out {shown(url)}: give a bucket (and a prefix), e.g. s3://bucket/run1")
+        raise UsageError(f"{shown(url)}: give a bucket (and a prefix), e.g. s3://bucket/run1")
     return fs, root
 
 
@@ -244,16 +260,23 @@ class ObjectStore:
             return False
 
     def list(self, prefix: str) -> Iterator[str]:
+        for name, _ in self.sizes(prefix):
+            yield name
+
+    def sizes(self, prefix: str) -> builtins.list[tuple[str, int]]:
+        """The objects directly under `prefix/` (hidden ones left out), with their sizes."""
         try:
             names = self._call(self.fs.ls, self.key(prefix), detail=True)
         except FileNotFoundError:
-            return
+            return []
         except Exception as exc:
             raise classify(exc, f"cannot list {self._shown_key(self.key(prefix))}") from exc
+        found = []
         for entry in sorted(names, key=lambda e: str(e["name"])):
             base = PurePosixPath(str(entry["name"])).name
             if entry.get("type") == "file" and not base.startswith("."):
-                yield f"{prefix}/{base}"
+                found.append((f"{prefix}/{base}", int(entry.get("size") or 0)))
+        return found
 
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -1,32 +1,42 @@
 """An output in object storage: its lock object, and its ledger as segments in the bucket.
 
-A bucket has no rename and no append, so the ledger is kept as immutable pieces:
+A bucket has no rename and no append, so the ledger is kept as immutable objects:
 
-    PREFIX/ledger/NNNNNN-TAG.jsonl               a segment's mark (empty): its number is taken
-    PREFIX/ledger/NNNNNN-TAG-OOOOOOOOOOOO.jsonl  whole ledger lines of segment NNNNNN, from
-                                                 byte OOOOOOOOOOOO of that segment on
-    PREFIX/.batchimg.lock                        the run holding the prefix: owner, heartbeat
+    PREFIX/ledger/NNNNNN.jsonl                  a segment's mark (empty): its number is taken
+    PREFIX/ledger/NNNNNN-TAG-SSSSSSSSSSSS.jsonl
+                        a piece: whole ledger lines of segment NNNNNN, from its byte S on
+    PREFIX/ledger/NNNNNN-TAG-SSSSSSSSSSSS-EEEEEEEEEEEE.jsonl
+                        a span: the same bytes as the pieces it folds, [S, E) of the segment
+    PREFIX/.batchimg.lock                       the run holding the prefix: owner, heartbeat
 
-Read in key order, the pieces are the ledger. Each run writes one segment, numbered one past
-every segment in the bucket when it starts (under the lock, so segments never interleave).
+Each run writes one segment, numbered one past every segment in the bucket when it starts
+(under the lock; the mark is created only if absent, so two runs never share a number). The
+ledger is the segments in number order; a segment's bytes are read from offset 0 on, taking at
+each offset the object that starts there and reaches furthest (a span, once written, wins over
+the pieces it folds; those are then deleted, and are harmless while they linger).
 
 Locally, in the run's state directory (`--state`), `ledger.jsonl` is the working copy: every
-piece of the bucket, in order, then this run's lines, written and fsynced exactly as a local
+segment of the bucket, in order, then this run's lines, written and fsynced exactly as a local
 run's ledger (so resuming, the cap and the layouts read it unchanged). `remote.json` says which
-pieces the copy holds and how much of this run's segment is in the bucket. `push` uploads the
-whole lines not yet there as a new piece; the run does so every `--upload-every` seconds, at the
-end and on every stop. A piece's key is fixed by where it starts, so a push cut short by a crash
-and done again finds its piece there and moves on: no line is ever in the bucket twice.
+segments (and how many of their bytes) the copy holds and how much of this run's segment is in
+the bucket. `push` uploads the whole lines not yet there as a new piece; the run does so every
+`--upload-every` seconds (and, under `--max-cost`, before each request: `PushGate`), at the end
+and on every stop, and folds every `SPAN_EVERY` pieces into one span. A piece's key is fixed by
+where it starts, so a push cut short by a crash and done again finds its piece there and moves
+on: no line is ever in the bucket twice.
 
 `pull`, at the start of every run, first pushes what an earlier run on this machine left
-unpushed, then brings in the pieces the copy lacks (another machine's runs): a run moved to
-another machine continues without repeating an `ok` item.
+unpushed, then brings in the segments the copy lacks (another machine's runs): a run moved to
+another machine continues without repeating an `ok` item. A copy it cannot account for (its
+`remote.json` lost or damaged, or the bucket's order changed under it) is rebuilt from the
+bucket, after any of its lines the bucket lacks have been pushed, so no line is ever dropped.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -34,17 +44,25 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import orjson
 
 from ..errors import StorageError, UsageError
-from ..ledger import LEDGER_NAME, LedgerRecord, LedgerWriter, cut_torn_tail, read_ledger
-from .local import fsync_path
+from ..ledger import (
+    LEDGER_NAME,
+    LedgerRecord,
+    LedgerWriter,
+    cut_torn_tail,
+    is_state,
+    read_ledger,
+)
+from .local import ORPHANS_DIR, fsync_path
 from .objects import PARKED_DIR, PARKED_LINES, ObjectStore, classify
 
 LEDGER_DIR = "ledger"
@@ -53,23 +71,73 @@ STATE_FILE = "remote.json"
 LOCK_TTL_S = 60.0  # a lock whose heartbeat is older than this may be taken over
 HEARTBEAT_S = 15.0
 UPLOAD_EVERY_S = 10.0
-_PIECE = re.compile(r"^(\d{6})-([0-9a-f]{8})(?:-(\d{12}))?\.jsonl$")
-_FETCH_AT_ONCE = 64  # pieces downloaded together
+SPAN_EVERY = 64  # pieces of a segment folded into one span
+GATE_EVERY_S = 1.0  # under a cap: the most often the ledger is pushed before requests
+_NAME = re.compile(r"^(\d{6,})(?:-([0-9a-f]{8})-(\d{12})(?:-(\d{12}))?)?\.jsonl$")
+_FETCH_AT_ONCE = 64  # objects downloaded together
 
 
-def piece_order(names: Iterator[str] | list[str]) -> list[str]:
-    """The ledger's pieces among object names (`ledger/...`), in reading order."""
-    return sorted(n for n in names if _PIECE.match(n.rsplit("/", 1)[-1]))
+@dataclass(frozen=True)
+class _Part:
+    """A piece or a span of a segment: its object's name and the bytes [start, end) it holds."""
+
+    name: str
+    start: int
+    end: int
 
 
-def _segment_number(name: str) -> int:
-    match = _PIECE.match(name.rsplit("/", 1)[-1])
-    return int(match.group(1)) if match else 0
+@dataclass
+class _Segment:
+    number: int
+    tag: str
+    parts: list[_Part] = field(default_factory=list)  # the chain, in order
+
+    @property
+    def id(self) -> str:
+        return f"{self.number:06d}-{self.tag}"
+
+    @property
+    def size(self) -> int:
+        return sum(p.end - p.start for p in self.parts)
 
 
-def _segment_of(name: str) -> str:
-    match = _PIECE.match(name.rsplit("/", 1)[-1])
-    return f"{match.group(1)}-{match.group(2)}" if match else ""
+@dataclass
+class _View:
+    """The bucket's ledger: its segments in order, and the highest number taken."""
+
+    segments: list[_Segment]
+    top: int
+    names: list[tuple[str, int]]  # every object under ledger/, with its size
+
+
+def _view(names: list[tuple[str, int]]) -> _View:
+    """Read a listing of ledger/ (see the module docstring)."""
+    top = 0
+    found: dict[tuple[int, str], list[_Part]] = {}
+    for name, size in names:
+        match = _NAME.match(name.rsplit("/", 1)[-1])
+        if match is None:
+            continue
+        number = int(match.group(1))
+        top = max(top, number)
+        if match.group(2) is None:
+            continue  # a mark
+        start = int(match.group(3))
+        end = int(match.group(4)) if match.group(4) else start + size
+        if match.group(4) and end - start != size:
+            continue  # a span that is not what its name says: not to be trusted
+        found.setdefault((number, match.group(2)), []).append(_Part(name, start, end))
+    segments = []
+    for (number, tag), parts in sorted(found.items()):
+        parts.sort(key=lambda p: (p.start, -p.end))
+        segment, at = _Segment(number, tag), 0
+        for part in parts:
+            if part.start < at or part.end <= part.start:
+                continue  # folded into one already taken, or empty
+            segment.parts.append(part)  # (a gap before it: pieces deleted by hand)
+            at = part.end
+        segments.append(segment)
+    return _View(segments, top, names)
 
 
 @dataclass
@@ -77,10 +145,12 @@ class _Copy:
     """What the working copy holds (`remote.json`)."""
 
     url: str
-    pulled: list[str] = field(default_factory=list)  # pieces held before `base`, in order
+    pulled: list[list[Any]] = field(default_factory=list)  # [segment id, bytes] before `base`
     segment: str | None = None  # this machine's latest segment (NNNNNN-TAG)
     base: int = 0  # where that segment starts in the working copy
     pushed: int = 0  # how many of its bytes are in the bucket
+    spanned: int = 0  # how many of those are in spans (the rest: `pieces` pieces)
+    pieces: int = 0
 
 
 class RemoteLedger:
@@ -95,28 +165,37 @@ class RemoteLedger:
 
     # -- the working copy's bookkeeping --
 
-    def _load(self) -> _Copy:
+    def check(self) -> None:
+        """UsageError if the state directory holds another output's state (before anything
+        touches the bucket)."""
+        self._load()
+
+    def _load(self) -> _Copy | None:
+        """The copy's bookkeeping; None if there is none (or it is damaged: the copy is then
+        accounted for by content, see `pull`)."""
         try:
             raw = orjson.loads(self._state_path.read_bytes())
-        except FileNotFoundError:
-            return _Copy(self.store.location)
-        except (OSError, orjson.JSONDecodeError) as exc:
-            raise UsageError(
-                f"{self._state_path} cannot be read ({exc}): delete it, and the state "
-                "directory's ledger.jsonl is rebuilt from the bucket"
-            ) from None
-        if not isinstance(raw, dict) or raw.get("url") != self.store.location:
+        except (OSError, orjson.JSONDecodeError):
+            return None
+        if not isinstance(raw, dict):
+            return None
+        if raw.get("url") != self.store.location:
             raise UsageError(
                 f"--state {self.state_dir} holds the state of {raw.get('url')!r}, not of "
                 f"{self.store.location}: give each output its own state directory"
             )
-        return _Copy(
-            url=str(raw["url"]),
-            pulled=[str(k) for k in raw.get("pulled", [])],
-            segment=raw.get("segment"),
-            base=int(raw.get("base", 0)),
-            pushed=int(raw.get("pushed", 0)),
-        )
+        try:
+            return _Copy(
+                url=str(raw["url"]),
+                pulled=[[str(s), int(n)] for s, n in raw.get("pulled", [])],
+                segment=raw.get("segment"),
+                base=int(raw.get("base", 0)),
+                pushed=int(raw.get("pushed", 0)),
+                spanned=int(raw.get("spanned", 0)),
+                pieces=int(raw.get("pieces", 0)),
+            )
+        except (TypeError, ValueError, KeyError):
+            return None
 
     def _save(self) -> None:
         data = orjson.dumps(self._copy.__dict__)
@@ -130,57 +209,79 @@ class RemoteLedger:
 
     # -- pull and push --
 
+    def view(self) -> _View:
+        return _view(self.store.sizes(LEDGER_DIR))
+
     def pull(self) -> None:
-        """Make the working copy hold every piece of the bucket, then open a new segment
+        """Make the working copy hold every segment of the bucket, then open a new segment
         (see the module docstring). StorageError if the bucket cannot be read or written."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._copy = self._load()
+        known = self._load()
+        self._copy = known or _Copy(self.store.location)
         if self.path.exists():
             cut_torn_tail(self.path)
             self.push()  # what an earlier run here left unpushed goes first
-        pieces = self._pieces()
-        own = [p for p in pieces if self._copy.segment and _segment_of(p) == self._copy.segment]
-        held = self._copy.pulled + own
+        view = self.view()
+        copy = self._copy
+        held = copy.pulled + ([[copy.segment, copy.pushed]] if copy.segment else [])
+        have = [[s.id, s.size] for s in view.segments]
         size = self.path.stat().st_size if self.path.exists() else 0
-        whole = size == self._copy.base + self._copy.pushed and pieces[: len(held)] == held
-        if whole:
-            self._fetch(pieces[len(held) :], self.path, append=True)
-        else:  # another machine's pieces sort among ours (or no copy yet): start afresh
+        lost = b""
+        if size == 0 and not held:  # nothing here yet: the whole bucket
+            self._fetch(view.segments, self.path, append=False)
+        elif known and size == copy.base + copy.pushed and have[: len(held)] == held:
+            self._fetch(view.segments[len(held) :], self.path, append=True)
+        else:  # not accounted for: rebuilt from the bucket, keeping what the bucket lacks
             fresh = self.path.with_name(f".{LEDGER_NAME}.pulling")
-            self._fetch(pieces, fresh, append=False)
+            seen = self._fetch(view.segments, fresh, append=False, digests=True)
+            lost = _missing_lines(self.path, seen)
             os.replace(fresh, self.path)
             fsync_path(str(self.state_dir), os.O_RDONLY | os.O_DIRECTORY)
-        number = max((_segment_number(p) for p in pieces), default=0) + 1
-        segment = f"{number:06d}-{uuid.uuid4().hex[:8]}"
-        try:  # the mark takes the number (a run elsewhere meanwhile would fail here)
-            self.store.write(f"{LEDGER_DIR}/{segment}.jsonl", b"", create=True)
+        number = view.top + 1
+        try:  # the mark takes the number: a run elsewhere taking it too would fail here
+            self.store.write(f"{LEDGER_DIR}/{number:06d}.jsonl", b"", create=True)
+        except FileExistsError:
+            raise StorageError(
+                f"{self.store.location}/{LEDGER_DIR}/{number:06d}.jsonl exists: another run "
+                "is writing this output"
+            ) from None
         except Exception as exc:
             raise classify(exc, f"cannot write to {self.store.location}/{LEDGER_DIR}") from exc
         self._copy = _Copy(
             self.store.location,
-            pulled=pieces,
-            segment=segment,
+            pulled=have,
+            segment=f"{number:06d}-{uuid.uuid4().hex[:8]}",
             base=self.path.stat().st_size,
-            pushed=0,
         )
         self._save()
+        if lost:  # lines only this copy had (its bookkeeping was lost): this run's first
+            with open(self.path, "ab") as fh:
+                fh.write(lost)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.push()
 
-    def _pieces(self) -> list[str]:
-        return piece_order(list(self.store.list(LEDGER_DIR)))
-
-    def _fetch(self, pieces: list[str], path: Path, *, append: bool) -> None:
-        """Download pieces, in order, onto the end of `path` (fsynced)."""
+    def _fetch(
+        self, segments: list[_Segment], path: Path, *, append: bool, digests: bool = False
+    ) -> set[bytes]:
+        """Download segments, in order, onto the end of `path` (fsynced); with `digests`, the
+        digests of the lines written."""
+        seen: set[bytes] = set()
+        names = [part.name for segment in segments for part in segment.parts]
         with open(path, "ab" if append else "wb") as fh:
-            for at in range(0, len(pieces), _FETCH_AT_ONCE):
-                for data in self.read_pieces(pieces[at : at + _FETCH_AT_ONCE]):
-                    fh.write(data)
+            for at in range(0, len(names), _FETCH_AT_ONCE):
+                for data in self.read_objects(names[at : at + _FETCH_AT_ONCE]):
                     if data and not data.endswith(b"\n"):
-                        fh.write(b"\n")  # a damaged piece: its torn line stays its own
+                        data += b"\n"  # a damaged piece: its torn line stays its own
+                    fh.write(data)
+                    if digests:
+                        seen.update(_digest(line) for line in data.splitlines())
             fh.flush()
             os.fsync(fh.fileno())
+        return seen
 
-    def read_pieces(self, names: list[str]) -> list[bytes]:
-        """Several pieces' bytes, fetched at once, in the order given."""
+    def read_objects(self, names: list[str]) -> list[bytes]:
+        """Several objects' bytes, fetched at once, in the order given."""
         keys = [self.store.key(n) for n in names]
         try:
             found: dict[str, Any] = self.store._call(self.store.fs.cat, keys, on_error="return")
@@ -196,23 +297,18 @@ class RemoteLedger:
 
     def push(self) -> int:
         """Upload the whole lines of this machine's segment not yet in the bucket, as one
-        piece; the number of bytes uploaded. StorageError if the store refuses."""
+        piece (folding pieces into a span every `SPAN_EVERY`); the bytes uploaded.
+        StorageError if the store refuses."""
         copy = self._copy
         if copy.segment is None or not self.path.exists():
             return 0
         sent = 0
-        while True:
-            start = copy.base + copy.pushed
-            with open(self.path, "rb") as fh:
-                fh.seek(start)
-                data = fh.read()
-            data = data[: data.rfind(b"\n") + 1]  # whole lines only
-            if not data:
-                return sent
+        while data := self._unpushed():
             name = f"{LEDGER_DIR}/{copy.segment}-{copy.pushed:012d}.jsonl"
             try:
                 self.store.write(name, data, create=True)
                 copy.pushed += len(data)
+                copy.pieces += 1
                 sent += len(data)
             except FileExistsError:  # pushed before a crash kept it from being noted
                 size = int(self.store.info(name).get("size") or 0)
@@ -221,11 +317,54 @@ class RemoteLedger:
                         f"{self.store.location}/{name} is empty, not a piece of the ledger"
                     ) from None
                 copy.pushed += size
+                copy.pieces += 1
             except StorageError:
                 raise
             except Exception as exc:
                 raise classify(exc, f"cannot write {self.store.location}/{name}") from exc
             self._save()
+        if copy.pieces >= SPAN_EVERY:
+            self.fold()
+        return sent
+
+    def _unpushed(self) -> bytes:
+        copy = self._copy
+        with open(self.path, "rb") as fh:
+            fh.seek(copy.base + copy.pushed)
+            data = fh.read()
+        return data[: data.rfind(b"\n") + 1]  # whole lines only
+
+    def fold(self) -> None:
+        """Put the pieces pushed since the last span into one span, then delete them."""
+        copy = self._copy
+        if copy.segment is None or copy.pieces < 2:
+            return
+        start, end = copy.spanned, copy.pushed
+        with open(self.path, "rb") as fh:
+            fh.seek(copy.base + start)
+            data = fh.read(end - start)
+        name = f"{LEDGER_DIR}/{copy.segment}-{start:012d}-{end:012d}.jsonl"
+        try:
+            self.store.write(name, data, create=True)
+        except FileExistsError:
+            pass  # written before a crash
+        except Exception as exc:
+            raise classify(exc, f"cannot write {self.store.location}/{name}") from exc
+        copy.spanned, copy.pieces = end, 0
+        self._save()
+        prefix = f"{LEDGER_DIR}/{copy.segment}-"
+        for other, _ in self.store.sizes(LEDGER_DIR):
+            match = _NAME.match(other.rsplit("/", 1)[-1])
+            if match is None or match.group(4) is not None or not other.startswith(prefix):
+                continue
+            if start <= int(match.group(3)) < end:
+                with contextlib.suppress(Exception):  # lingering, it is only skipped
+                    self.store.delete(other)
+
+    def finish(self) -> None:
+        """At the end of a run: push the rest, and fold what is not in a span yet."""
+        self.push()
+        self.fold()
 
     @property
     def unpushed(self) -> int:
@@ -246,15 +385,61 @@ class RemoteLedger:
             raise classify(exc, f"cannot write {self.store.location}/{name}") from exc
 
 
+def _digest(line: bytes) -> bytes:
+    return hashlib.blake2b(line.rstrip(b"\n"), digest_size=16).digest()
+
+
+def _missing_lines(path: Path, seen: set[bytes]) -> bytes:
+    """The whole lines of a local file whose digest is not in `seen`, in order."""
+    if not path.exists():
+        return b""
+    kept = []
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.endswith(b"\n") and line.strip() and _digest(line) not in seen:
+                kept.append(line)
+    return b"".join(kept)
+
+
+class PushGate:
+    """Under `--max-cost`: a request goes out only once its `sent` line is in the bucket, so
+    the cap holds for a run continued on another machine after this one died. Pushes are
+    shared (one covers every line written before it starts) and at most one a
+    `GATE_EVERY_S`."""
+
+    def __init__(self, ledger: RemoteLedger) -> None:
+        self.ledger = ledger
+        self._asked = 0  # requests that asked for a push
+        self._done = 0  # the most asked that a finished push covers
+        self._lock = anyio.Lock()
+        self._last = 0.0
+        self._error: StorageError | None = None
+
+    async def wait(self) -> None:
+        """Return once a push that started after this call has finished; StorageError if
+        the store refuses."""
+        self._asked += 1
+        mine = self._asked
+        async with self._lock:  # one push at a time; those waiting share the next
+            if self._done >= mine:
+                return
+            await anyio.sleep(max(0.0, self._last + GATE_EVERY_S - time.monotonic()))
+            covers = self._asked
+            self._last = time.monotonic()
+            await anyio.to_thread.run_sync(self.ledger.push)
+            self._done = covers
+
+
 def download_ledger(store: ObjectStore, into: Path) -> Path:
     """The bucket's ledger, read into one local file (`into`, a directory): for `report`,
     `verify`, `estimate --from-ledger`. UsageError if the bucket has none."""
     ledger = RemoteLedger(store, into)
-    pieces = ledger._pieces()
-    if not pieces:
+    segments = ledger.view().segments
+    if not segments:
         raise UsageError(f"no ledger at {store.location}/{LEDGER_DIR}/ (give a run's output URL)")
+    into.mkdir(parents=True, exist_ok=True)
     path = into / LEDGER_NAME
-    ledger._fetch(pieces, path, append=False)
+    ledger._fetch(segments, path, append=False)
     return path
 
 
@@ -262,13 +447,15 @@ class BucketLock:
     """One run per output URL: an object with its owner and a heartbeat (see `acquire`).
 
     On S3 every write of it is conditional (create only if absent; replace only the version
-    read), so two runs racing for it cannot both win. A run whose heartbeat is older than
-    `ttl_s` (by this machine's clock) is taken to be dead, and its lock may be taken over.
+    read), so two runs racing for it cannot both win. A lock is stale, and may be taken over,
+    when both its own heartbeat (the holder's clock) and its last write (the store's clock,
+    against an object written just now) are older than `ttl_s`: a holder with a slow clock,
+    or a garbled lock written a moment ago, is not taken for dead.
     """
 
-    def __init__(self, store: ObjectStore, state_dir: Path, ttl_s: float = LOCK_TTL_S) -> None:
+    def __init__(self, store: ObjectStore, state_dir: Path, ttl_s: float | None = None) -> None:
         self.store = store
-        self.ttl_s = ttl_s
+        self.ttl_s = ttl_s if ttl_s is not None else _lock_ttl_s()
         self.token = uuid.uuid4().hex
         #: The token of the last run from this state directory, which `Engine` opens only
         #: under its local lock: a lock object holding it is a dead run's, whatever its age.
@@ -292,14 +479,13 @@ class BucketLock:
         """Take the lock; a message if it was taken over from a dead run. UsageError if a live
         run holds it (or another run takes it first)."""
         where = f"{self.store.location}/{LOCK_OBJECT}"
-        self._token_file.parent.mkdir(parents=True, exist_ok=True)
         try:
             earlier = self._token_file.read_text().strip()
         except OSError:
             earlier = ""
-        self._token_file.write_text(self.token)
         try:
             self._etag = _etag(self.store.write(LOCK_OBJECT, self._body(), create=True))
+            self._keep_token()
             return None
         except FileExistsError:
             pass
@@ -311,7 +497,7 @@ class BucketLock:
         except FileNotFoundError:  # released meanwhile
             return self.acquire()
         holder = _holder(raw)
-        age = time.time() - holder["heartbeat_at"]
+        age = min(time.time() - holder["heartbeat_at"], self._written_ago(details))
         who = f"a run on {holder['host']} (pid {holder['pid']}, started {holder['started_at']})"
         ours = bool(earlier) and holder.get("token") == earlier
         if ours:
@@ -330,6 +516,7 @@ class BucketLock:
             raise UsageError(
                 f"{where}: another run took the lock of {who} first; let it finish"
             ) from None
+        self._keep_token()
         why = (
             "it is not running (this state directory's local lock was free)"
             if ours
@@ -338,6 +525,23 @@ class BucketLock:
         return (
             f"took over the lock of {who}: {why}; its requests in flight count at their worst case"
         )
+
+    def _keep_token(self) -> None:
+        self._token_file.parent.mkdir(parents=True, exist_ok=True)
+        self._token_file.write_text(self.token)
+
+    def _written_ago(self, details: dict[str, Any]) -> float:
+        """Seconds since the lock was last written, by the store's clock (inf if the store
+        does not say)."""
+        then = _modified(details)
+        clock = f".batchimg-clock-{self.token[:12]}"
+        try:
+            self.store.write(clock, b"")
+            now = _modified(self.store.info(clock))
+            self.store.delete(clock)
+        except Exception as exc:
+            raise classify(exc, f"cannot write {self.store.location}/{clock}") from exc
+        return now - then if now is not None and then is not None else float("inf")
 
     def beat(self) -> None:
         """Renew the heartbeat; StorageError if the lock is no longer this run's."""
@@ -351,9 +555,9 @@ class BucketLock:
                 answer = self.store.write(LOCK_OBJECT, self._body())
         except Exception as exc:
             if isinstance(exc, OSError) and not isinstance(exc, PermissionError):
-                raise StorageError(
-                    f"lost the lock {where} (another run took it over: was this run stalled "
-                    f"for over {self.ttl_s:.0f} s?); stopping so two runs do not write at once"
+                raise LockLost(
+                    f"lost the lock {where}: another run took it over (was this run stalled "
+                    f"for over {self.ttl_s:.0f} s?); stopping"
                 ) from exc
             raise classify(exc, f"cannot renew {where}") from exc
         self._etag = _etag(answer)
@@ -362,6 +566,33 @@ class BucketLock:
         with contextlib.suppress(Exception):
             if _holder(self.store.read(LOCK_OBJECT)).get("token") == self.token:
                 self.store.delete(LOCK_OBJECT)
+
+
+class LockLost(StorageError):
+    """Another run took this run's lock over: stop, so two runs do not write at once."""
+
+    advice = "make sure one run at a time writes to the output"
+
+
+def _lock_ttl_s() -> float:
+    """The lock's time to live: 60 s, or `BATCHIMG_LOCK_TTL_S` (for tests and operators)."""
+    try:
+        return float(os.environ.get("BATCHIMG_LOCK_TTL_S", LOCK_TTL_S))
+    except ValueError:
+        return LOCK_TTL_S
+
+
+def _modified(details: dict[str, Any]) -> float | None:
+    """When an object was last written, as a POSIX time, if its details say."""
+    value = details.get("LastModified", details.get("mtime", details.get("updated")))
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return None
 
 
 def _line_key(record: LedgerRecord) -> tuple[Any, ...]:
@@ -398,27 +629,49 @@ class RemoteOutput:
 
     def unpark(self) -> int:
         """Put the files an earlier run here parked (the store refused them) and append their
-        items' lines to the ledger; how many items. StorageError if the store still refuses."""
+        items' lines to the ledger; how many items. An item made again meanwhile (by a run
+        elsewhere) keeps that run's files: the parked ones go to `.orphans/`, and the line is
+        kept as a charge (paid for, not the item's state). StorageError if the store still
+        refuses."""
         lines_path = self.state_dir / PARKED_LINES
         if not lines_path.exists():
             return 0
         held = list(read_ledger(lines_path))
         keys = {_line_key(r) for r in held}
-        already = {_line_key(r) for r in read_ledger(self.ledger.path) if _line_key(r) in keys}
+        ids = {r["id"] for r in held}
+        already, redone = set(), set()
+        for record in read_ledger(self.ledger.path):
+            if record["id"] not in ids:
+                continue
+            if _line_key(record) in keys:
+                already.add(_line_key(record))  # appended before a crash: once is enough
+            elif is_state(record) and record.get("status") == "ok":
+                redone.add(record["id"])
         with LedgerWriter(self.ledger.path) as ledger:
             for record in held:
-                if _line_key(record) in already:  # appended before a crash: once is enough
+                if _line_key(record) in already:
                     continue
                 files = record.get("files")
-                for name in files if isinstance(files, list) else []:
-                    parked = self.state_dir / PARKED_DIR / str(name)
+                originals = [str(n) for n in files] if isinstance(files, list) else []
+                targets = originals
+                line: dict[str, Any] = dict(record)
+                if record["id"] in redone:
+                    targets = [self._orphan(n) for n in originals]
+                    line.update(record="charge", attempt=record.get("attempts"), files=targets)
+                for original, target in zip(originals, targets, strict=True):
+                    parked = self.state_dir / PARKED_DIR / original
                     if parked.is_file():
-                        self.store.put(str(name), parked)
-                ledger.append(record)
+                        self.store.put(target, parked)
+                ledger.append(line)
         lines_path.unlink()
         shutil.rmtree(self.state_dir / PARKED_DIR, ignore_errors=True)
         fsync_path(str(self.state_dir), os.O_RDONLY | os.O_DIRECTORY)
         return len(held)
+
+    @staticmethod
+    def _orphan(name: str) -> str:
+        stem, dot, suffix = name.rsplit("/", 1)[-1].partition(".")
+        return f"{ORPHANS_DIR}/{stem}.{uuid.uuid4().hex[:8]}{dot}{suffix}"
 
     def push_files(self, names: tuple[str, ...]) -> None:
         """The files a layout keeps in the state directory, to the bucket, whole."""
