@@ -397,6 +397,16 @@ def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(
         assert not server.requests  # nothing sent
         time.sleep(max(0.0, written + 2.2 - time.time()))  # over 1 s old by the store's clock
         short_ttl = {"BATCHIMG_LOCK_TTL_S": "1"}
+        # The holder said its own TTL is 600 s: a taker with a shorter one waits for that.
+        fs.pipe_file(lock, orjson.dumps({**body, "heartbeat_at": time.time() - 5, "ttl_s": 600}))
+        honoured = run(s3_endpoint, EXAMPLE, url, tmp_path / "s", server=server, env=short_ttl)
+        assert honoured.returncode == 2 and "600 s old" in honoured.stderr
+        for bad in ("0.5", "nan", "abc"):
+            refused_ttl = run(s3_endpoint, EXAMPLE, url, tmp_path / "s", server=server,
+                              env={"BATCHIMG_LOCK_TTL_S": bad})  # fmt: skip
+            assert refused_ttl.returncode == 2 and "BATCHIMG_LOCK_TTL_S" in refused_ttl.stderr
+        fs.pipe_file(lock, b"garbage")
+        time.sleep(2.2)  # over 1 s old by the store's clock
         taken = run(s3_endpoint, EXAMPLE, url, tmp_path / "s", server=server, env=short_ttl)
         assert taken.returncode == 0, taken.stderr
         assert "took over the lock of a run on ?" in taken.stderr
@@ -583,14 +593,15 @@ def test_heartbeat_renews_until_the_lock_is_taken_over(
     from batchimg.stores.remote import BucketLock
 
     store = open_store(f"s3://{bucket}/beat", tmp_path / "a")
-    mine = BucketLock(store, tmp_path / "a", ttl_s=60)  # type: ignore[arg-type]
+    mine = BucketLock(store, tmp_path / "a", ttl_s=1.0)  # type: ignore[arg-type]
     assert mine.acquire() is None
     first = orjson.loads(fs.cat_file(f"{bucket}/beat/.batchimg.lock"))
     mine.beat()
     renewed = orjson.loads(fs.cat_file(f"{bucket}/beat/.batchimg.lock"))
     assert renewed["token"] == first["token"] and renewed["heartbeat_at"] >= first["heartbeat_at"]
-    theirs = BucketLock(store, tmp_path / "b", ttl_s=-1.0)  # type: ignore[arg-type]
-    assert "took over the lock" in (theirs.acquire() or "")  # any heartbeat is stale to it
+    time.sleep(2.2)  # its heartbeat, over its 1 s TTL by both clocks: taken for dead
+    theirs = BucketLock(store, tmp_path / "b", ttl_s=1.0)  # type: ignore[arg-type]
+    assert "took over the lock" in (theirs.acquire() or "")
     with pytest.raises(StorageError, match="lost the lock"):
         mine.beat()
     assert orjson.loads(fs.cat_file(f"{bucket}/beat/.batchimg.lock"))["token"] == theirs.token
@@ -696,8 +707,8 @@ def test_cap_holds_when_a_killed_run_is_continued_elsewhere(
     with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.2)) as server:
         flags = ("--concurrency", "4", "--upload-every", "600", "--max-cost", cap)
         args = cli_args(manifest, url, tmp_path / "a", "--base-url", server.base_url, *flags)
-        proc = subprocess.Popen(args, env=child_env(s3_endpoint, server), cwd=ROOT,
-                                stderr=subprocess.DEVNULL)  # fmt: skip
+        env = {**child_env(s3_endpoint, server), "BATCHIMG_LOCK_TTL_S": "1"}
+        proc = subprocess.Popen(args, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
         try:
             wait_for(lambda: sum(r.status == 200 for r in server.requests) >= 8)
         finally:
@@ -740,8 +751,8 @@ def test_unparking_after_another_machine_redid_the_items_keeps_its_files(
     state_a = tmp_path / "a"
     with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.1)) as server:
         args = cli_args(manifest, url, state_a, "--base-url", server.base_url, "--concurrency", "4")
-        proc = subprocess.Popen(args, env=child_env(s3_endpoint, server), cwd=ROOT,
-                                stderr=subprocess.DEVNULL)  # fmt: skip
+        env = {**child_env(s3_endpoint, server), "BATCHIMG_LOCK_TTL_S": "1"}
+        proc = subprocess.Popen(args, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
         try:
             wait_for(lambda: sum(r.status == 200 for r in server.requests) >= 6)
             set_auth(s3_endpoint, allowed=False)
@@ -766,3 +777,39 @@ def test_unparking_after_another_machine_redid_the_items_keeps_its_files(
     assert charges and all(f.startswith(".orphans/") for r in charges for f in r["files"])
     for record in charges:  # A's paid-for images, kept aside
         assert all(fs.exists(f"{bucket}/twice/{f}") for f in record["files"])
+
+
+def test_pushes_from_many_threads_never_leave_a_gap(
+    s3_endpoint: str, fs: Any, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload timer, the cap's gate and the end push from threads of their own while lines
+    are appended: the bucket's ledger is the local one, line for line, with no hole."""
+    for name, value in aws_env(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    from batchimg.stores import open_store
+    from batchimg.stores.remote import download_ledger
+
+    state = tmp_path / "state"
+    store = open_store(f"s3://{bucket}/threads", state)
+    ledger = RemoteLedger(store, state)  # type: ignore[arg-type]
+    ledger.pull()
+    done = threading.Event()
+
+    def pusher() -> None:
+        while not done.is_set():
+            ledger.push()
+
+    threads = [threading.Thread(target=pusher) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for n in range(150):
+            with open(ledger.path, "ab") as fh:
+                fh.write(orjson.dumps({"id": f"t{n}", "status": "ok"}) + b"\n")
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    ledger.finish()
+    read = download_ledger(store, tmp_path / "read")  # type: ignore[arg-type]
+    assert read.read_bytes() == ledger.path.read_bytes()

@@ -312,7 +312,13 @@ class ItemRunner:
             self.sink.sent_line(item, attempt, started_at, sent_bound)
             tally.sent = attempt
             if self.before_send is not None:
-                await self.before_send()
+                try:
+                    await self.before_send()
+                except StorageError as exc:  # not sent: left for the next run
+                    self.control.stop(f"{exc}; {exc.advice}, then re-run")
+                    raise Abandoned from exc
+                if self.control.stopping:  # stopped while it waited: it never went out
+                    raise Abandoned
             try:
                 with self.control.on_the_wire() if online else contextlib.nullcontext():
                     answer = await self.backend.send(item, limit_bytes=self._answer_limit(item))

@@ -43,7 +43,7 @@ from ..manifest import BadLine, Item, manifest_lines, read_manifest
 from ..outdir import exclusive
 from ..pricing import PriceTable
 from ..stores import Store
-from ..stores.remote import HEARTBEAT_S, PushGate, RemoteOutput
+from ..stores.remote import PushGate, RemoteOutput
 from ..tokens import TokenBook
 from ..writer import MAX_BATCH, WRITER_THREADS, BatchedWriter, ImageWriter
 from .batchstate import BatchState
@@ -179,7 +179,7 @@ class Engine:
             self.warn(took_over)
         try:
             async with anyio.create_task_group() as beating:
-                beating.start_soon(self._every, HEARTBEAT_S, remote.lock.beat)
+                beating.start_soon(self._every, remote.lock.heartbeat_s, remote.lock.beat)
                 try:
                     await self._run_pulled(remote, handle_signals)
                 finally:

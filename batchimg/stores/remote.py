@@ -37,11 +37,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import math
 import os
 import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -72,7 +74,7 @@ LOCK_TTL_S = 60.0  # a lock whose heartbeat is older than this may be taken over
 HEARTBEAT_S = 15.0
 UPLOAD_EVERY_S = 10.0
 SPAN_EVERY = 64  # pieces of a segment folded into one span
-GATE_EVERY_S = 1.0  # under a cap: the most often the ledger is pushed before requests
+GATE_EVERY_S = 0.2  # under a cap: the most often the ledger is pushed before requests
 _NAME = re.compile(r"^(\d{6,})(?:-([0-9a-f]{8})-(\d{12})(?:-(\d{12}))?)?\.jsonl$")
 _FETCH_AT_ONCE = 64  # objects downloaded together
 
@@ -162,6 +164,9 @@ class RemoteLedger:
         self.path = state_dir / LEDGER_NAME
         self._state_path = state_dir / STATE_FILE
         self._copy = _Copy(store.location)
+        #: Pushes come from the upload timer's thread, the gate's and the end's: one at a time
+        #: (two at once would both count the same piece).
+        self._pushing = threading.RLock()
 
     # -- the working copy's bookkeeping --
 
@@ -299,6 +304,10 @@ class RemoteLedger:
         """Upload the whole lines of this machine's segment not yet in the bucket, as one
         piece (folding pieces into a span every `SPAN_EVERY`); the bytes uploaded.
         StorageError if the store refuses."""
+        with self._pushing:
+            return self._push()
+
+    def _push(self) -> int:
         copy = self._copy
         if copy.segment is None or not self.path.exists():
             return 0
@@ -324,7 +333,7 @@ class RemoteLedger:
                 raise classify(exc, f"cannot write {self.store.location}/{name}") from exc
             self._save()
         if copy.pieces >= SPAN_EVERY:
-            self.fold()
+            self._fold()
         return sent
 
     def _unpushed(self) -> bytes:
@@ -336,6 +345,10 @@ class RemoteLedger:
 
     def fold(self) -> None:
         """Put the pieces pushed since the last span into one span, then delete them."""
+        with self._pushing:
+            self._fold()
+
+    def _fold(self) -> None:
         copy = self._copy
         if copy.segment is None or copy.pieces < 2:
             return
@@ -363,8 +376,9 @@ class RemoteLedger:
 
     def finish(self) -> None:
         """At the end of a run: push the rest, and fold what is not in a span yet."""
-        self.push()
-        self.fold()
+        with self._pushing:
+            self._push()
+            self._fold()
 
     @property
     def unpushed(self) -> int:
@@ -421,12 +435,18 @@ class PushGate:
         self._asked += 1
         mine = self._asked
         async with self._lock:  # one push at a time; those waiting share the next
+            if self._error is not None:  # the store refused: every waiter stops at once
+                raise self._error
             if self._done >= mine:
                 return
             await anyio.sleep(max(0.0, self._last + GATE_EVERY_S - time.monotonic()))
             covers = self._asked
             self._last = time.monotonic()
-            await anyio.to_thread.run_sync(self.ledger.push)
+            try:
+                await anyio.to_thread.run_sync(self.ledger.push)
+            except StorageError as exc:
+                self._error = exc
+                raise
             self._done = covers
 
 
@@ -502,12 +522,11 @@ class BucketLock:
         ours = bool(earlier) and holder.get("token") == earlier
         if ours:
             who = f"the last run from this state directory ({holder['host']}, pid {holder['pid']})"
-        elif age <= self.ttl_s:
+        elif age <= (ttl := max(self.ttl_s, holder["ttl_s"])):
             raise UsageError(
                 f"{who} is using {self.store.location}: its last heartbeat was {max(age, 0):.0f} "
                 f"s ago. Let it finish (or stop it) first; if it died, its lock can be taken "
-                f"over once the heartbeat is {self.ttl_s:.0f} s old (in "
-                f"{self.ttl_s - age + 1:.0f} s)"
+                f"over once the heartbeat is {ttl:.0f} s old (in {ttl - age + 1:.0f} s)"
             )
         try:
             match = {"IfMatch": details["ETag"]} if self.store._conditional else {}
@@ -525,6 +544,11 @@ class BucketLock:
         return (
             f"took over the lock of {who}: {why}; its requests in flight count at their worst case"
         )
+
+    @property
+    def heartbeat_s(self) -> float:
+        """How often the heartbeat is renewed: every 15 s, and at least 4 times a TTL."""
+        return min(HEARTBEAT_S, self.ttl_s / 4)
 
     def _keep_token(self) -> None:
         self._token_file.parent.mkdir(parents=True, exist_ok=True)
@@ -575,11 +599,19 @@ class LockLost(StorageError):
 
 
 def _lock_ttl_s() -> float:
-    """The lock's time to live: 60 s, or `BATCHIMG_LOCK_TTL_S` (for tests and operators)."""
-    try:
-        return float(os.environ.get("BATCHIMG_LOCK_TTL_S", LOCK_TTL_S))
-    except ValueError:
+    """The lock's time to live: 60 s, or `BATCHIMG_LOCK_TTL_S` (for tests and operators; the
+    heartbeat then comes 4 times as often). UsageError for a value that is not a number of
+    seconds of at least 1."""
+    text = os.environ.get("BATCHIMG_LOCK_TTL_S")
+    if text is None:
         return LOCK_TTL_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1.0):
+        raise UsageError(f"BATCHIMG_LOCK_TTL_S={text!r}: give a number of seconds, at least 1")
+    return value
 
 
 def _modified(details: dict[str, Any]) -> float | None:
@@ -606,13 +638,17 @@ def _etag(answer: Any) -> str | None:
 def _holder(raw: bytes) -> dict[str, Any]:
     """A lock object's body, with defaults for what is missing or garbled (a garbled lock
     has no heartbeat: it is stale)."""
-    holder: dict[str, Any] = {"host": "?", "pid": "?", "started_at": "?", "heartbeat_at": 0.0}
+    holder: dict[str, Any] = {
+        "host": "?", "pid": "?", "started_at": "?", "heartbeat_at": 0.0, "ttl_s": 0.0
+    }  # fmt: skip
     with contextlib.suppress(orjson.JSONDecodeError):
         body = orjson.loads(raw)
         if isinstance(body, dict):
             holder.update({k: v for k, v in body.items() if k in holder or k == "token"})
-    if not isinstance(holder["heartbeat_at"], (int, float)):
-        holder["heartbeat_at"] = 0.0
+    for key in ("heartbeat_at", "ttl_s"):  # a number, or nothing said
+        value = holder[key]
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        holder[key] = float(value) if finite and not isinstance(value, bool) else 0.0
     return holder
 
 
