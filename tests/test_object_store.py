@@ -29,7 +29,7 @@ import pytest
 import batchimg
 from batchimg.errors import ObjectRejected
 from batchimg.mock import MockConfig, MockServer
-from batchimg.stores import LocalStore
+from batchimg.stores import LocalStore, ObjectStore, open_store
 from batchimg.stores.remote import RemoteLedger
 from tests.conftest import TEST_KEY
 from tests.helpers import KEY_VARS, ROOT, check_ok_record, threaded_mock, wait_for
@@ -73,6 +73,18 @@ def aws_env(endpoint: str) -> dict[str, str]:
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
+
+
+def use_aws(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's environment, as a user's: the AWS variables point at the server."""
+    for name, value in aws_env(endpoint).items():
+        monkeypatch.setenv(name, value)
+
+
+def bucket_store(url: str, state: Path) -> ObjectStore:
+    store = open_store(url, state)
+    assert isinstance(store, ObjectStore)
+    return store
 
 
 @pytest.fixture
@@ -447,13 +459,11 @@ def test_ledger_pieces_never_repeat_a_line_after_a_lost_note(
     """A push whose note (remote.json) was lost to a crash is done again: the piece is found
     there and skipped, so the bucket holds each line once; and a copy on another machine whose
     pieces sort among this one's is rebuilt whole, in the bucket's order."""
-    for name, value in aws_env(s3_endpoint).items():
-        monkeypatch.setenv(name, value)
-    from batchimg.stores import open_store
+    use_aws(s3_endpoint, monkeypatch)
 
     state = tmp_path / "state"
-    store = open_store(f"s3://{bucket}/pieces", state)
-    ledger = RemoteLedger(store, state)  # type: ignore[arg-type]
+    store = bucket_store(f"s3://{bucket}/pieces", state)
+    ledger = RemoteLedger(store, state)
     ledger.pull()
     with open(ledger.path, "ab") as fh:
         fh.write(b'{"id":"a","status":"ok"}\n{"id":"b","status":"ok"}\n{"id":"c","sta')
@@ -462,11 +472,11 @@ def test_ledger_pieces_never_repeat_a_line_after_a_lost_note(
     (state / "remote.json").write_bytes(note)  # the crash: the push happened, its note did not
     with open(ledger.path, "ab") as fh:
         fh.write(b'tus":"ok"}\n')
-    again = RemoteLedger(store, state)  # type: ignore[arg-type]
+    again = RemoteLedger(store, state)
     again.pull()  # pushes what is left first, skipping the piece already there
     assert [r["id"] for r in bucket_ledger(fs, f"{bucket}/pieces")] == ["a", "b", "c"]
 
-    other = RemoteLedger(store, tmp_path / "other")  # type: ignore[arg-type]
+    other = RemoteLedger(store, tmp_path / "other")
     other.pull()
     assert [orjson.loads(x)["id"] for x in other.path.read_bytes().splitlines()] == ["a", "b", "c"]
     with open(other.path, "ab") as fh:
@@ -586,21 +596,19 @@ def test_heartbeat_renews_until_the_lock_is_taken_over(
 ) -> None:
     """The heartbeat replaces the lock only as this run last wrote it: once another run has
     taken the lock over, the next beat fails (and the run stops) instead of stealing it back."""
-    for name, value in aws_env(s3_endpoint).items():
-        monkeypatch.setenv(name, value)
+    use_aws(s3_endpoint, monkeypatch)
     from batchimg.errors import StorageError
-    from batchimg.stores import open_store
     from batchimg.stores.remote import BucketLock
 
-    store = open_store(f"s3://{bucket}/beat", tmp_path / "a")
-    mine = BucketLock(store, tmp_path / "a", ttl_s=1.0)  # type: ignore[arg-type]
+    store = bucket_store(f"s3://{bucket}/beat", tmp_path / "a")
+    mine = BucketLock(store, tmp_path / "a", ttl_s=1.0)
     assert mine.acquire() is None
     first = orjson.loads(fs.cat_file(f"{bucket}/beat/.batchimg.lock"))
     mine.beat()
     renewed = orjson.loads(fs.cat_file(f"{bucket}/beat/.batchimg.lock"))
     assert renewed["token"] == first["token"] and renewed["heartbeat_at"] >= first["heartbeat_at"]
     time.sleep(2.2)  # its heartbeat, over its 1 s TTL by both clocks: taken for dead
-    theirs = BucketLock(store, tmp_path / "b", ttl_s=1.0)  # type: ignore[arg-type]
+    theirs = BucketLock(store, tmp_path / "b", ttl_s=1.0)
     assert "took over the lock" in (theirs.acquire() or "")
     with pytest.raises(StorageError, match="lost the lock"):
         mine.beat()
@@ -667,14 +675,12 @@ def test_pieces_fold_into_spans_read_once(
 ) -> None:
     """Every SPAN_EVERY pushes become one span and the pieces go; a span whose pieces were
     not deleted (a crash between) is read once all the same."""
-    for name, value in aws_env(s3_endpoint).items():
-        monkeypatch.setenv(name, value)
-    from batchimg.stores import open_store
+    use_aws(s3_endpoint, monkeypatch)
     from batchimg.stores.remote import SPAN_EVERY, download_ledger
 
     state = tmp_path / "state"
-    store = open_store(f"s3://{bucket}/spans", state)
-    ledger = RemoteLedger(store, state)  # type: ignore[arg-type]
+    store = bucket_store(f"s3://{bucket}/spans", state)
+    ledger = RemoteLedger(store, state)
     ledger.pull()
     ids = [f"i{n}" for n in range(SPAN_EVERY + 5)]
     for item in ids:
@@ -691,7 +697,7 @@ def test_pieces_fold_into_spans_read_once(
     for piece in pieces:  # put the folded pieces back, as if never deleted
         fs.pipe_file(f"{bucket}/spans/ledger/{piece}", b'{"id":"stale"}\n')
     assert fs.exists(f"{bucket}/spans/ledger/{spans[0]}") and start > 0
-    read = download_ledger(store, tmp_path / "read")  # type: ignore[arg-type]
+    read = download_ledger(store, tmp_path / "read")
     assert [orjson.loads(x)["id"] for x in read.read_bytes().splitlines()] == ids
 
 
@@ -784,14 +790,12 @@ def test_pushes_from_many_threads_never_leave_a_gap(
 ) -> None:
     """The upload timer, the cap's gate and the end push from threads of their own while lines
     are appended: the bucket's ledger is the local one, line for line, with no hole."""
-    for name, value in aws_env(s3_endpoint).items():
-        monkeypatch.setenv(name, value)
-    from batchimg.stores import open_store
+    use_aws(s3_endpoint, monkeypatch)
     from batchimg.stores.remote import download_ledger
 
     state = tmp_path / "state"
-    store = open_store(f"s3://{bucket}/threads", state)
-    ledger = RemoteLedger(store, state)  # type: ignore[arg-type]
+    store = bucket_store(f"s3://{bucket}/threads", state)
+    ledger = RemoteLedger(store, state)
     ledger.pull()
     done = threading.Event()
 
@@ -811,5 +815,5 @@ def test_pushes_from_many_threads_never_leave_a_gap(
         for thread in threads:
             thread.join()
     ledger.finish()
-    read = download_ledger(store, tmp_path / "read")  # type: ignore[arg-type]
+    read = download_ledger(store, tmp_path / "read")
     assert read.read_bytes() == ledger.path.read_bytes()
