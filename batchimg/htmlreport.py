@@ -35,6 +35,7 @@ from .pricing import PriceTable
 from .report import Report, _time, build_report, ledger_paths
 from .stores import ObjectStore
 from .stores.remote import origin_of
+from .writer import IMAGES_DIR
 
 THUMB_PX = 256
 MOST_PIXELS = 50_000_000  # larger images get no thumbnail (decoding one would take GBs)
@@ -141,12 +142,16 @@ def _images(records: Any) -> Iterator[_Image]:
     gone). Only files inside the output (its directory, or its bucket's prefix), under a real
     sha256, are read."""
     packed: dict[Path, dict[str, Source]] = {}  # by ledger: its output's shard members
+    loose: dict[Path, set[str]] = {}  # by ledger, in a bucket: its output's loose images
     for ledger, record in records:
         files, digests = record.get("files"), record.get("sha256")
         if record.get("status") != "ok" or not isinstance(files, list):
             continue
         store = origin_of(ledger)
         out = ledger.parent.resolve()
+        if store is not None and ledger not in loose:  # one listing, not a look per image
+            loose[ledger] = set(store.list(IMAGES_DIR))
+        listed = loose.get(ledger, set())
         digests = digests if isinstance(digests, list) else []
         for index, name in enumerate(files):
             digest = digests[index] if index < len(digests) else None
@@ -156,7 +161,7 @@ def _images(records: Any) -> Iterator[_Image]:
             if not _DIGEST.fullmatch(digest):
                 digest = hashlib.sha256(f"{record['id']}/{index}".encode()).hexdigest()
             else:  # not one: nothing to show
-                inside, source = _loose(out, store, name)
+                inside, source = _loose(out, store, name, listed)
                 if source is None and inside:
                     if ledger not in packed:
                         packed[ledger] = _shard_members(out, store)
@@ -165,14 +170,17 @@ def _images(records: Any) -> Iterator[_Image]:
             yield _Image(digest, fmt, source, _row(record, index, digest, fmt))
 
 
-def _loose(out: Path, store: ObjectStore | None, name: str) -> tuple[bool, Source | None]:
-    """Whether a file name is inside the output, and its loose copy (None: none)."""
+def _loose(
+    out: Path, store: ObjectStore | None, name: str, listed: set[str]
+) -> tuple[bool, Source | None]:
+    """Whether a file name is inside the output, and its loose copy (None: none); `listed`:
+    the loose images of a bucket's output."""
     if store is not None:
         try:
             store.key(name)
         except ValueError:
             return False, None
-        return True, (_InBucket(store, name) if store.exists(name) else None)
+        return True, (_InBucket(store, name) if name in listed else None)
     loose = (out / name).resolve()
     inside = loose.is_relative_to(out)
     return inside, (loose if inside and loose.is_file() else None)
