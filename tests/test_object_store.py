@@ -817,3 +817,26 @@ def test_pushes_from_many_threads_never_leave_a_gap(
     ledger.finish()
     read = download_ledger(store, tmp_path / "read")
     assert read.read_bytes() == ledger.path.read_bytes()
+
+
+def test_a_run_with_nothing_to_do_leaves_the_copy_accounted_for(
+    s3_endpoint: str, fs: Any, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that writes no line (all done) leaves an empty segment: the next pull still finds
+    its copy whole and fetches nothing, instead of rebuilding it from the bucket."""
+    use_aws(s3_endpoint, monkeypatch)
+    state = tmp_path / "state"
+    store = bucket_store(f"s3://{bucket}/idle", state)
+    first = RemoteLedger(store, state)
+    first.pull()
+    with open(first.path, "ab") as fh:
+        fh.write(b'{"id":"a","status":"ok"}\n')
+    first.finish()
+    idle = RemoteLedger(store, state)
+    idle.pull()  # an empty segment: nothing pushed
+    marker = first.path.stat().st_mtime_ns
+    again = RemoteLedger(store, state)
+    again.pull()
+    assert first.path.stat().st_mtime_ns == marker  # not rewritten
+    assert not (state / ".ledger.jsonl.pulling").exists()
+    assert [orjson.loads(x)["id"] for x in again.path.read_bytes().splitlines()] == ["a"]

@@ -228,7 +228,8 @@ class RemoteLedger:
             self.push()  # what an earlier run here left unpushed goes first
         view = self.view()
         copy = self._copy
-        held = copy.pulled + ([[copy.segment, copy.pushed]] if copy.segment else [])
+        # (A segment with nothing pushed has no part in the bucket: it is not there to hold.)
+        held = copy.pulled + ([[copy.segment, copy.pushed]] if copy.segment and copy.pushed else [])
         have = [[s.id, s.size] for s in view.segments]
         size = self.path.stat().st_size if self.path.exists() else 0
         lost = b""
