@@ -87,6 +87,14 @@ def bucket_store(url: str, state: Path) -> ObjectStore:
     return store
 
 
+def pulled(url: str, state: Path) -> tuple[ObjectStore, RemoteLedger]:
+    """A bucket's store and its ledger, pulled into `state` (as a run starts)."""
+    store = bucket_store(url, state)
+    ledger = RemoteLedger(store, state)
+    ledger.pull()
+    return store, ledger
+
+
 @pytest.fixture
 def fs(s3_endpoint: str) -> Any:
     return s3fs.S3FileSystem(
@@ -462,9 +470,7 @@ def test_ledger_pieces_never_repeat_a_line_after_a_lost_note(
     use_aws(s3_endpoint, monkeypatch)
 
     state = tmp_path / "state"
-    store = bucket_store(f"s3://{bucket}/pieces", state)
-    ledger = RemoteLedger(store, state)
-    ledger.pull()
+    store, ledger = pulled(f"s3://{bucket}/pieces", state)
     with open(ledger.path, "ab") as fh:
         fh.write(b'{"id":"a","status":"ok"}\n{"id":"b","status":"ok"}\n{"id":"c","sta')
     note = (state / "remote.json").read_bytes()
@@ -679,9 +685,7 @@ def test_pieces_fold_into_spans_read_once(
     from batchimg.stores.remote import SPAN_EVERY, download_ledger
 
     state = tmp_path / "state"
-    store = bucket_store(f"s3://{bucket}/spans", state)
-    ledger = RemoteLedger(store, state)
-    ledger.pull()
+    store, ledger = pulled(f"s3://{bucket}/spans", state)
     ids = [f"i{n}" for n in range(SPAN_EVERY + 5)]
     for item in ids:
         with open(ledger.path, "ab") as fh:
@@ -794,9 +798,7 @@ def test_pushes_from_many_threads_never_leave_a_gap(
     from batchimg.stores.remote import download_ledger
 
     state = tmp_path / "state"
-    store = bucket_store(f"s3://{bucket}/threads", state)
-    ledger = RemoteLedger(store, state)
-    ledger.pull()
+    store, ledger = pulled(f"s3://{bucket}/threads", state)
     done = threading.Event()
 
     def pusher() -> None:
@@ -826,9 +828,7 @@ def test_a_run_with_nothing_to_do_leaves_the_copy_accounted_for(
     its copy whole and fetches nothing, instead of rebuilding it from the bucket."""
     use_aws(s3_endpoint, monkeypatch)
     state = tmp_path / "state"
-    store = bucket_store(f"s3://{bucket}/idle", state)
-    first = RemoteLedger(store, state)
-    first.pull()
+    store, first = pulled(f"s3://{bucket}/idle", state)
     with open(first.path, "ab") as fh:
         fh.write(b'{"id":"a","status":"ok"}\n')
     first.finish()
