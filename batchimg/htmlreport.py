@@ -26,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 
 from .ledger import LedgerRecord, amount, is_state, read_ledger
+from .outputs import OutputTree
 from .pricing import PriceTable
 from .report import Report, _time, build_report, ledger_paths
 from .stores import ObjectStore
@@ -46,7 +47,6 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 THUMB_QUALITY = 70
 CHUNK = 500  # gallery rows per script chunk (one page of the gallery)
 EXAMPLES = 3  # examples shown per failure code
-SHARDS = "shards"
 
 Progress = Callable[[int, int], None]
 
@@ -204,40 +204,21 @@ class _InBucket:
 Source = Path | tuple[Path, str] | _InBucket  # a loose file, (shard, member), or in a bucket
 
 
-def _open_shard(shard: Path | str, store: ObjectStore | None) -> BinaryIO:
-    if isinstance(shard, Path):
-        return open(shard, "rb")
-    assert store is not None
-    return store.open(shard)
-
-
 def _shard_members(out: Path, store: ObjectStore | None) -> dict[str, Source]:
     """sha256 -> where it is, of every image packed in the output's shards."""
     found: dict[str, Source] = {}
-    shards: list[Path | str] = (
-        [name for name in store.list(SHARDS) if name.endswith(".tar")]
-        if store is not None
-        else sorted((out / SHARDS).glob("*.tar"))
-    )
-    for shard in shards:
+    tree = OutputTree(out, store)
+    for shard in tree.shards():
         try:
-            with _open_shard(shard, store) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-                for member in tar:
-                    ext = member.name.rsplit(".", 1)[-1].lower()
-                    if not member.isfile() or ext in ("json", "txt"):
-                        continue
-                    data = tar.extractfile(member)
-                    if data is None:
-                        continue
-                    digest = hashlib.sha256(data.read()).hexdigest()
-                    if isinstance(shard, Path):
-                        found[digest] = (shard, member.name)
-                    else:
-                        assert store is not None
-                        end = member.offset_data + member.size
-                        found[digest] = _InBucket(store, shard, member.offset_data, end)
+            for member, data in tree.images(shard):
+                digest = hashlib.sha256(data.read()).hexdigest()
+                if store is None:
+                    found[digest] = (Path(shard), member.name)
+                else:
+                    end = member.offset_data + member.size
+                    found[digest] = _InBucket(store, shard, member.offset_data, end)
         except (tarfile.TarError, OSError):
-            continue
+            continue  # an unreadable shard: its images are only not shown
     return found
 
 

@@ -18,15 +18,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import IO, BinaryIO
+from typing import IO
 
 from ._idset import IdSet, count_lines
 from .errors import UsageError
-from .layouts.webdataset import SHARD_PREFIX, SHARDS_DIR, sample_key
+from .layouts.webdataset import sample_key
 from .ledger import LEDGER_NAME, LedgerRecord, LedgerWriter, is_state
 from .outdir import exclusive
+from .outputs import OutputTree
 from .report import read_backwards
-from .stores import ObjectStore, is_url, local_path
+from .stores import is_url, local_path
 from .stores.remote import fetched_ledger, origin_of
 from .writer import IMAGES_DIR
 
@@ -49,49 +50,25 @@ class VerifyReport:
     repaired: bool = False
 
 
-class _Tree:
-    """The files of an output: a local directory, or a bucket's prefix (an `ObjectStore`)."""
-
-    def __init__(self, out: Path | None, store: ObjectStore | None = None) -> None:
-        self.out, self.store = out, store
-
-    def loose(self, name: str) -> tuple[int, str] | None:
-        """A loose file's size and sha256; None if there is none; ValueError for a name that
-        is not a file of the output (outside it, or through a link out of it)."""
-        if not name.startswith(f"{IMAGES_DIR}/"):
-            raise ValueError(name)
-        if self.store is not None:
-            self.store.key(name)  # ValueError for `..`
-            try:
-                with self.store.open(name) as fh:
-                    return _digest(fh)
-            except FileNotFoundError:
-                return None
-        assert self.out is not None
-        path = self.out / name
-        if not path.resolve().is_relative_to(self.out.resolve()):
-            raise ValueError(name)
-        if not path.is_file():
+def _loose(tree: OutputTree, name: str) -> tuple[int, str] | None:
+    """A loose file's size and sha256; None if there is none; ValueError for a name that is not
+    a file of the output (outside it, or through a link out of it)."""
+    if not name.startswith(f"{IMAGES_DIR}/"):
+        raise ValueError(name)
+    if tree.store is not None:
+        tree.store.key(name)  # ValueError for `..`
+        try:
+            with tree.store.open(name) as fh:
+                return _digest(fh)
+        except FileNotFoundError:
             return None
-        with open(path, "rb") as fh:
-            return _digest(fh)
-
-    def shards(self) -> list[str]:
-        """The shards' names (in a bucket) or paths."""
-        if self.store is not None:
-            return [
-                name
-                for name in self.store.list(SHARDS_DIR)
-                if PurePosixPath(name).name.startswith(SHARD_PREFIX) and name.endswith(".tar")
-            ]
-        assert self.out is not None
-        return [str(p) for p in sorted((self.out / SHARDS_DIR).glob(f"{SHARD_PREFIX}*.tar"))]
-
-    def open(self, shard: str) -> BinaryIO:
-        return self.store.open(shard) if self.store is not None else open(shard, "rb")
-
-    def shown(self, shard: str) -> str:
-        return f"{self.store.location}/{shard}" if self.store is not None else shard
+    path = tree.out / name
+    if not path.resolve().is_relative_to(tree.out.resolve()):
+        raise ValueError(name)
+    if not path.is_file():
+        return None
+    with open(path, "rb") as fh:
+        return _digest(fh)
 
 
 def _digest(fh: IO[bytes]) -> tuple[int, str]:
@@ -102,19 +79,13 @@ def _digest(fh: IO[bytes]) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _packed(tree: _Tree) -> dict[str, tuple[int, str]]:
+def _packed(tree: OutputTree) -> dict[str, tuple[int, str]]:
     """Every image packed in the output's shards: key -> (size, sha256 of its bytes)."""
     packed: dict[str, tuple[int, str]] = {}
     for shard in tree.shards():
         try:
-            with tree.open(shard) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if ext in ("json", "txt") or not member.isfile():
-                        continue
-                    data = tar.extractfile(member)
-                    if data is not None:
-                        packed[key] = _digest(data)
+            for member, data in tree.images(shard):
+                packed[member.name.partition(".")[0]] = _digest(data)
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise UsageError(f"{tree.shown(shard)} is not a readable shard ({exc})") from None
     return packed
@@ -130,7 +101,9 @@ def _last_ok_records(ledger: Path) -> Iterator[LedgerRecord]:
             yield record
 
 
-def _problems(tree: _Tree, record: LedgerRecord, packed: dict[str, tuple[int, str]]) -> list[str]:
+def _problems(
+    tree: OutputTree, record: LedgerRecord, packed: dict[str, tuple[int, str]]
+) -> list[str]:
     files, sizes, digests = record.get("files"), record.get("bytes"), record.get("sha256")
     if not (isinstance(files, list) and isinstance(sizes, list) and isinstance(digests, list)):
         return ["the line has no list of files, sizes and sha256"]
@@ -139,7 +112,7 @@ def _problems(tree: _Tree, record: LedgerRecord, packed: dict[str, tuple[int, st
     problems = []
     for name, size, digest in zip(files, sizes, digests, strict=True):
         try:
-            loose = tree.loose(str(name))
+            loose = _loose(tree, str(name))
         except ValueError:
             problems.append(f"{name}: not a file of the output directory")
             continue
@@ -171,16 +144,16 @@ def verify(out: str | Path, *, repair: bool = False) -> VerifyReport:
         ledger = fetched_ledger(str(out))
         store = origin_of(ledger)
         assert store is not None
-        return _verify(ledger, _Tree(None, store), repair=False)
+        return _verify(ledger, OutputTree(ledger.parent, store), repair=False)
     out = local_path(out)
     ledger = out / LEDGER_NAME
     if not ledger.is_file():
         raise UsageError(f"no ledger at {str(ledger)!r} (give a run's output directory)")
     with exclusive(out):  # a run writing here meanwhile would make the answer wrong
-        return _verify(ledger, _Tree(out), repair=repair)
+        return _verify(ledger, OutputTree(out), repair=repair)
 
 
-def _verify(ledger: Path, tree: _Tree, *, repair: bool) -> VerifyReport:
+def _verify(ledger: Path, tree: OutputTree, *, repair: bool) -> VerifyReport:
     report = VerifyReport()
     packed = _packed(tree)
     for record in _last_ok_records(ledger):

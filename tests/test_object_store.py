@@ -18,7 +18,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,29 @@ def cli(endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def kill_when(args: list[str], env: dict[str, str], *ready: Callable[[], bool]) -> None:
+    """Run the CLI in a child, and kill -9 it once each condition has held, in turn."""
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        for condition in ready:
+            wait_for(condition)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def answered_at_least(server: MockServer, count: int) -> Callable[[], bool]:
+    return lambda: sum(r.status == 200 for r in server.requests) >= count
+
+
+def local_oks(state: Path, field: str = "id") -> set[Any]:
+    """`field` of the ok item lines in a state directory's working copy (a torn last line
+    left out)."""
+    lines = (state / "ledger.jsonl").read_bytes().splitlines()
+    records = [orjson.loads(x) for x in lines if x.endswith(b"}")]
+    return {r[field] for r in records if "record" not in r and r["status"] == "ok"}
+
+
 def bucket_ledger(fs: Any, prefix: str) -> list[dict[str, Any]]:
     """The ledger as the bucket holds it: its pieces, in key order."""
     keys = sorted(fs.find(f"{prefix}/ledger"))
@@ -266,19 +289,14 @@ def test_kill_9_mid_run_then_rerun(s3_endpoint: str, fs: Any, bucket: str, tmp_p
     with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.2)) as server:
         args = cli_args(manifest, url, state, "--base-url", server.base_url, "--concurrency", "4",
                         "--upload-every", "0.2")  # fmt: skip
-        proc = subprocess.Popen(args, env=child_env(s3_endpoint, server), cwd=ROOT,
-                                stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            wait_for(lambda: sum(r.status == 200 for r in server.requests) >= 10)
-            wait_for(lambda: len(fs.find(f"{bucket}/killed/ledger")) >= 2)  # a piece is up
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+
+        def piece_up() -> bool:  # a piece of the ledger is in the bucket
+            return len(fs.find(f"{bucket}/killed/ledger")) >= 2
+
+        kill_when(args, child_env(s3_endpoint, server), answered_at_least(server, 10), piece_up)
         ok_before = {k for k, r in last_states(bucket_ledger(fs, f"{bucket}/killed")).items()
                      if r["status"] == "ok"}  # fmt: skip
-        local = [orjson.loads(x) for x in (state / "ledger.jsonl").read_bytes().splitlines()
-                 if x.endswith(b"}")]  # fmt: skip
-        ok_local = {r["id"] for r in local if "record" not in r and r["status"] == "ok"}
+        ok_local = local_oks(state)
         assert ok_before <= ok_local and ok_before
         # The dead run's lock is fresh: from another state directory a run is refused; from
         # its own (whose local lock is free: that run is gone) it is taken over at once.
@@ -314,7 +332,7 @@ def test_store_refusing_writes_stops_run_and_loses_nothing(
         proc = subprocess.Popen(args, env=child_env(s3_endpoint, server), cwd=ROOT,
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
         try:
-            wait_for(lambda: sum(r.status == 200 for r in server.requests) >= 8)
+            wait_for(answered_at_least(server, 8))
             set_auth(s3_endpoint, allowed=False)
             _, err = proc.communicate(timeout=60)
         finally:
@@ -654,17 +672,9 @@ def test_lost_bookkeeping_keeps_lines_the_bucket_lacks(
     with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.1)) as server:
         args = cli_args(manifest, url, state, "--base-url", server.base_url, "--concurrency", "4",
                         "--upload-every", "600")  # fmt: skip
-        proc = subprocess.Popen(args, env=child_env(s3_endpoint, server), cwd=ROOT,
-                                stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            wait_for(lambda: sum(r.status == 200 for r in server.requests) >= 10)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        kill_when(args, child_env(s3_endpoint, server), answered_at_least(server, 10))
         assert not any(r for r in bucket_ledger(fs, f"{bucket}/lost") if "record" not in r)
-        local = [orjson.loads(x) for x in (state / "ledger.jsonl").read_bytes().splitlines()
-                 if x.endswith(b"}")]  # fmt: skip
-        ok_local = {r["prompt"] for r in local if "record" not in r and r["status"] == "ok"}
+        ok_local = local_oks(state, "prompt")
         assert len(ok_local) >= 8
         (state / "remote.json").unlink()
         before = answered(server)
@@ -718,12 +728,7 @@ def test_cap_holds_when_a_killed_run_is_continued_elsewhere(
         flags = ("--concurrency", "4", "--upload-every", "600", "--max-cost", cap)
         args = cli_args(manifest, url, tmp_path / "a", "--base-url", server.base_url, *flags)
         env = {**child_env(s3_endpoint, server), "BATCHIMG_LOCK_TTL_S": "1"}
-        proc = subprocess.Popen(args, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: sum(r.status == 200 for r in server.requests) >= 8)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        kill_when(args, env, answered_at_least(server, 8))
         killed_at = time.time()
         time.sleep(max(0.0, killed_at + 2.2 - time.time()))  # its lock: over 1 s old
         elsewhere = run(s3_endpoint, manifest, url, tmp_path / "b", "--max-cost", cap,
@@ -764,7 +769,7 @@ def test_unparking_after_another_machine_redid_the_items_keeps_its_files(
         env = {**child_env(s3_endpoint, server), "BATCHIMG_LOCK_TTL_S": "1"}
         proc = subprocess.Popen(args, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
         try:
-            wait_for(lambda: sum(r.status == 200 for r in server.requests) >= 6)
+            wait_for(answered_at_least(server, 6))
             set_auth(s3_endpoint, allowed=False)
             proc.wait(timeout=60)
         finally:

@@ -180,12 +180,11 @@ class RecordingStore(LocalStore):
     every object put into it."""
 
     def __init__(self, root: Path, temps: Path) -> None:
-        super().__init__(root)
-        self._temp_dir = temps
+        super().__init__(root, temp_dir=temps)
         self.put_names: list[str] = []
 
     def put(self, name: str, temp: Path) -> None:
-        assert temp.parent == self._temp_dir  # everything arrives through the temp area
+        assert temp.parent == self.temp_dir  # everything arrives through the temp area
         self.put_names.append(name)
         super().put(name, temp)
 

@@ -14,15 +14,46 @@ TEMP_DIR = ".tmp"  # the temp area, hidden from dataset loaders (same filesystem
 ORPHANS_DIR = ".orphans"  # where files found under a name being put are set aside
 
 
+class TempArea:
+    """A store's local temp area: fresh names in one directory, emptied at each start."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self._tag = uuid.uuid4().hex[:8]  # temp names: unique per store, then a counter
+        self._count = itertools.count()
+        self._ready = False
+
+    def clean(self) -> None:
+        """Remove what an interrupted run left (only while no run writes)."""
+        if self.dir.is_symlink():  # emptying it would empty whatever it points at
+            raise OSError(f"{self.dir} is a symbolic link, not this store's temp area")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._ready = True
+        for stale in self.dir.iterdir():
+            if stale.is_file() or stale.is_symlink():
+                stale.unlink(missing_ok=True)
+
+    def new(self, hint: str) -> Path:
+        if not self._ready:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._ready = True
+        return self.dir / f"{hint}.{self._tag}{next(self._count)}"
+
+
+def aside_name(name: str) -> str:
+    """A fresh name in the orphans' directory for a file set aside (`cat-0.png` becomes
+    `.orphans/cat-0.1a2b3c4d.png`)."""
+    path = PurePosixPath(name)
+    return f"{ORPHANS_DIR}/{path.stem}.{uuid.uuid4().hex[:8]}{path.suffix}"
+
+
 class LocalStore:
     """A directory as a `Store` (see `base`)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, temp_dir: Path | None = None) -> None:
+        """`temp_dir`: the temp area, if not `root/.tmp` (on the same filesystem: put renames)."""
         self.root = root
-        self._temp_dir = root / TEMP_DIR
-        self._temp_tag = uuid.uuid4().hex[:8]  # temp names: unique per store, then a counter
-        self._temp_count = itertools.count()
-        self._temp_ready = False
+        self._temps = TempArea(temp_dir or root / TEMP_DIR)
         self._lock = threading.Lock()  # writer threads may put the same name at once
         #: Directories put into: `sync` fsyncs each (not only those changed since the last
         #: sync, which another thread's sync may be fsyncing right now, not yet done).
@@ -34,22 +65,13 @@ class LocalStore:
 
     @property
     def temp_dir(self) -> Path:
-        return self._temp_dir
+        return self._temps.dir
 
     def clean_temps(self) -> None:
-        if self._temp_dir.is_symlink():  # emptying it would empty whatever it points at
-            raise OSError(f"{self._temp_dir} is a symbolic link, not this store's temp area")
-        self._temp_dir.mkdir(parents=True, exist_ok=True)
-        self._temp_ready = True
-        for stale in self._temp_dir.iterdir():
-            if stale.is_file() or stale.is_symlink():
-                stale.unlink(missing_ok=True)
+        self._temps.clean()
 
     def new_temp(self, hint: str) -> Path:
-        if not self._temp_ready:
-            self._temp_dir.mkdir(parents=True, exist_ok=True)
-            self._temp_ready = True
-        return self._temp_dir / f"{hint}.{self._temp_tag}{next(self._temp_count)}"
+        return self._temps.new(hint)
 
     def _path(self, name: str) -> Path:
         """The file of an object; ValueError for a name that would leave the directory."""
@@ -99,10 +121,8 @@ class LocalStore:
 
     def _set_aside(self, final: Path) -> None:
         """Move a file no ledger line claims out of the way instead of overwriting it."""
-        orphans = self.root / ORPHANS_DIR
-        orphans.mkdir(exist_ok=True)
-        target = orphans / f"{final.stem}.{uuid.uuid4().hex[:8]}{final.suffix}"
-        os.replace(final, target)
+        (self.root / ORPHANS_DIR).mkdir(exist_ok=True)
+        os.replace(final, self.root / aside_name(final.name))
 
 
 def fsync_file(fh: IO[bytes]) -> None:

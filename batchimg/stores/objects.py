@@ -21,7 +21,6 @@ import builtins
 import contextlib
 import errno
 import hashlib
-import itertools
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -31,7 +30,7 @@ from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import ObjectRejected, StorageError, StoreRefused, UsageError
-from .local import ORPHANS_DIR, TEMP_DIR
+from .local import TEMP_DIR, TempArea, aside_name
 
 T = TypeVar("T")
 
@@ -127,10 +126,8 @@ class ObjectStore:
         self.fs = fs
         self.root = root
         self.state_dir = state_dir
-        self._temp_dir = state_dir / TEMP_DIR
-        self._temp_tag = uuid.uuid4().hex[:8]
-        self._temp_count = itertools.count()
-        self._conditional = "s3" in _protocols(fs)  # a PUT that fails if the key exists
+        self._temps = TempArea(state_dir / TEMP_DIR)
+        self.conditional = "s3" in _protocols(fs)  # writes that fail if the key exists / moved
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-call")
 
     # -- the Store interface --
@@ -141,16 +138,13 @@ class ObjectStore:
 
     @property
     def temp_dir(self) -> Path:
-        return self._temp_dir
+        return self._temps.dir
 
     def clean_temps(self) -> None:
-        self._temp_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self._temp_dir.iterdir():
-            if stale.is_file() or stale.is_symlink():
-                stale.unlink(missing_ok=True)
+        self._temps.clean()
 
     def new_temp(self, hint: str) -> Path:
-        return self._temp_dir / f"{hint}.{self._temp_tag}{next(self._temp_count)}"
+        return self._temps.new(hint)
 
     def key(self, name: str) -> str:
         """The full key of an object; ValueError for a name that would leave the prefix."""
@@ -167,7 +161,7 @@ class ObjectStore:
 
     def _put(self, key: str, temp: str) -> None:
         try:
-            if self._conditional:
+            if self.conditional:
                 try:
                     self.fs.put_file(temp, key, mode="create")
                     return
@@ -183,10 +177,7 @@ class ObjectStore:
 
     def _set_aside(self, key: str) -> None:
         """Copy an object no ledger line claims out of the way, instead of overwriting it."""
-        name = PurePosixPath(key).name
-        stem, dot, suffix = name.partition(".")
-        aside = f"{self.root}/{ORPHANS_DIR}/{stem}.{uuid.uuid4().hex[:8]}{dot}{suffix}"
-        self.fs.copy(key, aside)
+        self.fs.copy(key, f"{self.root}/{aside_name(PurePosixPath(key).name)}")
 
     def park(self, name: str, temp: Path) -> None:
         """Keep a paid-for file the store refused in the state directory (`parked/NAME`),
@@ -228,6 +219,21 @@ class ObjectStore:
             raise classify(exc, f"cannot read {self._shown_key(key)}") from exc
         return data
 
+    def read_many(self, names: builtins.list[str]) -> builtins.list[bytes]:
+        """Several objects' bytes, fetched at once, in the order given."""
+        keys = [self.key(n) for n in names]
+        try:
+            found: dict[str, Any] = self._call(self.fs.cat, keys, on_error="return")
+        except Exception as exc:
+            raise classify(exc, f"cannot read {self.location}") from exc
+        out = []
+        for key in keys:
+            data = found.get(key)
+            if isinstance(data, BaseException):
+                raise classify(data, f"cannot read {self._shown_key(key)}")
+            out.append(bytes(data or b""))
+        return out
+
     def read_range(self, name: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of an object (one ranged GET)."""
         key = self.key(name)
@@ -241,7 +247,7 @@ class ObjectStore:
         """Write an object whole (`create`: FileExistsError if there is one already; on a
         store without conditional writes, a look first). Returns the store's answer."""
         key = self.key(name)
-        if create and not self._conditional:
+        if create and not self.conditional:
             if self._call(self.fs.exists, key):
                 raise FileExistsError(f"{self._shown_key(key)} exists")
             create = False

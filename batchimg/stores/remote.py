@@ -48,7 +48,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import anyio
@@ -64,7 +64,7 @@ from ..ledger import (
     is_state,
     read_ledger,
 )
-from .local import ORPHANS_DIR, fsync_path
+from .local import aside_name, fsync_path
 from .objects import PARKED_DIR, PARKED_LINES, ObjectStore, classify
 
 LEDGER_DIR = "ledger"
@@ -72,7 +72,6 @@ LOCK_OBJECT = ".batchimg.lock"
 STATE_FILE = "remote.json"
 LOCK_TTL_S = 60.0  # a lock whose heartbeat is older than this may be taken over
 HEARTBEAT_S = 15.0
-UPLOAD_EVERY_S = 10.0
 SPAN_EVERY = 64  # pieces of a segment folded into one span
 GATE_EVERY_S = 0.2  # under a cap: the most often the ledger is pushed before requests
 _NAME = re.compile(r"^(\d{6,})(?:-([0-9a-f]{8})-(\d{12})(?:-(\d{12}))?)?\.jsonl$")
@@ -109,7 +108,6 @@ class _View:
 
     segments: list[_Segment]
     top: int
-    names: list[tuple[str, int]]  # every object under ledger/, with its size
 
 
 def _view(names: list[tuple[str, int]]) -> _View:
@@ -139,7 +137,7 @@ def _view(names: list[tuple[str, int]]) -> _View:
             segment.parts.append(part)  # (a gap before it: pieces deleted by hand)
             at = part.end
         segments.append(segment)
-    return _View(segments, top, names)
+    return _View(segments, top)
 
 
 @dataclass
@@ -276,7 +274,7 @@ class RemoteLedger:
         names = [part.name for segment in segments for part in segment.parts]
         with open(path, "ab" if append else "wb") as fh:
             for at in range(0, len(names), _FETCH_AT_ONCE):
-                for data in self.read_objects(names[at : at + _FETCH_AT_ONCE]):
+                for data in self.store.read_many(names[at : at + _FETCH_AT_ONCE]):
                     if data and not data.endswith(b"\n"):
                         data += b"\n"  # a damaged piece: its torn line stays its own
                     fh.write(data)
@@ -285,21 +283,6 @@ class RemoteLedger:
             fh.flush()
             os.fsync(fh.fileno())
         return seen
-
-    def read_objects(self, names: list[str]) -> list[bytes]:
-        """Several objects' bytes, fetched at once, in the order given."""
-        keys = [self.store.key(n) for n in names]
-        try:
-            found: dict[str, Any] = self.store._call(self.store.fs.cat, keys, on_error="return")
-        except Exception as exc:
-            raise classify(exc, f"cannot read {self.store.location}/{LEDGER_DIR}") from exc
-        out = []
-        for key in keys:
-            data = found.get(key)
-            if isinstance(data, BaseException):
-                raise classify(data, f"cannot read {self.store.location}/{LEDGER_DIR}")
-            out.append(bytes(data or b""))
-        return out
 
     def push(self) -> int:
         """Upload the whole lines of this machine's segment not yet in the bucket, as one
@@ -380,13 +363,6 @@ class RemoteLedger:
         with self._pushing:
             self._push()
             self._fold()
-
-    @property
-    def unpushed(self) -> int:
-        """Bytes of this machine's segment not in the bucket yet."""
-        if self._copy.segment is None or not self.path.exists():
-            return 0
-        return max(0, self.path.stat().st_size - self._copy.base - self._copy.pushed)
 
     def push_file(self, local: Path, name: str) -> None:
         """Upload a file the run keeps whole (metadata.jsonl), replacing the bucket's copy;
@@ -530,7 +506,7 @@ class BucketLock:
                 f"over once the heartbeat is {ttl:.0f} s old (in {ttl - age + 1:.0f} s)"
             )
         try:
-            match = {"IfMatch": details["ETag"]} if self.store._conditional else {}
+            match = {"IfMatch": details["ETag"]} if self.store.conditional else {}
             self._etag = _etag(self.store.write(LOCK_OBJECT, self._body(), **match))
         except Exception:
             raise UsageError(
@@ -572,7 +548,7 @@ class BucketLock:
         """Renew the heartbeat; StorageError if the lock is no longer this run's."""
         where = f"{self.store.location}/{LOCK_OBJECT}"
         try:
-            if self.store._conditional and self._etag is not None:
+            if self.store.conditional and self._etag is not None:
                 answer = self.store.write(LOCK_OBJECT, self._body(), IfMatch=self._etag)
             else:
                 if _holder(self.store.read(LOCK_OBJECT)).get("token") != self.token:
@@ -693,7 +669,7 @@ class RemoteOutput:
                 targets = originals
                 line: dict[str, Any] = dict(record)
                 if record["id"] in redone:
-                    targets = [self._orphan(n) for n in originals]
+                    targets = [aside_name(PurePosixPath(n).name) for n in originals]
                     line.update(record="charge", attempt=record.get("attempts"), files=targets)
                 for original, target in zip(originals, targets, strict=True):
                     parked = self.state_dir / PARKED_DIR / original
@@ -704,11 +680,6 @@ class RemoteOutput:
         shutil.rmtree(self.state_dir / PARKED_DIR, ignore_errors=True)
         fsync_path(str(self.state_dir), os.O_RDONLY | os.O_DIRECTORY)
         return len(held)
-
-    @staticmethod
-    def _orphan(name: str) -> str:
-        stem, dot, suffix = name.rsplit("/", 1)[-1].partition(".")
-        return f"{ORPHANS_DIR}/{stem}.{uuid.uuid4().hex[:8]}{dot}{suffix}"
 
     def push_files(self, names: tuple[str, ...]) -> None:
         """The files a layout keeps in the state directory, to the bucket, whole."""
