@@ -108,6 +108,16 @@ async def arun(
         if isinstance(store, ObjectStore):
             await anyio.to_thread.run_sync(check_store, store)
             remote = RemoteOutput(store, out, options.upload_every_s)
+        if options.ray is not None:
+            from .distributed import run_on_ray
+
+            return await run_on_ray(
+                config,
+                None if target is None else target.url,
+                remote=remote,
+                progress=progress,
+                handle_signals=handle_signals,
+            )
         store = store or open_store(out)
         async with open_backend(config, target, store.temp_dir) as backend:
             checked = (

@@ -264,11 +264,17 @@ class LedgerWriter:
 
     A write that fails (disk full, file too large) is rolled back to the last whole line and
     raised as StorageError, so the ledger never holds a torn line the process could have avoided.
+
+    `shared`: other processes append to the same file (the workers of a Ray run; each line is
+    one write to a file opened O_APPEND, which a local filesystem keeps whole). Then the torn
+    tail is left to whoever opened the file first, and a failed write is ended with a newline
+    instead of rolled back, since the file's end may be another process's line by then.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, shared: bool = False) -> None:
         self.path = path
-        if path.exists():
+        self.shared = shared
+        if path.exists() and not shared:
             cut_torn_tail(path)
         try:  # never through a symbolic link: the ledger is the directory's own file
             self._fd = os.open(
@@ -294,7 +300,10 @@ class LedgerWriter:
 
     def _rollback(self) -> None:
         with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, self._size)
+            if self.shared:
+                os.write(self._fd, b"\n")  # the torn line stays a garbled line of its own
+            else:
+                os.ftruncate(self._fd, self._size)
 
     def sync(self, force: bool = False) -> None:
         """fsync what was appended since the last sync (the engine calls this every second);

@@ -180,6 +180,7 @@ class Limiter:
         self._admitted: deque[float] = deque()
         self.rate_limited = 0
         self.paused_s = 0.0
+        self.admitted_at = 0.0  # when the last request was admitted
 
     # -- admission --
 
@@ -188,25 +189,48 @@ class Limiter:
 
         Returns the admission time, to hand back to `on_rate_limited` if the request gets a 429.
         """
-        weights = {"requests": 1.0, "images": float(images), "tokens": float(tokens)}
-        while True:
-            now = self.clock()
-            wait = self._pause_until - now
-            buckets = self._buckets()
-            for kind, bucket in buckets:
-                bucket_wait = bucket.wait_s(weights[kind])
-                wait = max(wait, bucket_wait)
-                if bucket_wait > MAX_PAUSE_S and self._learned.get(kind) is bucket:
-                    self._say_long_wait(kind, bucket_wait, weights[kind])
-            if wait <= 1e-6:  # float dust must not turn into an endless loop of tiny sleeps
-                for kind, bucket in buckets:
-                    bucket.take(weights[kind])
-                admitted = self._admitted
-                admitted.append(now)
-                while admitted[0] < now - RECENT_S:  # only this (event-loop) side trims
-                    admitted.popleft()
-                return now
+        while (wait := self.try_acquire(images=images, tokens=tokens)) > 0:
             await self.sleep(wait)
+        return self.admitted_at
+
+    def try_acquire(self, *, images: int = 1, tokens: int = 0) -> float:
+        """Admit one request now if the limits let it go (0.0; its time is `admitted_at`), else
+        the seconds until they may."""
+        weights = {"requests": 1.0, "images": float(images), "tokens": float(tokens)}
+        now = self.clock()
+        wait = self._pause_until - now
+        buckets = self._buckets()
+        for kind, bucket in buckets:
+            bucket_wait = bucket.wait_s(weights[kind])
+            wait = max(wait, bucket_wait)
+            if bucket_wait > MAX_PAUSE_S and self._learned.get(kind) is bucket:
+                self._say_long_wait(kind, bucket_wait, weights[kind])
+        if wait > 1e-6:  # float dust must not turn into an endless loop of tiny sleeps
+            return wait
+        for kind, bucket in buckets:
+            bucket.take(weights[kind])
+        admitted = self._admitted
+        admitted.append(now)
+        while admitted[0] < now - RECENT_S:  # only this (event-loop) side trims
+            admitted.popleft()
+        self.admitted_at = now
+        return 0.0
+
+    def bind(
+        self,
+        sleep: Callable[[float], Awaitable[None]],
+        note: Callable[[str, str], None] | None = None,
+    ) -> None:
+        """Wait with `sleep` and say notes to `note`, where the limiter was given none of its
+        own: an engine given a limiter binds it, so its waits end when the run stops."""
+        if self.sleep is anyio.sleep:
+            self.sleep = sleep
+        if self.note is None:
+            self.note = note
+
+    def paused_for_s(self) -> float:
+        """How long all admission stays paused (a 429's retry time, a budget at zero)."""
+        return max(0.0, self._pause_until - self.clock())
 
     def _say_long_wait(self, kind: str, wait_s: float, weight: float) -> None:
         if self.note is None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import re
 import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, fields
 from hashlib import blake2b
 from pathlib import Path
@@ -188,8 +189,19 @@ def _content_id(content: bytes, occurrence: int) -> str:
 class _Ids:
     """Hands out item ids and spots duplicate explicit ids."""
 
-    def __init__(self, capacity: int = 1024) -> None:
+    def __init__(self, capacity: int = 1024, seeds: Iterable[str] = ()) -> None:
         self._seen = IdSet(capacity)
+        for seed in seeds:  # ids an earlier part of the manifest holds (`Chunk.seeds`)
+            self._seen.add(seed)
+        #: Hears every id asked for that an earlier line holds (planning chunks).
+        self.clash: Callable[[str], None] | None = None
+
+    def _add(self, item_id: str) -> bool:
+        if self._seen.add(item_id):
+            return True
+        if self.clash is not None:
+            self.clash(item_id)
+        return False
 
     def explicit(self, value: Any) -> str:
         if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -197,16 +209,33 @@ class _Ids:
         item_id = str(value)
         if not item_id.strip():
             raise ValueError("'id' must not be empty")
-        if not self._seen.add(item_id):
+        if not self._add(item_id):
             raise ValueError(f"duplicate id {item_id!r}: an earlier line already uses it")
         return item_id
 
     def derived(self, content: bytes) -> str:
         """A stable id from the line's content and how many identical lines came before it."""
         occurrence = 0
-        while not self._seen.add(item_id := _content_id(content, occurrence)):
+        while not self._add(item_id := _content_id(content, occurrence)):
             occurrence += 1
         return item_id
+
+
+def identify(ids: _Ids, raw: bytes) -> tuple[dict[str, Any] | None, str, str | None]:
+    """A line's JSON object (None if it is not one), its id, and what is wrong with the line if
+    that much already is: the one place ids are handed out, for reading and for planning."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return None, ids.derived(raw), f"not valid JSON ({exc})"
+    if not isinstance(obj, dict):
+        return None, ids.derived(raw), f"expected a JSON object, got {type(obj).__name__}"
+    try:
+        if "id" in obj:
+            return obj, ids.explicit(obj["id"]), None
+        return obj, ids.derived(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)), None
+    except ValueError as exc:
+        return obj, ids.derived(raw), str(exc)
 
 
 class _Notices:
@@ -276,26 +305,13 @@ class _Reader:
         self._noticed: set[str] = set()  # models whose warnings (if any) were given
 
     def parse(self, raw: bytes, number: int) -> Item | BadLine:
-        ids = self.ids
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            return BadLine(ids.derived(raw), number, f"line {number}: not valid JSON ({exc})")
-        if not isinstance(obj, dict):
-            kind = type(obj).__name__
-            return BadLine(
-                ids.derived(raw), number, f"line {number}: expected a JSON object, got {kind}"
-            )
+        obj, item_id, problem = identify(self.ids, raw)
+        if obj is None:
+            return BadLine(item_id, number, f"line {number}: {problem}")
         prompt = obj.get("prompt") if isinstance(obj.get("prompt"), str) else None
         metadata = obj.get("metadata")
-        try:
-            if "id" in obj:
-                item_id = ids.explicit(obj["id"])
-            else:
-                item_id = ids.derived(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS))
-        except ValueError as exc:
-            fallback = ids.derived(raw)
-            return BadLine(fallback, number, f"line {number}: {exc}", prompt, metadata)
+        if problem is not None:
+            return BadLine(item_id, number, f"line {number}: {problem}", prompt, metadata)
 
         def bad(reason: str) -> BadLine:
             endpoint: specs.Endpoint = "edits" if "image" in obj else "generations"
@@ -433,12 +449,90 @@ def manifest_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
     """(line number, stripped content) of every line that is not blank or a `#` comment; a
     UTF-8 byte-order mark before the first line is not part of it."""
     with open(path, "rb") as fh:
+        yield from _entry_lines(fh, 1)
+
+
+def _entry_lines(lines: Iterable[bytes], first: int) -> Iterator[tuple[int, bytes]]:
+    for number, line in enumerate(lines, start=first):
+        raw = _entry(line, number)
+        if raw:
+            yield number, raw
+
+
+def _entry(line: bytes, number: int) -> bytes:
+    """A line's content, or b"" for a blank or comment line."""
+    raw = line.strip()
+    if number == 1:
+        raw = raw.removeprefix(_BOM).strip()
+    return b"" if raw.startswith(b"#") else raw
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of whole manifest lines, read apart from the rest (by the workers of a Ray run):
+    bytes `start` to `end`, the first of them line `first_line`."""
+
+    index: int
+    start: int
+    end: int
+    first_line: int
+    entries: int  # lines that are items (not blank, not comments)
+    done: int = 0  # of those, items already done when the chunk was planned
+    #: Ids earlier chunks hold that this chunk's lines asked for (a repeated line's earlier
+    #: copies, an id used twice): read with these, its lines get the ids a whole read gives.
+    seeds: tuple[str, ...] = ()
+
+
+def plan_chunks(
+    path: str | Path, lines_per_chunk: int, done: Container[str] = frozenset()
+) -> Iterator[Chunk]:
+    """Split the manifest into chunks of `lines_per_chunk` items, streamed (one pass, memory
+    for the id set only); `done` ids are counted in each chunk's `done`."""
+    ids = _Ids(count_lines(path))
+    here: set[str] = set()
+    seeds: list[str] = []
+    ids.clash = lambda item_id: None if item_id in here else seeds.append(item_id)
+    index = start = entries = already = 0
+    first = 1
+    offset = 0
+    with open(path, "rb") as fh:
         for number, line in enumerate(fh, start=1):
-            raw = line.strip()
-            if number == 1:
-                raw = raw.removeprefix(_BOM).strip()
-            if raw and not raw.startswith(b"#"):
-                yield number, raw
+            offset += len(line)
+            raw = _entry(line, number)
+            if raw:
+                _, item_id, _ = identify(ids, raw)
+                here.add(item_id)
+                entries += 1
+                already += item_id in done
+            if entries == lines_per_chunk:
+                yield Chunk(index, start, offset, first, entries, already, tuple(seeds))
+                index, start, first, entries, already = index + 1, offset, number + 1, 0, 0
+                here.clear()
+                seeds.clear()
+    if entries:
+        yield Chunk(index, start, offset, first, entries, already, tuple(seeds))
+
+
+def read_chunk(
+    data: bytes,
+    chunk: Chunk,
+    defaults: Defaults | None = None,
+    *,
+    catalog: Catalog | None = None,
+    warn: Warn | None = None,
+    inputs_dir: Path,
+) -> Iterator[Item | BadLine]:
+    """A chunk's items (`data`: its bytes), with the ids and line numbers a whole read of the
+    manifest gives them."""
+    reader = _Reader(
+        _Ids(chunk.entries + len(chunk.seeds) + 16, chunk.seeds),
+        defaults or Defaults(),
+        inputs_dir,
+        catalog or Catalog.default(),
+        warn,
+    )
+    for number, raw in _entry_lines(io.BytesIO(data), chunk.first_line):
+        yield reader.parse(raw, number)
 
 
 @contextlib.contextmanager

@@ -271,6 +271,22 @@ class RunOptions:
         metavar="S",
     )
 
+    # -- many workers (Ray) --
+    ray: str | None = _flag(
+        None,
+        "--ray",
+        help="Run on Ray workers: 'local' starts a Ray instance on this machine; an address "
+        "(or 'auto', RAY_ADDRESS) joins a cluster. Needs batchimg[ray].",
+        metavar="ADDRESS|local",
+    )
+    workers: int = _flag(
+        2,
+        "--workers",
+        help="With --ray: how many workers (each runs --concurrency requests at most).",
+        type=click.IntRange(min=1, max=256),
+        metavar="N",
+    )
+
     # -- what manifest lines leave out (their flags: `cli.default_options`) --
     defaults: Defaults = field(default_factory=Defaults)
 
@@ -306,8 +322,31 @@ class RunOptions:
             raise UsageError(f"--stragglers: choose batch or online, not {self.stragglers!r}")
         if self.batch_max_lines < 1 or self.batch_max_bytes < 1024:
             raise UsageError("batch_max_lines must be >= 1 and batch_max_bytes >= 1024")
+        if self.ray is not None:
+            self._check_ray()
         if self.shard_size is not None and self.layout != "webdataset":
             raise UsageError("--shard-size needs --format webdataset")
+
+    def _check_ray(self) -> None:
+        if not self.ray or not self.ray.strip():
+            raise UsageError("--ray needs 'local' or a cluster address (host:port, 'auto')")
+        if self.batch_api:
+            raise UsageError(
+                "--ray runs online requests; --batch-api needs no workers (OpenAI runs the "
+                "batch): drop one of them"
+            )
+        if self.layout != "imagefolder":
+            raise UsageError(
+                f"--ray writes the imagefolder layout; --format {self.layout} is for one "
+                "process (its shards are packed by a single writer)"
+            )
+        if self.check_models:
+            raise UsageError("--check-models is for one process: check once without --ray")
+        if self.api_key is not None:
+            raise UsageError(
+                "with --ray the workers read the API key from their environment (a local Ray "
+                "instance inherits yours): set it there instead of passing api_key"
+            )
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(

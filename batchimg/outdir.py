@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +21,14 @@ from .ledger import LEDGER_NAME
 from .stores.local import ORPHANS_DIR, TEMP_DIR
 
 LOCK_NAME = ".batchimg.lock"  # held while a run writes into the directory
+#: Held (shared) by each worker of a Ray run while it writes into the directory: a run that
+#: starts waits until no worker of an earlier one (its driver killed) is left.
+WORKERS_LOCK_NAME = ".batchimg.workers"
+WORKERS_GONE_WAIT_S = 20.0
 #: Less free space than this at the start and a run would buy images it cannot keep.
 MIN_FREE_BYTES = 64 << 20
 #: Files a run writes in place: each must be a plain file of the directory's own.
-_OWN_FILES = (LEDGER_NAME, LOCK_NAME, "metadata.jsonl", "metadata-svg.jsonl")
+_OWN_FILES = (LEDGER_NAME, LOCK_NAME, WORKERS_LOCK_NAME, "metadata.jsonl", "metadata-svg.jsonl")
 #: Directories a run moves files into by rename: each must be a directory on the same
 #: filesystem as the output directory (its temp area, `.tmp`, is where files start from).
 _OWN_DIRS = ("images", "shards", TEMP_DIR, ORPHANS_DIR)
@@ -95,9 +100,10 @@ def _probe(directory: Path, what: str) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(out_dir: Path) -> Iterator[None]:
+def exclusive(out_dir: Path, wait_s: float = 0.0) -> Iterator[None]:
     """Hold DIR/.batchimg.lock for the run: two runs on one directory would each resume from
-    the same ledger, buy the same images and (webdataset) number shards alike."""
+    the same ledger, buy the same images and (webdataset) number shards alike. `wait_s`: how
+    long to wait for a holder to end (a Ray worker whose driver was killed, still ending)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(
@@ -106,12 +112,60 @@ def exclusive(out_dir: Path) -> Iterator[None]:
     except OSError as exc:
         raise UsageError(f"cannot open {out_dir / LOCK_NAME}: {exc.strerror or exc}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock(fd, wait_s):
             raise UsageError(
                 f"another batchimg run is using {out_dir}: let it finish (or stop it) first"
-            ) from None
+            )
+        _no_workers_left(out_dir)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _no_workers_left(out_dir: Path) -> None:
+    """Wait (a little) until no worker of an earlier Ray run writes here: when a driver is
+    killed, Ray ends its workers moments later, and until then they still append."""
+    path = out_dir / WORKERS_LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"cannot open {path}: {exc.strerror or exc}") from None
+    try:
+        if not _flock(fd, WORKERS_GONE_WAIT_S):  # else released at once by the close
+            raise UsageError(
+                f"workers of an earlier Ray run still write to {out_dir} (its driver ended, "
+                "they did not): stop them (`ray stop`, or their processes), then re-run"
+            )
+    finally:
+        os.close(fd)
+
+
+def _flock(fd: int, wait_s: float) -> bool:
+    """Take an exclusive flock, waiting up to `wait_s` for its holder; False if it did not
+    come."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def worker_hold(out_dir: Path) -> Iterator[None]:
+    """A Ray worker's share of the directory (see WORKERS_LOCK_NAME), for as long as it runs."""
+    fd = os.open(
+        out_dir / WORKERS_LOCK_NAME,
+        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+        0o644,
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,7 +14,7 @@ import orjson
 import pytest
 
 from batchimg.mock import MockConfig, MockServer
-from tests.helpers import threaded_mock
+from tests.helpers import ACCESS_KEY, SECRET, threaded_mock
 
 TEST_KEY = "sk-test-0123456789abcdef"
 
@@ -71,3 +76,48 @@ async def mock(start_mock: StartMock) -> MockServer:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server on a free loopback port, for this module."""
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        port = None
+        while port is None:
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            found = re.search(r"Running on http://127\.0\.0\.1:(\d+)", log.read_text())
+            port = int(found.group(1)) if found else None
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def fs(s3_endpoint: str) -> Any:
+    """An S3 filesystem on the module's moto server, to look into buckets as a user would."""
+    s3fs = pytest.importorskip("s3fs")
+    return s3fs.S3FileSystem(
+        key=ACCESS_KEY,
+        secret=SECRET,
+        endpoint_url=s3_endpoint,
+        skip_instance_cache=True,
+        use_listings_cache=False,
+    )
+
+
+@pytest.fixture
+def bucket(fs: Any) -> str:
+    """A fresh, empty bucket on the module's moto server."""
+    name = f"bk-{uuid.uuid4().hex[:10]}"
+    fs.mkdir(name)
+    return name

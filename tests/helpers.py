@@ -163,3 +163,17 @@ async def run_on_mock(
         ),
         sleep=sleep,
     )
+
+
+ACCESS_KEY = "AKIATESTBATCHIMG0001"  # moto's S3 server (the `s3_endpoint` fixture) takes any
+SECRET = "s3cr3t-batchimg-" + "x" * 24  # must appear nowhere: not in objects, lines or output
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }

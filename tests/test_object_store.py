@@ -16,9 +16,8 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,47 +31,20 @@ from batchimg.mock import MockConfig, MockServer
 from batchimg.stores import LocalStore, ObjectStore, open_store
 from batchimg.stores.remote import RemoteLedger
 from tests.conftest import TEST_KEY
-from tests.helpers import KEY_VARS, ROOT, check_ok_record, threaded_mock, wait_for
+from tests.helpers import (
+    ACCESS_KEY,
+    KEY_VARS,
+    ROOT,
+    SECRET,
+    aws_env,
+    check_ok_record,
+    threaded_mock,
+    wait_for,
+)
 from tests.test_batch_api import billed
 
 s3fs = pytest.importorskip("s3fs")
-ACCESS_KEY = "AKIATESTBATCHIMG0001"
-SECRET = "s3cr3t-batchimg-" + "x" * 24  # must appear nowhere: not in objects, lines or output
 EXAMPLE = ROOT / "jobs" / "example.jsonl"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's S3 server on a free loopback port, for this module."""
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        port = None
-        while port is None:
-            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
-            found = re.search(r"Running on http://127\.0\.0\.1:(\d+)", log.read_text())
-            port = int(found.group(1)) if found else None
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def aws_env(endpoint: str) -> dict[str, str]:
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
 
 
 def use_aws(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,24 +65,6 @@ def pulled(url: str, state: Path) -> tuple[ObjectStore, RemoteLedger]:
     ledger = RemoteLedger(store, state)
     ledger.pull()
     return store, ledger
-
-
-@pytest.fixture
-def fs(s3_endpoint: str) -> Any:
-    return s3fs.S3FileSystem(
-        key=ACCESS_KEY,
-        secret=SECRET,
-        endpoint_url=s3_endpoint,
-        skip_instance_cache=True,
-        use_listings_cache=False,
-    )
-
-
-@pytest.fixture
-def bucket(fs: Any) -> str:
-    name = f"bk-{uuid.uuid4().hex[:10]}"
-    fs.mkdir(name)
-    return name
 
 
 def set_auth(endpoint: str, allowed: bool) -> None:

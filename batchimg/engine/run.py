@@ -22,7 +22,9 @@ import contextlib
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Container, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 import anyio.lowlevel
@@ -40,7 +42,7 @@ from ..layouts.imagefolder import METADATA_NAME, SVG_METADATA_NAME
 from ..ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerState, read_ledger
 from ..limiter import Limiter
 from ..manifest import BadLine, Item, manifest_lines, read_manifest
-from ..outdir import exclusive
+from ..outdir import WORKERS_GONE_WAIT_S, exclusive
 from ..pricing import PriceTable
 from ..stores import Store
 from ..stores.remote import PushGate, RemoteOutput
@@ -55,12 +57,31 @@ from .sink import ResultSink
 METADATA_FILES = (METADATA_NAME, SVG_METADATA_NAME)  # an imagefolder's, uploaded whole
 
 
+class Entries(Protocol):
+    """Items from somewhere other than the manifest file (a Ray worker's chunks)."""
+
+    def __aiter__(self) -> AsyncIterator[Item | BadLine]: ...
+
+    def total(self) -> int:
+        """Every entry this source has handed out or would have (counted after a hard stop)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Part:
+    """The engine runs one part of a larger run (a Ray worker): the run's driver holds the
+    output directory's lock and writes its metadata files; the items come from `entries`."""
+
+    entries: Entries
+
+
 class Engine:
     """Runs one manifest to completion (or to a stop); see the module docstring.
 
     `backend` sends the requests (and is already open); `store` is where images go (the
     backend spools into its temp area). `sleep` replaces real time in retry waits (tests);
-    `limiter` and `budget`, given, are shared with other engines (workers of one job).
+    `limiter` and `budget`, given, are shared with other engines (workers of one job); `part`:
+    this engine runs a part of a larger run (see `Part`).
     """
 
     def __init__(
@@ -74,9 +95,11 @@ class Engine:
         limiter: Limiter | None = None,
         budget: Budget | None = None,
         remote: RemoteOutput | None = None,
+        part: Part | None = None,
     ) -> None:
         self.config = config
         self.remote = remote  # the output is a bucket: its lock, its ledger's pieces
+        self.part = part
         self.sleep = sleep  # an injected clock for waits (retries; a batch's looks), or None
         options = config.options
         self.store = store
@@ -86,6 +109,8 @@ class Engine:
         self.prices = PriceTable(catalog)
         self.book = TokenBook()  # output tokens learned: this directory's ledger, then answers
         self.budget = budget or Budget(options.max_cost_usd)
+        if limiter is not None:
+            limiter.bind(self._admission_wait, self.control.warn_once)
         self.limiter = limiter or Limiter(
             rpm=options.rpm,
             ipm=options.ipm,
@@ -104,6 +129,7 @@ class Engine:
                     store=store,
                     shard_size=options.images_per_shard,
                     sync_ledger=self._sync_ledger_now,
+                    metadata=part is None,  # a part's: the driver writes it once, whole
                 ),
             ),
             catalog=catalog,
@@ -111,6 +137,7 @@ class Engine:
             book=self.book,
             budget=self.budget,
             run_id=uuid.uuid4().hex[:12],  # tells this run's lines from other runs' ones
+            shared=part is not None,  # the other workers write the same ledger
         )
         #: Items whose images are on their way into the store may wait beyond the requests in
         #: flight, this many at most (a bucket: as many again; a local disk keeps up).
@@ -136,6 +163,7 @@ class Engine:
         )
         self._done: Container[str] = frozenset()
         self._held: Container[str] = frozenset()  # items in the directory's live batches
+        self._outer: TaskGroup | None = None  # the run's task group, while it runs
 
     def snapshot(self) -> RunSnapshot:
         """The live counts, for a view (safe from another thread)."""
@@ -162,7 +190,12 @@ class Engine:
         self.control.stop(reason, interrupted=interrupted)
 
     async def run(self, *, handle_signals: bool = False) -> Summary:
-        with exclusive(self.config.out_dir):
+        if self.part is not None and self.remote is None:  # the driver holds the directory
+            return await self._run_locked(handle_signals)
+        # A bucket's Ray worker: its own state directory, which the same worker of a killed
+        # driver may still hold for a moment.
+        wait_s = WORKERS_GONE_WAIT_S if self.part is not None else 0.0
+        with exclusive(self.config.out_dir, wait_s):
             if self.remote is None:
                 return await self._run_locked(handle_signals)
             return await self._run_remote(self.remote, handle_signals)
@@ -174,12 +207,14 @@ class Engine:
         anything else)."""
         summary = self.summary
         summary.ledger_at = f"{remote.store.location}/ledger/ (working copy: {summary.ledger_path})"
-        took_over = await anyio.to_thread.run_sync(remote.lock.acquire)
+        lock = remote.lock  # None: a Ray worker's, whose driver holds the lock
+        took_over = None if lock is None else await anyio.to_thread.run_sync(lock.acquire)
         if took_over:
             self.warn(took_over)
         try:
             async with anyio.create_task_group() as beating:
-                beating.start_soon(self._every, remote.lock.heartbeat_s, remote.lock.beat)
+                if lock is not None:
+                    beating.start_soon(self._every, lock.heartbeat_s, lock.beat)
                 try:
                     await self._run_pulled(remote, handle_signals)
                 finally:
@@ -189,7 +224,8 @@ class Engine:
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(Exception):  # on a crash: pushed at the next start
                     await anyio.to_thread.run_sync(remote.ledger.push)
-                await anyio.to_thread.run_sync(remote.lock.release)
+                if lock is not None:
+                    await anyio.to_thread.run_sync(lock.release)
 
     async def _run_pulled(self, remote: RemoteOutput, handle_signals: bool) -> None:
         summary = self.summary
@@ -212,7 +248,7 @@ class Engine:
         with anyio.CancelScope(shield=True):
             try:
                 await anyio.to_thread.run_sync(remote.ledger.finish)
-                if self.config.options.layout == "imagefolder":
+                if self.config.options.layout == "imagefolder" and self.part is None:
                     await anyio.to_thread.run_sync(remote.push_files, METADATA_FILES)
             except StorageError as exc:
                 summary.stop_reason = summary.stop_reason or (
@@ -273,6 +309,7 @@ class Engine:
             sink.open()
             try:
                 async with anyio.create_task_group() as outer:
+                    self._outer = outer
                     outer.start_soon(self._sync_ledger)
                     outer.start_soon(self._watch_for_stalls)
                     if handle_signals:
@@ -339,12 +376,20 @@ class Engine:
     async def _watch_signals(self, outer: TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                if self.summary.interrupted:
-                    outer.cancel_scope.cancel()  # second signal: drop what is in flight now
-                    return
-                name = signal.Signals(signum).name
-                self.control.stop(f"{name}: finished in-flight requests", interrupted=True)
-                outer.start_soon(self._abort_after_grace)
+                self.interrupt(signal.Signals(signum).name)
+
+    def interrupt(self, name: str) -> None:
+        """What a signal does: the first stops admission and gives in-flight requests
+        `grace_period_s` to finish; the next cancels what is still in flight."""
+        outer = self._outer
+        if outer is None:  # not started: nothing in flight to wait for
+            self.control.stop(f"{name}: stopped before starting", interrupted=True)
+            return
+        if self.summary.interrupted:
+            outer.cancel_scope.cancel()  # second signal: drop what is in flight now
+            return
+        self.control.stop(f"{name}: finished in-flight requests", interrupted=True)
+        outer.start_soon(self._abort_after_grace)
 
     async def _abort_after_grace(self) -> None:
         await anyio.sleep(self.config.options.grace_period_s)
@@ -360,9 +405,8 @@ class Engine:
     async def _produce(self, send: MemoryObjectSendStream[Item]) -> None:
         control, summary, done = self.control, self.summary, self._done
         async with send:
-            for count, entry in enumerate(self._entries()):
-                if count % 256 == 0:
-                    await anyio.lowlevel.checkpoint()
+            count = 0
+            async for entry in self._source():
                 if control.stopping:
                     if control.interrupt_now:  # count what is left without reading it as items
                         total = await anyio.to_thread.run_sync(self._count_entries)
@@ -382,6 +426,18 @@ class Engine:
                     )
                 else:
                     await send.send(entry)
+                count += 1
+
+    async def _source(self) -> AsyncIterator[Item | BadLine]:
+        """The items: the manifest's, or the part's."""
+        if self.part is not None:
+            async for entry in self.part.entries:
+                yield entry
+            return
+        for count, entry in enumerate(self._entries()):
+            if count % 256 == 0:
+                await anyio.lowlevel.checkpoint()
+            yield entry
 
     def _entries(self, *, warn: bool = True) -> Iterator[Item | BadLine]:
         """The manifest, streamed (`warn`: say its warnings, each once, to the person)."""
@@ -394,6 +450,8 @@ class Engine:
         )
 
     def _count_entries(self) -> int:
+        if self.part is not None:
+            return self.part.entries.total()
         return sum(1 for _ in manifest_lines(self.config.manifest))
 
     def _count_left(self, entry: Item | BadLine) -> None:

@@ -37,7 +37,9 @@ class ResultSink:
         book: TokenBook,
         budget: Budget,
         run_id: str,
+        shared: bool = False,
     ) -> None:
+        """`shared`: the ledger file is appended to by other processes too (Ray workers)."""
         self.control = control
         self.summary = control.summary
         self.ledger_path = ledger_path
@@ -47,6 +49,7 @@ class ResultSink:
         self.book = book
         self.budget = budget
         self.run_id = run_id
+        self.shared = shared
         self._ledger: LedgerWriter | None = None
 
     def resume(self) -> LedgerState:
@@ -78,7 +81,7 @@ class ResultSink:
     # -- the ledger file --
 
     def open(self) -> None:
-        self._ledger = LedgerWriter(self.ledger_path)
+        self._ledger = LedgerWriter(self.ledger_path, shared=self.shared)
 
     def close(self) -> None:
         if self._ledger is not None:

@@ -31,10 +31,11 @@ class LayoutContext:
     store: Store
     shard_size: int = DEFAULT_SHARD_SIZE
     sync_ledger: Callable[[], None] | None = None  # make every ledger line written durable
+    metadata: bool = True  # False: images only; the metadata files are written elsewhere
 
 
 LAYOUTS: dict[Layout, Callable[[LayoutContext], OutputLayout]] = {
-    "imagefolder": lambda c: ImageFolderLayout(c.out_dir, c.store),
+    "imagefolder": lambda c: ImageFolderLayout(c.out_dir, c.store, metadata=c.metadata),
     "webdataset": lambda c: WebDatasetLayout(c.out_dir, c.store, c.shard_size, c.sync_ledger),
 }
 LAYOUT_NAMES: tuple[Layout, ...] = tuple(LAYOUTS)

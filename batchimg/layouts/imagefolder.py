@@ -120,9 +120,11 @@ class ImageFolderLayout:
     """Images stay loose under `images/`; `metadata.jsonl` is rebuilt from the ledger as it is
     read for resuming, then kept in step (an `OutputLayout`, see `base`)."""
 
-    def __init__(self, out_dir: Path, store: Store) -> None:
+    def __init__(self, out_dir: Path, store: Store, *, metadata: bool = True) -> None:
+        """`metadata` False: images only (a Ray worker's; its driver writes the files)."""
         self.out_dir = out_dir
         self.store = store
+        self.metadata = metadata
         self._rebuild = contextlib.ExitStack()
         self._add_rows: Callable[[LedgerRecord], None] | None = None
         self._writer: MetadataWriter | None = None
@@ -137,19 +139,21 @@ class ImageFolderLayout:
                 f"{self.out_dir} holds webdataset shards: re-run with --format webdataset (a "
                 "directory keeps the layout it was started with)"
             )
-        self._add_rows = self._rebuild.enter_context(rebuild_metadata(self.out_dir))
+        if self.metadata:
+            self._add_rows = self._rebuild.enter_context(rebuild_metadata(self.out_dir))
 
     def restore(self, record: LedgerRecord) -> None:
-        assert self._add_rows is not None, "prepare() first"
-        self._add_rows(record)
+        if self._add_rows is not None:
+            self._add_rows(record)
 
     def resumed(self, done: Container[str]) -> None:
         self._rebuild.close()  # the rebuilt files replace the old ones, whole
-        self._writer = MetadataWriter(self.out_dir)
+        if self.metadata:
+            self._writer = MetadataWriter(self.out_dir)
 
     def add(self, record: LedgerRecord) -> None:
-        assert self._writer is not None, "resumed() first"
-        self._writer.add(record)
+        if self._writer is not None:
+            self._writer.add(record)
 
     def sync(self) -> None:
         if self._writer is not None:
@@ -164,3 +168,20 @@ class ImageFolderLayout:
         # A rebuild cut short leaves the old files as they were (its temp files are removed).
         self._rebuild.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
         self.close()
+
+
+def write_metadata(out_dir: Path) -> None:
+    """Write `metadata.jsonl` (and `metadata-svg.jsonl`) afresh from the ledger, as a run's
+    start does (a Ray run's driver, at its end: its workers write images only)."""
+    from ..ledger import LEDGER_NAME, scan_ledger
+    from ..stores import LocalStore
+
+    layout = ImageFolderLayout(out_dir, LocalStore(out_dir))
+    layout.prepare()
+    try:
+        state = scan_ledger(out_dir / LEDGER_NAME, on_ok=layout.restore)
+    except BaseException:
+        layout.abort()
+        raise
+    layout.resumed(state.done)
+    layout.close()

@@ -633,11 +633,15 @@ class RemoteOutput:
     """What a run on an object-store output adds to a local one: the lock object, the ledger
     pulled before and pushed during and after, and the files kept whole (`metadata.jsonl`)."""
 
-    def __init__(self, store: ObjectStore, state_dir: Path, upload_every_s: float) -> None:
+    def __init__(
+        self, store: ObjectStore, state_dir: Path, upload_every_s: float, *, locked: bool = True
+    ) -> None:
+        """`locked` False: another process holds the prefix's lock for this run (the driver of
+        a Ray run, whose workers each push a segment of their own)."""
         self.store = store
         self.state_dir = state_dir
         self.ledger = RemoteLedger(store, state_dir)
-        self.lock = BucketLock(store, state_dir)
+        self.lock = BucketLock(store, state_dir) if locked else None
         self.upload_every_s = upload_every_s
 
     def unpark(self) -> int:
