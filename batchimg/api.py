@@ -12,17 +12,19 @@ from pathlib import Path
 import anyio
 
 from . import lifecycle, specs
-from .backends import PROFILES, ClientConfig, OnlineBackend, Profile, Secret
+from .backends import PROFILES, Backend, ClientConfig, OnlineBackend, Profile, Secret
 from .catalog import Catalog, load_catalog, today_utc
 from .config import RunConfig
 from .engine import Engine, ProgressCallback, Summary
 from .engine.batch import BatchEngine
 from .errors import RequestError, UsageError
+from .limiter import Limiter
 from .manifest import Defaults, materialized
 from .options import RunOptions
 from .outdir import check_output
 from .pricing import PriceTable
 from .report import ledger_paths
+from .routing import Endpoint, RoutedBackend, RoutingLimiter, load_endpoints
 from .stores import ObjectStore, Store, is_url, local_path, open_store
 from .stores.objects import check_store
 from .stores.remote import RemoteLedger, RemoteOutput
@@ -98,7 +100,9 @@ async def arun(
             catalog=the_catalog,
             learn_from=tuple(ledger_paths(options.from_ledger)),
         )
-        target = None if options.mock else api_target(config)  # exit 2 before anything else
+        routes = check_routes(config)  # each endpoint's key found, or exit 2
+        # Exit 2 before anything else for a missing key (none for the mock or the endpoints').
+        target = None if options.mock or routes else api_target(config)
         if options.batch_api and target is not None and not target.profile.batches:
             raise UsageError(
                 f"--batch-api needs OpenAI's Batch API: provider {target.profile.name} has none "
@@ -111,14 +115,32 @@ async def arun(
         if options.ray is not None:
             from .distributed import run_on_ray
 
+            if store is not None and remote is None:
+                raise UsageError("a store of your own is for one process: drop --ray")
+
             return await run_on_ray(
                 config,
                 None if target is None else target.url,
+                endpoints=routes,
                 remote=remote,
                 progress=progress,
                 handle_signals=handle_signals,
             )
         store = store or open_store(out)
+        if routes:  # no --batch-api, no --check-models (RunOptions says)
+            store.temp_dir.mkdir(parents=True, exist_ok=True)
+            limiter = RoutingLimiter({r.name: route_limiter(r, options) for r in routes})
+            async with open_routes(config, routes, store.temp_dir) as routed:
+                engine = Engine(
+                    config,
+                    routed,
+                    store,
+                    progress=progress,
+                    sleep=sleep,
+                    remote=remote,
+                    limiter=limiter,
+                )
+                return await engine.run(handle_signals=handle_signals)
         async with open_backend(config, target, store.temp_dir) as backend:
             checked = (
                 await _check_models(backend, config.manifest, defaults.model_for(the_catalog))
@@ -145,6 +167,50 @@ class Target:
     profile: Profile
 
 
+def check_routes(config: RunConfig) -> tuple[Endpoint, ...]:
+    """`--endpoints`: the endpoints, each key found (UsageError naming its variable) and, for
+    OpenAI itself, no model past its shutdown date."""
+    options = config.options
+    if options.endpoints is None:
+        return ()
+    routes = load_endpoints(options.endpoints, options.provider)
+    for route in routes:
+        route.key()
+        _refuse_retired(config, route.provider, route.base_url)
+    return routes
+
+
+def route_limiter(route: Endpoint, options: RunOptions) -> Limiter:
+    """An endpoint's own limiter: its limits from the file, else the run's flags."""
+    return Limiter(
+        rpm=route.rpm or options.rpm,
+        ipm=route.ipm or options.ipm,
+        tpm=route.tpm or options.tpm,
+        adaptive=options.adaptive_rate,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_routes(
+    config: RunConfig, routes: tuple[Endpoint, ...], spool_dir: Path
+) -> AsyncIterator[RoutedBackend]:
+    """A backend per endpoint, open, behind one `RoutedBackend`."""
+    async with contextlib.AsyncExitStack() as stack:
+        backends: dict[str, Backend] = {}
+        for route in routes:
+            target = Target(route.base_url, route.key(), PROFILES[route.provider])
+            opened = open_backend(config, target, spool_dir)
+            backends[route.name] = await stack.enter_async_context(opened)
+        yield RoutedBackend(backends)
+
+
+def _refuse_retired(config: RunConfig, provider: str, url: str) -> None:
+    if lifecycle.is_openai(provider, url):
+        catalog = config.catalog or Catalog.default()
+        model = config.options.defaults.model_for(catalog)
+        lifecycle.refuse_retired(config.manifest, catalog, model, today_utc(), "OpenAI")
+
+
 def api_target(config: RunConfig) -> Target:
     """The provider's URL and key, checked: UsageError for a missing URL or key, or (against
     OpenAI itself) a model past its shutdown date."""
@@ -153,10 +219,7 @@ def api_target(config: RunConfig) -> Target:
     url = options.base_url or profile.default_base_url or ""
     if not url:
         raise UsageError(f"--base-url is required for provider {profile.name} (your resource URL)")
-    if lifecycle.is_openai(profile.name, url):
-        catalog = config.catalog or Catalog.default()
-        model = options.defaults.model_for(catalog)
-        lifecycle.refuse_retired(config.manifest, catalog, model, today_utc(), "OpenAI")
+    _refuse_retired(config, profile.name, url)
     key = (
         Secret.checked(options.api_key, "api_key")
         if options.api_key

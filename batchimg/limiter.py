@@ -216,6 +216,11 @@ class Limiter:
         self.admitted_at = now
         return 0.0
 
+    async def admit_now(self, *, images: int = 1, tokens: int = 0) -> float:
+        """`try_acquire`, for a caller that may ask several limiters in turn (a remote one
+        answers over the network)."""
+        return self.try_acquire(images=images, tokens=tokens)
+
     def bind(
         self,
         sleep: Callable[[float], Awaitable[None]],
@@ -367,3 +372,22 @@ class Limiter:
             rate_limited=self.rate_limited,
             paused_s=self.paused_s,
         )
+
+
+def combined_stats(parts: list[LimiterStats]) -> LimiterStats:
+    """Several limiters' stats as one (the endpoints of a run): rates and counts added."""
+
+    def total(values: list[int | None]) -> int | None:
+        known = [v for v in values if v is not None]
+        return sum(known) if known else None
+
+    caps = [s.rate_cap_per_min for s in parts if s.rate_cap_per_min is not None]
+    return LimiterStats(
+        admitted_per_min=sum(s.admitted_per_min for s in parts),
+        rate_cap_per_min=sum(caps) if caps else None,
+        learned_rpm=total([s.learned_rpm for s in parts]),
+        learned_ipm=total([s.learned_ipm for s in parts]),
+        learned_tpm=total([s.learned_tpm for s in parts]),
+        rate_limited=sum(s.rate_limited for s in parts),
+        paused_s=max((s.paused_s for s in parts), default=0.0),
+    )

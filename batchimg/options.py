@@ -75,6 +75,15 @@ class RunOptions:
         "BATCHIMG_API_KEY / the provider's usual one.",
         metavar="NAME",
     )
+    endpoints: Path | None = _flag(
+        None,
+        "--endpoints",
+        help="A JSON (Lines) file of several keys or deployments to share the work: base_url, "
+        "key_env (the variable holding its key), optional name, provider, rpm, ipm, tpm. "
+        "Each request goes to the first with headroom.",
+        type=click.Path(path_type=Path, dir_okay=False),
+        metavar="FILE",
+    )
     mock: bool = _flag(
         False,
         "--mock",
@@ -279,10 +288,11 @@ class RunOptions:
         "(or 'auto', RAY_ADDRESS) joins a cluster. Needs batchimg[ray].",
         metavar="ADDRESS|local",
     )
-    workers: int = _flag(
-        2,
+    workers: int | None = _flag(
+        None,
         "--workers",
-        help="With --ray: how many workers (each runs --concurrency requests at most).",
+        help="With --ray: how many workers (each runs --concurrency requests at most). "
+        "[default: 2]",
         type=click.IntRange(min=1, max=256),
         metavar="N",
     )
@@ -324,6 +334,18 @@ class RunOptions:
             raise UsageError("batch_max_lines must be >= 1 and batch_max_bytes >= 1024")
         if self.ray is not None:
             self._check_ray()
+        elif self.workers is not None:
+            raise UsageError("--workers is for --ray (local, or a cluster's address)")
+        if self.endpoints is not None:
+            given = [flag for flag, on in (("--base-url", self.base_url), ("--mock", self.mock),
+                     ("--batch-api", self.batch_api), ("--api-key-env", self.api_key_env),
+                     ("--azure-deployment", self.azure_deployment),
+                     ("--check-models", self.check_models)) if on]  # fmt: skip
+            if given or self.api_key is not None:
+                what = ", ".join(given) or "api_key"
+                raise UsageError(
+                    f"--endpoints names each endpoint's URL and key variable: drop {what}"
+                )
         if self.shard_size is not None and self.layout != "webdataset":
             raise UsageError("--shard-size needs --format webdataset")
 
@@ -347,6 +369,11 @@ class RunOptions:
                 "with --ray the workers read the API key from their environment (a local Ray "
                 "instance inherits yours): set it there instead of passing api_key"
             )
+
+    @property
+    def worker_count(self) -> int:
+        """How many Ray workers (`--workers`, default 2)."""
+        return self.workers or 2
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(

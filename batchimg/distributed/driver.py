@@ -25,6 +25,7 @@ import math
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Iterable
 from types import ModuleType
@@ -40,9 +41,10 @@ from ..engine.run import METADATA_FILES
 from ..errors import StorageError, UsageError
 from ..layouts.imagefolder import write_metadata
 from ..ledger import LEDGER_NAME, cut_torn_tail, scan_ledger
-from ..limiter import LimiterStats
+from ..limiter import LimiterStats, combined_stats
 from ..manifest import Chunk, plan_chunks
 from ..outdir import exclusive
+from ..routing import Endpoint
 from ..stores import LocalStore
 from ..stores.remote import BucketLock, RemoteOutput
 from .shared import BudgetHub, ChunkQueue, LimiterHub
@@ -56,6 +58,7 @@ POLL_S = 0.2  # how often the driver hears from its workers
 DEATHS_PER_WORKER = 3
 #: After a second signal, how long workers get to end before they are killed.
 CUT_WAIT_S = 10.0
+JOIN_TIMEOUT_S = 10.0  # to reach a cluster's address before Ray is asked to join it
 _TOKEN_NOTICE = "ray._private.authentication.authentication_token_setup"
 
 
@@ -89,6 +92,7 @@ def connected(ray: ModuleType, address: str, workers: int) -> Any:
             cpus = max(os.cpu_count() or 1, workers)
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
         else:
+            _check_reachable(address)
             ray.init(address=address, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UsageError(f"--ray {address}: cannot start or join Ray: {exc}") from None
@@ -96,6 +100,21 @@ def connected(ray: ModuleType, address: str, workers: int) -> Any:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """UsageError if `address` is host:port and nothing listens there (Ray would wait for it
+    forever)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # `auto`, `ray://…`: Ray says what is wrong itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UsageError(
+            f"--ray {address}: nothing answers there ({exc.strerror or exc}): start the cluster "
+            "(`ray start --head`), or give its address, or run with --ray local"
+        ) from None
 
 
 def check_reach(ray: ModuleType, config: RunConfig, *, local_out: bool, mock: bool) -> None:
@@ -118,12 +137,14 @@ async def run_on_ray(
     config: RunConfig,
     url: str | None,
     *,
+    endpoints: tuple[Endpoint, ...] = (),
     remote: RemoteOutput | None = None,
     progress: ProgressCallback | None = None,
     handle_signals: bool = False,
 ) -> Summary:
-    """Run `config` on Ray workers (`url`: the API's; None: start a mock server here).
-    `remote`: the output is a bucket (`config.out_dir` is then the local state directory)."""
+    """Run `config` on Ray workers (`url`: the API's; None: start a mock server here, unless
+    the work goes to `endpoints`). `remote`: the output is a bucket (`config.out_dir` is then
+    the local state directory)."""
     ray = import_ray()
     options = config.options
     assert options.ray is not None
@@ -141,16 +162,19 @@ async def run_on_ray(
             state = await anyio.to_thread.run_sync(scan_ledger, out / LEDGER_NAME)
             chunks = await anyio.to_thread.run_sync(_plan, config, state.done)
             mock_key = None
-            if url is None:
+            if url is None and not endpoints:
                 from ..mock import MockConfig, MockServer
 
                 mock_key = secrets.token_urlsafe(16)
                 server = await stack.enter_async_context(MockServer(MockConfig(api_key=mock_key)))
                 url = server.base_url
             # On this thread: Ray sets its signal handlers only from the main thread.
-            stack.enter_context(connected(ray, options.ray, options.workers))
+            stack.enter_context(connected(ray, options.ray, options.worker_count))
             check_reach(ray, config, local_out=remote is None, mock=mock_key is not None)
-            driver = _Driver(ray, config, url, mock_key, chunks, state.spent_usd, progress, remote)
+            routes = endpoints or (Endpoint("", url or "", ""),)
+            driver = _Driver(
+                ray, config, routes, mock_key, chunks, state.spent_usd, progress, remote
+            )
             if took_over:
                 driver.warn(took_over)
             try:
@@ -187,7 +211,7 @@ async def _holding(remote: RemoteOutput) -> AsyncIterator[str | None]:
 def _plan(config: RunConfig, done: Any) -> list[Chunk]:
     from .._idset import count_lines
 
-    per = lines_per_chunk(count_lines(config.manifest), config.options.workers)
+    per = lines_per_chunk(count_lines(config.manifest), config.options.worker_count)
     return list(plan_chunks(config.manifest, per, done))
 
 
@@ -196,7 +220,7 @@ class _Driver:
         self,
         ray: ModuleType,
         config: RunConfig,
-        url: str,
+        routes: tuple[Endpoint, ...],
         mock_key: str | None,
         chunks: list[Chunk],
         spent_usd: float,
@@ -210,9 +234,15 @@ class _Driver:
         self.progress = progress
         self.entries = sum(c.entries for c in chunks)
         hub = ray.remote(num_cpus=0)
-        self.limiter = hub(LimiterHub).remote(
-            rpm=options.rpm, ipm=options.ipm, tpm=options.tpm, adaptive=options.adaptive_rate
-        )
+        self.limiters = {  # one an endpoint (one in all without --endpoints)
+            route.name: hub(LimiterHub).remote(
+                rpm=route.rpm or options.rpm,
+                ipm=route.ipm or options.ipm,
+                tpm=route.tpm or options.tpm,
+                adaptive=options.adaptive_rate,
+            )
+            for route in routes
+        }
         self.budget = hub(BudgetHub).remote(options.max_cost_usd, spent_usd)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -225,9 +255,10 @@ class _Driver:
             inputs_dir=config.inputs_dir or config.manifest.parent,
             out_dir=config.out_dir,
             options=options,
-            url=url,
+            routes=routes if routes[0].name else (),
+            url=routes[0].base_url,
             mock_key=mock_key,
-            limiter=self.limiter,
+            limiters=self.limiters,
             budget=self.budget,
             queue=self.queue,
             learn_from=config.learn_from,
@@ -235,13 +266,15 @@ class _Driver:
         )
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         self._worker_class = ray.remote(
-            num_cpus=min(1.0, cpus / options.workers), max_restarts=0, max_task_retries=0
+            num_cpus=min(1.0, cpus / options.worker_count), max_restarts=0, max_task_retries=0
         )(Worker)
         self._numbers = iter(range(1, 1_000_000))
         self.workers: dict[int, Any] = {}
         self.slots: dict[int, int] = {}  # each worker's slot (its temp area, its state)
         self.runs: dict[Any, int] = {}  # each worker's `run` call, to its number
         self.snapshots: dict[int, RunSnapshot] = {}
+        self.dead: list[RunSnapshot] = []  # the last counts of workers that died
+        self.pids: dict[int, int] = {}
         self.summaries: list[Summary] = []
         self.lost: list[Chunk] = []  # chunks of workers that died and were not replaced
         self.left: list[Chunk] = []  # chunks no worker took
@@ -268,7 +301,7 @@ class _Driver:
 
     async def run(self, handle_signals: bool) -> Summary:
         self._emit(ProgressEvent("started", snapshot=self.snapshot))
-        for slot in range(1, self.config.options.workers + 1):
+        for slot in range(1, self.config.options.worker_count + 1):
             self._start([], slot)
         async with anyio.create_task_group() as tasks:
             if handle_signals:
@@ -304,17 +337,22 @@ class _Driver:
 
     async def _died(self, number: int, exc: BaseException) -> None:
         self.deaths += 1
-        self.snapshots.pop(number, None)
+        # What it finished (as last heard) stays this run's work: its replacement finds those
+        # items done and counts them as such, so they come off its count of skipped ones.
+        last = self.snapshots.pop(number, None)
+        if last is not None:
+            self.dead.append(last)
         chunks: list[Chunk] = await self.queue.forget.remote(number)
         await self.budget.worker_gone.remote(number)
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if (
             self.stop_reason is None
-            and self.deaths > DEATHS_PER_WORKER * self.config.options.workers
+            and self.deaths > DEATHS_PER_WORKER * self.config.options.worker_count
         ):
             self._stop_all(f"workers keep dying ({self.deaths} so far; the last: {cause})")
         if self.stop_reason is not None:
             self.lost += chunks
+            self.warn(f"worker {number} died ({cause}) while the run was stopping", once=False)
             return
         new = self._start(chunks, self.slots[number])  # its slot: what it left, it finds
         self.warn(
@@ -328,18 +366,22 @@ class _Driver:
     async def _poll(self) -> None:
         numbers = list(self.workers)
         refs = [self.workers[n].poll.remote() for n in numbers]
-        stats_ref, totals_ref = self.limiter.stats.remote(), self.budget.totals.remote()
+        stats_refs = [hub.stats.remote() for hub in self.limiters.values()]
+        totals_ref = self.budget.totals.remote()
         for number, ref in zip(numbers, refs, strict=True):
             try:
                 polled: Polled = await ref
             except Exception:  # a worker dying: its `run` call says so
                 continue
             self._relay(polled.events)
+            if number not in self.pids:
+                self.pids[number] = polled.pid
+                self._emit(ProgressEvent("note", message=f"worker {number}: {polled.where}"))
             if polled.snapshot is not None:
                 self.snapshots[number] = polled.snapshot
             if polled.stop_reason is not None and self.stop_reason is None:
                 self._stop_all(polled.stop_reason)
-        self.limiter_stats = await stats_ref
+        self.limiter_stats = combined_stats([await ref for ref in stats_refs])
         self.spent_usd, _ = await totals_ref
 
     def _relay(self, events: Iterable[ProgressEvent]) -> None:
@@ -413,7 +455,7 @@ class _Driver:
                     return
 
     def close(self) -> None:
-        for actor in (*self.workers.values(), self.limiter, self.budget, self.queue):
+        for actor in (*self.workers.values(), *self.limiters.values(), self.budget, self.queue):
             with contextlib.suppress(Exception):
                 self.ray.kill(actor)
 
@@ -445,11 +487,19 @@ class _Driver:
         for chunk in self.left:
             total.skipped += chunk.done
             total.not_attempted += chunk.entries - chunk.done
-        for chunk in self.lost:
-            total.not_attempted += chunk.entries - chunk.done
+        lost = sum(chunk.entries - chunk.done for chunk in self.lost)
+        for last in self.dead:  # finished by workers that died (taken up again, or lost)
+            total.ok += last.ok
+            total.images += last.images
+            total.output_tokens += last.output_tokens
+            total.cost_usd += last.cost_usd
+            taken_up = min(total.skipped, last.ok)
+            total.skipped -= taken_up
+            lost -= (last.ok - taken_up) + last.failed
+        total.not_attempted += max(0, lost)
         total.warnings = self.warnings
         total.interrupted |= self.interrupted
-        total.limiter = await self.limiter.stats.remote()
+        total.limiter = combined_stats([await h.stats.remote() for h in self.limiters.values()])
         total.spent_total_usd, _ = await self.budget.totals.remote()
         total.stop_reason = self.stop_reason
         if budget_stop is not None:

@@ -130,28 +130,49 @@ class SharedLimiter(Limiter):
         self._waiting += 1
         try:
             while not self._take():
-                async with self._asking:
+                async with self._asking:  # the others wait here, then find permits in hand
                     if self._take():
                         break
-                    grant: Grant = await self.hub.grant.remote(
-                        self._waiting, images, tokens, self._feedback()
-                    )
-                    self._stats = grant.stats
-                    for key, message in grant.notes:
-                        if self.note is not None:
-                            self.note(key, message)
-                    if grant.count:
-                        self._stock, self._stock_at = grant.count, grant.admitted_at
-                        self._stock_until = time.monotonic() + PERMIT_TTL_S
-                        continue
-                    await self.sleep(grant.wait_s)  # the run's wait: it ends if the run stops
-            return self._stock_at
+                    wait = await self._ask(images, tokens)
+                    if wait > 0:
+                        await self.sleep(wait)  # the run's wait: it ends if the run stops
+            return self.admitted_at
         finally:
             self._waiting -= 1
+
+    async def admit_now(self, *, images: int = 1, tokens: int = 0) -> float:
+        self._waiting += 1
+        try:
+            if self._take():
+                return 0.0
+            async with self._asking:
+                if self._take():
+                    return 0.0
+                wait = await self._ask(images, tokens)
+                if wait > 0:
+                    return wait
+                self._take()  # one of the permits just granted
+                return 0.0
+        finally:
+            self._waiting -= 1
+
+    async def _ask(self, images: int, tokens: int) -> float:
+        """One batch of permits from the hub (put in hand): 0.0, else the wait it says."""
+        grant: Grant = await self.hub.grant.remote(self._waiting, images, tokens, self._feedback())
+        self._stats = grant.stats
+        for key, message in grant.notes:
+            if self.note is not None:
+                self.note(key, message)
+        if not grant.count:
+            return grant.wait_s
+        self._stock, self._stock_at = grant.count, grant.admitted_at
+        self._stock_until = time.monotonic() + PERMIT_TTL_S
+        return 0.0
 
     def _take(self) -> bool:
         if self._stock and time.monotonic() < self._stock_until:
             self._stock -= 1
+            self.admitted_at = self._stock_at
             return True
         self._stock = 0
         return False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +22,17 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from ..api import Target, api_target, load_run_catalog, open_backend
+from ..api import Target, api_target, load_run_catalog, open_backend, open_routes
 from ..backends import PROFILES, Secret
 from ..config import RunConfig
 from ..engine import Engine, Summary
 from ..engine.events import ProgressEvent, RunSnapshot
 from ..engine.run import Part
+from ..limiter import Limiter
 from ..manifest import BadLine, Chunk, Item, read_chunk
 from ..options import RunOptions
 from ..outdir import check_output, worker_hold
+from ..routing import Endpoint, RoutingLimiter
 from ..stores import LocalStore, ObjectStore, Store, open_store
 from ..stores.local import TEMP_DIR
 from ..stores.objects import check_store
@@ -49,13 +52,15 @@ class WorkerSpec:
     #: The key of the driver's own mock server (a throwaway); None: each worker reads the key
     #: from its own environment, so it never travels through Ray.
     mock_key: str | None
-    limiter: Any  # the hubs' actor handles
+    limiters: dict[str, Any]  # the hubs' actor handles: a limiter an endpoint
     budget: Any
     queue: Any
     learn_from: tuple[Path, ...] = ()
     #: The output is a bucket (`out_dir` is then the driver's state directory): each worker
     #: keeps its state in `out_dir/ray-SLOT` on its node, and pushes a ledger segment of its own.
     out_url: str | None = None
+    #: `--endpoints`: where the requests go instead of `url` (each key from its variable).
+    routes: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class Polled:
     events: list[ProgressEvent]
     snapshot: RunSnapshot | None
     stop_reason: str | None
+    pid: int
+    where: str  # the worker's process and node, for the person running this
 
 
 class ChunkSource:
@@ -147,9 +154,11 @@ class Worker:
             catalog=catalog,
             learn_from=spec.learn_from,
         )
-        profile = PROFILES[options.provider]
-        key = Secret(spec.mock_key) if spec.mock_key else api_target(config).key
-        target = Target(spec.url, key, profile)
+        target = None
+        if not spec.routes:
+            profile = PROFILES[options.provider]
+            key = Secret(spec.mock_key) if spec.mock_key else api_target(config).key
+            target = Target(spec.url, key, profile)
 
         def read(data: bytes, chunk: Chunk) -> Any:
             return read_chunk(
@@ -181,20 +190,28 @@ class Worker:
     async def _engine_run(
         self,
         config: RunConfig,
-        target: Target,
+        target: Target | None,
         store: Store,
         source: ChunkSource,
         remote: RemoteOutput | None,
     ) -> Summary:
         spec, options = self.spec, config.options
         store.temp_dir.mkdir(parents=True, exist_ok=True)
-        async with open_backend(config, target, store.temp_dir) as backend:
+        limiter: Limiter
+        if target is None:  # --endpoints: a limiter hub and a backend each
+            limiter = RoutingLimiter({n: SharedLimiter(h) for n, h in spec.limiters.items()})
+            opened: Any = open_routes(config, spec.routes, store.temp_dir)
+        else:
+            (hub,) = spec.limiters.values()
+            limiter = SharedLimiter(hub)
+            opened = open_backend(config, target, store.temp_dir)
+        async with opened as backend:
             engine = Engine(
                 config,
                 backend,
                 store,
                 progress=self._event,
-                limiter=SharedLimiter(spec.limiter),
+                limiter=limiter,
                 budget=SharedBudget(spec.budget, self.number, options.max_cost_usd),
                 remote=remote,
                 part=Part(source),
@@ -218,9 +235,10 @@ class Worker:
     def poll(self) -> Polled:
         events, self._events = self._events, []
         engine = self._engine
+        where = f"pid {os.getpid()} on {socket.gethostname()}"
         if engine is None:
-            return Polled(events, None, None)
-        return Polled(events, engine.snapshot(), engine.summary.stop_reason)
+            return Polled(events, None, None, os.getpid(), where)
+        return Polled(events, engine.snapshot(), engine.summary.stop_reason, os.getpid(), where)
 
     def stop(self, reason: str) -> None:
         """Stop admitting items (another worker met a run-fatal answer, or the budget)."""

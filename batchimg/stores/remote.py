@@ -69,6 +69,7 @@ from .objects import PARKED_DIR, PARKED_LINES, ObjectStore, classify
 
 LEDGER_DIR = "ledger"
 LOCK_OBJECT = ".batchimg.lock"
+MARK_TRIES = 1000  # segment numbers a worker of a run tries (the others' are taken at once)
 STATE_FILE = "remote.json"
 LOCK_TTL_S = 60.0  # a lock whose heartbeat is older than this may be taken over
 HEARTBEAT_S = 15.0
@@ -156,9 +157,12 @@ class _Copy:
 class RemoteLedger:
     """The ledger of an object-store output: pulled into the state directory, pushed back."""
 
-    def __init__(self, store: ObjectStore, state_dir: Path) -> None:
+    def __init__(self, store: ObjectStore, state_dir: Path, *, shared: bool = False) -> None:
+        """`shared`: one of several workers of a run (whose driver holds the lock), each
+        writing a segment of its own: a number another worker took is not another run's."""
         self.store = store
         self.state_dir = state_dir
+        self.shared = shared
         self.path = state_dir / LEDGER_NAME
         self._state_path = state_dir / STATE_FILE
         self._copy = _Copy(store.location)
@@ -225,6 +229,8 @@ class RemoteLedger:
             cut_torn_tail(self.path)
             self.push()  # what an earlier run here left unpushed goes first
         view = self.view()
+        # The mark first: a number taken elsewhere leaves this copy as it was.
+        number = self._mark(view.top + 1)
         copy = self._copy
         # (A segment with nothing pushed has no part in the bucket: it is not there to hold.)
         held = copy.pulled + ([[copy.segment, copy.pushed]] if copy.segment and copy.pushed else [])
@@ -241,16 +247,6 @@ class RemoteLedger:
             lost = _missing_lines(self.path, seen)
             os.replace(fresh, self.path)
             fsync_path(str(self.state_dir), os.O_RDONLY | os.O_DIRECTORY)
-        number = view.top + 1
-        try:  # the mark takes the number: a run elsewhere taking it too would fail here
-            self.store.write(f"{LEDGER_DIR}/{number:06d}.jsonl", b"", create=True)
-        except FileExistsError:
-            raise StorageError(
-                f"{self.store.location}/{LEDGER_DIR}/{number:06d}.jsonl exists: another run "
-                "is writing this output"
-            ) from None
-        except Exception as exc:
-            raise classify(exc, f"cannot write to {self.store.location}/{LEDGER_DIR}") from exc
         self._copy = _Copy(
             self.store.location,
             pulled=have,
@@ -264,6 +260,23 @@ class RemoteLedger:
                 fh.flush()
                 os.fsync(fh.fileno())
             self.push()
+
+    def _mark(self, number: int) -> int:
+        """Take a segment number: its mark, created only if absent (a run elsewhere taking the
+        same one fails here; a worker of the same run takes the next)."""
+        for _ in range(MARK_TRIES if self.shared else 1):
+            try:
+                self.store.write(f"{LEDGER_DIR}/{number:06d}.jsonl", b"", create=True)
+                return number
+            except FileExistsError:
+                number += 1
+            except Exception as exc:
+                where = f"cannot write to {self.store.location}/{LEDGER_DIR}"
+                raise classify(exc, where) from exc
+        raise StorageError(
+            f"{self.store.location}/{LEDGER_DIR}/{number - 1:06d}.jsonl exists: another run "
+            "is writing this output"
+        )
 
     def _fetch(
         self, segments: list[_Segment], path: Path, *, append: bool, digests: bool = False
@@ -640,7 +653,7 @@ class RemoteOutput:
         a Ray run, whose workers each push a segment of their own)."""
         self.store = store
         self.state_dir = state_dir
-        self.ledger = RemoteLedger(store, state_dir)
+        self.ledger = RemoteLedger(store, state_dir, shared=not locked)
         self.lock = BucketLock(store, state_dir) if locked else None
         self.upload_every_s = upload_every_s
 
