@@ -432,6 +432,7 @@ async def test_endpoints_share_the_work_each_within_its_own_limit(
         summary = await batchimg.arun(manifest, tmp_path / "out", run)
         bills = answered(east), answered(west)
         statuses = collections.Counter(r.status for s in (east, west) for r in s.requests)
+        arrivals = [r.received_at for s in (east, west) for r in s.requests]
     assert summary.exit_code == 0 and summary.ok == count
     together = bills[0] + bills[1]
     assert len(together) == count and set(together.values()) == {1}  # once, on one of them
@@ -441,7 +442,8 @@ async def test_endpoints_share_the_work_each_within_its_own_limit(
     print(f"workers={workers}: {summary.wall_s:.1f} s, {dict(statuses)}, east/west "
           f"{sum(bills[0].values())}/{sum(bills[1].values())}")  # fmt: skip
     assert share <= 0.15
-    assert summary.wall_s <= 1.5 * count / 20
+    span = max(arrivals) - min(arrivals) + 0.2  # from the first request to the last answer
+    assert span <= 1.5 * count / 20
     assert summary.limiter is not None and summary.limiter.learned_rpm == 1200  # both learned
 
 
