@@ -264,7 +264,7 @@ async def test_a_killed_driver_is_resumed_by_the_same_command(
         first = cli(manifest, out, server, ray_address, "--workers", "2", "--concurrency", "4")
         wait_for(lambda: (out / "ledger.jsonl").exists() and len(ledger(out)) >= 20, 60)
         first.kill()
-        first.wait()
+        first.communicate()  # its pipe closed too
         ok_before = {r["id"] for r in ledger(out) if r["status"] == "ok"}
         again = cli(manifest, out, server, ray_address, "--workers", "2", "--concurrency", "4")
         _, err = again.communicate(timeout=120)
