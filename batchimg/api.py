@@ -24,7 +24,7 @@ from .options import RunOptions
 from .outdir import check_output
 from .pricing import PriceTable
 from .report import ledger_paths
-from .routing import Endpoint, RoutedBackend, RoutingLimiter, load_endpoints
+from .routing import Endpoint, Health, RoutedBackend, RoutingLimiter, load_endpoints
 from .stores import ObjectStore, Store, is_url, local_path, open_store
 from .stores.objects import check_store
 from .stores.remote import RemoteLedger, RemoteOutput
@@ -129,8 +129,9 @@ async def arun(
         store = store or open_store(out)
         if routes:  # no --batch-api, no --check-models (RunOptions says)
             store.temp_dir.mkdir(parents=True, exist_ok=True)
-            limiter = RoutingLimiter({r.name: route_limiter(r, options) for r in routes})
-            async with open_routes(config, routes, store.temp_dir) as routed:
+            health = Health([r.name for r in routes])
+            limiter = RoutingLimiter({r.name: route_limiter(r, options) for r in routes}, health)
+            async with open_routes(config, routes, store.temp_dir, health) as routed:
                 engine = Engine(
                     config,
                     routed,
@@ -192,7 +193,7 @@ def route_limiter(route: Endpoint, options: RunOptions) -> Limiter:
 
 @contextlib.asynccontextmanager
 async def open_routes(
-    config: RunConfig, routes: tuple[Endpoint, ...], spool_dir: Path
+    config: RunConfig, routes: tuple[Endpoint, ...], spool_dir: Path, health: Health
 ) -> AsyncIterator[RoutedBackend]:
     """A backend per endpoint, open, behind one `RoutedBackend`."""
     async with contextlib.AsyncExitStack() as stack:
@@ -201,7 +202,7 @@ async def open_routes(
             target = Target(route.base_url, route.key(), PROFILES[route.provider])
             opened = open_backend(config, target, spool_dir)
             backends[route.name] = await stack.enter_async_context(opened)
-        yield RoutedBackend(backends)
+        yield RoutedBackend(backends, health)
 
 
 def _refuse_retired(config: RunConfig, provider: str, url: str) -> None:

@@ -134,7 +134,9 @@ class RunFatal(RequestError):
 
 
 #: Failures of requests that never went out (nothing can have been billed).
-NOT_SENT_CODES = frozenset({"connect_error", "input_error"})
+#: `endpoint_down`: one of several endpoints (`--endpoints`) could not be reached, and the
+#: request goes to another (never sent, so never billed).
+NOT_SENT_CODES = frozenset({"connect_error", "input_error", "endpoint_down"})
 
 
 def may_have_been_billed(error: RequestError) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -332,6 +333,9 @@ class RunOptions:
             raise UsageError(f"--stragglers: choose batch or online, not {self.stragglers!r}")
         if self.batch_max_lines < 1 or self.batch_max_bytes < 1024:
             raise UsageError("batch_max_lines must be >= 1 and batch_max_bytes >= 1024")
+        if self.base_url is not None and "@" in urlsplit(self.base_url).netloc:
+            raise UsageError("--base-url must not hold credentials (user:password@): give the "
+                             "key through the environment")  # fmt: skip
         if self.ray is not None:
             self._check_ray()
         elif self.workers is not None:

@@ -18,26 +18,32 @@ item's task), which `RoutedBackend` sends through and to whose limiter the answe
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import math
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
 from ._spool import SpooledImage
 from .backends import PROFILES, Backend, Secret
 from .backends.base import Answer
-from .errors import ErrorInfo, UsageError
+from .errors import ErrorInfo, RequestError, Retryable, RunFatal, ServerError, UsageError
 from .limiter import Limiter, LimiterStats, RateLimitHeaders, combined_stats
 from .manifest import Item
 
 #: The endpoint the current attempt was admitted through (set by `RoutingLimiter.acquire`).
 ROUTE: contextvars.ContextVar[str | None] = contextvars.ContextVar("batchimg_route", default=None)
 
+COOLDOWN_S = 2.0  # an endpoint that failed is passed over this long (doubling, see Health)
+MAX_COOLDOWN_S = 60.0
+MIN_PER_MIN = 0.01  # the least rpm, ipm or tpm an endpoint may have (as the flags)
 _FIELDS = {"name", "base_url", "key_env", "provider", "rpm", "ipm", "tpm"}
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -56,7 +62,13 @@ class Endpoint:
 
     def key(self) -> Secret:
         """The key, from this process's environment (UsageError naming the variable)."""
-        return PROFILES[self.provider].api_key_from_env(key_env=self.key_env)
+        try:
+            return PROFILES[self.provider].api_key_from_env(key_env=self.key_env)
+        except UsageError:
+            raise UsageError(
+                f"--endpoints: endpoint {self.name}: no key in ${self.key_env}: set it (the "
+                "variable the file names for it)"
+            ) from None
 
 
 def load_endpoints(path: Path, provider: str = "openai") -> tuple[Endpoint, ...]:
@@ -97,6 +109,8 @@ def _endpoint(path: Path, number: int, entry: Any, provider: str) -> Endpoint:
     url, key_env = entry.get("base_url"), entry.get("key_env")
     if not isinstance(url, str) or not re.match(r"https?://[^/\s]+", url):
         raise UsageError(f"{where}: base_url must be an http(s) URL")
+    if "@" in urlsplit(url).netloc:
+        raise UsageError(f"{where}: base_url must not hold credentials (user:password@)")
     if not isinstance(key_env, str) or not _VARIABLE.fullmatch(key_env):
         raise UsageError(
             f"{where}: key_env must name the environment variable that holds its key (the key "
@@ -112,10 +126,10 @@ def _endpoint(path: Path, number: int, entry: Any, provider: str) -> Endpoint:
             isinstance(value, (int, float))
             and not isinstance(value, bool)
             and math.isfinite(value)
-            and value > 0
+            and value >= MIN_PER_MIN
         )
         if not ok:
-            raise UsageError(f"{where}: {kind} must be a positive number")
+            raise UsageError(f"{where}: {kind} must be a number of at least {MIN_PER_MIN}")
         limits[kind] = value
     name = entry.get("name", f"endpoint-{number}")
     if not isinstance(name, str) or not name.strip():
@@ -123,12 +137,38 @@ def _endpoint(path: Path, number: int, entry: Any, provider: str) -> Endpoint:
     return Endpoint(name, url.rstrip("/"), key_env, chosen, **limits)
 
 
-class RoutingLimiter(Limiter):
-    """Admits each request through the first endpoint whose limiter lets it go now."""
+class Health:
+    """Which endpoints to pass over for now: one that could not be reached, answered 5xx, or
+    answered 404/405 (a wrong URL) is left alone for COOLDOWN_S, doubling while it keeps
+    failing (up to MAX_COOLDOWN_S), while the others take its share."""
 
-    def __init__(self, routes: Mapping[str, Limiter]) -> None:
+    def __init__(self, names: list[str], clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._until = dict.fromkeys(names, 0.0)
+        self._cooldown = dict.fromkeys(names, COOLDOWN_S)
+
+    def usable(self, name: str) -> bool:
+        return self.clock() >= self._until[name]
+
+    def others_usable(self, name: str) -> bool:
+        return any(self.usable(n) for n in self._until if n != name)
+
+    def down(self, name: str) -> None:
+        self._until[name] = self.clock() + self._cooldown[name]
+        self._cooldown[name] = min(MAX_COOLDOWN_S, 2 * self._cooldown[name])
+
+    def up(self, name: str) -> None:
+        self._cooldown[name] = COOLDOWN_S
+
+
+class RoutingLimiter(Limiter):
+    """Admits each request through the first endpoint whose limiter lets it go now (passing
+    over those `health` says are failing, while any other is not)."""
+
+    def __init__(self, routes: Mapping[str, Limiter], health: Health) -> None:
         super().__init__(adaptive=False)
         self.routes = dict(routes)
+        self.health = health
         self._first = next(iter(self.routes))
 
     def bind(self, sleep: Any, note: Any = None) -> None:
@@ -139,7 +179,9 @@ class RoutingLimiter(Limiter):
     async def acquire(self, *, images: int = 1, tokens: int = 0) -> float:
         while True:
             shortest = math.inf
-            for name, limiter in self.routes.items():
+            usable = [n for n in self.routes if self.health.usable(n)] or list(self.routes)
+            for name in usable:
+                limiter = self.routes[name]
                 wait = await limiter.admit_now(images=images, tokens=tokens)
                 if wait <= 0:
                     ROUTE.set(name)
@@ -174,10 +216,11 @@ class RoutingLimiter(Limiter):
 
 class RoutedBackend:
     """Sends each attempt through the backend of its route (a `Backend`; the backends are
-    opened, and closed, by whoever made them)."""
+    opened, and closed, by whoever made them), and tells `health` how each endpoint does."""
 
-    def __init__(self, backends: Mapping[str, Backend]) -> None:
+    def __init__(self, backends: Mapping[str, Backend], health: Health) -> None:
         self.backends = dict(backends)
+        self.health = health
         self._first = next(iter(self.backends))
 
     def _current(self) -> Backend:
@@ -195,7 +238,31 @@ class RoutedBackend:
         return self.backends[self._first].check(item)
 
     async def send(self, item: Item, *, limit_bytes: int) -> Answer:
-        return await self._current().send(item, limit_bytes=limit_bytes)
+        name = ROUTE.get() or self._first
+        try:
+            answer = await self.backends[name].send(item, limit_bytes=limit_bytes)
+        except RunFatal as exc:  # a key refused, a quota gone: say whose
+            info = dataclasses.replace(exc.info, message=f"endpoint {name}: {exc.info.message}")
+            raise RunFatal(info, retry_after_s=exc.retry_after_s, ratelimit=exc.ratelimit) from exc
+        except RequestError as exc:
+            info = exc.info
+            unreachable = info.code == "connect_error"
+            wrong_url = info.http_status in (404, 405) and info.code != "model_not_found"
+            if not (unreachable or wrong_url or isinstance(exc, ServerError)):
+                raise
+            self.health.down(name)
+            if isinstance(exc, ServerError) or not self.health.others_usable(name):
+                raise  # retried as it is (the others down too: as with one endpoint)
+            # Never sent or refused outright here: retried, on another endpoint.
+            moved = ErrorInfo(
+                f"endpoint {name}: {info.message}", "endpoint_down", info.type, None,
+                info.request_id,
+            )  # fmt: skip
+            raise Retryable(
+                moved, retry_after_s=exc.retry_after_s, ratelimit=exc.ratelimit
+            ) from exc
+        self.health.up(name)
+        return answer
 
     async def fetch(self, url: str, *, limit_bytes: int) -> bytes | SpooledImage:
         return await self._current().fetch(url, limit_bytes=limit_bytes)

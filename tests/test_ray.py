@@ -124,10 +124,17 @@ def options(server: MockServer, **more: Any) -> batchimg.RunOptions:
     return batchimg.RunOptions(base_url=server.base_url, ray="local", **more)
 
 
-def cli(manifest: Path, out: Path, server: MockServer, address: str, *extra: str) -> Any:
+def cli(
+    manifest: Path,
+    out: Path | str,
+    server: MockServer,
+    address: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> Any:
     args = [sys.executable, "-m", "batchimg", "run", str(manifest), "--out", str(out),
             "--base-url", server.base_url, "--ray", address, *extra]  # fmt: skip
-    env = {**os.environ, "BATCHIMG_API_KEY": TEST_KEY}
+    env = {**os.environ, "BATCHIMG_API_KEY": TEST_KEY, **(env or {})}
     return subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
@@ -389,6 +396,50 @@ async def test_a_killed_workers_unpushed_lines_reach_the_bucket_through_its_slot
     assert len(twice) <= 2 * 4  # what it had in flight, and its answers waiting on uploads
 
 
+def test_a_killed_driver_on_a_bucket_is_resumed_without_buying_again(
+    ray_address: str,
+    bucket: str,
+    s3_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    write_manifest: Callable[..., Path],
+) -> None:
+    """The driver is killed (its workers with it) while lines wait in the workers' state
+    directories; the same command then pushes them all before any worker pulls."""
+    manifest = write_manifest(prompts(160))
+    url, state = f"s3://{bucket}/driver", tmp_path / "state"
+    env = aws_env(s3_endpoint)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    extra = ("--workers", "3", "--concurrency", "4", "--state", str(state), "--upload-every", "1")
+    with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.3)) as server:
+        first = cli(manifest, url, server, ray_address, *extra, env=env)
+        wait_for(lambda: len(answered(server)) >= 60, 60)
+        first.kill()
+        first.communicate()
+        wait_for(lambda: not worker_pids(), 30)  # Ray ends them a moment later
+        ok_before = {  # what each worker had made, pushed or not
+            r["prompt"]
+            for copy in state.glob("ray-*/ledger.jsonl")
+            for r in batchimg.ledger.read_ledger(copy)
+            if "record" not in r and r["status"] == "ok"
+        }
+        again = cli(manifest, url, server, ray_address, *extra, env=env)
+        _, err = again.communicate(timeout=180)
+        bill = answered(server)
+    assert again.returncode == 0, err
+    _, copy = pulled(url, tmp_path / "check")
+    lines = list(batchimg.ledger.read_ledger(copy.path))
+    ok = collections.Counter(
+        r["prompt"] for r in lines if "record" not in r and r["status"] == "ok"
+    )
+    assert len(ok) == 160 and set(ok.values()) == {1}  # one ok line an item
+    assert ok_before and all(bill[p] == 1 for p in ok_before)  # nothing made is bought again
+    twice = {p for p, n in bill.items() if n > 1}
+    assert len(twice) <= 3 * 4 * 2  # only what the workers had in hand
+    wait_for(lambda: not worker_pids(), 30)
+
+
 # -- several keys or deployments -----------------------------------------------------------------
 
 
@@ -447,6 +498,36 @@ async def test_endpoints_share_the_work_each_within_its_own_limit(
     assert summary.limiter is not None and summary.limiter.learned_rpm == 1200  # both learned
 
 
+@pytest.mark.parametrize("trouble", ["refused", "500", "404"])
+async def test_an_endpoint_in_trouble_is_passed_over_for_the_others(
+    trouble: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    write_manifest: Callable[..., Path],
+) -> None:
+    """The first endpoint cannot be reached, answers 500s, or has a wrong path: the items go
+    to the second, every one ok, and none is failed for the first's trouble."""
+    for name, value in ROUTE_KEYS.items():
+        monkeypatch.setenv(name, value)
+    manifest = write_manifest(prompts(40))
+    faults = {"500": {"error_rate": 1.0}}.get(trouble, {})
+    with (
+        threaded_mock(MockConfig(api_key=ROUTE_KEYS["KEY_EAST"], **faults)) as east,
+        threaded_mock(MockConfig(api_key=ROUTE_KEYS["KEY_WEST"], latency_s=0.05)) as west,
+    ):
+        path = endpoints_file(tmp_path, east, west)
+        if trouble == "refused":  # a port nothing listens on
+            path.write_text(path.read_text().replace(east.base_url, "http://127.0.0.1:9/v1"))
+        elif trouble == "404":
+            path.write_text(path.read_text().replace(east.base_url, east.base_url + "/wrong"))
+        run = batchimg.RunOptions(endpoints=path, concurrency=8, backoff_base_s=0.01)
+        summary = await batchimg.arun(manifest, tmp_path / "out", run)
+        to_west = answered(west)
+    assert summary.exit_code == 0, summary.stop_reason
+    assert len(to_west) == 40 and set(to_west.values()) == {1}
+    assert spent(tmp_path / "out") == pytest.approx(summary.cost_usd)  # nothing counted twice
+
+
 @pytest.mark.parametrize(
     "content, says",
     [
@@ -456,6 +537,8 @@ async def test_endpoints_share_the_work_each_within_its_own_limit(
         ('{"base_url": "http://x/v1", "key_env": "K", "api_key": "sk-1"}', "unknown field"),
         ("[]", "lists no endpoint"),
         ("{not json", "line 1: not JSON"),
+        ('{"base_url": "http://u:sk-pw@x/v1", "key_env": "K"}', "credentials"),
+        ('{"base_url": "http://x/v1", "key_env": "K", "rpm": 1e-300}', "at least"),
     ],
 )
 def test_a_bad_endpoints_file_exits_2_before_anything_is_sent(
@@ -469,6 +552,7 @@ def test_a_bad_endpoints_file_exits_2_before_anything_is_sent(
     assert done.returncode == 2, done.stderr
     assert says in done.stderr
     assert "sk-1" not in done.stderr and "sk-k-123" not in done.stderr
+    assert "sk-pw" not in done.stderr
     assert not (tmp_path / "o" / "ledger.jsonl").exists()
 
 

@@ -43,10 +43,10 @@ from ..layouts.imagefolder import write_metadata
 from ..ledger import LEDGER_NAME, cut_torn_tail, scan_ledger
 from ..limiter import LimiterStats, combined_stats
 from ..manifest import Chunk, plan_chunks
-from ..outdir import exclusive
+from ..outdir import WORKERS_GONE_WAIT_S, exclusive
 from ..routing import Endpoint
 from ..stores import LocalStore
-from ..stores.remote import BucketLock, RemoteOutput
+from ..stores.remote import BucketLock, RemoteLedger, RemoteOutput
 from .shared import BudgetHub, ChunkQueue, LimiterHub
 from .worker import Polled, Worker, WorkerSpec
 
@@ -201,11 +201,22 @@ async def _holding(remote: RemoteOutput) -> AsyncIterator[str | None]:
     assert lock is not None
     took_over = await anyio.to_thread.run_sync(lock.acquire)
     try:
+        await anyio.to_thread.run_sync(_push_slots_left, remote)
         await anyio.to_thread.run_sync(remote.ledger.pull)
         yield took_over
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(lock.release)
+
+
+def _push_slots_left(remote: RemoteOutput) -> None:
+    """Before any worker pulls: the lines each worker's state directory (on this machine) has
+    not pushed yet, pushed, once the worker that left them (a killed driver's, ending) is gone.
+    Else a worker in another slot, not seeing them, would buy those items again."""
+    for slot in sorted(remote.state_dir.glob("ray-*")):
+        if slot.is_dir():
+            with exclusive(slot, WORKERS_GONE_WAIT_S):
+                RemoteLedger(remote.store, slot, shared=True).push_left()
 
 
 def _plan(config: RunConfig, done: Any) -> list[Chunk]:
@@ -281,6 +292,7 @@ class _Driver:
         self.deaths = 0
         self.stop_reason: str | None = None
         self.interrupted = False
+        self.said_stopping = False
         self.warned: set[str] = set()
         self.warnings: list[str] = []
         self.limiter_stats = LimiterStats(0.0, None, None, None, None, 0, 0.0)
@@ -388,6 +400,10 @@ class _Driver:
         for event in events:
             if event.kind == "warning" and event.message is not None:
                 self.warn(event.message)  # each worker says the manifest's: said once
+            elif event.kind == "stopping":  # the run stops once, whichever worker says why
+                if not self.said_stopping:
+                    self.said_stopping = True
+                    self._emit(event)
             else:
                 self._emit(event)
 
@@ -497,6 +513,8 @@ class _Driver:
             total.skipped -= taken_up
             lost -= (last.ok - taken_up) + last.failed
         total.not_attempted += max(0, lost)
+        counted_all = total.ok + total.failed + total.skipped + total.not_attempted + total.pending
+        total.not_attempted += max(0, self.entries - counted_all)  # a stop cut a count short
         total.warnings = self.warnings
         total.interrupted |= self.interrupted
         total.limiter = combined_stats([await h.stats.remote() for h in self.limiters.values()])

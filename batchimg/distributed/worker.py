@@ -32,7 +32,7 @@ from ..limiter import Limiter
 from ..manifest import BadLine, Chunk, Item, read_chunk
 from ..options import RunOptions
 from ..outdir import check_output, worker_hold
-from ..routing import Endpoint, RoutingLimiter
+from ..routing import Endpoint, Health, RoutingLimiter
 from ..stores import LocalStore, ObjectStore, Store, open_store
 from ..stores.local import TEMP_DIR
 from ..stores.objects import check_store
@@ -90,7 +90,7 @@ class ChunkSource:
         self.first = first
         self.read = read
         self.stopping: Callable[[], bool] = lambda: False
-        self._total = 0
+        self._total = sum(chunk.entries for chunk in first)  # counted if never read
 
     def __aiter__(self) -> AsyncIterator[Item | BadLine]:
         return self._entries()
@@ -105,11 +105,11 @@ class ChunkSource:
             if got is None:
                 return
             chunk, data = got
+            self._total += chunk.entries
             async for entry in self._read(data, chunk):
                 yield entry
 
     async def _read(self, data: bytes, chunk: Chunk) -> AsyncIterator[Item | BadLine]:
-        self._total += chunk.entries
         for count, entry in enumerate(self.read(data, chunk)):
             if count % 256 == 0:
                 await anyio.lowlevel.checkpoint()
@@ -199,8 +199,10 @@ class Worker:
         store.temp_dir.mkdir(parents=True, exist_ok=True)
         limiter: Limiter
         if target is None:  # --endpoints: a limiter hub and a backend each
-            limiter = RoutingLimiter({n: SharedLimiter(h) for n, h in spec.limiters.items()})
-            opened: Any = open_routes(config, spec.routes, store.temp_dir)
+            health = Health(list(spec.limiters))
+            hubs = {name: SharedLimiter(hub) for name, hub in spec.limiters.items()}
+            limiter = RoutingLimiter(hubs, health)
+            opened: Any = open_routes(config, spec.routes, store.temp_dir, health)
         else:
             (hub,) = spec.limiters.values()
             limiter = SharedLimiter(hub)

@@ -261,6 +261,18 @@ class RemoteLedger:
                 os.fsync(fh.fileno())
             self.push()
 
+    def push_left(self) -> int:
+        """Push what the last run in this state directory left unpushed, and nothing else
+        (a Ray run's driver does this for every worker's directory before any worker pulls,
+        so that each of them sees those lines); the bytes uploaded."""
+        known = self._load()
+        if known is None or not self.path.exists():
+            return 0  # nothing left, or a copy its own next pull rebuilds
+        with self._pushing:
+            self._copy = known
+            cut_torn_tail(self.path)
+            return self._push()
+
     def _mark(self, number: int) -> int:
         """Take a segment number: its mark, created only if absent (a run elsewhere taking the
         same one fails here; a worker of the same run takes the next)."""
