@@ -6,7 +6,9 @@ progress, passes stops on, replaces workers that die, and adds up the summary.
   does not hold the end of the run; a chunk's items get the ids a single process gives them.
 - **The directory.** The driver holds the output directory's lock for the whole run, cuts a
   torn ledger tail once, before any worker appends, and writes `metadata.jsonl` from the ledger
-  at the end (a worker writes images and ledger lines only).
+  at the end (a worker writes images and ledger lines only). With a bucket it holds the
+  bucket's lock (with its heartbeat), pushes what each worker slot on this machine left
+  unpushed before any worker pulls, and uploads `metadata.jsonl` at the end.
 - **Faults.** A worker that dies (its process killed, its node lost) is replaced by a new one
   that takes every chunk the dead one had taken: the new worker reads the ledger when it
   starts, so it skips what the dead one finished and sends what it had in flight again (that
@@ -185,11 +187,16 @@ async def run_on_ray(
                     beating.cancel_scope.cancel()
             finally:
                 driver.close()
-            if remote is not None:
-                await anyio.to_thread.run_sync(remote.ledger.pull)  # every worker's segment
-            await anyio.to_thread.run_sync(write_metadata, out)
-            if remote is not None:
-                await anyio.to_thread.run_sync(remote.push_files, METADATA_FILES)
+            try:
+                if remote is not None:
+                    await anyio.to_thread.run_sync(remote.ledger.pull)  # every worker's segment
+                await anyio.to_thread.run_sync(write_metadata, out)
+                if remote is not None:
+                    await anyio.to_thread.run_sync(remote.push_files, METADATA_FILES)
+            except StorageError as exc:  # the ledger is whole: the next run writes them again
+                summary.stop_reason = summary.stop_reason or (
+                    f"{exc}; metadata.jsonl was not written: {exc.advice}, then re-run"
+                )
     return summary
 
 

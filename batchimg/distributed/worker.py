@@ -2,11 +2,13 @@
 
 The worker's engine is the single-process engine with three parts swapped (`engine.Part`):
 its items come from chunks (`ChunkSource`), its limiter and budget are proxies of the run's
-hubs (`shared`), and the output directory belongs to the driver, which holds its lock and
-writes its metadata files. Each ledger line is one append to the directory's one ledger, as
-in a single process, so `report`, `verify` and a later run read it as they always do.
-The driver polls the worker for its progress events and live counts (`poll`), and passes
-stops and signals on (`stop`, `interrupt`).
+hubs (`shared`), and the output belongs to the driver, which holds its lock and writes its
+metadata files. With a local output each ledger line is one append to the directory's one
+ledger, as in a single process, so `report`, `verify` and a later run read it as they always
+do; with a bucket the worker is an ordinary bucket run without the lock, in a state directory
+of its slot's (`ray-SLOT`), pushing a segment of its own. The driver polls the worker for its
+progress events and live counts (`poll`), and passes stops and signals on (`stop`,
+`interrupt`).
 """
 
 from __future__ import annotations
