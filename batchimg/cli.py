@@ -460,7 +460,7 @@ def models(fmt: str, catalog: Path | None) -> None:
     default="",
     metavar="FIELD,...",
     help="Group by any of: model, size, quality, output_format, complexity, frame_count, "
-    "status, endpoint, via, day, metadata.KEY.",
+    "status, endpoint, via, route (--endpoints), day, metadata.KEY.",
 )
 @click.option(
     "--format",

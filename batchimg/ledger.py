@@ -96,6 +96,7 @@ class LedgerRecord(_Identified, total=False):
     inputs: list[dict[str, Any]]  # edits: each input's path, size and sha256
     mask: dict[str, Any] | None
     run_id: str | None
+    route: str  # `--endpoints`: the endpoint the attempt went to, by name
     via: Literal["batch"]  # sent through the Batch API (absent: online), with its batch
     batch_id: str | None
     extra_usage: dict[str, Any]  # usage billed apart (svg_usage), unpriced

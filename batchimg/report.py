@@ -31,7 +31,7 @@ from .usage import UsageProblem, read_usage
 
 GROUP_FIELDS = (
     "model", "size", "quality", "output_format", "complexity", "frame_count", "status",
-    "endpoint", "day", "via",
+    "endpoint", "day", "via", "route",
 )  # fmt: skip
 _BUCKET = math.log(1.02)  # latency histogram: 2 % wide buckets, so p95 is within 2 %
 
@@ -225,6 +225,8 @@ def group_value(record: LedgerRecord, name: str) -> Any:
         return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
     if name == "via":  # lines from before the Batch API were all sent online
         return record.get("via") or "online"
+    if name == "route":  # one endpoint (no `--endpoints`): the run's own
+        return record.get("route") or "-"
     return record.get(name)
 
 

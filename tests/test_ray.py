@@ -496,6 +496,11 @@ async def test_endpoints_share_the_work_each_within_its_own_limit(
     span = max(arrivals) - min(arrivals) + 0.2  # from the first request to the last answer
     assert span <= 1.5 * count / 20
     assert summary.limiter is not None and summary.limiter.learned_rpm == 1200  # both learned
+    # Who billed what: each line names its endpoint, and the report adds them up per endpoint.
+    routes = collections.Counter(r["route"] for r in ledger(tmp_path / "out"))
+    assert routes == {"east": sum(bills[0].values()), "west": sum(bills[1].values())}
+    shown = run_cli("report", str(tmp_path / "out"), "--by", "route", "--format", "csv")
+    assert shown.returncode == 0 and "east" in shown.stdout and "west" in shown.stdout
 
 
 @pytest.mark.parametrize("trouble", ["refused", "500", "404"])

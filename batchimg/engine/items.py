@@ -9,6 +9,7 @@ durably through the writer, and only then is the item's line handed to the sink.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from ..limiter import Limiter
 from ..manifest import Item
 from ..pricing import Bound, PriceTable, input_bound
 from ..retry import RetryPolicy, retrying
+from ..routing import ROUTE
 from ..tokens import GroupKey, TokenBook, request_group
 from ..usage import UsageProblem, read_usage
 from ..writer import BatchedWriter, check_image, decode_b64_image
@@ -396,6 +398,9 @@ class ItemRunner:
                 )
             return answer
         finally:
+            route = ROUTE.get()  # `--endpoints`: the one this attempt went to
+            if charge is not None and route is not None:
+                charge = dataclasses.replace(charge, route=route)
             tally.pending = None if deferred else charge
             actual_usd = charge.counted_usd if charge is not None else 0.0
             if capped:

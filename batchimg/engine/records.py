@@ -34,6 +34,7 @@ class Charge:
     usage: Any = None
     request_id: str | None = None
     error: ErrorInfo | None = None
+    route: str | None = None  # the endpoint it went to (`--endpoints`), by name
 
     @property
     def counted_usd(self) -> float:
@@ -146,7 +147,10 @@ def charge_record(
 
 
 def _charge_fields(record: LedgerRecord, charge: Charge | None) -> None:
-    """The cost of the attempt a line stands for: exact, or unknown with its bound and why."""
+    """The cost of the attempt a line stands for: exact, or unknown with its bound and why;
+    and the endpoint that billed it, with `--endpoints`."""
+    if charge is not None and charge.route is not None:
+        record["route"] = charge.route
     if charge is None or charge.cost_usd is not None:
         return
     record["cost_bound_usd"] = charge.bound_usd
