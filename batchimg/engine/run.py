@@ -137,7 +137,9 @@ class Engine:
             book=self.book,
             budget=self.budget,
             run_id=uuid.uuid4().hex[:12],  # tells this run's lines from other runs' ones
-            shared=part is not None,  # the other workers write the same ledger
+            # The other workers of a local output write the same ledger (a bucket's worker
+            # has a working copy of its own).
+            shared=part is not None and remote is None,
         )
         #: Items whose images are on their way into the store may wait beyond the requests in
         #: flight, this many at most (a bucket: as many again; a local disk keeps up).
