@@ -130,7 +130,7 @@ async def arun(
         if routes:  # no --batch-api, no --check-models (RunOptions says)
             store.temp_dir.mkdir(parents=True, exist_ok=True)
             health = Health([r.name for r in routes])
-            limiter = RoutingLimiter({r.name: route_limiter(r, options) for r in routes}, health)
+            limiter = RoutingLimiter({r.name: Limiter(**r.limits(options)) for r in routes}, health)
             async with open_routes(config, routes, store.temp_dir, health) as routed:
                 engine = Engine(
                     config,
@@ -179,16 +179,6 @@ def check_routes(config: RunConfig) -> tuple[Endpoint, ...]:
         route.key()
         _refuse_retired(config, route.provider, route.base_url)
     return routes
-
-
-def route_limiter(route: Endpoint, options: RunOptions) -> Limiter:
-    """An endpoint's own limiter: its limits from the file, else the run's flags."""
-    return Limiter(
-        rpm=route.rpm or options.rpm,
-        ipm=route.ipm or options.ipm,
-        tpm=route.tpm or options.tpm,
-        adaptive=options.adaptive_rate,
-    )
 
 
 @contextlib.asynccontextmanager

@@ -148,6 +148,10 @@ class LimiterStats:
     paused_s: float  # time all admission was paused by 429s and exhausted budgets
 
 
+#: A limiter's stats before anything was admitted (a remote one's, until it is heard from).
+IDLE_STATS = LimiterStats(0.0, None, None, None, None, 0, 0.0)
+
+
 class Limiter:
     """Decides when each request may be sent; one per run, shared by all workers."""
 

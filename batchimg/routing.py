@@ -37,6 +37,7 @@ from .backends.base import Answer
 from .errors import ErrorInfo, RequestError, Retryable, RunFatal, ServerError, UsageError
 from .limiter import Limiter, LimiterStats, RateLimitHeaders, combined_stats
 from .manifest import Item
+from .options import RunOptions
 
 #: The endpoint the current attempt was admitted through (set by `RoutingLimiter.acquire`).
 ROUTE: contextvars.ContextVar[str | None] = contextvars.ContextVar("batchimg_route", default=None)
@@ -59,6 +60,15 @@ class Endpoint:
     rpm: float | None = None
     ipm: float | None = None
     tpm: float | None = None
+
+    def limits(self, options: RunOptions) -> dict[str, Any]:
+        """Its limiter's settings: its own limits, else the run's flags."""
+        return {
+            "rpm": self.rpm or options.rpm,
+            "ipm": self.ipm or options.ipm,
+            "tpm": self.tpm or options.tpm,
+            "adaptive": options.adaptive_rate,
+        }
 
     def key(self) -> Secret:
         """The key, from this process's environment (UsageError naming the variable)."""

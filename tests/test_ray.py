@@ -87,6 +87,12 @@ def answered(server: MockServer) -> collections.Counter[str]:
     return collections.Counter(r.prompt or "" for r in server.requests if r.status == 200)
 
 
+def finished(out: Path) -> int:
+    """Items with a line in a ledger other processes are writing (a torn last line, being
+    written, is not counted yet)."""
+    return sum(1 for r in batchimg.ledger.read_ledger(out / "ledger.jsonl") if "record" not in r)
+
+
 def worker_pids() -> list[int]:
     """The processes of this project's Ray workers (Ray titles them `ray::Worker...`)."""
     found = []
@@ -269,7 +275,7 @@ async def test_a_killed_driver_is_resumed_by_the_same_command(
     out = tmp_path / "out"
     with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.3)) as server:
         first = cli(manifest, out, server, ray_address, "--workers", "2", "--concurrency", "4")
-        wait_for(lambda: (out / "ledger.jsonl").exists() and len(ledger(out)) >= 20, 60)
+        wait_for(lambda: finished(out) >= 20, 60)
         first.kill()
         first.communicate()  # its pipe closed too
         ok_before = {r["id"] for r in ledger(out) if r["status"] == "ok"}
@@ -291,7 +297,7 @@ def test_ctrl_c_at_the_driver_drains_every_worker(
     out = tmp_path / "out"
     with threaded_mock(MockConfig(api_key=TEST_KEY, latency_s=0.5)) as server:
         driver = cli(manifest, out, server, ray_address, "--workers", "2", "--concurrency", "4")
-        wait_for(lambda: (out / "ledger.jsonl").exists() and len(ledger(out)) >= 10, 60)
+        wait_for(lambda: finished(out) >= 10, 60)
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=60)
         bill = answered(server)

@@ -43,7 +43,7 @@ from ..engine.run import METADATA_FILES
 from ..errors import StorageError, UsageError
 from ..layouts.imagefolder import write_metadata
 from ..ledger import LEDGER_NAME, cut_torn_tail, scan_ledger
-from ..limiter import LimiterStats, combined_stats
+from ..limiter import IDLE_STATS, combined_stats
 from ..manifest import Chunk, plan_chunks
 from ..outdir import WORKERS_GONE_WAIT_S, exclusive
 from ..routing import Endpoint
@@ -173,9 +173,16 @@ async def run_on_ray(
             # On this thread: Ray sets its signal handlers only from the main thread.
             stack.enter_context(connected(ray, options.ray, options.worker_count))
             check_reach(ray, config, local_out=remote is None, mock=mock_key is not None)
-            routes = endpoints or (Endpoint("", url or "", ""),)
             driver = _Driver(
-                ray, config, routes, mock_key, chunks, state.spent_usd, progress, remote
+                ray,
+                config,
+                url or "",
+                endpoints,
+                mock_key,
+                chunks,
+                state.spent_usd,
+                progress,
+                remote,
             )
             if took_over:
                 driver.warn(took_over)
@@ -238,7 +245,8 @@ class _Driver:
         self,
         ray: ModuleType,
         config: RunConfig,
-        routes: tuple[Endpoint, ...],
+        url: str,
+        endpoints: tuple[Endpoint, ...],
         mock_key: str | None,
         chunks: list[Chunk],
         spent_usd: float,
@@ -252,14 +260,9 @@ class _Driver:
         self.progress = progress
         self.entries = sum(c.entries for c in chunks)
         hub = ray.remote(num_cpus=0)
-        self.limiters = {  # one an endpoint (one in all without --endpoints)
-            route.name: hub(LimiterHub).remote(
-                rpm=route.rpm or options.rpm,
-                ipm=route.ipm or options.ipm,
-                tpm=route.tpm or options.tpm,
-                adaptive=options.adaptive_rate,
-            )
-            for route in routes
+        routes = endpoints or (Endpoint("", url, ""),)  # one limiter for all, without any
+        self.limiters = {
+            route.name: hub(LimiterHub).remote(**route.limits(options)) for route in routes
         }
         self.budget = hub(BudgetHub).remote(options.max_cost_usd, spent_usd)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -273,8 +276,8 @@ class _Driver:
             inputs_dir=config.inputs_dir or config.manifest.parent,
             out_dir=config.out_dir,
             options=options,
-            routes=routes if routes[0].name else (),
-            url=routes[0].base_url,
+            routes=endpoints,
+            url=url,
             mock_key=mock_key,
             limiters=self.limiters,
             budget=self.budget,
@@ -292,7 +295,7 @@ class _Driver:
         self.runs: dict[Any, int] = {}  # each worker's `run` call, to its number
         self.snapshots: dict[int, RunSnapshot] = {}
         self.dead: list[RunSnapshot] = []  # the last counts of workers that died
-        self.pids: dict[int, int] = {}
+        self.noted: set[int] = set()  # workers whose pid and host were said
         self.summaries: list[Summary] = []
         self.lost: list[Chunk] = []  # chunks of workers that died and were not replaced
         self.left: list[Chunk] = []  # chunks no worker took
@@ -302,7 +305,7 @@ class _Driver:
         self.said_stopping = False
         self.warned: set[str] = set()
         self.warnings: list[str] = []
-        self.limiter_stats = LimiterStats(0.0, None, None, None, None, 0, 0.0)
+        self.limiter_stats = IDLE_STATS
         self.spent_usd = spent_usd
         self.started = time.monotonic()
 
@@ -393,8 +396,8 @@ class _Driver:
             except Exception:  # a worker dying: its `run` call says so
                 continue
             self._relay(polled.events)
-            if number not in self.pids:
-                self.pids[number] = polled.pid
+            if number not in self.noted:
+                self.noted.add(number)
                 self._emit(ProgressEvent("note", message=f"worker {number}: {polled.where}"))
             if polled.snapshot is not None:
                 self.snapshots[number] = polled.snapshot

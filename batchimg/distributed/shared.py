@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 
 from ..budget import Budget
-from ..limiter import Limiter, LimiterStats, RateLimitHeaders
+from ..limiter import IDLE_STATS, Limiter, LimiterStats, RateLimitHeaders
 from ..manifest import Chunk
 from ..pricing import Bound
 
@@ -96,10 +96,8 @@ class LimiterHub:
         limiter.observe(feedback.headers)
         for _ in range(min(feedback.successes, 64)):  # past a few, more change nothing
             limiter.on_success()
-        if feedback.tokens_over > 0:
+        if feedback.tokens_over:  # over (taken) or under (given back) the estimates
             limiter.settle_tokens(0, feedback.tokens_over)
-        elif feedback.tokens_over < 0:
-            limiter.settle_tokens(-feedback.tokens_over, 0)
 
     def rate_limited(
         self, retry_after_s: float | None, headers: RateLimitHeaders | None, sent_at: float
@@ -124,7 +122,7 @@ class SharedLimiter(Limiter):
         self._successes = 0
         self._headers: RateLimitHeaders | None = None
         self._tokens_over = 0
-        self._stats = LimiterStats(0.0, None, None, None, None, 0, 0.0)
+        self._stats = IDLE_STATS
 
     async def acquire(self, *, images: int = 1, tokens: int = 0) -> float:
         self._waiting += 1

@@ -72,7 +72,6 @@ class Polled:
     events: list[ProgressEvent]
     snapshot: RunSnapshot | None
     stop_reason: str | None
-    pid: int
     where: str  # the worker's process and node, for the person running this
 
 
@@ -135,9 +134,6 @@ class Worker:
         self._interrupted: str | None = None  # said before the engine started
         self._stopped: str | None = None
 
-    def pid(self) -> int:
-        return os.getpid()
-
     async def run(self, chunks: list[Chunk]) -> tuple[Summary, list[ProgressEvent]]:
         """Run the engine over `chunks`, then the queue's; the summary and the last events."""
         summary = await self._run(chunks)
@@ -185,7 +181,6 @@ class Worker:
             return await self._engine_run(config, target, store, source, remote)
         # Its own temp area: the engine empties it at the start, and the others' are busy.
         local = LocalStore(spec.out_dir, temp_dir=spec.out_dir / TEMP_DIR / f"ray-{self.slot}")
-        local.temp_dir.mkdir(parents=True, exist_ok=True)
         with worker_hold(spec.out_dir):
             return await self._engine_run(config, target, local, source, None)
 
@@ -241,8 +236,8 @@ class Worker:
         engine = self._engine
         where = f"pid {os.getpid()} on {socket.gethostname()}"
         if engine is None:
-            return Polled(events, None, None, os.getpid(), where)
-        return Polled(events, engine.snapshot(), engine.summary.stop_reason, os.getpid(), where)
+            return Polled(events, None, None, where)
+        return Polled(events, engine.snapshot(), engine.summary.stop_reason, where)
 
     def stop(self, reason: str) -> None:
         """Stop admitting items (another worker met a run-fatal answer, or the budget)."""

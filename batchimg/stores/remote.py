@@ -223,11 +223,7 @@ class RemoteLedger:
         """Make the working copy hold every segment of the bucket, then open a new segment
         (see the module docstring). StorageError if the bucket cannot be read or written."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        known = self._load()
-        self._copy = known or _Copy(self.store.location)
-        if self.path.exists():
-            cut_torn_tail(self.path)
-            self.push()  # what an earlier run here left unpushed goes first
+        known = self.push_left()  # what an earlier run here left unpushed goes first
         view = self.view()
         # The mark first: a number taken elsewhere leaves this copy as it was.
         number = self._mark(view.top + 1)
@@ -261,17 +257,17 @@ class RemoteLedger:
                 os.fsync(fh.fileno())
             self.push()
 
-    def push_left(self) -> int:
+    def push_left(self) -> _Copy | None:
         """Push what the last run in this state directory left unpushed, and nothing else
-        (a Ray run's driver does this for every worker's directory before any worker pulls,
-        so that each of them sees those lines); the bytes uploaded."""
+        (the start of `pull`; a Ray run's driver also does it for every worker's directory
+        before any worker pulls, so that each of them sees those lines). The copy's
+        bookkeeping as found: None if there was none (nothing can be pushed without it)."""
         known = self._load()
-        if known is None or not self.path.exists():
-            return 0  # nothing left, or a copy its own next pull rebuilds
-        with self._pushing:
-            self._copy = known
+        self._copy = known or _Copy(self.store.location)
+        if self.path.exists():
             cut_torn_tail(self.path)
-            return self._push()
+            self.push()
+        return known
 
     def _mark(self, number: int) -> int:
         """Take a segment number: its mark, created only if absent (a run elsewhere taking the
