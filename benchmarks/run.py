@@ -1,39 +1,56 @@
-"""The benchmark runner: batchimg beside the peer baseline, same mock, same manifest, one run.
+"""The benchmark runner: batchimg beside its peers, same mock, same manifest, one run.
 
     python benchmarks/run.py                      # every scenario, full size
     python benchmarks/run.py --smoke              # tiny sizes: what CI runs so this never rots
-    python benchmarks/run.py --only payload --repeat 3
+    python benchmarks/run.py --only overhead,payload --repeat 3 --fs both
 
-Scenarios: overhead (1,500 tiny images, no latency, concurrency 32), payload (120
-photo-sized images, ~3.4 MB of base64 each, concurrency 32, plus the floor: a loop that only
-decodes and writes the same images), scale (peak RSS with a 1,000,000-line manifest against a
-1,000-line one; the big run stops at a --max-cost cap after ~2,000 items, then counts the rest),
-ratelimit (300 items against a mock limited to 20 requests/s; batchimg without flags, with
---rpm, and the baseline). Each client runs in its own process against a mock in another
-process; CPU and peak RSS are that client process's own (os.wait4), wall time includes its
-start-up. batchimg and the baseline alternate when --repeat > 1.
+Scenarios:
+  startup   CPU and wall of `python -c pass`, `batchimg --help` and `batchimg run` on an empty
+            manifest (median of 7 runs; 5 with --smoke)
+  overhead  1,500 tiny images, no latency, concurrency 32
+  payload   120 photo-sized images (~3.4 MB of base64 each), concurrency 32, and the physical
+            floor: pybase64 decode with validation + write + sha256 + fsync of the same bytes,
+            per image, 5 rounds, the median, on the default filesystem and on tmpfs
+  manifest  `batchimg validate` and `batchimg estimate` on a 1,000,000-line manifest against a
+            bare loop that reads the file and parses each line with orjson; peak RSS against
+            the same commands on a 1,000-line manifest
+  scale     peak RSS of a run with a 1,000,000-line manifest against a 1,000-line one (the big
+            run stops at a --max-cost cap after ~2,000 items, then counts the rest)
+  ratelimit 300 items against a mock limited to 20 requests/s: batchimg without flags, with
+            --rpm, and the SDK baseline
 
-Start-up (interpreter, imports, client set-up: about 0.5 s for batchimg, most of it importing
-aiohttp) is a fixed cost the floor loop does not pay, so each client is also run on an empty
-manifest and the table shows CPU per image with and without it. batchimg's modules are
-byte-compiled first, as `pip install` does, so no run pays for compiling them.
+overhead and payload run four clients in turn, the order reversed every other repetition:
+batchimg, the SDK baseline (peer_baseline.py), the bare aiohttp loop (peer_aiohttp.py) and the
+cookbook-style script (peer_cookbook.py). Each client runs in its own process against a mock in
+another process; CPU and peak RSS are that client process's own (os.wait4), wall time includes
+its start-up. Figures are medians over the repetitions, and ratios are of those medians. --fs
+puts the clients' output directories on the default filesystem (the temporary directory, on
+disk), on tmpfs (/dev/shm), or runs those two scenarios on both.
+
+Start-up (interpreter, imports, client set-up) is a fixed cost the floor does not pay, so each
+client is also run on an empty manifest (the least CPU of three runs) and the tables show CPU
+per image with and without it. batchimg's modules are byte-compiled first, as `pip install`
+does, so no run pays for compiling them. The bars of issue 19 are printed at the end with a
+verdict; nothing fails on them (CI runs --smoke, whose sizes are too small for verdicts).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import compileall
+import hashlib
 import json
 import os
 import platform
-import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import orjson
@@ -42,7 +59,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mockproc import mock_process, mock_stats
 
 ROOT = Path(__file__).resolve().parent.parent
-BASELINE = ROOT / "benchmarks" / "peer_baseline.py"
+BENCH = ROOT / "benchmarks"
+BASELINE = BENCH / "peer_baseline.py"
+PEERS = {"baseline": BASELINE, "aiohttp": BENCH / "peer_aiohttp.py",
+         "cookbook": BENCH / "peer_cookbook.py"}  # fmt: skip
+CLIENTS = ("batchimg", "baseline", "aiohttp", "cookbook")
+LABELS = {"batchimg": "batchimg", "baseline": "SDK baseline", "aiohttp": "bare aiohttp loop",
+          "cookbook": "cookbook script"}  # fmt: skip
+SCENARIOS = ("startup", "overhead", "payload", "manifest", "scale", "ratelimit")
+# Reads a manifest a line at a time and parses each line: what validate and estimate must do.
+BARE_PARSE = (
+    "import sys, orjson\n"
+    "with open(sys.argv[1], 'rb') as fh:\n"
+    "    for line in fh:\n"
+    "        if line.strip():\n"
+    "            orjson.loads(line)\n"
+)
 
 
 @dataclass
@@ -57,23 +89,57 @@ class Measure:
     startup_cpu_s: float | None = None  # the same client's CPU on an empty manifest
 
 
-def measure(cmd: list[str]) -> tuple[float, float, float, str]:
-    """Run a process to the end: wall s, CPU s (user+sys), peak RSS MiB, stdout."""
+@dataclass
+class Process:
+    """One process run to its end, as os.wait4 saw it."""
+
+    wall_s: float
+    cpu_s: float
+    rss_mib: float
+    stdout: str
+    exit_code: int
+
+
+@dataclass
+class Bar:
+    """One bar of issue 19: a measured figure and the most it may be."""
+
+    scenario: str
+    what: str
+    where: str
+    value: float
+    limit: float
+    unit: str = "x"
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.limit
+
+
+def run_process(cmd: Sequence[str]) -> Process:
+    """Run a process to the end (in the repository, so `-m batchimg` is this tree's)."""
     env = {**os.environ, "OPENAI_API_KEY": "sk-bench"}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                             cwd=ROOT)  # fmt: skip
     assert proc.stdout is not None
     out = proc.stdout.read().decode()
-    _, _, usage = os.wait4(proc.pid, 0)
-    proc.returncode = 0
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out
+    return Process(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out,
+                   proc.returncode)  # fmt: skip
+
+
+def measure(cmd: list[str]) -> tuple[float, float, float, str]:
+    """Run a process to the end: wall s, CPU s (user+sys), peak RSS MiB, stdout."""
+    p = run_process(cmd)
+    return p.wall_s, p.cpu_s, p.rss_mib, p.stdout
 
 
 def write_manifest(path: Path, count: int, **fields: object) -> None:
     """gpt-image-1 lines (the mock serves it as a gateway does): the same requests, bills and
-    caps as the figures of earlier sessions, and the same model for batchimg and the baseline."""
+    caps as the figures of earlier sessions, and the same model for every client."""
     with open(path, "wb") as fh:
         for i in range(count):
             line = {"model": "gpt-image-1", "prompt": f"bench image number {i}", **fields}
@@ -96,43 +162,218 @@ def client_cmd(client: str, manifest: Path, out: Path, base_url: str, concurrenc
                ) -> list[str]:  # fmt: skip
     if client == "batchimg":
         return batchimg_cmd(manifest, out, base_url, "--concurrency", str(concurrency))
-    return [sys.executable, str(BASELINE), str(manifest), str(out), "--base-url", base_url,
+    return [sys.executable, str(PEERS[client]), str(manifest), str(out), "--base-url", base_url,
             "--concurrency", str(concurrency)]  # fmt: skip
 
 
-def startup_cpu(tmp: Path, client: str, mock_options: list[str], runs: int = 3) -> float:
-    """CPU of a run with nothing to do (start, set up, exit): the least of a few runs."""
+def peer_ok(stdout: str) -> int:
+    """The `ok` of a peer's closing JSON line (0 if it printed none: it crashed)."""
+    try:
+        return int(json.loads(stdout.strip().splitlines()[-1])["ok"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def med(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def alternate(items: Sequence[str], r: int) -> list[str]:
+    """The order for repetition r: as given, then reversed, and so on."""
+    return list(items) if r % 2 == 0 else list(reversed(items))
+
+
+# --- where outputs live ---------------------------------------------------------------------
+
+
+def fs_type(path: Path) -> str:
+    """The type of the filesystem holding `path` (the longest mount point above it)."""
+    best, kind = "", "?"
+    target = str(path.resolve())
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def disk_root() -> Path:
+    """The runner's temporary directory, unless that is tmpfs: then /var/tmp (on disk)."""
+    tmp = Path(tempfile.gettempdir())
+    return tmp if fs_type(tmp) != "tmpfs" else Path("/var/tmp")
+
+
+# --- start-up -------------------------------------------------------------------------------
+
+
+def client_startups(tmp: Path, clients: Sequence[str], runs: int = 3) -> dict[str, float]:
+    """Each client's CPU on an empty manifest (start, set up, exit): the least of a few runs."""
     manifest = tmp / "empty.jsonl"
     manifest.write_bytes(b"")
-    cpus = []
-    for r in range(runs):
-        with mock_process(*mock_options) as base_url:
-            cmd = client_cmd(client, manifest, tmp / f"empty-{client}-{r}", base_url, 32)
-            cpus.append(measure(cmd)[1])
-    return min(cpus)
+    cpus: dict[str, list[float]] = {c: [] for c in clients}
+    with mock_process() as base_url:
+        for r in range(runs):
+            for client in alternate(clients, r):
+                out = tmp / f"empty-{client}-{r}"
+                cpus[client].append(run_process(client_cmd(client, manifest, out, base_url,
+                                                           32)).cpu_s)  # fmt: skip
+                shutil.rmtree(out, ignore_errors=True)
+    return {c: min(v) for c, v in cpus.items()}
 
 
-def compare(tmp: Path, name: str, count: int, concurrency: int, repeat: int,
-            mock_options: list[str], **fields: object) -> list[Measure]:  # fmt: skip
+def startup(tmp: Path, runs: int, bars: list[Bar]) -> str:
+    manifest = tmp / "startup-empty.jsonl"
+    manifest.write_bytes(b"")
+    names = ("python -c pass", "batchimg --help", "batchimg run EMPTY")
+    rows: dict[str, list[Process]] = {n: [] for n in names}
+    with mock_process() as base_url:
+        for r in range(runs):
+            for name in alternate(names, r):
+                out = tmp / f"startup-out-{r}"
+                cmd = {
+                    "python -c pass": [sys.executable, "-c", "pass"],
+                    "batchimg --help": [sys.executable, "-m", "batchimg", "--help"],
+                    "batchimg run EMPTY": batchimg_cmd(manifest, out, base_url),
+                }[name]
+                rows[name].append(run_process(cmd))
+                shutil.rmtree(out, ignore_errors=True)
+    lines = [f"### startup: median of {runs} runs", "",
+             "| command | wall s | CPU s (least-most) | peak RSS MiB | bar | notes |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    limits = {"batchimg --help": "CPU and wall ≤ 0.10 s", "batchimg run EMPTY": "CPU ≤ 0.12 s"}
+    for name in names:
+        ps = rows[name]
+        cpus = [p.cpu_s for p in ps]
+        failed = [p.exit_code for p in ps if p.exit_code != 0]
+        note = f"exit codes {failed}" if failed else ""
+        lines.append(f"| `{name}` | {med(p.wall_s for p in ps):.3f} | {med(cpus):.3f} "
+                     f"({min(cpus):.3f}-{max(cpus):.3f}) | {med(p.rss_mib for p in ps):.0f} | "
+                     f"{limits.get(name, '-')} | {note} |")  # fmt: skip
+    helps, empties = rows["batchimg --help"], rows["batchimg run EMPTY"]
+    bars += [
+        Bar("startup", "`batchimg --help` CPU", "-", med(p.cpu_s for p in helps), 0.10, " s"),
+        Bar("startup", "`batchimg --help` wall", "-", med(p.wall_s for p in helps), 0.10, " s"),
+        Bar("startup", "`batchimg run` on an empty manifest, CPU", "-",
+            med(p.cpu_s for p in empties), 0.12, " s"),
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+# --- overhead and payload: batchimg beside its peers ----------------------------------------
+
+
+def compare(tmp: Path, outdir: Path, name: str, count: int, concurrency: int, repeat: int,
+            mock_options: list[str], startups: dict[str, float]
+            ) -> list[list[Measure]]:  # fmt: skip
+    """Every client on the same manifest, once per repetition; rows[r] is repetition r."""
     manifest = tmp / f"{name}.jsonl"
-    write_manifest(manifest, count, **fields)
-    startup = {c: startup_cpu(tmp, c, mock_options) for c in ("batchimg", "baseline")}
-    results: list[Measure] = []
+    rows: list[list[Measure]] = []
     for r in range(repeat):
-        order = ["batchimg", "baseline"] if r % 2 == 0 else ["baseline", "batchimg"]
-        for client in order:
-            out = tmp / f"{name}-{client}-{r}"
+        rep = []
+        for client in alternate(CLIENTS, r):
+            out = outdir / f"{name}-{client}-{r}"
+            os.sync()  # no earlier run's dirty pages written back during this one
             with mock_process(*mock_options) as base_url:
-                cmd = client_cmd(client, manifest, out, base_url, concurrency)
-                wall, cpu, rss, stdout = measure(cmd)
-            done = ledger_ok(out) if client == "batchimg" else json.loads(stdout)["ok"]
-            results.append(Measure(client, wall, cpu, rss, done, count,
-                                   startup_cpu_s=startup[client]))  # fmt: skip
-    return results
+                p = run_process(client_cmd(client, manifest, out, base_url, concurrency))
+            done = ledger_ok(out) if client == "batchimg" else peer_ok(p.stdout)
+            shutil.rmtree(out, ignore_errors=True)  # tmpfs is memory: keep it free
+            extra = f"exit {p.exit_code}" if p.exit_code else ""
+            rep.append(Measure(client, p.wall_s, p.cpu_s, p.rss_mib, done, count, extra,
+                               startup_cpu_s=startups[client]))  # fmt: skip
+        rows.append(sorted(rep, key=lambda m: CLIENTS.index(m.name)))
+    return rows
 
 
-def floor(tmp: Path, count: int) -> Measure:
-    """CPU to only decode and write `count` copies of the payload image: the floor."""
+def median_of(rows: list[list[Measure]], client: str) -> Measure:
+    ms = [m for rep in rows for m in rep if m.name == client]
+    return Measure(client, med(m.wall_s for m in ms), med(m.cpu_s for m in ms),
+                   med(m.rss_mib for m in ms), min(m.done for m in ms), ms[0].total,
+                   "; ".join(sorted({m.extra for m in ms if m.extra})),
+                   startup_cpu_s=ms[0].startup_cpu_s)  # fmt: skip
+
+
+def per_image_ms(m: Measure, after_startup: bool = False) -> float | None:
+    if after_startup and m.startup_cpu_s is None:
+        return None
+    cpu = m.cpu_s - (m.startup_cpu_s or 0.0) if after_startup else m.cpu_s
+    return 1000 * cpu / max(1, m.done)
+
+
+def table(title: str, rows: list[Measure], floor_ms: float | None = None) -> str:
+    versus_head = " after start-up / floor |" if floor_ms else ""
+    head = ("| client | done | wall s | CPU s | CPU ms/image | same, after start-up | "
+            f"peak RSS MiB |{versus_head} notes |")  # fmt: skip
+    lines = [f"### {title}", "", head, "|---" * head.count(" |") + "|"]
+    for m in rows:
+        after = per_image_ms(m, after_startup=True)
+        after_text = "-" if after is None else f"{after:.2f} ({m.startup_cpu_s:.2f} s start-up)"
+        rss = f"{m.rss_mib:.0f}" if m.rss_mib else "-"
+        versus = f" {after / floor_ms:.2f}x |" if floor_ms and after is not None else ""
+        lines.append(f"| {LABELS.get(m.name, m.name)} | {m.done}/{m.total} | {m.wall_s:.2f} | "
+                     f"{m.cpu_s:.2f} | {per_image_ms(m):.2f} | {after_text} | {rss} |{versus} "
+                     f"{m.extra} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def ratio_lines(rows: list[list[Measure]], medians: dict[str, Measure]) -> list[str]:
+    """batchimg against each peer: ratios of the medians, and the CPU ratio per repetition."""
+    ours = medians["batchimg"]
+    lines = []
+    for peer in CLIENTS[1:]:
+        theirs = medians[peer]
+        by_rep = []
+        for rep in rows:
+            cpu = {m.name: m.cpu_s for m in rep}
+            by_rep.append(f"{cpu['batchimg'] / cpu[peer]:.2f}x")
+        per_rep = f" (CPU by repetition: {', '.join(by_rep)})" if len(rows) > 1 else ""
+        lines.append(f"batchimg / {LABELS[peer]}: wall {ours.wall_s / theirs.wall_s:.2f}x, "
+                     f"CPU {ours.cpu_s / theirs.cpu_s:.2f}x, "
+                     f"peak RSS {ours.rss_mib / theirs.rss_mib:.2f}x{per_rep}")  # fmt: skip
+    return lines
+
+
+def report(title: str, rows: list[list[Measure]], floor_ms: float | None = None
+           ) -> tuple[str, dict[str, Measure]]:  # fmt: skip
+    """The scenario's tables (each run when repeated, then the medians) and ratio lines."""
+    medians = {c: median_of(rows, c) for c in CLIENTS}
+    parts = []
+    if len(rows) > 1:
+        each = [replace(m, extra=f"repetition {r + 1}" + (f"; {m.extra}" if m.extra else ""))
+                for r, rep in enumerate(rows) for m in rep]  # fmt: skip
+        parts.append(table(f"{title}: each run", each) + "\n")
+    label = f"medians of {len(rows)} repetitions" if len(rows) > 1 else "one repetition"
+    parts.append(table(f"{title}: {label}", list(medians.values()), floor_ms))
+    parts += ratio_lines(rows, medians)
+    return "\n".join(parts), medians
+
+
+# --- the physical floor ---------------------------------------------------------------------
+
+
+@dataclass
+class Floor:
+    where: str
+    kind: str
+    images: int
+    cpu_ms: list[float]  # per image
+    wall_ms: list[float]
+    round_cpu_ms: list[float]  # each round's median
+
+    @property
+    def median_cpu_ms(self) -> float:
+        return med(self.cpu_ms)
+
+
+def payload_b64() -> bytes:
+    """The base64 of one photo-sized image, as the mock serves it to every client."""
     with mock_process("--detailed-images") as base_url:
         request = urllib.request.Request(
             f"{base_url}/images/generations",
@@ -140,24 +381,115 @@ def floor(tmp: Path, count: int) -> Measure:
             headers={"Content-Type": "application/json", "Authorization": "Bearer x"},
         )
         with urllib.request.urlopen(request, timeout=60) as response:
-            b64 = orjson.loads(response.read())["data"][0]["b64_json"]
-    try:
-        import pybase64
+            b64: str = orjson.loads(response.read())["data"][0]["b64_json"]
+    return b64.encode()
 
-        decode = pybase64.b64decode
+
+def floor(where: str, directory: Path, b64: bytes, per_round: int, rounds: int) -> Floor:
+    """What one image costs at the least: decode with validation, write, hash, fsync.
+
+    Each image is timed on its own (process CPU, user + sys); the files of a round are removed,
+    untimed, before the next, so the disk holds one round at a time."""
+    try:
+        from pybase64 import b64decode
     except ImportError:  # pragma: no cover - the floor uses the fastest decoder available
-        decode = base64.b64decode
-    out = tmp / "floor"
-    out.mkdir()
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    started = time.perf_counter()
-    for i in range(count):
-        with open(out / f"{i}.png", "wb") as fh:
-            fh.write(decode(b64))
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Measure("floor (decode+write only)", wall, cpu, 0.0, count, count, startup_cpu_s=0.0)
+        from base64 import b64decode
+    out = directory / "floor"
+    cpu_ms: list[float] = []
+    wall_ms: list[float] = []
+    round_cpu_ms: list[float] = []
+    for r in range(rounds):
+        out.mkdir(parents=True, exist_ok=True)
+        os.sync()
+        this_round = []
+        for i in range(per_round):
+            path = out / f"{r}-{i}.png"
+            c0, w0 = time.process_time(), time.perf_counter()
+            data = b64decode(b64, validate=True)
+            with open(path, "wb") as fh:
+                fh.write(data)
+                hashlib.sha256(data).hexdigest()
+                fh.flush()
+                os.fsync(fh.fileno())
+            c1, w1 = time.process_time(), time.perf_counter()
+            this_round.append(1000 * (c1 - c0))
+            wall_ms.append(1000 * (w1 - w0))
+        cpu_ms += this_round
+        round_cpu_ms.append(med(this_round))
+        shutil.rmtree(out)
+    return Floor(where, fs_type(directory), per_round * rounds, cpu_ms, wall_ms, round_cpu_ms)
+
+
+def floor_table(floors: dict[str, Floor], size_mb: float) -> str:
+    lines = [f"### the physical floor: pybase64 decode (validate=True) + write + sha256 + fsync "
+             f"of the same {size_mb:.2f} MB image", "",
+             "| filesystem | images | CPU ms/image, median | p10-p90 | round medians | "
+             "wall ms/image, median |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for f in floors.values():
+        deciles = statistics.quantiles(f.cpu_ms, n=10)
+        lines.append(f"| {f.where} ({f.kind}) | {f.images} | {f.median_cpu_ms:.2f} | "
+                     f"{deciles[0]:.2f}-{deciles[-1]:.2f} | "
+                     f"{min(f.round_cpu_ms):.2f}-{max(f.round_cpu_ms):.2f} | "
+                     f"{med(f.wall_ms):.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+# --- validate and estimate on a long manifest -----------------------------------------------
+
+
+def manifest_scenario(tmp: Path, big: int, small: int, repeat: int, bars: list[Bar]) -> str:
+    paths = {}
+    for lines in (big, small):
+        paths[lines] = tmp / f"manifest-{lines}.jsonl"
+        write_manifest(paths[lines], lines, quality="low")
+    names = ("bare parse loop", "batchimg validate", "batchimg estimate")
+
+    def cmd(name: str, path: Path) -> list[str]:
+        if name == "bare parse loop":
+            return [sys.executable, "-c", BARE_PARSE, str(path)]
+        return [sys.executable, "-m", "batchimg", name.split()[1], str(path)]
+
+    runs: dict[tuple[str, int], list[Process]] = {(n, s): [] for n in names for s in paths}
+    for r in range(repeat):
+        for name in alternate(names, r):
+            for lines, path in paths.items():
+                runs[name, lines].append(run_process(cmd(name, path)))
+    m = {key: Process(med(p.wall_s for p in ps), med(p.cpu_s for p in ps),
+                      med(p.rss_mib for p in ps), "", max(abs(p.exit_code) for p in ps))
+         for key, ps in runs.items()}  # fmt: skip
+    label = f"medians of {repeat} runs" if repeat > 1 else "one run"
+    out = [f"### manifest: validate and estimate, {big:,} lines against a bare parse loop "
+           f"({label})", "",
+           "| command | lines | wall s | CPU s | CPU µs/line | peak RSS MiB | CPU / bare | "
+           f"wall / bare | RSS / same on {small:,} lines | notes |",
+           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in names:
+        for lines in (big, small):
+            p, bare = m[name, lines], m["bare parse loop", lines]
+            # ratios on the big manifest only: on the small one they compare start-ups
+            versus = (f"{p.cpu_s / bare.cpu_s:.2f}x | {p.wall_s / bare.wall_s:.2f}x | "
+                      f"{p.rss_mib / m[name, small].rss_mib:.2f}x" if lines == big
+                      else "- | - | -")  # fmt: skip
+            note = f"exit {p.exit_code}" if p.exit_code else ""
+            out.append(f"| `{name}` | {lines:,} | {p.wall_s:.2f} | {p.cpu_s:.2f} | "
+                       f"{1e6 * p.cpu_s / lines:.2f} | {p.rss_mib:.0f} | {versus} | "
+                       f"{note} |")  # fmt: skip
+    bare = m["bare parse loop", big]
+    for name in names[1:]:
+        p = m[name, big]
+        bars += [
+            Bar("manifest", f"`{name}` CPU vs bare parse loop", f"{big:,} lines",
+                p.cpu_s / bare.cpu_s, 5.0),
+            Bar("manifest", f"`{name}` wall vs bare parse loop", f"{big:,} lines",
+                p.wall_s / bare.wall_s, 5.0),
+            Bar("manifest", f"`{name}` peak RSS vs {small:,} lines (flat)", f"{big:,} lines",
+                p.rss_mib / m[name, small].rss_mib, 1.2),
+        ]  # fmt: skip
+    return "\n".join(out)
+
+
+# --- scale and rate limits ------------------------------------------------------------------
 
 
 def scale(tmp: Path, big: int, small: int) -> list[Measure]:
@@ -190,61 +522,54 @@ def ratelimit(tmp: Path, count: int, limit: int) -> list[Measure]:
         out = tmp / f"ratelimit-{n}"
         with mock_process("--rpm-limit", str(limit)) as base_url:
             if flags is None:
-                cmd = [sys.executable, str(BASELINE), str(manifest), str(out), "--base-url",
-                       base_url, "--concurrency", "32"]  # fmt: skip
+                cmd = client_cmd("baseline", manifest, out, base_url, 32)
             else:
                 cmd = batchimg_cmd(manifest, out, base_url, "--concurrency", "32", *flags)
             wall, cpu, rss, stdout = measure(cmd)
             stats = mock_stats(base_url)
-        done = json.loads(stdout)["ok"] if flags is None else ledger_ok(out)
+        done = peer_ok(stdout) if flags is None else ledger_ok(out)
         n429 = stats["by_status"].get("429", 0)
         extra = f"{wall / ideal:.2f}x ideal, {n429} x 429 ({n429 / max(1, stats['requests']):.1%})"
         results.append(Measure(name, wall, cpu, rss, done, count, extra))
     return results
 
 
-def per_image_ms(m: Measure, after_startup: bool = False) -> float | None:
-    if after_startup and m.startup_cpu_s is None:
-        return None
-    cpu = m.cpu_s - (m.startup_cpu_s or 0.0) if after_startup else m.cpu_s
-    return 1000 * cpu / max(1, m.done)
+# --- the bars -------------------------------------------------------------------------------
 
 
-def table(title: str, rows: list[Measure]) -> str:
-    lines = [f"### {title}", "",
-             "| client | done | wall s | CPU s | CPU ms/image | same, after start-up | "
-             "peak RSS MiB | notes |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for m in rows:
-        after = per_image_ms(m, after_startup=True)
-        after_text = "-" if after is None else f"{after:.2f} ({m.startup_cpu_s:.2f} s start-up)"
-        rss = f"{m.rss_mib:.0f}" if m.rss_mib else "-"
-        lines.append(f"| {m.name} | {m.done}/{m.total} | {m.wall_s:.2f} | {m.cpu_s:.2f} | "
-                     f"{per_image_ms(m):.2f} | {after_text} | {rss} | {m.extra} |")  # fmt: skip
+def client_bars(scenario: str, where: str, medians: dict[str, Measure],
+                floor_ms: float | None) -> list[Bar]:  # fmt: skip
+    ours, sdk, bare = medians["batchimg"], medians["baseline"], medians["aiohttp"]
+    if scenario == "overhead":
+        return [
+            Bar(scenario, "CPU vs SDK baseline", where, ours.cpu_s / sdk.cpu_s, 0.3),
+            Bar(scenario, "wall vs SDK baseline", where, ours.wall_s / sdk.wall_s, 0.5),
+            Bar(scenario, "CPU vs bare aiohttp loop", where, ours.cpu_s / bare.cpu_s, 2.0),
+        ]
+    after = per_image_ms(ours, after_startup=True) or 0.0
+    return [
+        Bar(scenario, "CPU vs SDK baseline", where, ours.cpu_s / sdk.cpu_s, 0.3),
+        Bar(scenario, "peak RSS vs SDK baseline", where, ours.rss_mib / sdk.rss_mib, 0.4),
+        Bar(scenario, "CPU/image after start-up vs the floor", where,
+            after / (floor_ms or float("nan")), 2.0),
+    ]  # fmt: skip
+
+
+def bars_table(bars: list[Bar], repeat: int, smoke: bool) -> str:
+    caveat = ""
+    if smoke:
+        caveat = " (smoke sizes: the verdicts mean nothing and fail nothing)"
+    elif repeat < 3:
+        caveat = f" ({repeat} repetition{'s' if repeat > 1 else ''}: indicative; the bars need 3)"
+    lines = [f"### the bars of issue 19{caveat}", "",
+             "| scenario | bar | where | measured | at most | verdict |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for b in bars:
+        value = f"{b.value:.3f}{b.unit}"  # three places: 0.304x is not met, 0.30x would look so
+        limit = f"{b.limit:.2f}{b.unit}"
+        lines.append(f"| {b.scenario} | {b.what} | {b.where} | {value} | {limit} | "
+                     f"{'met' if b.met else 'NOT MET'} |")  # fmt: skip
     return "\n".join(lines)
-
-
-def versus_floor(rows: list[Measure], floor_row: Measure) -> str:
-    """batchimg's CPU per image against the floor's, with and without start-up."""
-    ours = [m for m in rows if m.name == "batchimg"]
-    floor_ms = per_image_ms(floor_row) or 1.0
-    total = sum(per_image_ms(m) or 0.0 for m in ours) / len(ours)
-    after = sum(per_image_ms(m, after_startup=True) or 0.0 for m in ours) / len(ours)
-    return (f"batchimg CPU per image / floor: {total / floor_ms:.2f}x with start-up, "
-            f"{after / floor_ms:.2f}x after start-up (bar 2x)")  # fmt: skip
-
-
-def ratios(rows: list[Measure]) -> str:
-    """batchimg / baseline, from the means of each."""
-
-    def mean(name: str, attr: str) -> float:
-        values = [getattr(m, attr) for m in rows if m.name == name]
-        return sum(values) / len(values)
-
-    pairs = (("wall", "wall_s"), ("CPU", "cpu_s"), ("peak RSS", "rss_mib"))
-    parts = [f"{label} {mean('batchimg', attr) / mean('baseline', attr):.2f}x"
-             for label, attr in pairs]  # fmt: skip
-    return "batchimg / baseline: " + ", ".join(parts)
 
 
 def main() -> None:
@@ -252,34 +577,72 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
-    parser.add_argument("--only", default="overhead,payload,scale,ratelimit")
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--only", default=",".join(SCENARIOS),
+                        help=f"comma-separated scenarios (default: all): {', '.join(SCENARIOS)}"
+                        )  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="repetitions of overhead, payload and manifest (bars: 3 or more)"
+                        )  # fmt: skip
+    parser.add_argument("--fs", choices=("default", "tmpfs", "both"), default="default",
+                        help="where the clients' outputs go in overhead and payload: the "
+                             "temporary directory on disk, /dev/shm, or each in turn")  # fmt: skip
     args = parser.parse_args()
-    only = set(args.only.split(","))
+    only = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(only) - set(SCENARIOS))
+    if unknown:
+        known = ", ".join(SCENARIOS)
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {known}")
     sizes = (
-        {"overhead": 60, "payload": 4, "scale": (3_000, 300), "ratelimit": 40}
+        {"startup": 5, "overhead": 60, "payload": 4, "floor": 20, "manifest": (20_000, 1_000),
+         "scale": (3_000, 300), "ratelimit": 40}
         if args.smoke
-        else {"overhead": 1_500, "payload": 120, "scale": (1_000_000, 1_000), "ratelimit": 300}
-    )
+        else {"startup": 7, "overhead": 1_500, "payload": 120, "floor": 120,
+              "manifest": (1_000_000, 1_000), "scale": (1_000_000, 1_000), "ratelimit": 300}
+    )  # fmt: skip
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
-          f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}\n")  # fmt: skip
+          f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}")  # fmt: skip
     compileall.compile_dir(ROOT / "batchimg", quiet=1)  # as an installed package would be
-    with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir)
+    tmp = Path(tempfile.mkdtemp(prefix="batchimg-bench-", dir=disk_root()))
+    wanted = ["default", "tmpfs"] if args.fs == "both" else [args.fs]
+    dirs = {"default": tmp}
+    if "tmpfs" in wanted or "payload" in only:  # the floor is measured on both
+        dirs["tmpfs"] = Path(tempfile.mkdtemp(prefix="batchimg-bench-", dir="/dev/shm"))
+    for where, path in dirs.items():
+        print(f"{where} filesystem: {path} ({fs_type(path)})")
+    print()
+    bars: list[Bar] = []
+    try:
+        if "startup" in only:
+            print(startup(tmp, sizes["startup"], bars) + "\n")
+        startups: dict[str, float] = {}
+        if "overhead" in only or "payload" in only:
+            startups = client_startups(tmp, CLIENTS)
         if "overhead" in only:
-            rows = compare(tmp, "overhead", sizes["overhead"], 32, args.repeat, [],
-                           quality="low")  # fmt: skip
-            print(table(f"overhead: {sizes['overhead']} tiny images, concurrency 32", rows))
-            print(ratios(rows) + "\n")
+            write_manifest(tmp / "overhead.jsonl", sizes["overhead"], quality="low")
+            for where in wanted:
+                rows = compare(tmp, dirs[where], "overhead", sizes["overhead"], 32, args.repeat,
+                               [], startups)  # fmt: skip
+                text, medians = report(f"overhead ({where} fs): {sizes['overhead']} tiny "
+                                       "images, concurrency 32", rows)  # fmt: skip
+                print(text + "\n")
+                bars += client_bars("overhead", where, medians, None)
         if "payload" in only:
-            rows = compare(tmp, "payload", sizes["payload"], 32, args.repeat,
-                           ["--detailed-images"], quality="low")  # fmt: skip
-            floor_row = floor(tmp, sizes["payload"])
-            print(table(f"payload: {sizes['payload']} images of 2.5 MB, concurrency 32",
-                        [*rows, floor_row]))  # fmt: skip
-            print(ratios(rows))
-            print(versus_floor(rows, floor_row) + "\n")
+            b64 = payload_b64()
+            floors = {w: floor(w, dirs[w], b64, sizes["floor"], 5) for w in ("default", "tmpfs")}
+            write_manifest(tmp / "payload.jsonl", sizes["payload"], quality="low")
+            for where in wanted:
+                rows = compare(tmp, dirs[where], "payload", sizes["payload"], 32, args.repeat,
+                               ["--detailed-images"], startups)  # fmt: skip
+                floor_ms = floors[where].median_cpu_ms
+                text, medians = report(f"payload ({where} fs): {sizes['payload']} images of "
+                                       "2.5 MB, concurrency 32", rows, floor_ms)  # fmt: skip
+                print(text + "\n")
+                bars += client_bars("payload", where, medians, floor_ms)
+            print(floor_table(floors, len(b64) * 3 / 4 / 1e6) + "\n")
+        if "manifest" in only:
+            big, small = sizes["manifest"]
+            print(manifest_scenario(tmp, big, small, args.repeat, bars) + "\n")
         if "scale" in only:
             big, small = sizes["scale"]
             rows = scale(tmp, big, small)
@@ -289,7 +652,12 @@ def main() -> None:
         if "ratelimit" in only:
             rows = ratelimit(tmp, sizes["ratelimit"], 1200)
             print(table(f"rate limit: {sizes['ratelimit']} items, mock limited to 20 requests/s",
-                        rows))  # fmt: skip
+                        rows) + "\n")  # fmt: skip
+        if bars:
+            print(bars_table(bars, args.repeat, args.smoke))
+    finally:
+        for path in dirs.values():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":
