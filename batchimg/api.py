@@ -8,35 +8,29 @@ import functools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
-from . import lifecycle, specs
-from .backends import PROFILES, Backend, ClientConfig, OnlineBackend, Profile, Secret
-from .catalog import Catalog, load_catalog, today_utc
-from .config import RunConfig
+from . import lifecycle
+from .backends import PROFILES, Backend, ClientConfig, Profile, Secret
+from .catalog import Catalog, today_utc
+from .config import RunConfig, check_defaults, check_manifest, load_run_catalog
 from .engine import Engine, ProgressCallback, Summary
-from .engine.batch import BatchEngine
 from .errors import RequestError, UsageError
 from .limiter import Limiter
-from .manifest import Defaults, materialized
+from .manifest import materialized
 from .options import RunOptions
 from .outdir import check_output
-from .pricing import PriceTable
 from .report import ledger_paths
 from .routing import Endpoint, Health, RoutedBackend, RoutingLimiter, load_endpoints
 from .stores import ObjectStore, Store, is_url, local_path, open_store
 from .stores.objects import check_store
 from .stores.remote import RemoteLedger, RemoteOutput
 
-
-def check_manifest(path: Path) -> None:
-    """UsageError unless the manifest can be opened."""
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"cannot read manifest {str(path)!r}: {exc.strerror or exc}") from None
+if TYPE_CHECKING:
+    from .backends.online import OnlineBackend
+    from .engine.batch import BatchEngine
 
 
 async def arun(
@@ -132,7 +126,7 @@ async def arun(
             health = Health([r.name for r in routes])
             limiter = RoutingLimiter({r.name: Limiter(**r.limits(options)) for r in routes}, health)
             async with open_routes(config, routes, store.temp_dir, health) as routed:
-                engine = Engine(
+                routed_engine = Engine(
                     config,
                     routed,
                     store,
@@ -141,7 +135,7 @@ async def arun(
                     remote=remote,
                     limiter=limiter,
                 )
-                return await engine.run(handle_signals=handle_signals)
+                return await routed_engine.run(handle_signals=handle_signals)
         async with open_backend(config, target, store.temp_dir) as backend:
             checked = (
                 await _check_models(backend, config.manifest, defaults.model_for(the_catalog))
@@ -149,11 +143,16 @@ async def arun(
                 else []
             )
             store.temp_dir.mkdir(parents=True, exist_ok=True)
-            engine = (
-                BatchEngine(config, backend, store, progress=progress, sleep=sleep)
-                if options.batch_api
-                else Engine(config, backend, store, progress=progress, sleep=sleep, remote=remote)
-            )
+            if options.batch_api:
+                from .engine.batch import BatchEngine
+
+                engine: Engine | BatchEngine = BatchEngine(
+                    config, backend, store, progress=progress, sleep=sleep
+                )
+            else:
+                engine = Engine(
+                    config, backend, store, progress=progress, sleep=sleep, remote=remote
+                )
             for line in checked:
                 engine.warn(line)
             return await engine.run(handle_signals=handle_signals)
@@ -242,6 +241,8 @@ async def open_backend(
             connect_timeout_s=options.connect_timeout_s,
             timeout_s=options.timeout_s,
         )
+        from .backends.online import OnlineBackend  # aiohttp: only once a run sends
+
         backend = OnlineBackend(client, pool_size=options.concurrency, spool_dir=spool_dir)
         yield await stack.enter_async_context(backend)
 
@@ -257,34 +258,6 @@ async def _check_models(backend: OnlineBackend, manifest: Path, default_model: s
     except RequestError as exc:
         raise UsageError(f"--check-models: {where} failed: {exc} (nothing was sent)") from None
     return lifecycle.check_served(manifest, default_model, listed, today_utc(), where)
-
-
-def check_defaults(defaults: Defaults, catalog: Catalog | None = None) -> None:
-    """UsageError naming the flag if a manifest default is illegal for the default model."""
-    try:
-        defaults.check(catalog)
-    except specs.ParamError as exc:
-        hint = "" if defaults.model else " (or name a model that takes it with --model)"
-        raise UsageError(f"bad default --{exc.param.replace('_', '-')}: {exc}{hint}") from None
-
-
-def load_run_catalog(
-    catalog: str | Path | Catalog | None = None,
-    prices: str | Path | PriceTable | None = None,
-) -> Catalog:
-    """The built-in catalog, overlaid by a `--catalog` file and then by a `--prices` file."""
-    if isinstance(prices, PriceTable):
-        if catalog is not None:
-            raise UsageError("give either a PriceTable or a catalog, not both")
-        return prices.catalog
-    return load_catalog(catalog, prices)
-
-
-def load_prices(
-    prices: str | Path | PriceTable | None, catalog: str | Path | Catalog | None = None
-) -> PriceTable:
-    """The prices of the built-in catalog, overlaid by a catalog and a price file if given."""
-    return PriceTable(load_run_catalog(catalog, prices))
 
 
 def run(

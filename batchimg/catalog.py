@@ -516,6 +516,8 @@ class Catalog:
                 if other != name:
                     raise _fail(source, f"models.{name}", f"name {alias!r} is also {other}'s")
         self._unknown: dict[str, ModelSpec] = {}
+        self._specs: dict[str, ModelSpec] = {}  # `spec` by name, as found once
+        self._memos: dict[str, dict[Any, Any]] = {}
         self.rule_cache: dict[Any, Any] = {}  # the rules engine's memo (see specs)
 
     def _parse_fields(self, raw: Any) -> dict[str, tuple[str, ParamRule]]:
@@ -624,15 +626,27 @@ class Catalog:
         """Whether `name` is a model, alias or snapshot the catalog names itself."""
         return name in self._names
 
+    def memo(self, kind: str) -> dict[Any, Any]:
+        """A dict of this catalog's own for facts derived from it (say, a request's token group
+        by its shape), which are asked for every item and change only with the catalog. Whoever
+        fills one keeps it bounded."""
+        memo = self._memos.get(kind)
+        if memo is None:
+            memo = self._memos[kind] = {}
+        return memo
+
     def spec(self, name: str) -> ModelSpec:
         """The entry for `name`, or one with structural rules only for a name it does not know."""
-        found = self.lookup(name)
-        if found is not None:
-            return found
-        unknown = self._unknown.get(name)
-        if unknown is None:
-            unknown = self._unknown[name] = ModelSpec(name=name, known=False)
-        return unknown
+        found = self._specs.get(name)  # asked for many times an item: found once per name
+        if found is None:
+            found = self.lookup(name)
+            if found is None:
+                found = self._unknown.get(name)
+                if found is None:
+                    found = self._unknown[name] = ModelSpec(name=name, known=False)
+            if len(self._specs) < 4096:  # names come from manifests: keep the memo bounded
+                self._specs[name] = found
+        return found
 
     def api_fields(self) -> frozenset[str]:
         """Every request field any model (or the structural table) knows."""

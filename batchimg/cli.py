@@ -15,8 +15,8 @@ import click
 import orjson
 
 from . import specs
-from .api import arun, check_defaults, check_manifest, load_run_catalog
 from .catalog import Catalog, today_utc
+from .config import check_defaults, check_manifest, load_run_catalog
 from .engine import Summary
 from .errors import UsageError
 from .manifest import Defaults, materialized
@@ -213,6 +213,8 @@ def run(
             mode: Mode = "quiet" if quiet else "live" if sys.stderr.isatty() else "lines"
             view = ProgressView(mode=mode, total=count_items(path), log_every_s=log_every_s,
                                 log_format=log_format)  # fmt: skip
+            from .api import arun  # the engine: only for a run
+
             # What start-up made (modules, classes) lives for the whole run: keep it out of
             # every garbage collection, which otherwise walks it again and again on a long run.
             gc.freeze()

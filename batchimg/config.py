@@ -1,12 +1,18 @@
-"""What the engine runs: the run options, resolved against the files they name."""
+"""What the engine runs: the run options, resolved against the files they name, and the checks
+every command that reads a manifest makes before anything else (kept apart from `api`, so that
+`validate`, `estimate` and `report` never import the engine)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .catalog import Catalog
+from . import specs
+from .catalog import Catalog, load_catalog
+from .errors import UsageError
+from .manifest import Defaults
 from .options import RunOptions
+from .pricing import PriceTable
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,3 +27,40 @@ class RunConfig:
     inputs_dir: Path | None = None  # where edit inputs are; None: the manifest's directory
     catalog: Catalog | None = None  # models, rules and prices; None: the built-in catalog
     learn_from: tuple[Path, ...] = ()  # other runs' ledgers whose answers tighten cap bounds
+
+
+def check_manifest(path: Path) -> None:
+    """UsageError unless the manifest can be opened."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot read manifest {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def check_defaults(defaults: Defaults, catalog: Catalog | None = None) -> None:
+    """UsageError naming the flag if a manifest default is illegal for the default model."""
+    try:
+        defaults.check(catalog)
+    except specs.ParamError as exc:
+        hint = "" if defaults.model else " (or name a model that takes it with --model)"
+        raise UsageError(f"bad default --{exc.param.replace('_', '-')}: {exc}{hint}") from None
+
+
+def load_run_catalog(
+    catalog: str | Path | Catalog | None = None,
+    prices: str | Path | PriceTable | None = None,
+) -> Catalog:
+    """The built-in catalog, overlaid by a `--catalog` file and then by a `--prices` file."""
+    if isinstance(prices, PriceTable):
+        if catalog is not None:
+            raise UsageError("give either a PriceTable or a catalog, not both")
+        return prices.catalog
+    return load_catalog(catalog, prices)
+
+
+def load_prices(
+    prices: str | Path | PriceTable | None, catalog: str | Path | Catalog | None = None
+) -> PriceTable:
+    """The prices of the built-in catalog, overlaid by a catalog and a price file if given."""
+    return PriceTable(load_run_catalog(catalog, prices))

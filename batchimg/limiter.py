@@ -16,6 +16,7 @@ debt, so large weights never deadlock. The clock and the sleep are injectable fo
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -47,6 +48,11 @@ def parse_go_duration(value: str | None) -> float | None:
     """Seconds in a Go-style duration (`1s`, `6m0s`, `12ms`, `1m30.5s`); None if not one."""
     if not value:
         return None
+    return _go_duration(value)
+
+
+@functools.lru_cache(maxsize=1024)  # every answer brings three; most repeat
+def _go_duration(value: str) -> float | None:
     text = value.strip()
     if text in ("0", "0s"):
         return 0.0
@@ -75,14 +81,21 @@ class RateLimitHeaders:
 
     @classmethod
     def parse(cls, headers: Mapping[str, str]) -> RateLimitHeaders | None:
-        values: dict[str, int | float | None] = {}
-        for kind in ("requests", "tokens", "images"):
-            values[f"limit_{kind}"] = _count(headers.get(f"x-ratelimit-limit-{kind}"))
-            values[f"remaining_{kind}"] = _count(headers.get(f"x-ratelimit-remaining-{kind}"))
-            values[f"reset_{kind}_s"] = parse_go_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-        if all(v is None for v in values.values()):
+        values: list[int | float | None] = []
+        for limit, remaining, reset in _HEADER_NAMES:
+            values.append(_count(headers.get(limit)))
+            values.append(_count(headers.get(remaining)))
+            values.append(parse_go_duration(headers.get(reset)))
+        if values.count(None) == len(values):
             return None
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(*values)  # type: ignore[arg-type]
+
+
+#: Each kind's headers, in the order of `RateLimitHeaders`' fields.
+_HEADER_NAMES = tuple(
+    (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+    for kind in ("requests", "tokens", "images")
+)
 
 
 def _count(value: str | None) -> int | None:

@@ -17,8 +17,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from .backends.online import ClientConfig
-from .backends.profiles import PROFILES
+from .backends.profiles import PROFILES, ClientConfig
 from .errors import UsageError
 from .layouts import DEFAULT_SHARD_SIZE, LAYOUT_NAMES, LAYOUTS, Layout
 from .manifest import Defaults

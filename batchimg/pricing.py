@@ -254,7 +254,7 @@ class PriceTable:
     def output_ceiling(self, params: Mapping[str, Any]) -> int | None:
         """The most output tokens the catalog allows the whole request (every image, the
         dearest of its `auto` choices), from published counts or ceilings; None if unknown."""
-        key = tuple(_shape(params))
+        key = specs.request_shape(params)
         if key not in self._ceilings:
             if len(self._ceilings) > 4096:
                 self._ceilings.clear()
@@ -365,13 +365,3 @@ def usage_cost_usd(model: str, usage: Any) -> float | None:
 def request_cost_usd(params: Mapping[str, Any], usage: Any) -> float | None:
     """Cost of one answered request with the built-in catalog."""
     return PriceTable.default().request_cost(params, usage)
-
-
-#: The request fields an output bound depends on.
-_SHAPE_FIELDS = ("model", "size", "quality", "n", "output_format", "frame_count", "complexity")
-
-
-def _shape(params: Mapping[str, Any]) -> list[Any]:
-    shape = [params.get(name) for name in _SHAPE_FIELDS]
-    return [value if isinstance(value, (str, int, float, type(None))) else repr(value)
-            for value in shape]  # fmt: skip

@@ -153,6 +153,21 @@ ANSWER_SLACK = 1 << 20
 _LARGEST_PIXELS = 8_294_400  # when nothing says what `auto` will be: the largest size any takes
 
 
+#: The request fields what it produces depends on (its size, format, frames; its output bound).
+_SHAPE_FIELDS = ("model", "size", "quality", "n", "output_format", "frame_count", "complexity")
+
+
+def request_shape(params: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A hashable key of the fields that decide what a request produces (not its prompt), for
+    memos of what follows from them: items of one manifest share a handful of shapes."""
+    shape = tuple(map(params.get, _SHAPE_FIELDS))
+    try:
+        hash(shape)
+    except TypeError:  # a list or an object where a value belongs: keyed by its text
+        return tuple(repr(v) if isinstance(v, (list, dict)) else v for v in shape)
+    return shape
+
+
 def max_image_bytes(params: Mapping[str, Any], catalog: Catalog | None = None) -> int:
     """The most one image of this request can weigh, from its size, format and frames: what is
     read of it (a download, a decoded b64_json) stops there, so no answer can exhaust memory

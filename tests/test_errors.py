@@ -19,7 +19,7 @@ from batchimg.errors import (
     UsageError,
     classify,
 )
-from batchimg.retry import RetryPolicy, retrying
+from batchimg.retry import MAX_SERVER_WAIT_S, RetryPolicy, retrying
 
 
 def body(code: str | None, type_: str | None = None, message: str = "msg") -> dict[str, Any]:
@@ -288,3 +288,39 @@ async def test_a_final_error_after_retries_stops_at_once() -> None:
     assert raised is fatal
     assert attempts == 2
     assert delays == [1.0]
+
+
+async def test_no_try_starts_once_the_deadline_would_pass() -> None:
+    # The server asks for 5 s, the deadline is 3 s after the first try: the error stands.
+    policy = RetryPolicy(max_attempts=6, deadline_s=3.0)
+    wait = ServerError(info(), retry_after_s=5.0)
+    raised, attempts, delays = await drive(policy, [wait, "ok"])
+    assert raised is wait
+    assert (attempts, delays) == (1, [])
+    # A wait that ends before the deadline is waited.
+    raised, attempts, delays = await drive(policy, [ServerError(info(), retry_after_s=1.0), "ok"])
+    assert (raised, attempts, delays) == ("ok", 2, [1.0])
+
+
+async def test_attempts_are_numbered_from_one_and_a_success_ends_the_loop() -> None:
+    numbers: list[int] = []
+    errors = [ServerError(info()), TransportError(info())]
+
+    async def no_wait(_: float) -> None:
+        return None
+
+    async for attempt in retrying(RetryPolicy(max_attempts=5), sleep=no_wait):
+        with attempt:
+            numbers.append(attempt.number)
+            if errors:
+                raise errors.pop(0)
+    assert numbers == [1, 2, 3]
+
+
+async def test_a_server_wait_is_capped_and_backoff_grows_within_its_ceiling() -> None:
+    policy = RetryPolicy(backoff_base_s=0.5, max_backoff_s=4.0)
+    assert policy.delay_s(1, RateLimited(info(), retry_after_s=1e6)) == MAX_SERVER_WAIT_S
+    for attempt, ceiling in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (40, 4.0), (10_000, 4.0)):
+        delays = [policy.delay_s(attempt, ServerError(info())) for _ in range(50)]
+        assert all(0.0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling / 4  # random within the ceiling, not stuck at zero

@@ -22,7 +22,8 @@ import orjson
 
 from ..errors import ErrorInfo, StorageError, TransportError, classify
 from ..stores.local import fsync_file
-from .online import ERROR_BODY_BYTES, ClientConfig, OnlineBackend, _read_capped, _transport_error
+from .online import ERROR_BODY_BYTES, OnlineBackend, _read_capped, _transport_error
+from .profiles import ClientConfig
 
 #: The most of a JSON answer (a batch, a listing) that is read.
 JSON_BYTES = 16 * ERROR_BODY_BYTES

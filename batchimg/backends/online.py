@@ -16,14 +16,11 @@ import email.utils
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
 import orjson
-import yarl
 
 from .._spool import BadBase64, ImageSink, ResponseSpool, SpooledImage, SpoolError, discard
 from ..errors import (
@@ -40,7 +37,11 @@ from ..limiter import RateLimitHeaders
 from ..manifest import Item
 from ..specs import ANSWER_SLACK
 from .base import Answer
-from .profiles import DEFAULT_AZURE_API_VERSION, PROFILES, Profile, Secret
+from .profiles import ClientConfig
+
+if TYPE_CHECKING:  # imported where used: a run that sends nothing never loads aiohttp
+    import aiohttp
+    import yarl
 
 _T = TypeVar("_T")
 MIN_SECRET_CHARS = 8
@@ -59,30 +60,6 @@ _ECHO = {
     "complexity": re.compile(r"[a-z]{1,16}"),
 }
 MAX_RETRY_AFTER_S = 1e6  # beyond it a number is noise; the limiter honours at most a minute
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClientConfig:
-    """How to reach the API: where, with which key, as which provider, how patiently."""
-
-    base_url: str
-    api_key: Secret  # its repr never shows the key
-    profile: Profile = PROFILES["openai"]
-    deployment: str | None = None  # Azure: the deployment (default: the model name)
-    api_version: str = DEFAULT_AZURE_API_VERSION  # Azure: the api-version query parameter
-    connect_timeout_s: float = 30.0
-    timeout_s: float = 600.0
-
-    def endpoint_url(self, endpoint: str, model: str) -> str:
-        return self.profile.endpoint_url(
-            self.base_url, endpoint, model, deployment=self.deployment, api_version=self.api_version
-        )
-
-    def models_url(self) -> str | None:
-        return self.profile.models_url(self.base_url)
-
-    def auth_headers(self) -> dict[str, str]:
-        return self.profile.auth_headers(self.api_key)
 
 
 def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
@@ -128,20 +105,14 @@ class OnlineBackend:
         self._pool_size = pool_size
         self._spool_dir = spool_dir
         self._session: aiohttp.ClientSession | None = None
+        self._open = False
 
     async def __aenter__(self) -> OnlineBackend:
-        timeout = aiohttp.ClientTimeout(
-            total=self._config.timeout_s, sock_connect=self._config.connect_timeout_s
-        )
-        connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=self._pool_size)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            headers={"User-Agent": USER_AGENT},
-        )
+        self._open = True  # the session itself is made for the first request
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._open = False
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -175,8 +146,21 @@ class OnlineBackend:
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        """The run's session, made on first use (inside `async with` only)."""
         if self._session is None:
-            raise RuntimeError("OnlineBackend used outside 'async with'")
+            if not self._open:
+                raise RuntimeError("OnlineBackend used outside 'async with'")
+            import aiohttp
+
+            timeout = aiohttp.ClientTimeout(
+                total=self._config.timeout_s, sock_connect=self._config.connect_timeout_s
+            )
+            connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=self._pool_size)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=timeout,
+                headers={"User-Agent": USER_AGENT},
+            )
         return self._session
 
     async def generate(self, params: dict[str, Any], *, limit_bytes: int | None = None) -> Answer:
@@ -197,6 +181,8 @@ class OnlineBackend:
         limit_bytes: int | None = None,
     ) -> Answer:
         """POST one edits request (multipart); the body is built afresh for every call."""
+        import aiohttp
+
         url = self._config.endpoint_url("edits", str(params.get("model", "")))
         with contextlib.ExitStack() as files:
             form = aiohttp.FormData()
@@ -219,6 +205,8 @@ class OnlineBackend:
     async def _post(
         self, url: str, body: Any, headers: dict[str, str], limit_bytes: int | None
     ) -> Answer:
+        import aiohttp
+
         started = time.monotonic()
         spooled: list[bytes | SpooledImage] = []
         limit = limit_bytes or DEFAULT_LIMIT_BYTES
@@ -319,6 +307,8 @@ class OnlineBackend:
         """Stream a 2xx body through a ResponseSpool: (parsed JSON or None, images, bytes).
         More than `limit` bytes (decompressed), or more than `ANSWER_SLACK` of it outside the
         images, fails the item."""
+        import aiohttp
+
         spool = ResponseSpool(directory)
         size = 0
         try:
@@ -350,6 +340,8 @@ class OnlineBackend:
         """`GET /models`: every model id the server lists, with its `shutdown_date` as given.
 
         Raises RequestError (an error answer, or one that is not a model list)."""
+        import aiohttp
+
         url = self._config.models_url()
         if url is None:
             raise ItemFailed(ErrorInfo(message="this provider has no model list", code="no_list"))
@@ -382,6 +374,8 @@ class OnlineBackend:
 
         Streamed into the spool directory (memory holds one chunk, and small images); more than
         `limit_bytes` (decompressed) fails the item (`answer_too_large`)."""
+        import aiohttp
+
         limit = limit_bytes or DEFAULT_LIMIT_BYTES
         target = _image_url(url)
         sink = ImageSink(self._spool_dir) if self._spool_dir is not None else None
@@ -460,6 +454,8 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> tuple[bytes, i
 
 def _image_url(url: str) -> yarl.URL:
     """An answer's image link, if it is one that can be fetched: http(s) with a host."""
+    import yarl
+
     try:
         target = yarl.URL(url)
         host = target.host
@@ -491,6 +487,8 @@ def _too_large(size: int, cap: int, request_id: str | None, what: str = "answer"
 
 def _transport_error(exc: BaseException) -> RequestError:
     # A connection that never opened sent nothing (see errors.NOT_SENT_CODES).
+    import aiohttp
+
     never_sent = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
     kind = (
         "connect_error"

@@ -131,3 +131,27 @@ PROFILES: dict[str, Profile] = {
         batches=False,  # Azure's batch is a service of its own (global-batch deployments)
     ),
 }
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """How to reach the API: where, with which key, as which provider, how patiently."""
+
+    base_url: str
+    api_key: Secret  # its repr never shows the key
+    profile: Profile = PROFILES["openai"]
+    deployment: str | None = None  # Azure: the deployment (default: the model name)
+    api_version: str = DEFAULT_AZURE_API_VERSION  # Azure: the api-version query parameter
+    connect_timeout_s: float = 30.0
+    timeout_s: float = 600.0
+
+    def endpoint_url(self, endpoint: str, model: str) -> str:
+        return self.profile.endpoint_url(
+            self.base_url, endpoint, model, deployment=self.deployment, api_version=self.api_version
+        )
+
+    def models_url(self) -> str | None:
+        return self.profile.models_url(self.base_url)
+
+    def auth_headers(self) -> dict[str, str]:
+        return self.profile.auth_headers(self.api_key)

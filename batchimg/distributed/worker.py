@@ -24,9 +24,9 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from ..api import Target, api_target, load_run_catalog, open_backend, open_routes
+from ..api import Target, api_target, open_backend, open_routes
 from ..backends import PROFILES, Secret
-from ..config import RunConfig
+from ..config import RunConfig, load_run_catalog
 from ..engine import Engine, Summary
 from ..engine.events import ProgressEvent, RunSnapshot
 from ..engine.run import Part

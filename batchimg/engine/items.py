@@ -119,6 +119,7 @@ class ItemRunner:
         self._probed: set[GroupKey] = set()  # groups this run has had an answer of
         self._answered = False  # an answer (2xx) has come: the API is reachable as configured
         self._unreachable: dict[str, int] = {}  # before that: failures no item can fix, by code
+        self._limits: dict[tuple[Any, ...], int] = {}  # answer size caps, by request shape
 
     async def run(self, item: Item) -> None:
         """Attempts until the item is done, failed, or left for the next run (`Abandoned`)."""
@@ -159,7 +160,7 @@ class ItemRunner:
             async with self._requesting():
                 async for attempt in retrying(self.retry, sleep=self._retry_wait):
                     with attempt:
-                        tally.attempts = attempt.retry_state.attempt_number
+                        tally.attempts = attempt.number
                         if tally.attempts > 1:
                             control.emit(ProgressEvent("retry", item_id=item.id))
                         self._flush_charge(item, tally)  # the try before was billed, and retried
@@ -244,10 +245,10 @@ class ItemRunner:
             # Stopped (or cancelled) with an attempt billed but no item line for it: its charge
             # is written on its own, so the next run's cap counts it. A sent attempt known not
             # billed that nothing tells of is settled, so no later run counts it.
-            with anyio.CancelScope(shield=True):
-                self._flush_charge(item, tally)
-                if tally.sent > tally.told:
-                    self.sink.settled_line(item, tally.sent)
+            # (No await here, so no cancellation can cut it short.)
+            self._flush_charge(item, tally)
+            if tally.sent > tally.told:
+                self.sink.settled_line(item, tally.sent)
 
     def _requesting(self) -> contextlib.AbstractAsyncContextManager[object]:
         """A request slot (see `__init__`), held from the first attempt to the images."""
@@ -519,7 +520,15 @@ class ItemRunner:
 
     def _answer_limit(self, item: Item) -> int:
         """The most an answer (and each downloaded image) may weigh for this request."""
-        return self.max_answer_bytes or specs.max_answer_bytes(item.params, self.catalog)
+        if self.max_answer_bytes:
+            return self.max_answer_bytes
+        shape = specs.request_shape(item.params)
+        limit = self._limits.get(shape)
+        if limit is None:
+            limit = specs.max_answer_bytes(item.params, self.catalog)
+            if len(self._limits) < 4096:
+                self._limits[shape] = limit
+        return limit
 
     async def _download(self, item: Item, url: str) -> bytes | SpooledImage:
         """A `url` answer's image. Paid for already, so a first stop lets it finish (within the

@@ -3,6 +3,7 @@ attempt no item line tells of (see `ledger`)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, cast
@@ -15,9 +16,19 @@ from ..ledger import ErrorRecord, LedgerRecord
 from ..manifest import BadLine, Item
 from ..writer import StoredFile
 
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """The time in UTC as the ledger writes it: `2026-12-01T11:45:04.123Z`. A few lines are
+    written each item, so the date and time of day are formatted once a second."""
+    global _second
+    ms = time.time_ns() // 1_000_000
+    second, milli = divmod(ms, 1000)
+    if second != _second[0]:
+        when = datetime.fromtimestamp(second, timezone.utc)
+        _second = (second, when.strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_second[1]}.{milli:03d}Z"
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..stores import Store
-from .base import OutputLayout
-from .imagefolder import ImageFolderLayout
-from .webdataset import DEFAULT_SHARD_SIZE, WebDatasetLayout
+from .base import DEFAULT_SHARD_SIZE, OutputLayout
 
 Layout = Literal["imagefolder", "webdataset"]
 
@@ -34,9 +32,21 @@ class LayoutContext:
     metadata: bool = True  # False: images only; the metadata files are written elsewhere
 
 
+def _imagefolder(c: LayoutContext) -> OutputLayout:
+    from .imagefolder import ImageFolderLayout  # imported when used, not for `--help`
+
+    return ImageFolderLayout(c.out_dir, c.store, metadata=c.metadata)
+
+
+def _webdataset(c: LayoutContext) -> OutputLayout:
+    from .webdataset import WebDatasetLayout
+
+    return WebDatasetLayout(c.out_dir, c.store, c.shard_size, c.sync_ledger)
+
+
 LAYOUTS: dict[Layout, Callable[[LayoutContext], OutputLayout]] = {
-    "imagefolder": lambda c: ImageFolderLayout(c.out_dir, c.store, metadata=c.metadata),
-    "webdataset": lambda c: WebDatasetLayout(c.out_dir, c.store, c.shard_size, c.sync_ledger),
+    "imagefolder": _imagefolder,
+    "webdataset": _webdataset,
 }
 LAYOUT_NAMES: tuple[Layout, ...] = tuple(LAYOUTS)
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import TYPE_CHECKING, Protocol
 
+DEFAULT_SHARD_SIZE = 1000  # images per WebDataset shard
+
 if TYPE_CHECKING:
     from ..ledger import LedgerRecord
 

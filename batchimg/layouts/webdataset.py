@@ -37,6 +37,7 @@ from ..errors import StorageError, UsageError
 from ..ledger import LedgerRecord
 from ..stores import Store
 from ..writer import IMAGES_DIR
+from .base import DEFAULT_SHARD_SIZE
 from .imagefolder import METADATA_NAME, SHARDS_DIR, SVG_METADATA_NAME, metadata_rows
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 SHARD_PREFIX = "shard-"
-DEFAULT_SHARD_SIZE = 1000
 
 
 def sample_key(file_name: str) -> str:

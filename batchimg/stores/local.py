@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -58,6 +59,8 @@ class LocalStore:
         #: Directories put into: `sync` fsyncs each (not only those changed since the last
         #: sync, which another thread's sync may be fsyncing right now, not yet done).
         self._dirs: set[str] = set()
+        #: Temp files `write_temp` made durable already: `put` need not fsync them again.
+        self._synced: set[str] = set()
 
     @property
     def location(self) -> str:
@@ -73,6 +76,14 @@ class LocalStore:
     def new_temp(self, hint: str) -> Path:
         return self._temps.new(hint)
 
+    def write_temp(self, hint: str, data: bytes) -> Path:
+        """A new temp file holding `data`, fsynced through the descriptor that wrote it (so
+        `put` does not open it again to sync it). Raises OSError, leaving no file behind."""
+        temp = str(self.new_temp(hint))
+        write_new(temp, data, sync=True)
+        self._synced.add(temp)
+        return Path(temp)
+
     def _path(self, name: str) -> Path:
         """The file of an object; ValueError for a name that would leave the directory."""
         parts = PurePosixPath(name).parts
@@ -82,7 +93,10 @@ class LocalStore:
 
     def put(self, name: str, temp: Path) -> None:
         final = self._path(name)
-        fsync_path(str(temp), os.O_RDONLY)
+        try:
+            self._synced.remove(str(temp))
+        except KeyError:  # written by someone else (a spooled answer): not synced yet
+            fsync_path(str(temp), os.O_RDONLY)
         parent = str(final.parent)
         with self._lock:  # look-then-rename: one thread at a time
             if parent not in self._dirs:
@@ -123,6 +137,25 @@ class LocalStore:
         """Move a file no ledger line claims out of the way instead of overwriting it."""
         (self.root / ORPHANS_DIR).mkdir(exist_ok=True)
         os.replace(final, self.root / aside_name(final.name))
+
+
+def write_new(path: str, data: bytes, *, sync: bool) -> None:
+    """Create `path`, which must not exist, holding `data` (fsynced first if `sync`). Raises
+    OSError, leaving no file behind."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 def fsync_file(fh: IO[bytes]) -> None:
