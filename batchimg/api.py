@@ -22,11 +22,9 @@ from .limiter import Limiter
 from .manifest import materialized
 from .options import RunOptions
 from .outdir import check_output
-from .report import ledger_paths
 from .routing import Endpoint, Health, RoutedBackend, RoutingLimiter, load_endpoints
 from .stores import ObjectStore, Store, is_url, local_path, open_store
 from .stores.objects import check_store
-from .stores.remote import RemoteLedger, RemoteOutput
 
 if TYPE_CHECKING:
     from .backends.online import OnlineBackend
@@ -71,6 +69,8 @@ async def arun(
                 )
             store = open_store(out, options.state_dir)  # exit 2 for a missing extra
             assert isinstance(store, ObjectStore)
+            from .stores.remote import RemoteLedger  # a bucket's: imported for one
+
             RemoteLedger(store, store.state_dir).check()  # another output's state: exit 2
             out = store.state_dir  # the local side: the ledger's working copy, the lock
         elif options.state_dir is not None:
@@ -92,7 +92,7 @@ async def arun(
             out_dir=out,
             options=dataclasses.replace(options, defaults=defaults),
             catalog=the_catalog,
-            learn_from=tuple(ledger_paths(options.from_ledger)),
+            learn_from=_ledger_paths(options.from_ledger),
         )
         routes = check_routes(config)  # each endpoint's key found, or exit 2
         # Exit 2 before anything else for a missing key (none for the mock or the endpoints').
@@ -105,6 +105,8 @@ async def arun(
         check_output(out)  # before anything is sent: exit 2 if it cannot keep what it buys
         if isinstance(store, ObjectStore):
             await anyio.to_thread.run_sync(check_store, store)
+            from .stores.remote import RemoteOutput
+
             remote = RemoteOutput(store, out, options.upload_every_s)
         if options.ray is not None:
             from .distributed import run_on_ray
@@ -156,6 +158,15 @@ async def arun(
             for line in checked:
                 engine.warn(line)
             return await engine.run(handle_signals=handle_signals)
+
+
+def _ledger_paths(sources: tuple[str | Path, ...]) -> tuple[Path, ...]:
+    """`--from-ledger`: the ledgers to learn from (none: the report module is not needed)."""
+    if not sources:
+        return ()
+    from .report import ledger_paths
+
+    return tuple(ledger_paths(sources))
 
 
 @dataclasses.dataclass(frozen=True)

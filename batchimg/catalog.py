@@ -28,7 +28,6 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -750,6 +749,8 @@ def read_json(path: str | Path, what: str) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _default_catalog() -> Catalog:
+    from importlib import resources  # read once, when the catalog is first needed
+
     text = resources.files("batchimg").joinpath(CATALOG_FILE).read_text(encoding="utf-8")
     return Catalog(json.loads(text), f"batchimg/{CATALOG_FILE}")
 

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import anyio
 import click
 import orjson
 
@@ -213,12 +212,16 @@ def run(
             mode: Mode = "quiet" if quiet else "live" if sys.stderr.isatty() else "lines"
             view = ProgressView(mode=mode, total=count_items(path), log_every_s=log_every_s,
                                 log_format=log_format)  # fmt: skip
+            gc.disable()  # the engine's modules load with no collector pass over them
             from .api import arun  # the engine: only for a run
 
             # What start-up made (modules, classes) lives for the whole run: keep it out of
             # every garbage collection, which otherwise walks it again and again on a long run.
             gc.freeze()
+            gc.enable()
             try:
+                import anyio
+
                 summary = anyio.run(
                     functools.partial(
                         arun,
@@ -613,6 +616,8 @@ def batch_status(
 
     try:
         conn = batches.connection(provider, base_url, api_key_env)
+        import anyio
+
         rows = anyio.run(functools.partial(batches.status, out, conn, everything=everything))
     except UsageError as exc:
         click.echo(f"error: {exc}", err=True)
@@ -635,6 +640,8 @@ def batch_cancel(out: Path, provider: str, base_url: str | None, api_key_env: st
 
     try:
         conn = batches.connection(provider, base_url, api_key_env)
+        import anyio
+
         rows = anyio.run(batches.cancel, out, conn)
     except UsageError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -354,7 +354,10 @@ def _n(params: Mapping[str, Any]) -> int:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
-PRICE_TABLE = Catalog.default().name
+def __getattr__(name: str) -> Any:
+    if name == "PRICE_TABLE":  # the built-in catalog's name: read when asked for, not at import
+        return Catalog.default().name
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def usage_cost_usd(model: str, usage: Any) -> float | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import re
 import time
 from collections.abc import Sequence
@@ -78,6 +77,8 @@ def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
     except ValueError:
         pass
     try:
+        import email.utils  # an HTTP date here is rare: not imported for every run
+
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None

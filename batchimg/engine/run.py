@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -45,7 +45,6 @@ from ..manifest import BadLine, Item, manifest_lines, read_manifest
 from ..outdir import WORKERS_GONE_WAIT_S, exclusive
 from ..pricing import PriceTable
 from ..stores import Store
-from ..stores.remote import PushGate, RemoteOutput
 from ..tokens import TokenBook
 from ..writer import MAX_BATCH, WRITER_THREADS, BatchedWriter, ImageWriter
 from .batchstate import BatchState
@@ -55,6 +54,10 @@ from .items import Abandoned, ItemRunner
 from .sink import ResultSink
 
 METADATA_FILES = (METADATA_NAME, SVG_METADATA_NAME)  # an imagefolder's, uploaded whole
+
+
+if TYPE_CHECKING:
+    from ..stores.remote import RemoteOutput
 
 
 class Entries(Protocol):
@@ -240,6 +243,8 @@ class Engine:
         if unparked:
             self.warn(f"uploaded the images of {unparked} items an earlier run had parked")
         if self.config.options.max_cost_usd is not None:  # the cap holds on any machine
+            from ..stores.remote import PushGate
+
             self.runner.before_send = PushGate(remote.ledger).wait
         async with anyio.create_task_group() as pushing:
             pushing.start_soon(self._every, remote.upload_every_s, remote.ledger.push)

@@ -24,7 +24,6 @@ import hashlib
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -128,6 +127,8 @@ class ObjectStore:
         self.state_dir = state_dir
         self._temps = TempArea(state_dir / TEMP_DIR)
         self.conditional = "s3" in _protocols(fs)  # writes that fail if the key exists / moved
+        from concurrent.futures import ThreadPoolExecutor  # only a bucket's store needs it
+
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-call")
 
     # -- the Store interface --
