@@ -62,10 +62,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 BASELINE = BENCH / "peer_baseline.py"
 PEERS = {"baseline": BASELINE, "aiohttp": BENCH / "peer_aiohttp.py",
-         "cookbook": BENCH / "peer_cookbook.py"}  # fmt: skip
-CLIENTS = ("batchimg", "baseline", "aiohttp", "cookbook")
+         "durable": BENCH / "peer_aiohttp.py", "cookbook": BENCH / "peer_cookbook.py"}  # fmt: skip
+CLIENTS = ("batchimg", "baseline", "aiohttp", "durable", "cookbook")
 LABELS = {"batchimg": "batchimg", "baseline": "SDK baseline", "aiohttp": "bare aiohttp loop",
-          "cookbook": "cookbook script"}  # fmt: skip
+          "durable": "bare loop + fsync", "cookbook": "cookbook script"}  # fmt: skip
 SCENARIOS = ("startup", "overhead", "payload", "manifest", "scale", "ratelimit")
 # Reads a manifest a line at a time and parses each line: what validate and estimate must do.
 BARE_PARSE = (
@@ -163,7 +163,8 @@ def client_cmd(client: str, manifest: Path, out: Path, base_url: str, concurrenc
     if client == "batchimg":
         return batchimg_cmd(manifest, out, base_url, "--concurrency", str(concurrency))
     return [sys.executable, str(PEERS[client]), str(manifest), str(out), "--base-url", base_url,
-            "--concurrency", str(concurrency)]  # fmt: skip
+            "--concurrency", str(concurrency),
+            *(["--durable"] if client == "durable" else [])]  # fmt: skip
 
 
 def peer_ok(stdout: str) -> int:
