@@ -208,19 +208,32 @@ class PriceTable:
             return None
         n = _n(params)
         worst: Bound | None = None
-        for quality in specs.quality_choices(params, self.catalog):
-            for size in specs.size_choices(params, self.catalog):
-                choice = {**params, "quality": quality, "size": size}
-                per_image = self._output_bound(spec, choice, quality, size, book)
-                if per_image is None:
-                    return None
-                tokens, basis = per_image
-                cost = self._cost(spec, text, image, tokens * n, quality, size, n)
-                if cost is None:
-                    return None
-                if worst is None or cost > worst.cost_usd:
-                    worst = Bound(cost, basis)
+        for quality, size in self._choices(params):
+            per_image = self._output_bound(spec, params, quality, size, book)
+            if per_image is None:
+                return None
+            tokens, basis = per_image
+            cost = self._cost(spec, text, image, tokens * n, quality, size, n)
+            if cost is None:
+                return None
+            if worst is None or cost > worst.cost_usd:
+                worst = Bound(cost, basis)
         return worst
+
+    def _choices(self, params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        """Every (quality, size) a request may be answered at (`auto` as each it may become)."""
+        memo = self.catalog.memo("choices")
+        shape = specs.request_shape(params)
+        found = memo.get(shape)
+        if found is None:
+            found = tuple(
+                (quality, size)
+                for quality in specs.quality_choices(params, self.catalog)
+                for size in specs.size_choices(params, self.catalog)
+            )
+            if len(memo) < 4096:
+                memo[shape] = found
+        return found
 
     def worst_case_usd(
         self, params: Mapping[str, Any], image_tokens: int = 0, book: TokenBook | None = None
@@ -236,14 +249,16 @@ class PriceTable:
         size: str,
         book: TokenBook | None,
     ) -> tuple[int, Literal["published", "learned", "ceiling"]] | None:
-        """Output tokens one image can use at most, and what says so."""
+        """Output tokens one image can use at most, and what says so (`params` as asked:
+        `quality` and `size` are the choice weighed)."""
         published = self._published_output(spec, quality, size)
         if published is not None:
             return published, "published"
+        choice = {**params, "quality": quality, "size": size}
         learned: Learned | None = None
         if book is not None:
-            learned = book.get(request_group(params, self.catalog))
-        ceiling = self.ceiling(spec, params, quality, size)
+            learned = book.get(request_group(choice, self.catalog))
+        ceiling = self.ceiling(spec, choice, quality, size)
         if learned is not None and learned.samples:
             bound = int(learned.high * (1 + LEARNED_MARGIN)) + 1
             if ceiling is not None and learned.high <= ceiling and ceiling < bound:

@@ -168,6 +168,23 @@ def request_shape(params: Mapping[str, Any]) -> tuple[Any, ...]:
     return shape
 
 
+def produced(params: Mapping[str, Any], catalog: Catalog) -> tuple[str, str | None, int | None]:
+    """What a request's answer will be (its format, complexity and frames), as the ledger
+    records it: asked for every item, worked out once per request shape."""
+    memo = catalog.memo("produced")
+    shape = request_shape(params)
+    found = memo.get(shape)
+    if found is None:
+        found = (
+            output_format(params, catalog),
+            resolved_complexity(params, catalog),
+            resolved_frames(params, catalog),
+        )
+        if len(memo) < 4096:
+            memo[shape] = found
+    return found
+
+
 def max_image_bytes(params: Mapping[str, Any], catalog: Catalog | None = None) -> int:
     """The most one image of this request can weigh, from its size, format and frames: what is
     read of it (a download, a decoded b64_json) stops there, so no answer can exhaust memory

@@ -79,7 +79,7 @@ def item_record(
     echo = answer.echo if answer else {}
     files = files or []
     # The format asked for, which check_image verified the bytes against (not what an answer says).
-    fmt = specs.output_format(params, catalog) if params else None
+    fmt, complexity, frames = specs.produced(params, catalog) if params else (None, None, None)
     record = LedgerRecord(
         id=item.id,
         line=item.line,
@@ -91,9 +91,8 @@ def item_record(
         size=echo.get("size") or params.get("size"),
         quality=echo.get("quality") or params.get("quality"),
         output_format=fmt,
-        complexity=echo.get("complexity")
-        or (specs.resolved_complexity(params, catalog) if params else None),
-        frame_count=specs.resolved_frames(params, catalog) if params else None,
+        complexity=echo.get("complexity") or complexity,
+        frame_count=frames,
         files=[f.path for f in files],
         bytes=[f.bytes for f in files],
         sha256=[f.sha256 for f in files],
