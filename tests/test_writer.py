@@ -367,3 +367,25 @@ async def test_two_threads_publishing_one_name_keep_both_files(
     kept = [p.read_bytes() for p in (tmp_path / "images").iterdir()]
     kept += [p.read_bytes() for p in (tmp_path / ".orphans").glob("*")]
     assert sorted(kept) == sorted([first, second])
+
+
+def test_put_places_each_name_where_its_path_says_and_refuses_the_rest(tmp_path: Path) -> None:
+    # `put` finds a name's file through a per-folder cache: it must agree with `_path` (and
+    # refuse what `_path` refuses) whatever names came before.
+    store = LocalStore(tmp_path / "out")
+    names = ["images/a-0.png", "a.png", "images/./b-0.png", "images//c-0.png", "x/y/z.png",
+             "/abs.png", "/images/d.png", "../e.png", "images/../../f.png", "images/..", "",
+             "images/a-1.png", "g.png"]  # fmt: skip
+    for name in names:
+        temp = store.new_temp("t")
+        temp.write_bytes(name.encode())
+        try:
+            expected = store._path(name)
+        except ValueError:
+            with pytest.raises(ValueError):
+                store.put(name, temp)
+            temp.unlink()
+            continue
+        store.put(name, temp)
+        assert expected.read_bytes() == name.encode()
+    assert not (tmp_path / "abs.png").exists() and not (tmp_path / "e.png").exists()

@@ -61,6 +61,7 @@ class LocalStore:
         self._dirs: set[str] = set()
         #: Temp files `write_temp` made durable already: `put` need not fsync them again.
         self._synced: set[str] = set()
+        self._parents: dict[str, str] = {}  # a name's folder -> its directory, checked
 
     @property
     def location(self) -> str:
@@ -92,19 +93,30 @@ class LocalStore:
         return self.root.joinpath(*parts)
 
     def put(self, name: str, temp: Path) -> None:
-        final = self._path(name)
+        final = self._file(name)
         try:
             self._synced.remove(str(temp))
         except KeyError:  # written by someone else (a spooled answer): not synced yet
             fsync_path(str(temp), os.O_RDONLY)
-        parent = str(final.parent)
+        parent = final.rpartition("/")[0]
         with self._lock:  # look-then-rename: one thread at a time
             if parent not in self._dirs:
-                final.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(parent, exist_ok=True)
                 self._dirs.add(parent)
-            if os.path.lexists(str(final)):
-                self._set_aside(final)
+            if os.path.lexists(final):
+                self._set_aside(Path(final))
             os.replace(temp, final)
+
+    def _file(self, name: str) -> str:
+        """`_path(name)` as a string, its directory checked once per folder (a put per image)."""
+        folder, _, file = name.rpartition("/")
+        parent = None if name.startswith("/") else self._parents.get(folder)
+        if parent is None or file in ("", ".", ".."):
+            path = self._path(name)  # ValueError for a name that would leave the directory
+            if file not in ("", ".", ".."):
+                self._parents[folder] = str(path.parent)
+            return str(path)
+        return f"{parent}/{file}"
 
     def sync(self) -> None:
         with self._lock:
