@@ -145,7 +145,7 @@ class PriceTable:
                 f"usage says {counts.output:,} output tokens, over {IMPLAUSIBLE_FACTOR}x the "
                 f"most such a request can use ({most:,}): not believed"
             )
-        rates = _Rates.of(prices.per_1m_tokens)
+        rates = _rates(prices.per_1m_tokens)
         usd = (
             (counts.text_in - counts.cached_text_in) * rates.text_in
             + counts.cached_text_in * rates.text_in_cached
@@ -170,8 +170,7 @@ class PriceTable:
         prompt = params.get("prompt")
         text = specs.estimate_text_tokens(prompt) if isinstance(prompt, str) else 0
         spec = self.catalog.spec(str(params.get("model") or ""))
-        quality = specs.resolved_quality(params, self.catalog)
-        size = specs.resolved_size(params, self.catalog)
+        quality, size = self._resolved(params)
         inputs = text + image_tokens
         published = self._published_output(spec, quality, size)
         if published is not None:
@@ -219,6 +218,18 @@ class PriceTable:
             if worst is None or cost > worst.cost_usd:
                 worst = Bound(cost, basis)
         return worst
+
+    def _resolved(self, params: Mapping[str, Any]) -> tuple[str, str]:
+        """The quality and size a request will most likely be answered at (once per shape)."""
+        memo = self.catalog.memo("resolved")
+        shape = specs.request_shape(params)
+        found = memo.get(shape)
+        if found is None:
+            found = (specs.resolved_quality(params, self.catalog),
+                     specs.resolved_size(params, self.catalog))  # fmt: skip
+            if len(memo) < 4096:
+                memo[shape] = found
+        return found
 
     def _choices(self, params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         """Every (quality, size) a request may be answered at (`auto` as each it may become)."""
@@ -336,7 +347,7 @@ class PriceTable:
         if prices is None:
             return None
         per_image = prices.per_image.get((quality, size))
-        rates = _Rates.of(prices.per_1m_tokens) if prices.per_1m_tokens is not None else None
+        rates = _rates(prices.per_1m_tokens) if prices.per_1m_tokens is not None else None
         if per_image is not None:  # per-image price known: it covers the output
             usd = per_image * n
             if rates is not None:
@@ -362,6 +373,22 @@ class _Rates(NamedTuple):
         text = table["text_in"]
         return cls(text, table.get("text_in_cached", text), table.get("image_in", text),
                    table["image_out"])  # fmt: skip
+
+
+#: Each price table's rates, as read once: tables live as long as their catalog, which is kept
+#: in the value so its id cannot be reused while the entry stands.
+_RATES: dict[int, tuple[Mapping[str, float], _Rates]] = {}
+
+
+def _rates(table: Mapping[str, float]) -> _Rates:
+    found = _RATES.get(id(table))
+    if found is not None and found[0] is table:
+        return found[1]
+    rates = _Rates.of(table)
+    if len(_RATES) > 1024:
+        _RATES.clear()
+    _RATES[id(table)] = (table, rates)
+    return rates
 
 
 def _n(params: Mapping[str, Any]) -> int:
