@@ -212,13 +212,16 @@ def run(
             mode: Mode = "quiet" if quiet else "live" if sys.stderr.isatty() else "lines"
             view = ProgressView(mode=mode, total=count_items(path), log_every_s=log_every_s,
                                 log_format=log_format)  # fmt: skip
+            collecting = gc.isenabled()
             gc.disable()  # the engine's modules load with no collector pass over them
-            from .api import arun  # the engine: only for a run
-
-            # What start-up made (modules, classes) lives for the whole run: keep it out of
-            # every garbage collection, which otherwise walks it again and again on a long run.
-            gc.freeze()
-            gc.enable()
+            try:
+                from .api import arun  # the engine: only for a run
+            finally:
+                # What start-up made (modules, classes) lives for the whole run: keep it out of
+                # every collection, which otherwise walks it again and again on a long run.
+                gc.freeze()
+                if collecting:
+                    gc.enable()
             try:
                 import anyio
 

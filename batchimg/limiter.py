@@ -48,7 +48,7 @@ def parse_go_duration(value: str | None) -> float | None:
     """Seconds in a Go-style duration (`1s`, `6m0s`, `12ms`, `1m30.5s`); None if not one."""
     if not value:
         return None
-    return _go_duration(value)
+    return _go_duration(value) if len(value) <= 32 else _go_duration.__wrapped__(value)
 
 
 @functools.lru_cache(maxsize=1024)  # every answer brings three; most repeat

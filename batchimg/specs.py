@@ -161,11 +161,13 @@ def request_shape(params: Mapping[str, Any]) -> tuple[Any, ...]:
     """A hashable key of the fields that decide what a request produces (not its prompt), for
     memos of what follows from them: items of one manifest share a handful of shapes."""
     shape = tuple(map(params.get, _SHAPE_FIELDS))
-    try:
-        hash(shape)
-    except TypeError:  # a list or an object where a value belongs: keyed by its text
-        return tuple(repr(v) if isinstance(v, (list, dict)) else v for v in shape)
-    return shape
+    kinds = tuple(map(type, shape))  # 1, 1.0 and True are one key otherwise
+    if all(kind in _PLAIN for kind in kinds):
+        return shape + kinds
+    return tuple(repr(v) if type(v) not in _PLAIN else v for v in shape) + kinds
+
+
+_PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
 def produced(params: Mapping[str, Any], catalog: Catalog) -> tuple[str, str | None, int | None]:

@@ -50,28 +50,8 @@ def _count(value: Any, where: str) -> int | UsageProblem:
     return value
 
 
-#: Usages read lately and what each gave: an answer's usage is read by several parts of the
-#: engine (the limiter, the price, the summary, the token book), the same object each time.
-#: Keyed by identity (the object is kept, so its id cannot be reused); JSON answers only, which
-#: nothing changes once parsed.
-_recent: dict[int, tuple[Any, Usage | UsageProblem]] = {}
-_RECENT = 256
-
-
 def read_usage(raw: Any) -> Usage | UsageProblem:
     """The counts in an answer's `usage`, or why they cannot be believed."""
-    seen = _recent.get(id(raw))
-    if seen is not None and seen[0] is raw:
-        return seen[1]
-    counts = _read_usage(raw)
-    if type(raw) is dict:
-        if len(_recent) >= _RECENT:
-            del _recent[next(iter(_recent))]  # the oldest
-        _recent[id(raw)] = (raw, counts)
-    return counts
-
-
-def _read_usage(raw: Any) -> Usage | UsageProblem:
     if raw is None:
         return UsageProblem("the answer has no usage")
     if not isinstance(raw, Mapping):

@@ -89,6 +89,8 @@ def test_the_package_names_resolve_on_first_use() -> None:
         "from batchimg import RunOptions, run\n"
         "assert 'batchimg.api' in sys.modules and run is batchimg.run\n"
         "assert set(batchimg.__all__) <= set(dir(batchimg))\n"
+        "assert batchimg.ledger.read_ledger is batchimg.read_ledger\n"  # submodules resolve
+        "assert batchimg.specs.request_shape and '__version__' in dir(batchimg)\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -129,15 +131,20 @@ def test_request_shape_keys_requests_by_what_they_produce() -> None:
     odd = request_shape({"model": "m", "size": [1024, 1024], "quality": {"q": 1}})
     hash(odd)  # lists and objects (which validation refuses later) still make a key
     assert odd[1] == "[1024, 1024]"
+    # A value's type is part of the key: n=True is not n=1 (validation decides what is legal).
+    assert len({request_shape({"n": v}) for v in (1, 1.0, True)}) == 3
 
 
-def test_usage_read_twice_gives_the_same_counts_and_each_dict_its_own() -> None:
+def test_usage_is_read_from_what_the_dict_holds_now() -> None:
     first = {"input_tokens": 10, "output_tokens": 100}
     second = {"input_tokens": 20, "output_tokens": 200}
     a, b, a_again = read_usage(first), read_usage(second), read_usage(first)
     assert isinstance(a, Usage) and isinstance(b, Usage)
     assert (a.output, b.output) == (100, 200) and a_again == a
     assert isinstance(read_usage({"input_tokens": 1}), UsageProblem)
+    first["output_tokens"] = 300  # a caller's dict, changed: read again, not remembered
+    again = read_usage(first)
+    assert isinstance(again, Usage) and again.output == 300
     for n in range(300):  # past the memo's size: still right
         counts = read_usage({"output_tokens": n})
         assert isinstance(counts, Usage) and counts.output == n

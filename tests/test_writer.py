@@ -389,3 +389,18 @@ def test_put_places_each_name_where_its_path_says_and_refuses_the_rest(tmp_path:
         store.put(name, temp)
         assert expected.read_bytes() == name.encode()
     assert not (tmp_path / "abs.png").exists() and not (tmp_path / "e.png").exists()
+
+
+def test_a_temp_fsynced_as_written_is_named_so_and_put_like_any_other(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    class Recording(LocalStore):
+        def put(self, name: str, temp: Path) -> None:
+            calls.append(temp.name)
+            super().put(name, temp)
+
+    store = Recording(tmp_path / "out")
+    ImageWriter(store).save("cat", [PNG], "png")
+    assert len(calls) == 1 and calls[0].endswith(local_store.SYNCED_SUFFIX)
+    assert (tmp_path / "out" / "images" / "cat-0.png").read_bytes() == PNG
+    assert list(store.temp_dir.iterdir()) == []

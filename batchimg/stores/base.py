@@ -13,8 +13,8 @@ Implementations:
   it, and `sync` has nothing left to do.
 
 Optional tuning a store may declare (the engine reads them if present): `write_temp(hint,
-data)` (a new temp file holding `data`, made durable now, so `put` need not sync it again: a
-local directory), `writer_threads` and
+data)` (a new temp file holding `data`, made durable as it is written, which `put` then need
+not sync again: a local directory), `writer_threads` and
 `writer_batch` (the writer threads, and the most items each takes at a time), `upload_queue`
 (items that may wait on the store beyond the requests in flight, in units of --concurrency),
 and `park(name, temp)` / `hold(record)` (keep a refused, paid-for file and its item's line for

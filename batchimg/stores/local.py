@@ -13,6 +13,7 @@ from typing import IO, BinaryIO
 
 TEMP_DIR = ".tmp"  # the temp area, hidden from dataset loaders (same filesystem: put renames)
 ORPHANS_DIR = ".orphans"  # where files found under a name being put are set aside
+SYNCED_SUFFIX = ".synced"  # ends the name of a temp file fsynced as it was written
 
 
 class TempArea:
@@ -51,6 +52,8 @@ def aside_name(name: str) -> str:
 class LocalStore:
     """A directory as a `Store` (see `base`)."""
 
+    writer_threads = 1  # see writer.BatchedWriter
+
     def __init__(self, root: Path, *, temp_dir: Path | None = None) -> None:
         """`temp_dir`: the temp area, if not `root/.tmp` (on the same filesystem: put renames)."""
         self.root = root
@@ -59,8 +62,6 @@ class LocalStore:
         #: Directories put into: `sync` fsyncs each (not only those changed since the last
         #: sync, which another thread's sync may be fsyncing right now, not yet done).
         self._dirs: set[str] = set()
-        #: Temp files `write_temp` made durable already: `put` need not fsync them again.
-        self._synced: set[str] = set()
         self._parents: dict[str, str] = {}  # a name's folder -> its directory, checked
 
     @property
@@ -78,11 +79,11 @@ class LocalStore:
         return self._temps.new(hint)
 
     def write_temp(self, hint: str, data: bytes) -> Path:
-        """A new temp file holding `data`, fsynced through the descriptor that wrote it (so
-        `put` does not open it again to sync it). Raises OSError, leaving no file behind."""
-        temp = str(self.new_temp(hint))
+        """A new temp file holding `data`, fsynced through the descriptor that wrote it; its
+        name says so (`SYNCED_SUFFIX`), and `put` does not open it again to sync it. Raises
+        OSError, leaving no file behind."""
+        temp = f"{self.new_temp(hint)}{SYNCED_SUFFIX}"
         write_new(temp, data, sync=True)
-        self._synced.add(temp)
         return Path(temp)
 
     def _path(self, name: str) -> Path:
@@ -94,9 +95,7 @@ class LocalStore:
 
     def put(self, name: str, temp: Path) -> None:
         final = self._file(name)
-        try:
-            self._synced.remove(str(temp))
-        except KeyError:  # written by someone else (a spooled answer): not synced yet
+        if not str(temp).endswith(SYNCED_SUFFIX):  # not `write_temp`'s (a spooled answer)
             fsync_path(str(temp), os.O_RDONLY)
         parent = final.rpartition("/")[0]
         with self._lock:  # look-then-rename: one thread at a time
