@@ -334,9 +334,10 @@ class BatchedWriter:
                 job.error = _storage_error(exc)
         try:
             store.sync()  # one sync makes the whole batch durable
-        except StorageError as exc:
+        except Exception as exc:  # whatever a store raises, every item here gets an answer
+            error = _storage_error(exc)
             for job in batch:
-                job.error = job.error or exc
+                job.error = job.error or error
         by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         for job in batch:
             by_loop.setdefault(job.loop, []).append(job)

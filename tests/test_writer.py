@@ -404,3 +404,16 @@ def test_a_temp_fsynced_as_written_is_named_so_and_put_like_any_other(tmp_path: 
     assert len(calls) == 1 and calls[0].endswith(local_store.SYNCED_SUFFIX)
     assert (tmp_path / "out" / "images" / "cat-0.png").read_bytes() == PNG
     assert list(store.temp_dir.iterdir()) == []
+
+
+async def test_a_store_whose_sync_breaks_oddly_fails_the_batch_instead_of_hanging(
+    tmp_path: Path,
+) -> None:
+    class OddSync(LocalStore):
+        def sync(self) -> None:
+            raise RuntimeError("the store's own bug")
+
+    writer = BatchedWriter(ImageWriter(OddSync(tmp_path / "out")), threads=1)
+    with anyio.fail_after(10), pytest.raises(StorageError, match="the store's own bug"):
+        await writer.save("cat", [PNG], "png")
+    writer.close()
