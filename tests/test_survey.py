@@ -1,5 +1,6 @@
 """The survey `validate` and `estimate` read manifests with: it must judge every line as the
-loader does (same verdicts, reasons, line numbers and warnings)."""
+loader does (same verdicts, reasons, line numbers and warnings), and the estimate built on it
+must add up to what pricing each line on its own gives, to the last bit."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import orjson
 import pytest
 
 from batchimg import specs
+from batchimg.catalog import Catalog
+from batchimg.estimate import EstimateGroup, ManifestEstimate, estimate_manifest
 from batchimg.manifest import (
     BadLine,
     Defaults,
@@ -21,6 +24,8 @@ from batchimg.manifest import (
     read_manifest,
     survey_manifest,
 )
+from batchimg.pricing import PriceTable
+from batchimg.tokens import TokenBook, request_group
 from tests.test_manifest import write_lines
 
 LAMP = Path(__file__).resolve().parent.parent / "jobs" / "edit-inputs" / "lamp.jpg"
@@ -265,3 +270,157 @@ def test_a_verdict_allows_exactly_the_prompts_check_lets_through(prompt: Any) ->
         else:
             passes = True
         assert verdict.allows(prompt) is passes
+
+
+# --- the estimate ---------------------------------------------------------------------------
+
+
+def per_line_estimate(
+    path: Path, defaults: Defaults | None = None, book: TokenBook | None = None
+) -> ManifestEstimate:
+    """The estimate as it was computed before lines were priced once per kind: every line
+    through the loader and the price table, and every sum added in line order."""
+    catalog = Catalog.default()
+    table = PriceTable(catalog)
+    book = book or TokenBook()
+    result = ManifestEstimate(price_table=table.name, learned_groups=len(book))
+    for entry in read_manifest(path, defaults, catalog=catalog, warn=result.warnings.append):
+        if isinstance(entry, BadLine):
+            result.bad_lines += 1
+            continue
+        params = entry.params
+        key = request_group(params, catalog)._replace(model=entry.model)
+        estimate = table.estimate(params, entry.image_tokens, book)
+        group = result.groups.get(key)
+        if group is None:
+            batchable = "batch" in catalog.spec(entry.model).endpoints
+            group = result.groups[key] = EstimateGroup(
+                *key,
+                basis=estimate.basis,
+                batchable=batchable,
+                batch_multiplier=catalog.batch_multiplier,
+            )
+        group.samples = max(group.samples, estimate.samples)
+        group.items += 1
+        group.images += estimate.images
+        group.input_tokens += estimate.input_tokens
+        result.items += 1
+        result.images += estimate.images
+        result.input_tokens += estimate.input_tokens
+        if table.prices(entry.model) is None:
+            group.unpriced = True
+            group.cost_usd = None
+            result.unpriced_items += 1
+            continue
+        if estimate.basis == "unknown":
+            bound = table.worst_case_usd(params, entry.image_tokens)
+            group.cost_usd = None
+            group.max_usd = (
+                None if bound is None or group.max_usd is None else group.max_usd + bound
+            )
+            result.unknown_max_usd = (
+                None
+                if bound is None or result.unknown_max_usd is None
+                else result.unknown_max_usd + bound
+            )
+            result.unknown_items += 1
+            continue
+        low, high = estimate.output_range or (estimate.output_tokens, estimate.output_tokens)
+        cost_low, cost_high = estimate.cost_range_usd or (estimate.cost_usd, estimate.cost_usd)
+        group.output_tokens += estimate.output_tokens
+        group.output_low += low
+        group.output_high += high
+        result.output_tokens += estimate.output_tokens
+        if estimate.cost_usd is None or cost_low is None or cost_high is None:
+            group.cost_usd = None
+            result.unpriced_items += 1
+            continue
+        if group.cost_usd is not None:
+            group.cost_usd += estimate.cost_usd
+        group.cost_low_usd += cost_low
+        group.cost_high_usd += cost_high
+        result.total_cost_usd += estimate.cost_usd
+        if group.batchable:
+            result.batch_cost_usd += estimate.cost_usd * catalog.batch_multiplier
+        else:
+            result.batch_cost_usd += estimate.cost_usd
+            result.not_batchable_items += 1
+        result.cost_low_usd += cost_low
+        result.cost_high_usd += cost_high
+    return result
+
+
+def learned_book(tmp_path: Path) -> Path:
+    """A ledger to learn gpt-image-2's counts from, for two of its groups."""
+    ledger = tmp_path / "earlier" / "ledger.jsonl"
+    ledger.parent.mkdir()
+    records = [
+        {"id": f"r{i}", "status": "ok", "model": "gpt-image-2", "n": 1, "size": size,
+         "quality": quality, "output_format": "png", "files": [f"r{i}.png"],
+         "usage": {"input_tokens": 10, "output_tokens": out, "total_tokens": 10 + out,
+                   "input_tokens_details": {"text_tokens": 10, "image_tokens": 0}}}
+        for i, (size, quality, out) in enumerate(
+            [("1024x1024", "low", 300), ("1024x1024", "low", 350), ("1024x1536", "medium", 1511)]
+        )
+    ]  # fmt: skip
+    ledger.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    return ledger.parent
+
+
+def varied_lines(count: int) -> list[dict[str, Any] | str]:
+    """Many lines of many kinds: published, learned, unknown and unpriced groups, models the
+    Batch API refuses, prompts of many lengths, bad lines among them."""
+    models = ["gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "dall-e-3", "gpt-image-2",
+              "my-model"]  # fmt: skip
+    sizes = ["1024x1024", "1536x1024", "1024x1536", "auto"]
+    qualities = ["low", "medium", "high", "auto"]
+    lines: list[dict[str, Any] | str] = []
+    for i in range(count):
+        model = models[i % len(models)]
+        line: dict[str, Any] = {
+            "model": model,
+            "prompt": "a lighthouse " + "at dusk " * (i % 23) + ("caf\u00e9" if i % 5 else ""),
+            "size": sizes[i // 6 % 4],
+            "quality": qualities[i // 24 % 4],
+        }
+        if model == "dall-e-3":
+            line.update(size="1024x1024", quality="hd" if i % 2 else "standard")
+        if i % 7 == 0 and model != "dall-e-3":
+            line["n"] = 2
+        if i % 101 == 0:
+            line["quality"] = "bogus"
+        lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize("learned", [False, True], ids=["no-ledger", "ledger"])
+def test_the_estimate_adds_up_to_pricing_every_line_on_its_own(
+    tmp_path: Path, learned: bool
+) -> None:
+    path = write_lines(tmp_path / "m.jsonl", varied_lines(3000))
+    ledgers = [learned_book(tmp_path)] if learned else []
+    book = TokenBook.from_ledgers([p / "ledger.jsonl" for p in ledgers], Catalog.default())
+    expected = per_line_estimate(path, book=book)
+    got = estimate_manifest(path, ledgers=ledgers)
+    got_json, expected_json = got.as_json(), expected.as_json()
+    got_json.pop("learned_from")
+    expected_json.pop("learned_from")
+    assert got_json == expected_json
+    # Not just rounded alike: every sum the same to the last bit.
+    assert got.groups == expected.groups
+    for name in ("total_cost_usd", "batch_cost_usd", "cost_low_usd", "cost_high_usd",
+                 "unknown_max_usd"):  # fmt: skip
+        assert getattr(got, name) == getattr(expected, name), name
+    kinds = {g.basis for g in got.groups.values()}
+    assert kinds == ({"published", "unknown", "learned"} if learned else {"published", "unknown"})
+    assert got.bad_lines and got.unpriced_items and got.not_batchable_items
+
+
+def test_the_estimate_is_exact_past_the_lines_it_holds_at_once(tmp_path: Path) -> None:
+    # Over 65,536 kinds of line (each with its own `user`): counts are folded in as it goes.
+    lines: list[dict[str, Any] | str] = [
+        {"model": "gpt-image-1", "prompt": "p" * (1 + i % 40), "quality": "low", "user": f"u{i}"}
+        for i in range(66_000)
+    ]
+    path = write_lines(tmp_path / "m.jsonl", lines)
+    assert estimate_manifest(path) == per_line_estimate(path)
