@@ -3,17 +3,18 @@
 The loader must remember every id it has seen (duplicates are errors) and resume must remember
 every id already done; for a manifest of millions of lines a plain set would grow memory by
 hundreds of megabytes. Each id is hashed to 64 bits (Python's own string hash, SipHash with a
-key drawn per process: the set lives only in memory): 40 bits are stored, in slots of 5 bytes
-grouped into buckets of 32, and the other 24 pick the bucket (so they need not be stored). A
-full bucket spills into the next one. A lookup compares its 40 bits against the ~30 entries of
-the bucket it reads, so a false "already there" has odds of a few times 1e-11 a lookup: about
-1e-4 over a million-line manifest.
+key drawn per process: the set lives only in memory): 40 bits are stored, and the other 24
+pick the bucket (so they need not be stored). A bucket is one `bytes` object holding its ids'
+5-byte fingerprints end to end, about 64 of them when the set holds as many ids as it was
+sized for: a lookup is one `in` over a few hundred bytes, an add one concatenation, so the
+Python-level work per id is a handful of operations. A false "already there" needs another
+id with the same 64 bits but for the bucket's 24 among the ~64 in its bucket: odds of about
+6e-11 a lookup, 6e-5 over a million-line manifest.
 
 Because the bucket bits are not stored, a table cannot be rehashed into a bigger one. Sized
-from a hint (the caller counts lines first), it never needs to be; when more ids come than the
-hint promised, a new table four times the size is chained after it and takes the new ids.
-Buckets of 32 keep probes short at 90 % load: a lookup reads about one bucket (160 bytes) and
-searches it with `bytes.find`, so the Python-level work per id is a handful of calls.
+from a hint (the caller counts lines first), it never needs to be; when twice as many ids come
+as the hint promised, a new table four times the size is chained after it and takes the new
+ids.
 """
 
 from __future__ import annotations
@@ -25,135 +26,84 @@ import sys
 from hashlib import blake2b
 
 _WIDTH = 5  # bytes stored per id
-_PER_BUCKET = 32
-_BUCKET = _WIDTH * _PER_BUCKET
-_EMPTY = bytes(_WIDTH)  # never stored: an all-zero hash is remapped, like a tombstone's
-_DELETED = b"\xff" * _WIDTH
-_MAX_LOAD = 0.9
-_HASH_BITS = sys.hash_info.width
+_PER_BUCKET = 64  # ids a bucket holds on average when its table is as full as it was sized
+_OVERFILL = 2  # a table takes this many times its size in ids before a bigger one is chained
+_STORED = (1 << 8 * _WIDTH) - 1
+_NATIVE = sys.hash_info.width == 64  # else the string hash is too short: a slower digest
 
 
-def _hash(key: str) -> tuple[bytes, int]:
-    """(the 5 bytes stored, the number that picks the bucket)."""
-    if _HASH_BITS == 64:
-        h = hash(key) & 0xFFFF_FFFF_FFFF_FFFF
-    else:  # a 32-bit build: its string hash is too short, so a slower 64-bit digest
-        h = int.from_bytes(blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
-    stored = (h & 0xFF_FFFF_FFFF).to_bytes(_WIDTH, "little")
-    if stored in (_EMPTY, _DELETED):  # reserved markers
-        stored = b"\x01" + stored[1:]
-    return stored, h >> 40
+def _hash(key: str) -> int:
+    """64 bits of the key: the low 40 stored, the high 24 pick the bucket."""
+    if _NATIVE:
+        return hash(key) & 0xFFFF_FFFF_FFFF_FFFF
+    return int.from_bytes(blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def _aligned_find(chunk: bytes | bytearray, pattern: bytes) -> int:
-    """Offset of pattern at a slot boundary in chunk, or -1."""
-    i = chunk.find(pattern)
+def _aligned_find(bucket: bytes, stored: bytes) -> int:
+    """Offset of `stored` at a slot boundary of `bucket`, or -1."""
+    i = bucket.find(stored)
     while i > 0 and i % _WIDTH:
-        i = chunk.find(pattern, i + 1)
+        i = bucket.find(stored, i + 1)
     return i
-
-
-class _Table:
-    """A fixed-size table of 5-byte slots in buckets; never resized.
-
-    A bucket's slots fill from the left and never empty again (a discarded id leaves a
-    tombstone), so one byte a bucket, `used`, says where its first empty slot is: a lookup
-    searches only the used part, and stops at the first bucket that is not full.
-    """
-
-    __slots__ = ("buckets", "capacity", "data", "filled", "limit", "tombstones", "used")
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self.buckets = math.ceil(self.capacity / _MAX_LOAD / _PER_BUCKET)
-        self.data = bytearray(self.buckets * _BUCKET)
-        self.used = bytearray(self.buckets)
-        # Used slots stay below the slot count: every probe meets a bucket that is not full.
-        slots = self.buckets * _PER_BUCKET
-        self.limit = min(int(slots * _MAX_LOAD), slots - 1)
-        self.filled = 0
-        self.tombstones = 0
-
-    def find(self, stored: bytes, h: int) -> int:
-        """Offset of the id's slot, or -1."""
-        data, used, buckets = self.data, self.used, self.buckets
-        bucket = h % buckets
-        while True:
-            count = used[bucket]
-            start = bucket * _BUCKET
-            if count:
-                chunk = data[start : start + count * _WIDTH]
-                if (i := _aligned_find(chunk, stored)) >= 0:
-                    return start + i
-            if count < _PER_BUCKET:
-                return -1
-            bucket = bucket + 1 if bucket + 1 < buckets else 0
-
-    def insert(self, stored: bytes, h: int) -> bool:
-        """Store an id known to be absent; False when the table is full."""
-        data, used, buckets = self.data, self.used, self.buckets
-        bucket = h % buckets
-        if self.tombstones:  # reuse the first tombstone on the id's probe path, if any
-            probe = bucket
-            while True:
-                count, start = used[probe], probe * _BUCKET
-                if (i := _aligned_find(data[start : start + count * _WIDTH], _DELETED)) >= 0:
-                    data[start + i : start + i + _WIDTH] = stored
-                    self.tombstones -= 1
-                    return True
-                if count < _PER_BUCKET:
-                    break
-                probe = probe + 1 if probe + 1 < buckets else 0
-        if self.filled >= self.limit:
-            return False
-        while used[bucket] >= _PER_BUCKET:
-            bucket = bucket + 1 if bucket + 1 < buckets else 0
-        offset = bucket * _BUCKET + used[bucket] * _WIDTH
-        data[offset : offset + _WIDTH] = stored
-        used[bucket] += 1
-        self.filled += 1
-        return True
 
 
 class IdSet:
     """A set of strings supporting add, discard and membership; iteration is not offered."""
 
     def __init__(self, capacity: int = 1024) -> None:
-        self._tables = [_Table(capacity)]
+        self._older: list[list[bytes]] = []  # tables that took as many ids as they could
+        self._new_table(capacity)
         self._len = 0
+
+    def _new_table(self, capacity: int) -> None:
+        """Start a table for about `capacity` ids, which takes the ids added from now on."""
+        self._table = [b""] * math.ceil(max(1, capacity) / _PER_BUCKET)
+        self._buckets = len(self._table)
+        self._room = _OVERFILL * max(1, capacity)  # ids it takes before a bigger one follows
 
     def __len__(self) -> int:
         return self._len
 
-    def _locate(self, stored: bytes, h: int) -> tuple[_Table, int] | None:
-        for table in self._tables:
-            if (offset := table.find(stored, h)) >= 0:
-                return table, offset
+    def _locate(self, key: str) -> tuple[list[bytes], int, int] | None:
+        """(the table, the bucket, the offset in it) of a member; None if not one."""
+        h = _hash(key)
+        stored = (h & _STORED).to_bytes(_WIDTH, "little")
+        for table in (*self._older, self._table):
+            index = (h >> 40) % len(table)
+            bucket = table[index]
+            if stored in bucket and (offset := _aligned_find(bucket, stored)) >= 0:
+                return table, index, offset
         return None
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._locate(*_hash(key)) is not None
+        return isinstance(key, str) and self._locate(key) is not None
 
     def add(self, key: str) -> bool:
         """Add key; True if it was not there before."""
-        stored, h = _hash(key)
-        tables = self._tables
-        for table in tables:
-            if table.find(stored, h) >= 0:
-                return False
-        if not tables[-1].insert(stored, h):
-            table = _Table(tables[-1].capacity * 4)
-            tables.append(table)
-            table.insert(stored, h)
+        if self._older and self._locate(key) is not None:
+            return False
+        # `_hash` and `_locate`, inline: this runs for every line of a manifest
+        h = hash(key) & 0xFFFF_FFFF_FFFF_FFFF if _NATIVE else _hash(key)
+        stored = (h & _STORED).to_bytes(_WIDTH, "little")
+        table = self._table
+        index = (h >> 40) % self._buckets
+        bucket = table[index]
+        if stored in bucket and _aligned_find(bucket, stored) >= 0:
+            return False
+        table[index] = bucket + stored
         self._len += 1
+        self._room -= 1
+        if not self._room:
+            self._older.append(table)
+            self._new_table(self._buckets * _PER_BUCKET * 4)
         return True
 
     def discard(self, key: str) -> None:
-        located = self._locate(*_hash(key))
+        located = self._locate(key)
         if located is not None:
-            table, offset = located
-            table.data[offset : offset + _WIDTH] = _DELETED
-            table.tombstones += 1
+            table, index, offset = located
+            bucket = table[index]
+            table[index] = bucket[:offset] + bucket[offset + _WIDTH :]
             self._len -= 1
 
 

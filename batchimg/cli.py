@@ -346,7 +346,7 @@ def validate(manifest: Path, defaults: Defaults, catalog: Path | None) -> None:
     Prints each problem as MANIFEST:LINE: reason and each warning (a model the catalog does not
     know, a retired one) once, then a summary; exit 1 if any line is bad.
     """
-    from .manifest import BadLine, read_manifest
+    from .manifest import Refusal, survey_manifest
 
     try:
         the_catalog = load_run_catalog(catalog)
@@ -363,9 +363,11 @@ def validate(manifest: Path, defaults: Defaults, catalog: Path | None) -> None:
             check_manifest(path)
         except UsageError as exc:
             raise _usage_error(exc) from None
-        lines = read_manifest(path, defaults, catalog=the_catalog, warn=warn, inputs_dir=inputs_dir)
+        lines = survey_manifest(
+            path, defaults, catalog=the_catalog, warn=warn, inputs_dir=inputs_dir
+        )
         for entry in lines:
-            if isinstance(entry, BadLine):
+            if isinstance(entry, Refusal):
                 bad += 1
                 reason = entry.reason.removeprefix(f"line {entry.line}: ")
                 click.echo(f"{manifest}:{entry.line}: {reason}")

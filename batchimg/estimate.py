@@ -12,14 +12,14 @@ unknown, shown with the cap's upper bound (the catalog's ceiling) rather than a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog
-from .manifest import BadLine, Defaults, read_manifest
-from .pricing import PriceTable
+from .manifest import Defaults, Refusal, Shape, Surveyed, survey_manifest
+from .pricing import Estimate, PriceTable
 from .stores.remote import shown_ledger
 from .tokens import GroupKey, TokenBook, request_group
 
@@ -165,73 +165,184 @@ def estimate_manifest(
         learned_from=[shown_ledger(p) for p in paths],
         learned_groups=len(book),
     )
-    entries = read_manifest(
+    entries = survey_manifest(
         path, defaults, catalog=catalog, warn=result.warnings.append, inputs_dir=inputs_dir
     )
-    for entry in entries:
-        if isinstance(entry, BadLine):
-            result.bad_lines += 1
-            continue
-        params = entry.params
-        key = request_group(params, catalog)._replace(model=entry.model)  # as the line names it
-        estimate = table.estimate(params, entry.image_tokens, book)
+    _Tally(result, table, book).count(entries)
+    return result
+
+
+_UNPRICED, _UNKNOWN, _NO_COST, _PRICED = range(4)  # what a line adds to (see `_Tally`)
+
+
+class _Sums:
+    """A group's sums of money, added up line by line (see `_Tally`)."""
+
+    __slots__ = ("cost", "high", "low", "max_usd", "no_cost", "ranged")
+
+    def __init__(self) -> None:
+        self.cost = 0.0  # every priced line's cost, also once cost_usd is None (`no_cost`)
+        self.low = self.high = 0.0  # kept apart from `cost` once `ranged`
+        self.ranged = False
+        self.no_cost = False  # a line without a cost came: the group's cost_usd is None
+        self.max_usd: float | None = 0.0
+
+
+class _Line:
+    """What one line adds: lines of one shape whose prompts have as many bytes (and, for
+    edits, inputs as many tokens) add the same, so they are priced once and counted."""
+
+    __slots__ = ("batch_cost", "bound", "cost", "count", "estimate", "group", "kind", "range",
+                 "spread", "sums")  # fmt: skip
+
+    def __init__(self, group: EstimateGroup, sums: _Sums, estimate: Estimate, kind: int) -> None:
+        self.group = group
+        self.sums = sums
+        self.estimate = estimate
+        self.kind = kind
+        self.count = 0  # lines not yet folded into the counts
+        self.bound: float | None = None  # _UNKNOWN: the most the line can cost
+        self.cost = estimate.cost_usd or 0.0
+        self.range = estimate.cost_range_usd or (self.cost, self.cost)
+        self.spread = self.range != (self.cost, self.cost)  # a learned figure's low and high
+        self.batch_cost = self.cost * group.batch_multiplier if group.batchable else self.cost
+
+
+class _Tally:
+    """Adds priced lines up to exactly what pricing them one by one gives: each distinct line
+    is priced once and its counts multiplied out (`_fold`), while sums of money are added per
+    line, in order, as floating point needs to come out the same to the last bit. A cost's low
+    and high sums are the cost's own until a line with a range (a learned figure) comes."""
+
+    _MAX_LINES = 65536  # distinct lines held before their counts are folded in
+
+    def __init__(self, result: ManifestEstimate, table: PriceTable, book: TokenBook) -> None:
+        self.result = result
+        self.table = table
+        self.book = book
+        self.lines: dict[tuple[Shape, int, int], _Line] = {}
+        self.sums: dict[GroupKey, _Sums] = {}
+        self.low = self.high = 0.0  # the result's, kept apart from its cost once `ranged`
+        self.ranged = False
+
+    def count(self, entries: Iterable[Refusal | Surveyed]) -> None:
+        """Add up a manifest's lines (bad ones are only counted)."""
+        lines, result = self.lines, self.result
+        total = batch = 0.0  # the result's sums, kept here while they grow
+        most: float | None = 0.0  # the most the unknown lines can cost (None: no bound)
+        for entry in entries:
+            if isinstance(entry, Refusal):
+                result.bad_lines += 1
+                continue
+            shape, prompt, image_tokens = entry
+            # A prompt's cost depends only on its UTF-8 length (an ASCII one's: its length).
+            size = len(prompt) if prompt.isascii() else len(prompt.encode("utf-8"))
+            line = lines.get((shape, size, image_tokens))
+            if line is None:
+                line = lines[shape, size, image_tokens] = self._price(shape, prompt, image_tokens)
+            line.count += 1
+            if line.kind == _PRICED:
+                if line.spread or self.ranged:
+                    self._add_range(line, total)
+                line.sums.cost += line.cost
+                total += line.cost
+                batch += line.batch_cost
+            elif line.kind == _UNKNOWN:
+                bound, sums = line.bound, line.sums
+                sums.max_usd = (
+                    None if bound is None or sums.max_usd is None else sums.max_usd + bound
+                )
+                most = None if bound is None or most is None else most + bound
+        self._fold()
+        result.total_cost_usd = total
+        result.batch_cost_usd = batch
+        result.cost_low_usd = self.low if self.ranged else total
+        result.cost_high_usd = self.high if self.ranged else total
+        result.unknown_max_usd = most
+        for key, sums in self.sums.items():
+            group = result.groups[key]
+            group.cost_usd = None if sums.no_cost else sums.cost
+            group.cost_low_usd = sums.low if sums.ranged else sums.cost
+            group.cost_high_usd = sums.high if sums.ranged else sums.cost
+            group.max_usd = sums.max_usd
+
+    def _add_range(self, line: _Line, total: float) -> None:
+        """Low and high sums apart from the cost's, from the first line with a range on
+        (`total`: the cost's sum before this line)."""
+        low, high = line.range
+        sums = line.sums
+        if not sums.ranged:
+            sums.low = sums.high = sums.cost
+            sums.ranged = True
+        if not self.ranged:
+            self.low = self.high = total
+            self.ranged = True
+        sums.low += low
+        sums.high += high
+        self.low += low
+        self.high += high
+
+    def _price(self, shape: Shape, prompt: str, image_tokens: int) -> _Line:
+        if len(self.lines) >= self._MAX_LINES:
+            self._fold()
+            self.lines.clear()
+        table, catalog, result = self.table, self.table.catalog, self.result
+        params = shape.request(prompt)
+        model = str(params["model"])
+        key = request_group(params, catalog)._replace(model=model)  # as the line names it
+        estimate = table.estimate(params, image_tokens, self.book)
         group = result.groups.get(key)
         if group is None:
-            batchable = "batch" in catalog.spec(entry.model).endpoints
             group = result.groups[key] = EstimateGroup(
                 *key,
                 basis=estimate.basis,
-                batchable=batchable,
+                batchable="batch" in catalog.spec(model).endpoints,
                 batch_multiplier=catalog.batch_multiplier,
             )
-        group.samples = max(group.samples, estimate.samples)
-        group.items += 1
-        group.images += estimate.images
-        group.input_tokens += estimate.input_tokens
-        result.items += 1
-        result.images += estimate.images
-        result.input_tokens += estimate.input_tokens
-        if table.prices(entry.model) is None:
+            self.sums[key] = _Sums()
+        sums = self.sums[key]
+        if table.prices(model) is None:
             group.unpriced = True
-            group.cost_usd = None
-            result.unpriced_items += 1
-            continue
+            sums.no_cost = True
+            return _Line(group, sums, estimate, _UNPRICED)
         if estimate.basis == "unknown":
-            bound = table.worst_case_usd(params, entry.image_tokens)
-            group.cost_usd = None
-            group.max_usd = (
-                None if bound is None or group.max_usd is None else group.max_usd + bound
-            )
-            result.unknown_max_usd = (
-                None
-                if bound is None or result.unknown_max_usd is None
-                else result.unknown_max_usd + bound
-            )
-            result.unknown_items += 1
-            continue
-        low, high = estimate.output_range or (estimate.output_tokens, estimate.output_tokens)
-        cost_low, cost_high = estimate.cost_range_usd or (estimate.cost_usd, estimate.cost_usd)
-        group.output_tokens += estimate.output_tokens
-        group.output_low += low
-        group.output_high += high
-        result.output_tokens += estimate.output_tokens
-        if estimate.cost_usd is None or cost_low is None or cost_high is None:
-            group.cost_usd = None  # a size or quality with no published price
-            result.unpriced_items += 1
-            continue
-        if group.cost_usd is not None:
-            group.cost_usd += estimate.cost_usd
-        group.cost_low_usd += cost_low
-        group.cost_high_usd += cost_high
-        result.total_cost_usd += estimate.cost_usd
-        if group.batchable:
-            result.batch_cost_usd += estimate.cost_usd * catalog.batch_multiplier
-        else:  # counted at the online price: it cannot go by batch
-            result.batch_cost_usd += estimate.cost_usd
-            result.not_batchable_items += 1
-        result.cost_low_usd += cost_low
-        result.cost_high_usd += cost_high
-    return result
+            sums.no_cost = True
+            line = _Line(group, sums, estimate, _UNKNOWN)
+            line.bound = table.worst_case_usd(params, image_tokens)
+            return line
+        if estimate.cost_usd is None:
+            sums.no_cost = True  # a size or quality with no published price
+            return _Line(group, sums, estimate, _NO_COST)
+        return _Line(group, sums, estimate, _PRICED)
+
+    def _fold(self) -> None:
+        """Multiply out the counts of the lines priced so far."""
+        result = self.result
+        for line in self.lines.values():
+            count, estimate, group = line.count, line.estimate, line.group
+            line.count = 0
+            group.samples = max(group.samples, estimate.samples)
+            group.items += count
+            group.images += count * estimate.images
+            group.input_tokens += count * estimate.input_tokens
+            result.items += count
+            result.images += count * estimate.images
+            result.input_tokens += count * estimate.input_tokens
+            if line.kind == _UNPRICED:
+                result.unpriced_items += count
+                continue
+            if line.kind == _UNKNOWN:
+                result.unknown_items += count
+                continue
+            low, high = estimate.output_range or (estimate.output_tokens, estimate.output_tokens)
+            group.output_tokens += count * estimate.output_tokens
+            group.output_low += count * low
+            group.output_high += count * high
+            result.output_tokens += count * estimate.output_tokens
+            if line.kind == _NO_COST:
+                result.unpriced_items += count
+            elif not group.batchable:  # counted at the online price: it cannot go by batch
+                result.not_batchable_items += count
 
 
 def _cost_cell(group: EstimateGroup, times: float = 1.0) -> str:

@@ -8,6 +8,11 @@ Lines are judged by the catalog's rules for their model. What is worth knowing b
 nothing goes to the `warn` callback, once per cause: a model the catalog does not know (sent as
 written, checked for structure only), a model shut down or about to be, a field dropped because
 the API takes it only with other output formats, an experimental size.
+
+Manifests repeat a few sets of options over many prompts, so a line is judged in two parts: its
+`Shape` (every field but the prompt, id and metadata, with the defaults filled in), worked out
+once for all the lines that share it, and its prompt. `survey_manifest` judges lines the same
+way without handing out ids or building Items, for `validate` and `estimate`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import os
 import re
 import shutil
 import stat
@@ -180,14 +186,24 @@ def safe_file_stem(item_id: str) -> str:
     return f"{stem[: MAX_FILE_STEM - 11]}-{digest}"
 
 
+_BLAKE2B_8 = blake2b(digest_size=8)  # copied per id: cheaper than a new one's arguments
+
+
 def _content_id(content: bytes, occurrence: int) -> str:
-    h = blake2b(content, digest_size=8)
+    h = _BLAKE2B_8.copy()
+    h.update(content)
     h.update(b"\x00%d" % occurrence)
     return "i" + h.hexdigest()
 
 
+#: What a derived id looks like (an explicit id of this shape may clash with one).
+_DERIVED_ID = re.compile(r"i[0-9a-f]{16}")
+
+
 class _Ids:
     """Hands out item ids and spots duplicate explicit ids."""
+
+    derives = True  # whether lines without an explicit id get one (`derived`)
 
     def __init__(self, capacity: int = 1024, seeds: Iterable[str] = ()) -> None:
         self._seen = IdSet(capacity)
@@ -204,11 +220,16 @@ class _Ids:
         return False
 
     def explicit(self, value: Any) -> str:
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
+        if type(value) is str:  # the usual case first: no bool, no conversion
+            item_id = value
+        elif isinstance(value, bool) or not isinstance(value, (str, int)):
             raise ValueError(f"'id' must be a string or an integer, got {type(value).__name__}")
-        item_id = str(value)
-        if not item_id.strip():
+        else:
+            item_id = str(value)
+        if not item_id or item_id.isspace():  # as `not item_id.strip()`, without a copy
             raise ValueError("'id' must not be empty")
+        if not self.derives and len(item_id) == 17 and _DERIVED_ID.fullmatch(item_id):
+            raise _LooksDerived(item_id)
         if not self._add(item_id):
             raise ValueError(f"duplicate id {item_id!r}: an earlier line already uses it")
         return item_id
@@ -220,6 +241,32 @@ class _Ids:
             occurrence += 1
         return item_id
 
+    def derived_of(self, obj: dict[str, Any], raw: bytes) -> str:
+        """The derived id of a line that is a JSON object: from its content with sorted keys
+        (from the line as written if it is nested deeper than orjson writes)."""
+        try:
+            content = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            content = raw
+        return self.derived(content)
+
+
+class _LooksDerived(Exception):
+    """An explicit id shaped like a derived one: whether it is a duplicate depends on the
+    derived ids of the lines before it."""
+
+
+class _ExplicitIds(_Ids):
+    """The ids of a survey, which hands none out: only explicit ids are kept, to catch one
+    used twice. That holds while no explicit id can equal a derived one; at the first that
+    might, `explicit` raises _LooksDerived and the survey replays the lines before it with
+    every id (`_replayed`)."""
+
+    derives = False
+
+    def derived(self, content: bytes) -> str:
+        return ""
+
 
 def identify(ids: _Ids, raw: bytes) -> tuple[dict[str, Any] | None, str, str | None]:
     """A line's JSON object (None if it is not one), its id, and what is wrong with the line if
@@ -228,12 +275,19 @@ def identify(ids: _Ids, raw: bytes) -> tuple[dict[str, Any] | None, str, str | N
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return None, ids.derived(raw), f"not valid JSON ({exc})"
+    return _identify_parsed(ids, raw, obj)
+
+
+def _identify_parsed(
+    ids: _Ids, raw: bytes, obj: Any
+) -> tuple[dict[str, Any] | None, str, str | None]:
+    """`identify` for a line that is valid JSON, parsed into `obj`."""
     if not isinstance(obj, dict):
         return None, ids.derived(raw), f"expected a JSON object, got {type(obj).__name__}"
     try:
         if "id" in obj:
             return obj, ids.explicit(obj["id"]), None
-        return obj, ids.derived(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)), None
+        return obj, ids.derived_of(obj, raw) if ids.derives else "", None
     except ValueError as exc:
         return obj, ids.derived(raw), str(exc)
 
@@ -288,56 +342,188 @@ class _ModelFacts:
     experimental_above: int | None  # sizes above this many pixels are experimental
 
 
+@dataclass(eq=False)
+class Shape:
+    """The request a manifest line makes but for its prompt: what its other fields (id and
+    metadata aside), the defaults and the catalog make of it. Lines that differ only in their
+    prompts share one, judged once; each line's prompt is then checked against `verdict`."""
+
+    endpoint: specs.Endpoint  # `edits` when the line has an `image`
+    #: The request's fields, defaults filled, fields of other output formats dropped; the
+    #: prompt's place held by "" (`request` fills it in).
+    params: dict[str, Any]
+    verdict: specs.Verdict | None  # None: refused whatever the prompt, for `refusal`
+    refusal: str | None = None
+    facts: _ModelFacts | None = None
+    noticed: bool = False  # the model's warnings (if any) were given
+
+    def request(self, prompt: str) -> dict[str, Any]:
+        """The request of a line with this shape and `prompt`."""
+        params = self.params.copy()
+        params["prompt"] = prompt
+        return params
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A bad line found by `survey_manifest` (which hands out no ids): as `BadLine` says it."""
+
+    line: int
+    reason: str
+
+
+#: A good line found by `survey_manifest`: its shape, its prompt, and its edit inputs' tokens.
+Surveyed = tuple[Shape, str, int]
+
+_SHAPES_MAX = 4096  # distinct shapes remembered (a line with a field unique to it has its own)
+
+
 class _Reader:
     """What parsing a line needs besides the line."""
 
     def __init__(
-        self, ids: _Ids, defaults: Defaults, base_dir: Path, catalog: Catalog, warn: Warn | None
+        self,
+        ids: _Ids,
+        defaults: Defaults | None,
+        base_dir: Path,
+        catalog: Catalog | None,
+        warn: Warn | None,
     ) -> None:
         self.ids = ids
-        self.defaults = defaults
+        self.defaults = defaults or Defaults()
         self.base_dir = base_dir
-        self.catalog = catalog
+        self.catalog = catalog = catalog or Catalog.default()
         self.api_fields = catalog.api_fields()
         self.known_keys = frozenset(self.api_fields | set(ITEM_KEYS) | set(EDIT_KEYS))
         self.notices = _Notices(catalog, warn)
         self._facts: dict[str, _ModelFacts] = {}
-        self._noticed: set[str] = set()  # models whose warnings (if any) were given
+        self._shapes: dict[bytes, Shape] = {}
 
     def parse(self, raw: bytes, number: int) -> Item | BadLine:
         obj, item_id, problem = identify(self.ids, raw)
         if obj is None:
             return BadLine(item_id, number, f"line {number}: {problem}")
-        prompt = obj.get("prompt") if isinstance(obj.get("prompt"), str) else None
+        prompt: Any = obj.get("prompt")
         metadata = obj.get("metadata")
+        shown = prompt if isinstance(prompt, str) else None
         if problem is not None:
-            return BadLine(item_id, number, f"line {number}: {problem}", prompt, metadata)
+            return BadLine(item_id, number, f"line {number}: {problem}", shown, metadata)
+        judged = self.judge(obj, prompt)
+        if isinstance(judged, Shape):
+            params = judged.request(prompt)
+            if judged.endpoint == "generations":
+                return Item(item_id, number, params, metadata)
+            try:
+                images, mask = _edit_inputs(obj, params, self.base_dir, self.catalog)
+            except specs.ParamError as exc:
+                judged = str(exc)
+            else:
+                return Item(item_id, number, params, metadata, "edits", images, mask)
+        endpoint: specs.Endpoint = "edits" if "image" in obj else "generations"
+        return BadLine(item_id, number, f"line {number}: {judged}", shown, metadata, endpoint)
 
-        def bad(reason: str) -> BadLine:
-            endpoint: specs.Endpoint = "edits" if "image" in obj else "generations"
-            return BadLine(item_id, number, f"line {number}: {reason}", prompt, metadata, endpoint)
+    def survey(self, path: str | Path) -> Iterator[Refusal | Surveyed]:
+        """`parse` without ids or Items (see `survey_manifest`)."""
+        with open(path, "rb") as fh:
+            for number, raw in _entry_lines(fh, 1):
+                try:
+                    obj: Any = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    obj = None
+                # The usual line (an object, with no id to keep) is judged at once.
+                if type(obj) is not dict or "id" in obj or self.ids.derives:
+                    obj, problem = self._identified(path, number, raw, obj)
+                    if obj is None or problem is not None:
+                        yield Refusal(number, f"line {number}: {problem}")
+                        continue
+                prompt: Any = obj.get("prompt")
+                judged = self.judge(obj, prompt)
+                if isinstance(judged, Shape):
+                    if judged.endpoint == "generations":
+                        yield judged, prompt, 0
+                        continue
+                    try:
+                        images, _ = _edit_inputs(
+                            obj, judged.request(prompt), self.base_dir, self.catalog
+                        )
+                    except specs.ParamError as exc:
+                        judged = str(exc)
+                    else:
+                        yield judged, prompt, sum(f.input_tokens for f in images)
+                        continue
+                yield Refusal(number, f"line {number}: {judged}")
 
+    def _identified(
+        self, path: str | Path, number: int, raw: bytes, obj: Any
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """A surveyed line through `identify` (`obj`: the line parsed, None if not JSON): its
+        object, and what is wrong with it. At an explicit id that may equal a derived one,
+        the survey starts handing out every id, those of the lines before it first."""
+        try:
+            if obj is None:
+                found, _, problem = identify(self.ids, raw)
+            else:
+                found, _, problem = _identify_parsed(self.ids, raw, obj)
+        except _LooksDerived:
+            self.ids = _replayed(path, number)  # which derives: no _LooksDerived again
+            return self._identified(path, number, raw, obj)
+        return found, problem
+
+    def judge(self, obj: dict[str, Any], prompt: Any) -> Shape | str:
+        """The line's shape if the line passes (edit inputs aside), else why it does not.
+        `obj` is the line (its id handed out); its prompt, id and metadata are blanked, and
+        what is left is the key its shape is remembered by."""
+        if "prompt" in obj:
+            obj["prompt"] = ""
+        if "id" in obj:
+            obj["id"] = ""
+        if "metadata" in obj:
+            obj["metadata"] = ""
+        try:
+            key = orjson.dumps(obj)  # the fields, in order, with their exact JSON types
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes
+            shape = self._new_shape(obj)
+        else:
+            shape = self._shapes.get(key) or self._remember(key, self._new_shape(obj))
+        verdict = shape.verdict
+        if verdict is None:
+            return str(shape.refusal)
+        if not verdict.allows(prompt):
+            try:
+                verdict.check(prompt)
+            except specs.ParamError as exc:
+                return str(exc)
+        if not shape.noticed:
+            shape.noticed = True
+            if shape.facts is not None:
+                self._notice(shape.params, shape.facts)
+        return shape
+
+    def _remember(self, key: bytes, shape: Shape) -> Shape:
+        if len(self._shapes) >= _SHAPES_MAX:
+            del self._shapes[next(iter(self._shapes))]
+        self._shapes[key] = shape
+        return shape
+
+    def _new_shape(self, obj: dict[str, Any]) -> Shape:
+        endpoint: specs.Endpoint = "edits" if "image" in obj else "generations"
         if not self.known_keys.issuperset(obj):
             unknown = sorted(k for k in obj if k not in self.known_keys)
             names = ", ".join(repr(k) for k in unknown)
-            return bad(f"unknown field(s) {names}; put your own data under 'metadata'")
+            refusal = f"unknown field(s) {names}; put your own data under 'metadata'"
+            return Shape(endpoint, {}, None, refusal)
         try:
-            endpoint = _endpoint(obj)
-            params = {k: v for k, v in obj.items() if k in self.api_fields and v is not None}
-            self.defaults.fill(params, endpoint, self.catalog)
-            model = params["model"]
-            facts = self._model_facts(model) if isinstance(model, str) else None
-            if facts is not None and not facts.droppable.isdisjoint(params):
-                self._drop_format_bound_fields(params)
-            specs.validate_params(params, endpoint, self.catalog)
-            if facts is not None and (facts.experimental_above or model not in self._noticed):
-                self._notice(model, params, facts)
-            if endpoint == "generations":
-                return Item(item_id, number, params, metadata)
-            images, mask = _edit_inputs(obj, params, self.base_dir, self.catalog)
+            _endpoint(obj)
         except specs.ParamError as exc:
-            return bad(str(exc))
-        return Item(item_id, number, params, metadata, endpoint, images, mask)
+            return Shape(endpoint, {}, None, str(exc))
+        params = {k: v for k, v in obj.items() if k in self.api_fields and v is not None}
+        self.defaults.fill(params, endpoint, self.catalog)
+        model = params["model"]
+        facts = self._model_facts(model) if isinstance(model, str) else None
+        if facts is not None and not facts.droppable.isdisjoint(params):
+            self._drop_format_bound_fields(params)
+        verdict = specs.judge_options(params, endpoint, self.catalog)
+        return Shape(endpoint, params, verdict, facts=facts)
 
     def _model_facts(self, model: str) -> _ModelFacts:
         facts = self._facts.get(model)
@@ -360,10 +546,10 @@ class _Reader:
                     f"{fmt} requests (e.g. {name}={value!r})"
                 )
 
-    def _notice(self, model: str, params: dict[str, Any], facts: _ModelFacts) -> None:
-        if model not in self._noticed:
-            self._noticed.add(model)
-            self.notices.model(model)
+    def _notice(self, params: dict[str, Any], facts: _ModelFacts) -> None:
+        """The warnings a valid line's model and size call for (each given once)."""
+        model = str(params["model"])
+        self.notices.model(model)
         limit = facts.experimental_above
         size = params.get("size")
         if limit is None or not isinstance(size, str) or not specs.is_size(size):
@@ -434,15 +620,40 @@ def read_manifest(
 
     Raises OSError if the file cannot be opened; every problem inside the file is a BadLine.
     """
-    reader = _Reader(
-        _Ids(count_lines(path)),  # sized up front: the id set never has to grow
-        defaults or Defaults(),
-        inputs_dir or Path(path).resolve().parent,
-        catalog or Catalog.default(),
-        warn,
-    )
+    ids = _Ids(count_lines(path))  # sized up front: the id set never has to grow
+    reader = _Reader(ids, defaults, inputs_dir or Path(path).resolve().parent, catalog, warn)
     for number, raw in manifest_lines(path):
         yield reader.parse(raw, number)
+
+
+def survey_manifest(
+    path: str | Path,
+    defaults: Defaults | None = None,
+    *,
+    catalog: Catalog | None = None,
+    warn: Warn | None = None,
+    inputs_dir: Path | None = None,
+) -> Iterator[Refusal | Surveyed]:
+    """Judge every line as `read_manifest` does, with the same warnings, for `validate` and
+    `estimate`: a Refusal for each bad line, and for each good one its Shape, prompt and edit
+    inputs' tokens. No ids are handed out and no Items built, so it keeps up with a bare parse
+    of the file. Raises OSError if the file cannot be opened."""
+    regular = stat.S_ISREG(os.stat(path).st_mode)
+    # Only explicit ids are kept, unless one may clash with a derived id: then the lines
+    # before it are read again, so a pipe (read once) keeps every id from the start.
+    ids = _ExplicitIds(count_lines(path)) if regular else _Ids(count_lines(path))
+    reader = _Reader(ids, defaults, inputs_dir or Path(path).resolve().parent, catalog, warn)
+    return reader.survey(path)
+
+
+def _replayed(path: str | Path, before: int) -> _Ids:
+    """Every id the lines of a manifest before line `before` hand out."""
+    ids = _Ids(count_lines(path))
+    for number, raw in manifest_lines(path):
+        if number >= before:
+            break
+        identify(ids, raw)
+    return ids
 
 
 def manifest_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
@@ -454,8 +665,10 @@ def manifest_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
 
 def _entry_lines(lines: Iterable[bytes], first: int) -> Iterator[tuple[int, bytes]]:
     for number, line in enumerate(lines, start=first):
-        raw = _entry(line, number)
-        if raw:
+        raw = line.strip()
+        if number == 1:
+            raw = raw.removeprefix(_BOM).strip()
+        if raw and raw[0] != 0x23:  # `_entry`, inline: this runs for every line
             yield number, raw
 
 
@@ -524,13 +737,8 @@ def read_chunk(
 ) -> Iterator[Item | BadLine]:
     """A chunk's items (`data`: its bytes), with the ids and line numbers a whole read of the
     manifest gives them."""
-    reader = _Reader(
-        _Ids(chunk.entries + len(chunk.seeds) + 16, chunk.seeds),
-        defaults or Defaults(),
-        inputs_dir,
-        catalog or Catalog.default(),
-        warn,
-    )
+    ids = _Ids(chunk.entries + len(chunk.seeds) + 16, chunk.seeds)
+    reader = _Reader(ids, defaults, inputs_dir, catalog, warn)
     for number, raw in _entry_lines(io.BytesIO(data), chunk.first_line):
         yield reader.parse(raw, number)
 

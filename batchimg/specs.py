@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .catalog import Catalog, ModelSpec, ParamRule
@@ -227,21 +229,58 @@ def validate_params(
     catalog: Catalog | None = None,
 ) -> None:
     """Raise ParamError for the first field the API would refuse for this model and endpoint."""
-    catalog = _catalog(catalog)
-    prompt = params.get("prompt")
-    if prompt is None:
-        raise ParamError(
-            "prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter"
+    judge_options(params, endpoint, catalog).check(params.get("prompt"))
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the API would say of a request's fields but its prompt; `check(prompt)` says the
+    rest. Manifests repeat a few option sets over many prompts: judged once, checked per line."""
+
+    model: str
+    limit: int | None  # the prompt's length limit; None when unchecked (or the model is bad)
+    error: tuple[str, str, str] | None  # the first refusal: (param, message, code)
+
+    def allows(self, prompt: Any) -> bool:
+        """Whether a request with this prompt passes (`check` says why not)."""
+        return (
+            self.error is None
+            and isinstance(prompt, str)
+            and 0 < len(prompt) <= (self.limit or sys.maxsize)
+            and not prompt.isspace()  # as `not prompt.strip()`, without a copy
         )
-    if not isinstance(prompt, str):
-        raise ParamError("prompt", f"'prompt' must be a string, got {type(prompt).__name__}.")
-    if not prompt.strip():
-        raise ParamError("prompt", "'prompt' must not be empty.")
+
+    def check(self, prompt: Any) -> None:
+        """Raise ParamError for the first thing the API would refuse, the prompt first."""
+        if prompt is None:
+            raise ParamError(
+                "prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter"
+            )
+        if not isinstance(prompt, str):
+            raise ParamError("prompt", f"'prompt' must be a string, got {type(prompt).__name__}.")
+        if not prompt.strip():
+            raise ParamError("prompt", "'prompt' must not be empty.")
+        if self.limit is not None and len(prompt) > self.limit:
+            raise ParamError(
+                "prompt",
+                f"'prompt' has {len(prompt)} characters; {self.model} takes {self.limit} at most",
+            )
+        if self.error is not None:
+            raise ParamError(*self.error)
+
+
+def judge_options(
+    params: Mapping[str, Any],
+    endpoint: Endpoint = "generations",
+    catalog: Catalog | None = None,
+) -> Verdict:
+    """Everything `validate_params` judges but the prompt, once per catalog for each distinct
+    set of fields (the prompt's own length limit travels with the verdict)."""
+    catalog = _catalog(catalog)
     model = params.get("model")
     if not isinstance(model, str) or not model:
-        raise ParamError("model", f"'model' must be a non-empty string, got {model!r}.")
-    # Manifests repeat a few option sets over many prompts: judge each set once per catalog
-    # (the prompt's own length limit travels with the verdict).
+        error = ("model", f"'model' must be a non-empty string, got {model!r}.", "invalid_value")
+        return Verdict(str(model), None, error)
     try:
         key = (endpoint, tuple(sorted((k, type(v), v) for k, v in params.items() if k != "prompt")))
         verdict = catalog.rule_cache.get(key)
@@ -254,19 +293,13 @@ def validate_params(
             cache[key] = verdict
             if len(cache) > _RULE_CACHE_MAX:
                 cache.pop(next(iter(cache)))
-    limit, error = verdict
-    if limit is not None and len(prompt) > limit:
-        raise ParamError(
-            "prompt", f"'prompt' has {len(prompt)} characters; {model} takes {limit} at most"
-        )
-    if error is not None:
-        raise ParamError(*error)
+    return verdict
 
 
 def _verdict(
     params: Mapping[str, Any], endpoint: Endpoint, spec: ModelSpec, catalog: Catalog
-) -> tuple[int | None, tuple[str, str, str] | None]:
-    """(the prompt's length limit, or None when unchecked; the first refusal, or None)."""
+) -> Verdict:
+    model = str(params["model"])
     limit = None
     if spec.params is not None:
         rule = spec.params.get("prompt")
@@ -274,8 +307,8 @@ def _verdict(
     try:
         _check_options(params, endpoint, spec, catalog)
     except ParamError as exc:
-        return limit, (exc.param, str(exc), exc.code)
-    return limit, None
+        return Verdict(model, limit, (exc.param, str(exc), exc.code))
+    return Verdict(model, limit, None)
 
 
 def _check_options(

@@ -114,17 +114,29 @@ def test_churn_of_add_and_discard_keeps_membership_exact() -> None:
     )
 
 
-def test_a_million_ids_fit_in_about_six_bytes_each() -> None:
+def test_a_full_set_takes_about_six_bytes_an_id() -> None:
     # The scale bar: memory may grow by little more than 5 MiB per million lines.
     import tracemalloc
 
+    count = 200_000
+    keys = [f"id-{i}" for i in range(count)]
     tracemalloc.start()
     try:
-        ids = IdSet(capacity=1_000_000)
-        for i in range(20_000):
-            ids.add(f"id-{i}")
+        ids = IdSet(capacity=count)
+        for key in keys:
+            ids.add(key)
         size, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert 5_000_000 < size < 6_000_000
-    assert len(ids) == 20_000 and "id-19999" in ids and "id-20000" not in ids
+    assert 5 * count < size < 6.5 * count
+    assert len(ids) == count and f"id-{count - 1}" in ids and f"id-{count}" not in ids
+
+
+def test_a_fingerprint_found_across_two_slots_is_not_a_member() -> None:
+    # Fingerprints sit end to end in a bucket: bytes that span two of them are no match.
+    from batchimg._idset import _aligned_find
+
+    bucket = bytes(range(1, 11))  # two 5-byte slots: 1..5 and 6..10
+    assert _aligned_find(bucket, bytes(range(6, 11))) == 5
+    assert _aligned_find(bucket, bytes(range(3, 8))) == -1
+    assert _aligned_find(bucket + bytes(range(3, 8)), bytes(range(3, 8))) == 10
