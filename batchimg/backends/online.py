@@ -59,6 +59,10 @@ _ECHO = {
     "complexity": re.compile(r"[a-z]{1,16}"),
 }
 MAX_RETRY_AFTER_S = 1e6  # beyond it a number is noise; the limiter honours at most a minute
+#: What a connection may hold unread before it stops reading (aiohttp's flow control stops at
+#: twice this). asyncio receives up to 256 KiB at a time: with aiohttp's 64 KiB default every
+#: chunk of a photo-sized answer paused and resumed the socket.
+READ_BUFFER_BYTES = 256 * 1024
 
 
 def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
@@ -161,6 +165,7 @@ class OnlineBackend:
                 connector=connector,
                 timeout=timeout,
                 headers={"User-Agent": USER_AGENT},
+                read_bufsize=READ_BUFFER_BYTES,
             )
         return self._session
 
