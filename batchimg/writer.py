@@ -261,19 +261,30 @@ class BatchedWriter:
         self._started = 0
         self._busy = 0  # threads writing a batch now
         self._busy_lock = threading.Lock()
+        self._handing: list[_Job] = []  # saves of this turn of the loop, not yet queued
 
     async def save(
         self, stem: str, images: Sequence[bytes | SpooledImage], fmt: str
     ) -> list[StoredFile]:
-        if self._started < self.threads and self._busy + self._jobs.qsize() >= self._started:
-            self._start_thread()  # the first, or one more while every thread has work
         loop = asyncio.get_running_loop()
         job = _Job(stem, images, fmt, loop.create_future(), loop)
-        self._jobs.put(job)
+        if not self._handing:  # the first of this turn of the loop: hand them over after it
+            loop.call_soon(self._hand_over)
+        self._handing.append(job)
         await job.done
         if job.error is not None:
             raise job.error
         return job.stored
+
+    def _hand_over(self) -> None:
+        """Queue the items that came during one turn of the event loop together: a thread
+        wakes once for them and takes them as one batch (one directory fsync, one wake-up
+        back), where queueing each as it came would wake it for the first alone."""
+        jobs, self._handing = self._handing, []
+        for job in jobs:
+            if self._started < self.threads and self._busy + self._jobs.qsize() >= self._started:
+                self._start_thread()  # the first, or one more while every thread has work
+            self._jobs.put(job)
 
     def _start_thread(self) -> None:
         name = f"image-writer-{self._started + 1}"
@@ -287,6 +298,8 @@ class BatchedWriter:
         """Let the threads end after what is queued. Not joined: a job abandoned by an abort
         would wait for an event loop that is no longer running; its temp file is cleaned up
         on the next start."""
+        if self._handing:  # a turn's saves not handed over yet go before the threads stop
+            self._hand_over()
         for _ in range(self._started):
             self._jobs.put(None)
         self._started = 0
