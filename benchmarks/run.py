@@ -19,8 +19,9 @@ Scenarios:
   ratelimit 300 items against a mock limited to 20 requests/s: batchimg without flags, with
             --rpm, and the SDK baseline
 
-overhead and payload run four clients in turn, the order reversed every other repetition:
-batchimg, the SDK baseline (peer_baseline.py), the bare aiohttp loop (peer_aiohttp.py) and the
+overhead and payload run five clients in turn, the order reversed every other repetition:
+batchimg, the SDK baseline (peer_baseline.py), the bare aiohttp loop (peer_aiohttp.py), the
+same loop with batchimg's durability (--durable: fsync, rename, directory fsync) and the
 cookbook-style script (peer_cookbook.py). Each client runs in its own process against a mock in
 another process; CPU and peak RSS are that client process's own (os.wait4), wall time includes
 its start-up. Figures are medians over the repetitions, and ratios are of those medians. --fs
