@@ -260,9 +260,19 @@ class _ExplicitIds(_Ids):
     """The ids of a survey, which hands none out: only explicit ids are kept, to catch one
     used twice. That holds while no explicit id can equal a derived one; at the first that
     might, `explicit` raises _LooksDerived and the survey replays the lines before it with
-    every id (`_replayed`)."""
+    every id (`_replayed`). The set is sized for the file's lines at the first explicit id:
+    most manifests have none, and need not be read twice."""
 
     derives = False
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(capacity=1)
+        self._unsized: str | Path | None = path
+
+    def _add(self, item_id: str) -> bool:
+        if self._unsized is not None:
+            self._seen, self._unsized = IdSet(count_lines(self._unsized)), None
+        return self._seen.add(item_id)  # no `clash` to tell: that is for planning chunks
 
     def derived(self, content: bytes) -> str:
         return ""
@@ -641,7 +651,7 @@ def survey_manifest(
     regular = stat.S_ISREG(os.stat(path).st_mode)
     # Only explicit ids are kept, unless one may clash with a derived id: then the lines
     # before it are read again, so a pipe (read once) keeps every id from the start.
-    ids = _ExplicitIds(count_lines(path)) if regular else _Ids(count_lines(path))
+    ids = _ExplicitIds(path) if regular else _Ids(count_lines(path))
     reader = _Reader(ids, defaults, inputs_dir or Path(path).resolve().parent, catalog, warn)
     return reader.survey(path)
 
