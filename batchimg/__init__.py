@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -162,4 +163,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    loaded = (name for name, value in globals().items() if isinstance(value, ModuleType))
+    return sorted({*__all__, *loaded})  # the names, and the submodules imported so far
