@@ -8,7 +8,7 @@ import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 import orjson
@@ -16,11 +16,13 @@ import orjson
 from . import specs
 from .catalog import Catalog, today_utc
 from .config import check_defaults, check_manifest, load_run_catalog
-from .engine import Summary
 from .errors import UsageError
 from .manifest import Defaults, materialized
-from .options import Flag, RunOptions, flag_of
-from .view import LOG_EVERY_S, Mode, ProgressView, count_items
+from .options import LOG_EVERY_S, Flag, RunOptions, flag_of
+
+if TYPE_CHECKING:
+    from .engine import Summary
+    from .view import Mode
 
 FC = TypeVar("FC", bound=Callable[..., Any])
 
@@ -209,6 +211,8 @@ def run(
     try:
         with materialized(manifest) as (path, inputs_dir):
             check_manifest(path)
+            from .view import ProgressView, count_items  # the engine's events: for a run
+
             mode: Mode = "quiet" if quiet else "live" if sys.stderr.isatty() else "lines"
             view = ProgressView(mode=mode, total=count_items(path), log_every_s=log_every_s,
                                 log_format=log_format)  # fmt: skip

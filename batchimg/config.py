@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import specs
 from .catalog import Catalog, load_catalog
 from .errors import UsageError
 from .manifest import Defaults
 from .options import RunOptions
-from .pricing import PriceTable
+
+if TYPE_CHECKING:
+    from .pricing import PriceTable
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +55,8 @@ def load_run_catalog(
     prices: str | Path | PriceTable | None = None,
 ) -> Catalog:
     """The built-in catalog, overlaid by a `--catalog` file and then by a `--prices` file."""
+    from .pricing import PriceTable  # its module is not needed for --help
+
     if isinstance(prices, PriceTable):
         if catalog is not None:
             raise UsageError("give either a PriceTable or a catalog, not both")
@@ -63,4 +68,6 @@ def load_prices(
     prices: str | Path | PriceTable | None, catalog: str | Path | Catalog | None = None
 ) -> PriceTable:
     """The prices of the built-in catalog, overlaid by a catalog and a price file if given."""
+    from .pricing import PriceTable
+
     return PriceTable(load_run_catalog(catalog, prices))

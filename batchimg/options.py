@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from .pricing import PriceTable
 
 
+#: When stderr is not a terminal: seconds between progress lines (`--log-every`).
+LOG_EVERY_S = 30.0
+
+
 @dataclass(frozen=True)
 class Flag:
     """How a field appears on the command line: its declarations, help text and the rest of

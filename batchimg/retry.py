@@ -25,8 +25,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-import anyio
-
 from .errors import RequestError, Retryable
 
 
@@ -95,8 +93,12 @@ class Retrying:
     def __init__(
         self, policy: RetryPolicy, sleep: Callable[[float], Awaitable[None]] | None
     ) -> None:
+        if sleep is None:
+            import anyio  # not at import: --help and validate load this module too
+
+            sleep = anyio.sleep
         self.policy = policy
-        self.sleep = sleep or anyio.sleep
+        self.sleep = sleep
         self.started = time.monotonic()
         self.done = False
         self.delay_s: float | None = None  # set when an attempt failed and another follows

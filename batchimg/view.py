@@ -23,6 +23,7 @@ import orjson
 
 from .engine import ProgressEvent, RunSnapshot
 from .manifest import manifest_lines
+from .options import LOG_EVERY_S
 
 Mode = Literal["live", "lines", "quiet"]
 RECENT_S = 60.0  # images per minute is measured over this window, not the whole run
@@ -56,10 +57,6 @@ class Snapshot:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(self).items()}
-
-
-#: When stderr is not a terminal: seconds between progress lines (`--log-every`).
-LOG_EVERY_S = 30.0
 
 
 class ProgressView:
