@@ -163,5 +163,9 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    loaded = (name for name, value in globals().items() if isinstance(value, ModuleType))
+    loaded = (
+        name
+        for name, value in globals().items()
+        if isinstance(value, ModuleType) and value.__name__.startswith(f"{__name__}.")
+    )
     return sorted({*__all__, *loaded})  # the names, and the submodules imported so far

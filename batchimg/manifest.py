@@ -189,6 +189,19 @@ def safe_file_stem(item_id: str) -> str:
 _BLAKE2B_8 = blake2b(digest_size=8)  # copied per id: cheaper than a new one's arguments
 
 
+#: A line whose metadata nests deeper than orjson writes (254 levels): its ledger line could
+#: not be written, so it is refused up front, by `validate` and `run` alike.
+TOO_DEEP = "'metadata' is nested too deeply to be written to the ledger (at most 254 levels)"
+
+
+def _writable(value: Any) -> bool:
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
+
+
 def _content_id(content: bytes, occurrence: int) -> str:
     h = _BLAKE2B_8.copy()
     h.update(content)
@@ -430,6 +443,8 @@ class _Reader:
             else:
                 return Item(item_id, number, params, metadata, "edits", images, mask)
         endpoint: specs.Endpoint = "edits" if "image" in obj else "generations"
+        if judged is TOO_DEEP:
+            metadata = None  # kept out of the line that says so, which must be written
         return BadLine(item_id, number, f"line {number}: {judged}", shown, metadata, endpoint)
 
     def survey(self, path: str | Path) -> Iterator[Refusal | Surveyed]:
@@ -488,6 +503,8 @@ class _Reader:
         if "id" in obj:
             obj["id"] = ""
         if "metadata" in obj:
+            if isinstance(obj["metadata"], (dict, list)) and not _writable(obj["metadata"]):
+                return TOO_DEEP  # its ledger line could not be written
             obj["metadata"] = ""
         try:
             key = orjson.dumps(obj)  # the fields, in order, with their exact JSON types

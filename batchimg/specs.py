@@ -282,7 +282,10 @@ def judge_options(
         error = ("model", f"'model' must be a non-empty string, got {model!r}.", "invalid_value")
         return Verdict(str(model), None, error)
     try:
-        key = (endpoint, tuple(sorted((k, type(v), v) for k, v in params.items() if k != "prompt")))
+        key = (endpoint, tuple(sorted(  # a float by its text: -0.0 is not 0.0 in a message
+            (k, type(v), repr(v) if type(v) is float else v)
+            for k, v in params.items() if k != "prompt"
+        )))  # fmt: skip
         verdict = catalog.rule_cache.get(key)
     except TypeError:  # an unhashable value (a list, a dict): judge it uncached
         key, verdict = None, None

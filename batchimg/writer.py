@@ -281,9 +281,17 @@ class BatchedWriter:
         wakes once for them and takes them as one batch (one directory fsync, one wake-up
         back), where queueing each as it came would wake it for the first alone."""
         jobs, self._handing = self._handing, []
-        for job in jobs:
+        for index, job in enumerate(jobs):
             if self._started < self.threads and self._busy + self._jobs.qsize() >= self._started:
-                self._start_thread()  # the first, or one more while every thread has work
+                try:
+                    self._start_thread()  # the first, or one more while every thread has work
+                except RuntimeError as exc:  # the system refuses a thread
+                    if not self._started:  # and none runs: these items cannot be written
+                        error = StorageError(f"cannot start a writer thread: {exc}")
+                        for waiting in jobs[index:]:
+                            waiting.error = error
+                        _wake(jobs[index:])
+                        return
             self._jobs.put(job)
 
     def _start_thread(self) -> None:

@@ -114,6 +114,20 @@ async def test_bad_lines_fail_alone_with_line_numbers_and_are_never_sent(
     assert sorted(sent) == ["a green apple", "a red apple"]
 
 
+async def test_metadata_nested_deeper_than_the_ledger_writes_fails_its_line_not_the_run(
+    mock_server: MockServer, tmp_path: Path, write_manifest: Callable[..., Path]
+) -> None:
+    deep = '{"prompt": "too deep", "metadata": ' + "[" * 300 + "]" * 300 + "}"
+    manifest = write_manifest([{"id": "fine", "prompt": "a red apple"}, deep])
+    out = tmp_path / "out"
+    summary = await run(manifest, out, mock_server)
+    assert (summary.ok, summary.failed, summary.exit_code) == (1, 1, 1)
+    (bad,) = [r for r in ledger(out) if r["status"] == "error"]
+    assert bad["line"] == 2 and "nested too deeply" in bad["error"]["message"]
+    assert bad["metadata"] is None
+    assert [r.prompt for r in mock_server.requests] == ["a red apple"]
+
+
 async def test_resume_requests_only_what_is_not_done(
     mock_server: MockServer, tmp_path: Path, write_manifest: Callable[..., Path]
 ) -> None:

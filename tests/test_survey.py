@@ -18,7 +18,6 @@ from batchimg.estimate import EstimateGroup, ManifestEstimate, estimate_manifest
 from batchimg.manifest import (
     BadLine,
     Defaults,
-    Item,
     Refusal,
     Shape,
     read_manifest,
@@ -225,7 +224,10 @@ def test_a_line_nested_deeper_than_orjson_writes_is_judged_not_a_crash(tmp_path:
          f'{{"prompt": "deep metadata", "metadata": {deep}}}'],
     )  # fmt: skip
     results = list(read_manifest(path))
-    assert [type(r) for r in results] == [BadLine, Item, Item]
+    # Deep metadata is refused too: the ledger line of its item could not be written (orjson
+    # writes 254 levels at most), and a run stopped on it with a traceback.
+    assert [type(r) for r in results] == [BadLine, BadLine, BadLine]
+    assert all("nested too deeply" in r.reason and r.metadata is None for r in results[1:])
     assert len({r.id for r in results}) == 3
     assert surveyed(path) == loaded(path)
 
@@ -424,3 +426,14 @@ def test_the_estimate_is_exact_past_the_lines_it_holds_at_once(tmp_path: Path) -
     ]
     path = write_lines(tmp_path / "m.jsonl", lines)
     assert estimate_manifest(path) == per_line_estimate(path)
+
+
+def test_a_refusal_names_the_value_of_its_own_line(tmp_path: Path) -> None:
+    # -0.0 and 0.0 are equal and hash alike; a cached verdict must still quote each line's own.
+    path = write_lines(
+        tmp_path / "m.jsonl",
+        ['{"prompt": "a", "n": -0.0}', '{"prompt": "b", "n": 0.0}', '{"prompt": "c", "n": -0.0}'],
+    )
+    reasons = [r.reason for r in read_manifest(path)]
+    assert ["-0.0" in reasons[0], "-0.0" in reasons[1], "-0.0" in reasons[2]] == [True, False, True]
+    assert "0.0" in reasons[1]

@@ -417,3 +417,32 @@ async def test_a_store_whose_sync_breaks_oddly_fails_the_batch_instead_of_hangin
     with anyio.fail_after(10), pytest.raises(StorageError, match="the store's own bug"):
         await writer.save("cat", [PNG], "png")
     writer.close()
+
+
+async def test_a_writer_thread_the_system_refuses_fails_the_items_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name.startswith("image-writer"):
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    writer = BatchedWriter(image_writer(tmp_path), threads=1)
+    outcomes: list[str] = []
+
+    async def save(stem: str) -> None:
+        try:
+            await writer.save(stem, [PNG], "png")
+            outcomes.append("ok")
+        except StorageError as exc:
+            outcomes.append(str(exc))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(save, f"cat{i}")
+    assert outcomes == ["cannot start a writer thread: can't start new thread"] * 3
+    writer.close()
