@@ -516,7 +516,7 @@ class Catalog:
                     raise _fail(source, f"models.{name}", f"name {alias!r} is also {other}'s")
         self._unknown: dict[str, ModelSpec] = {}
         self._specs: dict[str, ModelSpec] = {}  # `spec` by name, as found once
-        self._memos: dict[str, dict[Any, Any]] = {}
+        self._memos: dict[object, dict[Any, Any]] = {}
         self.rule_cache: dict[Any, Any] = {}  # the rules engine's memo (see specs)
 
     def _parse_fields(self, raw: Any) -> dict[str, tuple[str, ParamRule]]:
@@ -625,10 +625,9 @@ class Catalog:
         """Whether `name` is a model, alias or snapshot the catalog names itself."""
         return name in self._names
 
-    def memo(self, kind: str) -> dict[Any, Any]:
-        """A dict of this catalog's own for facts derived from it (say, a request's token group
-        by its shape), which are asked for every item and change only with the catalog. Whoever
-        fills one keeps it bounded."""
+    def memo(self, kind: object) -> dict[Any, Any]:
+        """A dict of this catalog's own for facts derived from it, which are asked for every
+        item and change only with the catalog (see `specs.per_shape`, which fills them)."""
         memo = self._memos.get(kind)
         if memo is None:
             memo = self._memos[kind] = {}

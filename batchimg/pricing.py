@@ -221,30 +221,11 @@ class PriceTable:
 
     def _resolved(self, params: Mapping[str, Any]) -> tuple[str, str]:
         """The quality and size a request will most likely be answered at (once per shape)."""
-        memo = self.catalog.memo("resolved")
-        shape = specs.request_shape(params)
-        found = memo.get(shape)
-        if found is None:
-            found = (specs.resolved_quality(params, self.catalog),
-                     specs.resolved_size(params, self.catalog))  # fmt: skip
-            if len(memo) < 4096:
-                memo[shape] = found
-        return found
+        return specs.per_shape(_likely, params, self.catalog)
 
     def _choices(self, params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         """Every (quality, size) a request may be answered at (`auto` as each it may become)."""
-        memo = self.catalog.memo("choices")
-        shape = specs.request_shape(params)
-        found = memo.get(shape)
-        if found is None:
-            found = tuple(
-                (quality, size)
-                for quality in specs.quality_choices(params, self.catalog)
-                for size in specs.size_choices(params, self.catalog)
-            )
-            if len(memo) < 4096:
-                memo[shape] = found
-        return found
+        return specs.per_shape(_choices, params, self.catalog)
 
     def worst_case_usd(
         self, params: Mapping[str, Any], image_tokens: int = 0, book: TokenBook | None = None
@@ -389,6 +370,18 @@ def _rates(table: Mapping[str, float]) -> _Rates:
         _RATES.clear()
     _RATES[id(table)] = (table, rates)
     return rates
+
+
+def _likely(params: Mapping[str, Any], catalog: Catalog) -> tuple[str, str]:
+    return specs.resolved_quality(params, catalog), specs.resolved_size(params, catalog)
+
+
+def _choices(params: Mapping[str, Any], catalog: Catalog) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (quality, size)
+        for quality in specs.quality_choices(params, catalog)
+        for size in specs.size_choices(params, catalog)
+    )
 
 
 def _n(params: Mapping[str, Any]) -> int:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from .catalog import Catalog, ModelSpec, ParamRule
 
@@ -172,21 +172,40 @@ def request_shape(params: Mapping[str, Any]) -> tuple[Any, ...]:
 _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
+_T = TypeVar("_T")
+
+
+def per_shape(compute: Callable[[Mapping[str, Any], Catalog], _T], params: Mapping[str, Any],
+              catalog: Catalog) -> _T:  # fmt: skip
+    """`compute(params, catalog)`, worked out once per request shape (`request_shape`) and
+    catalog: what every item asks again and only its shape decides. At most `MEMO_SHAPES`
+    shapes are kept for each `compute`; beyond them it is worked out each time."""
+    memo = catalog.memo(compute)
+    shape = request_shape(params)
+    found = memo.get(shape, _MISSING)
+    if found is _MISSING:
+        found = compute(params, catalog)
+        if len(memo) < MEMO_SHAPES:
+            memo[shape] = found
+    return cast(_T, found)
+
+
+MEMO_SHAPES = 4096
+_MISSING = object()
+
+
 def produced(params: Mapping[str, Any], catalog: Catalog) -> tuple[str, str | None, int | None]:
     """What a request's answer will be (its format, complexity and frames), as the ledger
     records it: asked for every item, worked out once per request shape."""
-    memo = catalog.memo("produced")
-    shape = request_shape(params)
-    found = memo.get(shape)
-    if found is None:
-        found = (
-            output_format(params, catalog),
-            resolved_complexity(params, catalog),
-            resolved_frames(params, catalog),
-        )
-        if len(memo) < 4096:
-            memo[shape] = found
-    return found
+    return per_shape(_produced, params, catalog)
+
+
+def _produced(params: Mapping[str, Any], catalog: Catalog) -> tuple[str, str | None, int | None]:
+    return (
+        output_format(params, catalog),
+        resolved_complexity(params, catalog),
+        resolved_frames(params, catalog),
+    )
 
 
 def max_image_bytes(params: Mapping[str, Any], catalog: Catalog | None = None) -> int:

@@ -34,14 +34,7 @@ class GroupKey(NamedTuple):
 
 def request_group(params: Mapping[str, Any], catalog: Catalog) -> GroupKey:
     """The group a request falls in, `auto` taken as the catalog's estimate."""
-    memo = catalog.memo("request_group")
-    shape = specs.request_shape(params)
-    group = memo.get(shape)
-    if group is None:
-        group = _request_group(params, catalog)
-        if len(memo) < 4096:
-            memo[shape] = group
-    return group
+    return specs.per_shape(_request_group, params, catalog)
 
 
 def _request_group(params: Mapping[str, Any], catalog: Catalog) -> GroupKey:

@@ -267,7 +267,7 @@ class BatchedWriter:
         self, stem: str, images: Sequence[bytes | SpooledImage], fmt: str
     ) -> list[StoredFile]:
         loop = asyncio.get_running_loop()
-        job = _Job(stem, images, fmt, loop.create_future(), loop)
+        job = _Job(stem, images, fmt, loop.create_future())
         if not self._handing:  # the first of this turn of the loop: hand them over after it
             loop.call_soon(self._hand_over)
         self._handing.append(job)
@@ -361,7 +361,7 @@ class BatchedWriter:
                 job.error = job.error or error
         by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         for job in batch:
-            by_loop.setdefault(job.loop, []).append(job)
+            by_loop.setdefault(job.done.get_loop(), []).append(job)
         for loop, jobs in by_loop.items():
             try:  # one wake-up of the loop for the batch; the thread does not wait for it
                 loop.call_soon_threadsafe(_wake, jobs)
@@ -383,8 +383,7 @@ class _Job:
     stem: str
     images: Sequence[bytes | SpooledImage]
     fmt: str
-    done: asyncio.Future[None]  # set on the loop once the job is written (or failed)
-    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future[None]  # set on its loop once the job is written (or failed)
     stored: list[StoredFile] = field(default_factory=list)
     error: StorageError | None = None
 

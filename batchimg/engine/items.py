@@ -119,7 +119,6 @@ class ItemRunner:
         self._probed: set[GroupKey] = set()  # groups this run has had an answer of
         self._answered = False  # an answer (2xx) has come: the API is reachable as configured
         self._unreachable: dict[str, int] = {}  # before that: failures no item can fix, by code
-        self._limits: dict[tuple[Any, ...], int] = {}  # answer size caps, by request shape
 
     async def run(self, item: Item) -> None:
         """Attempts until the item is done, failed, or left for the next run (`Abandoned`)."""
@@ -520,15 +519,9 @@ class ItemRunner:
 
     def _answer_limit(self, item: Item) -> int:
         """The most an answer (and each downloaded image) may weigh for this request."""
-        if self.max_answer_bytes:
-            return self.max_answer_bytes
-        shape = specs.request_shape(item.params)
-        limit = self._limits.get(shape)
-        if limit is None:
-            limit = specs.max_answer_bytes(item.params, self.catalog)
-            if len(self._limits) < 4096:
-                self._limits[shape] = limit
-        return limit
+        return self.max_answer_bytes or specs.per_shape(
+            specs.max_answer_bytes, item.params, self.catalog
+        )
 
     async def _download(self, item: Item, url: str) -> bytes | SpooledImage:
         """A `url` answer's image. Paid for already, so a first stop lets it finish (within the
