@@ -20,6 +20,7 @@ from batchimg._spool import ResponseSpool, SpooledImage
 from batchimg.errors import ItemFailed, StorageError
 from batchimg.stores import LocalStore
 from batchimg.stores import local as local_store
+from batchimg.stores.fssync import filesystem_sync
 from batchimg.writer import (
     BatchedWriter,
     ImageWriter,
@@ -391,7 +392,13 @@ def test_put_places_each_name_where_its_path_says_and_refuses_the_rest(tmp_path:
     assert not (tmp_path / "abs.png").exists() and not (tmp_path / "e.png").exists()
 
 
-def test_a_temp_fsynced_as_written_is_named_so_and_put_like_any_other(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fs_sync", [True, False])
+def test_a_temp_fsynced_as_written_is_named_so_and_put_like_any_other(
+    tmp_path: Path, fs_sync: bool
+) -> None:
+    # Where one syncfs settles a batch (a local disk of a known kind), temps are only written;
+    # elsewhere each is fsynced as it is written, and named so. tests/test_durability.py
+    # traces both.
     calls: list[str] = []
 
     class Recording(LocalStore):
@@ -399,9 +406,11 @@ def test_a_temp_fsynced_as_written_is_named_so_and_put_like_any_other(tmp_path: 
             calls.append(temp.name)
             super().put(name, temp)
 
-    store = Recording(tmp_path / "out")
+    store = Recording(tmp_path / "out", fs_sync=fs_sync)
+    (tmp_path / "out").mkdir()
+    by_filesystem = fs_sync and filesystem_sync(tmp_path / "out") is not None
     ImageWriter(store).save("cat", [PNG], "png")
-    assert len(calls) == 1 and calls[0].endswith(local_store.SYNCED_SUFFIX)
+    assert len(calls) == 1 and calls[0].endswith(local_store.SYNCED_SUFFIX) != by_filesystem
     assert (tmp_path / "out" / "images" / "cat-0.png").read_bytes() == PNG
     assert list(store.temp_dir.iterdir()) == []
 

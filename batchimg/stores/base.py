@@ -7,14 +7,16 @@ local temp area the store owns (`temp_dir`): backends spool answers into it and 
 files in it, then `put` moves each finished temp file in under its final name.
 
 Implementations:
-- `local.LocalStore`: a directory; `put` is fsync + rename, `sync` fsyncs the directories.
+- `local.LocalStore`: a directory; `put` is a rename of a durable temp (fsynced there unless
+  `settle` or `write_temp` made it so), `sync` fsyncs the directories.
 - `objects.ObjectStore`: a bucket's prefix through fsspec (`s3://`, `gs://`): its `temp_dir`
   is in the run's local state directory, `put` uploads the file whole (one PUT) and removes
   it, and `sync` has nothing left to do.
 
 Optional tuning a store may declare (the engine reads them if present): `write_temp(hint,
-data)` (a new temp file holding `data`, made durable as it is written, which `put` then need
-not sync again: a local directory), `writer_threads` and
+data)` (a new temp file holding `data`, durable once `settle` returns) and `settle(temps)`
+(make a batch of temp files durable at once, so that `put` need not sync each: a local
+directory, with one syncfs where that is as safe as an fsync of each), `writer_threads` and
 `writer_batch` (the writer threads, and the most items each takes at a time), `upload_queue`
 (items that may wait on the store beyond the requests in flight, in units of --concurrency),
 and `park(name, temp)` / `hold(record)` (keep a refused, paid-for file and its item's line for

@@ -1,4 +1,4 @@
-"""The local-directory store: objects are files, `put` is an fsynced rename."""
+"""The local-directory store: objects are files, `put` is a rename of a durable temp file."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import itertools
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, Literal
 
 TEMP_DIR = ".tmp"  # the temp area, hidden from dataset loaders (same filesystem: put renames)
 ORPHANS_DIR = ".orphans"  # where files found under a name being put are set aside
@@ -54,8 +54,9 @@ class LocalStore:
 
     writer_threads = 1  # see writer.BatchedWriter
 
-    def __init__(self, root: Path, *, temp_dir: Path | None = None) -> None:
-        """`temp_dir`: the temp area, if not `root/.tmp` (on the same filesystem: put renames)."""
+    def __init__(self, root: Path, *, temp_dir: Path | None = None, fs_sync: bool = True) -> None:
+        """`temp_dir`: the temp area, if not `root/.tmp` (on the same filesystem: put renames).
+        `fs_sync=False`: never sync a batch with syncfs, fsync each file (see `settle`)."""
         self.root = root
         self._temps = TempArea(temp_dir or root / TEMP_DIR)
         self._lock = threading.Lock()  # writer threads may put the same name at once
@@ -63,6 +64,10 @@ class LocalStore:
         #: sync, which another thread's sync may be fsyncing right now, not yet done).
         self._dirs: set[str] = set()
         self._parents: dict[str, str] = {}  # a name's folder -> its directory, checked
+        #: One syncfs for a batch of temps (`settle`), where as safe as an fsync each; looked
+        #: up on first use (False: not yet), so a run that writes nothing never pays for it.
+        self._fs_sync: Callable[[], None] | Literal[False] | None = False if fs_sync else None
+        self._settled: set[str] = set()  # temps made durable by `settle`, not yet put
 
     @property
     def location(self) -> str:
@@ -79,12 +84,39 @@ class LocalStore:
         return self._temps.new(hint)
 
     def write_temp(self, hint: str, data: bytes) -> Path:
-        """A new temp file holding `data`, fsynced through the descriptor that wrote it; its
-        name says so (`SYNCED_SUFFIX`), and `put` does not open it again to sync it. Raises
-        OSError, leaving no file behind."""
-        temp = f"{self.new_temp(hint)}{SYNCED_SUFFIX}"
-        write_new(temp, data, sync=True)
+        """A new temp file holding `data`, durable once `settle` returns. Where a batch is
+        synced with one syncfs it is only written; elsewhere it is fsynced through the
+        descriptor that wrote it and its name says so (`SYNCED_SUFFIX`), so that `put` does not
+        open it again to sync it. Raises OSError, leaving no file behind."""
+        if self._filesystem_sync() is not None:
+            temp = str(self.new_temp(hint))
+            write_new(temp, data, sync=False)
+        else:
+            temp = f"{self.new_temp(hint)}{SYNCED_SUFFIX}"
+            write_new(temp, data, sync=True)
         return Path(temp)
+
+    def settle(self, temps: Sequence[str]) -> None:
+        """Make the bytes of these temp files (written, closed, not yet put) durable, so that
+        `put` need not sync them: one syncfs of the filesystem where that is as safe as an
+        fsync of each (`fssync`); elsewhere nothing here, and `put` fsyncs each temp not
+        fsynced as it was written. Raises OSError."""
+        sync = self._filesystem_sync()
+        if sync is None or not temps:
+            return
+        sync()
+        with self._lock:
+            self._settled.update(temps)
+
+    def _filesystem_sync(self) -> Callable[[], None] | None:
+        if self._fs_sync is False:
+            with self._lock:
+                if self._fs_sync is False:
+                    from .fssync import filesystem_sync
+
+                    self._temps.dir.mkdir(parents=True, exist_ok=True)
+                    self._fs_sync = filesystem_sync(self._temps.dir)
+        return self._fs_sync
 
     def _path(self, name: str) -> Path:
         """The file of an object; ValueError for a name that would leave the directory."""
@@ -95,8 +127,12 @@ class LocalStore:
 
     def put(self, name: str, temp: Path) -> None:
         final = self._file(name)
-        if not str(temp).endswith(SYNCED_SUFFIX):  # not `write_temp`'s (a spooled answer)
-            fsync_path(str(temp), os.O_RDONLY)
+        temp_name = str(temp)
+        if not temp_name.endswith(SYNCED_SUFFIX):  # not fsynced as it was written
+            try:
+                self._settled.remove(temp_name)  # made durable by `settle`
+            except KeyError:  # nor that (a spooled answer, a shard): fsynced here
+                fsync_path(temp_name, os.O_RDONLY)
         parent = final.rpartition("/")[0]
         with self._lock:  # look-then-rename: one thread at a time
             if parent not in self._dirs:
@@ -120,6 +156,9 @@ class LocalStore:
     def sync(self) -> None:
         with self._lock:
             directories = sorted(self._dirs)
+            # Settled temps not put by now were discarded (a failed item); one another thread
+            # settled and has yet to put loses its mark and is fsynced by `put`: safe either way.
+            self._settled.clear()
         for directory in directories:
             fsync_path(directory, os.O_RDONLY | os.O_DIRECTORY)
 
