@@ -89,7 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     count, batch, repeat = (60, 8, 1) if args.smoke else (1_500, 32, 5)
     kind = mount_kind(os.stat(args.dir).st_dev)
-    used = filesystem_sync(args.dir) is not None
+    fd = os.open(args.dir, os.O_RDONLY | os.O_DIRECTORY)
+    used = filesystem_sync(fd, args.dir) is not None
+    os.close(fd)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, kernel {platform.release()}")  # fmt: skip
     print(f"directory: {args.dir} ({kind}); batchimg uses syncfs here: {'yes' if used else 'no'}")

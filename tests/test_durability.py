@@ -20,6 +20,7 @@ import pytest
 
 from batchimg.mock import MockConfig, MockServer
 from batchimg.stores.fssync import SAFE_KINDS, filesystem_sync, kernel, mount_kind
+from batchimg.stores.local import LocalStore
 from tests.conftest import TEST_KEY
 from tests.helpers import ROOT, ledger, threaded_mock
 
@@ -95,7 +96,8 @@ def check_order(trace: Path, out: Path, ok_ids: list[str]) -> dict[str, int]:
         syncs = [
             c for c in traced
             if written < c.start and c.end < rename.start
-            and (c.name == "syncfs" or (c.name == "fsync" and c.fd_path() == temp))
+            and ((c.name == "syncfs" and temp.startswith(f"{c.fd_path()}/"))
+                 or (c.name == "fsync" and c.fd_path() == temp))
         ]  # fmt: skip
         assert syncs, f"{temp}: its bytes were not synced between its last write and its rename"
         how["syncfs" if syncs[0].name == "syncfs" else "fsync"] += 1
@@ -147,7 +149,11 @@ def traced_run(strace: str, server: MockServer, tmp_path: Path, count: int) -> t
 
 def local_batch_sync_applies(directory: Path) -> bool:
     directory.mkdir(parents=True, exist_ok=True)
-    return filesystem_sync(directory) is not None
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        return filesystem_sync(fd, directory) is not None
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("answers", ["tiny", "photo"])
@@ -240,3 +246,59 @@ def test_the_kernel_release_gives_its_major_and_minor(
     release: str, expected: tuple[int, int]
 ) -> None:
     assert kernel(release) == expected
+
+
+@pytest.fixture
+def failing_disk(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """An ext4 filesystem whose writes fail (EIO) once its loop device's backing file outgrows
+    a 24 MiB tmpfs, and that tmpfs (remount it larger and writes succeed again). Needs root,
+    loop devices and mkfs.ext4: skipped where the machine has none of them."""
+    tools = [shutil.which(t) for t in ("mount", "umount", "losetup", "mkfs.ext4", "truncate")]
+    if os.geteuid() != 0 or None in tools:
+        pytest.skip("needs root, mount, losetup and mkfs.ext4")
+    backing, mountpoint = tmp_path / "backing", tmp_path / "disk"
+    backing.mkdir()
+    mountpoint.mkdir()
+    cleanup: list[list[str]] = []
+
+    def run(*cmd: str) -> str:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot make a failing disk here: {' '.join(cmd)}: {done.stderr}")
+        return done.stdout.strip()
+
+    try:
+        run("mount", "-t", "tmpfs", "-o", "size=24M", "tmpfs", str(backing))
+        cleanup.insert(0, ["umount", "-l", str(backing)])
+        image = backing / "disk.img"
+        run("truncate", "-s", "256M", str(image))
+        run("mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E", "nodiscard", str(image))
+        loop = run("losetup", "-f", "--show", str(image))
+        cleanup.insert(0, ["losetup", "-d", loop])
+        run("mount", "-o", "errors=continue", loop, str(mountpoint))
+        cleanup.insert(0, ["umount", "-l", str(mountpoint)])
+        yield mountpoint, backing
+    finally:
+        for cmd in cleanup:
+            subprocess.run(cmd, capture_output=True)
+
+
+def test_after_a_failed_syncfs_each_file_is_checked_on_its_own(
+    failing_disk: tuple[Path, Path],
+) -> None:
+    # Batch 1's syncfs also writes back (and loses) batch 2's file, written meanwhile, and
+    # reports the error once, to batch 1. Batch 2's file must not then count as saved: the
+    # store fsyncs it on its own, and that fsync reports its own lost write.
+    mountpoint, backing = failing_disk
+    store = LocalStore(mountpoint / "out")
+    if not local_batch_sync_applies(mountpoint / "out"):
+        pytest.skip("syncfs is not used on this kernel")
+    small = store.write_temp("batch1-0.png", b"\x89PNG\r\n\x1a\n" + b"x" * 100)
+    big = store.write_temp("batch2-0.png", b"\x89PNG\r\n\x1a\n" + os.urandom(40 << 20))
+    with pytest.raises(OSError):
+        store.settle([str(small)])
+    subprocess.run(["mount", "-o", "remount,size=400M", str(backing)], check=True)
+    store.settle([str(big)])
+    with pytest.raises(OSError):
+        store.put("images/batch2-0.png", big)
+    assert not (mountpoint / "out" / "images" / "batch2-0.png").exists()

@@ -408,7 +408,9 @@ def test_a_temp_fsynced_as_written_is_named_so_and_put_like_any_other(
 
     store = Recording(tmp_path / "out", fs_sync=fs_sync)
     (tmp_path / "out").mkdir()
-    by_filesystem = fs_sync and filesystem_sync(tmp_path / "out") is not None
+    fd = os.open(tmp_path / "out", os.O_RDONLY)
+    by_filesystem = fs_sync and filesystem_sync(fd, tmp_path / "out") is not None
+    os.close(fd)
     ImageWriter(store).save("cat", [PNG], "png")
     assert len(calls) == 1 and calls[0].endswith(local_store.SYNCED_SUFFIX) != by_filesystem
     assert (tmp_path / "out" / "images" / "cat-0.png").read_bytes() == PNG

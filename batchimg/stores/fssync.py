@@ -7,9 +7,13 @@ durable for the price of about one. It is used only where it guarantees what fsy
 
 - Linux 5.8 or later: before, syncfs did not report a failed writeback (EIO), and a lost image
   would count as saved;
-- a local filesystem of a known kind (ext4, ext3, ext2, XFS, btrfs, tmpfs), found in
+- a local filesystem of a known kind (ext4, ext3, ext2, XFS, tmpfs), found in
   /proc/self/mountinfo by the directory's device: a FUSE mount, NFS or anything unknown may
-  accept syncfs and keep nothing, so there every file keeps its own fsync.
+  accept syncfs and keep nothing, so there every file keeps its own fsync (btrfs too: its
+  subvolumes' devices are not the mount table's, so it is never recognised);
+- through a descriptor opened before any of the files it syncs was written, kept open, one
+  syncfs at a time: syncfs reports a write error once, to each descriptor opened before it was
+  reported to anyone. After an error the caller fsyncs each file instead (`LocalStore.settle`).
 
 Elsewhere (another system, an older kernel, such a filesystem, libc without syncfs)
 `filesystem_sync` returns None and the caller fsyncs each file.
@@ -27,17 +31,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 #: Filesystems whose syncfs writes back and commits all, reporting errors (Linux >= 5.8).
-SAFE_KINDS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs"})
+SAFE_KINDS = frozenset({"ext2", "ext3", "ext4", "xfs", "tmpfs"})
 MIN_KERNEL = (5, 8)
 
 
-def filesystem_sync(directory: Path) -> Callable[[], None] | None:
-    """A function that makes everything written on `directory`'s filesystem durable (raising
-    OSError on failure), or None where syncfs is not known to be as safe as fsync."""
+def filesystem_sync(fd: int, directory: Path) -> Callable[[], None] | None:
+    """A function that makes everything written on the filesystem of `fd` (an open directory)
+    durable, raising OSError if any write since `fd` was opened failed; None where syncfs is not
+    known to be as safe as fsync, or where `directory` (the files to sync) is on another
+    filesystem. The caller keeps `fd` open as long as it uses the function: syncfs reports the
+    errors since its descriptor was opened, once each."""
     if not sys.platform.startswith("linux") or kernel() < MIN_KERNEL:
         return None
     try:
-        device = os.stat(directory).st_dev
+        device = os.fstat(fd).st_dev
+        if os.stat(directory).st_dev != device:
+            return None
     except OSError:
         return None
     if mount_kind(device) not in SAFE_KINDS:
@@ -45,16 +54,7 @@ def filesystem_sync(directory: Path) -> Callable[[], None] | None:
     syncfs = libc_syncfs()
     if syncfs is None:
         return None
-    where = str(directory)
-
-    def sync() -> None:
-        fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            syncfs(fd)
-        finally:
-            os.close(fd)
-
-    return sync
+    return lambda: syncfs(fd)
 
 
 def kernel(release: str | None = None) -> tuple[int, int]:

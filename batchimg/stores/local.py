@@ -7,6 +7,7 @@ import itertools
 import os
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO, Literal
@@ -14,6 +15,7 @@ from typing import IO, BinaryIO, Literal
 TEMP_DIR = ".tmp"  # the temp area, hidden from dataset loaders (same filesystem: put renames)
 ORPHANS_DIR = ".orphans"  # where files found under a name being put are set aside
 SYNCED_SUFFIX = ".synced"  # ends the name of a temp file fsynced as it was written
+MAX_SETTLED = 4096  # marks of settled temps kept (those of failed items are never taken back)
 
 
 class TempArea:
@@ -66,7 +68,16 @@ class LocalStore:
         self._parents: dict[str, str] = {}  # a name's folder -> its directory, checked
         #: One syncfs for a batch of temps (`settle`), where as safe as an fsync each; looked
         #: up on first use (False: not yet), so a run that writes nothing never pays for it.
-        self._fs_sync: Callable[[], None] | Literal[False] | None = False if fs_sync else None
+        #: It goes through a descriptor opened now, before this store writes anything: syncfs
+        #: reports the filesystem's write errors since its descriptor was opened (not those
+        #: another program's sync has already been told of, if opened after them).
+        self._fs_sync: Callable[[], None] | Literal[False] | None = None
+        self._fs_sync_fd = -1
+        if fs_sync and (fd := open_nearest_directory(self._temps.dir)) >= 0:
+            weakref.finalize(self, os.close, fd)
+            self._fs_sync_fd = fd
+            self._fs_sync = False
+        self._settle_lock = threading.Lock()  # one syncfs at a time: each learns of errors
         self._settled: set[str] = set()  # temps made durable by `settle`, not yet put
 
     @property
@@ -100,12 +111,25 @@ class LocalStore:
         """Make the bytes of these temp files (written, closed, not yet put) durable, so that
         `put` need not sync them: one syncfs of the filesystem where that is as safe as an
         fsync of each (`fssync`); elsewhere nothing here, and `put` fsyncs each temp not
-        fsynced as it was written. Raises OSError."""
-        sync = self._filesystem_sync()
-        if sync is None or not temps:
+        fsynced as it was written. Raises OSError.
+
+        A failed syncfs does not say which files it lost, and the next one will not say it
+        again: from then on this store fsyncs every temp on its own (each file's fsync reports
+        that file's own write error), those already written and not yet put included."""
+        if not temps:
             return
-        sync()
-        with self._lock:
+        with self._settle_lock:  # the syncfs that learns of an error is the one that reports it
+            sync = self._filesystem_sync()
+            if sync is None:
+                return
+            try:
+                sync()
+            except OSError:
+                self._fs_sync = None
+                self._settled.clear()
+                raise
+            if len(self._settled) > MAX_SETTLED:  # marks of temps discarded, never put
+                self._settled.clear()  # (a temp without one is fsynced by `put`: safe)
             self._settled.update(temps)
 
     def _filesystem_sync(self) -> Callable[[], None] | None:
@@ -115,7 +139,7 @@ class LocalStore:
                     from .fssync import filesystem_sync
 
                     self._temps.dir.mkdir(parents=True, exist_ok=True)
-                    self._fs_sync = filesystem_sync(self._temps.dir)
+                    self._fs_sync = filesystem_sync(self._fs_sync_fd, self._temps.dir)
         return self._fs_sync
 
     def _path(self, name: str) -> Path:
@@ -156,9 +180,6 @@ class LocalStore:
     def sync(self) -> None:
         with self._lock:
             directories = sorted(self._dirs)
-            # Settled temps not put by now were discarded (a failed item); one another thread
-            # settled and has yet to put loses its mark and is fsynced by `put`: safe either way.
-            self._settled.clear()
         for directory in directories:
             fsync_path(directory, os.O_RDONLY | os.O_DIRECTORY)
 
@@ -187,6 +208,19 @@ class LocalStore:
         """Move a file no ledger line claims out of the way instead of overwriting it."""
         (self.root / ORPHANS_DIR).mkdir(exist_ok=True)
         os.replace(final, self.root / aside_name(final.name))
+
+
+def open_nearest_directory(path: Path) -> int:
+    """A descriptor of `path`, or of its nearest ancestor that exists (on the filesystem where
+    `path` will be made); -1 if none can be opened."""
+    for directory in (path, *path.parents):
+        try:
+            return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return -1
+    return -1
 
 
 def write_new(path: str, data: bytes, *, sync: bool) -> None:
