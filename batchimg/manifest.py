@@ -22,13 +22,13 @@ import functools
 import io
 import os
 import re
-import shutil
 import stat
 import sys
-import tempfile
+
+# hashlib's own blake2b (hashlib.blake2b is this one), without hashlib loading OpenSSL (2 ms)
+from _blake2 import blake2b
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, fields
-from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
@@ -788,6 +788,9 @@ def materialized(path: str | Path) -> Iterator[tuple[Path, Path]]:
         if regular:
             yield given, given.resolve().parent
             return
+    import shutil  # with tempfile: only a piped manifest needs them (`--help` does not)
+    import tempfile
+
     source_dir = Path.cwd() if str(path) == "-" else Path(path).resolve().parent
     with tempfile.TemporaryDirectory(prefix="batchimg-manifest-") as tmp:
         copy = Path(tmp) / "manifest.jsonl"
