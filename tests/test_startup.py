@@ -32,8 +32,9 @@ from .helpers import KEY_VARS, ROOT
 HEAVY = ("aiohttp", "batchimg.api", "batchimg.engine.run", "batchimg.backends.online", "PIL")
 #: Nor these, but for `estimate` (whose ledger reader takes buckets too): OpenSSL (hashlib; the
 #: ids' blake2b is hashlib's own without it), a piped manifest's temporary copy, the package
-#: resource readers (the catalog is read as the file beside its module).
-UNUSED = ("hashlib", "tempfile", "importlib.resources")
+#: resource readers (the catalog is read as the file beside its module), the stores and the
+#: backend protocol (a run's).
+UNUSED = ("hashlib", "tempfile", "importlib.resources", "batchimg.stores", "batchimg.backends.base")
 
 
 def imported(*args: str, env: dict[str, str] | None = None) -> tuple[int, set[str]]:
