@@ -33,8 +33,15 @@ HEAVY = ("aiohttp", "batchimg.api", "batchimg.engine.run", "batchimg.backends.on
 #: Nor these, but for `estimate` (whose ledger reader takes buckets too): OpenSSL (hashlib; the
 #: ids' blake2b is hashlib's own without it), a piped manifest's temporary copy, the package
 #: resource readers (the catalog is read as the file beside its module), the stores and the
-#: backend protocol (a run's).
-UNUSED = ("hashlib", "tempfile", "importlib.resources", "batchimg.stores", "batchimg.backends.base")
+#: backend protocol (a run's), the edit inputs' reader (a manifest without edit lines').
+UNUSED = (
+    "hashlib",
+    "tempfile",
+    "importlib.resources",
+    "batchimg.stores",
+    "batchimg.backends.base",
+    "batchimg.inputs",
+)
 
 
 def imported(*args: str, env: dict[str, str] | None = None) -> tuple[int, set[str]]:
