@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -238,6 +237,8 @@ async def open_backend(
     options = config.options
     async with contextlib.AsyncExitStack() as stack:
         if target is None:
+            import secrets
+
             from .mock import MockConfig, MockServer  # Pillow is only needed when mocking
 
             key = secrets.token_urlsafe(16)

@@ -748,9 +748,12 @@ def read_json(path: str | Path, what: str) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _default_catalog() -> Catalog:
-    from importlib import resources  # read once, when the catalog is first needed
+    try:  # installed as files (the usual case): read beside this module
+        text = Path(__file__).with_name(CATALOG_FILE).read_text(encoding="utf-8")
+    except OSError:  # a zip or another loader: importlib.resources (5 ms to import) knows it
+        from importlib import resources
 
-    text = resources.files("batchimg").joinpath(CATALOG_FILE).read_text(encoding="utf-8")
+        text = resources.files("batchimg").joinpath(CATALOG_FILE).read_text(encoding="utf-8")
     return Catalog(json.loads(text), f"batchimg/{CATALOG_FILE}")
 
 

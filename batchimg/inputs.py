@@ -9,7 +9,6 @@ size of the first image; dall-e-2's one square PNG under 4 MB.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import os
 from collections.abc import Sequence
@@ -163,11 +162,13 @@ def load_input(given: str, base_dir: Path) -> tuple[InputFile, ImageInfo]:
 @functools.lru_cache(maxsize=4096)
 def _load(path: Path, given: str, mtime_ns: int, size: int) -> tuple[InputFile, ImageInfo]:
     """Cached per file version, so a manifest reusing one image thousands of times reads it once."""
+    from hashlib import sha256  # loads OpenSSL (2 ms): only for a manifest with edit inputs
+
     del mtime_ns  # part of the cache key only
     limit = MAX_IMAGE_BYTES
     with open(path, "rb") as fh:
         info = probe(fh, given, size, decode=False)
-        digest = hashlib.sha256()
+        digest = sha256()
         if size <= limit:  # an oversized file fails its check; hashing it would be wasted reading
             fh.seek(0)
             while chunk := fh.read(1 << 20):

@@ -22,22 +22,24 @@ import functools
 import io
 import os
 import re
-import shutil
 import stat
 import sys
-import tempfile
+
+# hashlib's own blake2b (hashlib.blake2b is this one), without hashlib loading OpenSSL (2 ms)
+from _blake2 import blake2b
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, fields
-from hashlib import blake2b
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from . import specs
 from ._idset import IdSet, count_lines
 from .catalog import Catalog, today_utc
-from .inputs import MAX_EDIT_IMAGES, InputFile, check_edit_inputs, load_input
+
+if TYPE_CHECKING:
+    from .inputs import InputFile
 
 #: Keys a line may carry besides the API fields (which the catalog lists).
 ITEM_KEYS = ("id", "metadata")
@@ -612,6 +614,8 @@ def _edit_inputs(
     obj: dict[str, Any], params: dict[str, Any], base_dir: Path, catalog: Catalog
 ) -> tuple[tuple[InputFile, ...], InputFile | None]:
     """Resolve, probe and check an edit line's `image` and `mask` files (ParamError if bad)."""
+    from .inputs import MAX_EDIT_IMAGES, check_edit_inputs, load_input  # edit lines only
+
     given = obj["image"]
     names = [given] if isinstance(given, str) else given
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
@@ -788,6 +792,9 @@ def materialized(path: str | Path) -> Iterator[tuple[Path, Path]]:
         if regular:
             yield given, given.resolve().parent
             return
+    import shutil  # with tempfile: only a piped manifest needs them (`--help` does not)
+    import tempfile
+
     source_dir = Path.cwd() if str(path) == "-" else Path(path).resolve().parent
     with tempfile.TemporaryDirectory(prefix="batchimg-manifest-") as tmp:
         copy = Path(tmp) / "manifest.jsonl"

@@ -407,7 +407,9 @@ def _storage_error(exc: Exception) -> StorageError:
 
 
 @dataclass
-class _Job:
+class _Job:  # documented: for a class without a docstring, dataclass runs inspect.signature
+    """One item's images on their way to the store."""
+
     stem: str
     images: Sequence[bytes | SpooledImage]
     fmt: str

@@ -5,17 +5,18 @@ online.py    OnlineBackend: one HTTP request per attempt
 profiles.py  providers as data: OpenAI, Azure OpenAI, the seed's gateway (and ClientConfig)
 
 `OnlineBackend` is imported on first use: it brings aiohttp (about 0.1 s), which commands that
-send nothing (`--help`, `validate`, `estimate`, `report`) never need.
+send nothing (`--help`, `validate`, `estimate`, `report`) never need. So are `Answer` and
+`Backend`, which only a run needs (the options need the profiles).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Answer, Backend
 from .profiles import PROFILES, ClientConfig, Profile, Secret
 
 if TYPE_CHECKING:
+    from .base import Answer, Backend
     from .online import OnlineBackend
 
 
@@ -24,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from .online import OnlineBackend
 
         return OnlineBackend
+    if name in ("Answer", "Backend"):
+        from . import base
+
+        return getattr(base, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from ..stores import Store
 from .base import DEFAULT_SHARD_SIZE, OutputLayout
+
+if TYPE_CHECKING:
+    from ..stores import Store  # the stores are imported by a run, not for `--help`
 
 Layout = Literal["imagefolder", "webdataset"]
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
-import hashlib
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -341,6 +340,8 @@ def _in_event_loop() -> bool:
 def default_state_dir(url: str) -> Path:
     """Where a run on `url` keeps its local state unless `--state` says: a directory in the
     user's cache, named by a hash of the URL (so each output has its own)."""
+    import hashlib  # loads OpenSSL (2 ms): only a bucket's run needs it
+
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     digest = hashlib.sha256(shown(url).rstrip("/").encode()).hexdigest()[:16]
     return Path(base) / "batchimg" / "state" / digest
