@@ -75,7 +75,7 @@ class ImageSink:
         self.path: Path | None = None
         self.fd = -1  # the temp file once spilled: written with os.write, no buffer between
         self.held: list[Chunk] = []  # the image so far, while it is small
-        self.hash = hashlib.sha256()
+        self.hash: hashlib._Hash  # made when it spills (a small image is hashed by the writer)
         self.nbytes = 0
         self.head = b""  # the first bytes, for the format check
 
@@ -101,6 +101,7 @@ class ImageSink:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         self.fd = os.open(self.path, flags, 0o644)  # closed in finish/abort
         self.held = []
+        self.hash = hashlib.sha256()
         head = bytearray()
         for piece in pieces:
             head += piece[: HEAD_BYTES - len(head)]

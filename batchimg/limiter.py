@@ -98,6 +98,13 @@ _HEADER_NAMES = tuple(
 )
 
 
+#: What `observe` reads of each kind: its name and its fields in `RateLimitHeaders`.
+_OBSERVED = tuple(
+    (kind, f"limit_{kind}", f"remaining_{kind}", f"reset_{kind}_s")
+    for kind in ("requests", "images", "tokens")
+)
+
+
 def _count(value: str | None) -> int | None:
     if value is None:
         return None
@@ -192,6 +199,7 @@ class Limiter:
         self._learned: dict[str, TokenBucket] = {}
         self._learned_limits: dict[str, int] = {}
         self._rate: TokenBucket | None = None  # adaptive request rate; None until needed
+        self._all: list[tuple[str, TokenBucket]] | None = None  # every bucket (`_buckets`)
         self._pause_until = 0.0
         self._last_cut = -math.inf
         self._admitted: deque[float] = deque()
@@ -266,9 +274,13 @@ class Limiter:
         )
 
     def _buckets(self) -> list[tuple[str, TokenBucket]]:
-        found = list(self._static.items()) + list(self._learned.items())
-        if self._rate is not None:
-            found.append(("requests", self._rate))
+        """Every bucket a request takes from (made again when one is added)."""
+        found = self._all
+        if found is None:
+            found = list(self._static.items()) + list(self._learned.items())
+            if self._rate is not None:
+                found.append(("requests", self._rate))
+            self._all = found
         return found
 
     def settle_tokens(self, estimated: int, actual: int) -> None:
@@ -287,14 +299,14 @@ class Limiter:
         """Learn ceilings from `x-ratelimit-*`; pause when a budget reports none remaining."""
         if headers is None or not self.adaptive:
             return
-        for kind in ("requests", "images", "tokens"):
-            limit = getattr(headers, f"limit_{kind}")
+        for kind, limit_field, remaining_field, reset_field in _OBSERVED:
+            limit = getattr(headers, limit_field)
             if limit:
                 self._learn(kind, limit)
-            remaining = getattr(headers, f"remaining_{kind}")
-            reset_s = getattr(headers, f"reset_{kind}_s")
-            if remaining == 0 and reset_s:
-                self._pause(reset_s, f"x-ratelimit-reset-{kind}")
+            if getattr(headers, remaining_field) == 0:
+                reset_s = getattr(headers, reset_field)
+                if reset_s:
+                    self._pause(reset_s, f"x-ratelimit-reset-{kind}")
 
     def _learn(self, kind: str, per_min: int) -> None:
         if self._learned_limits.get(kind) == per_min:
@@ -305,6 +317,7 @@ class Limiter:
             self._learned[kind].set_rate(rate)
         else:
             self._learned[kind] = TokenBucket(rate, self.clock)
+            self._all = None
         if kind == "requests" and self._rate is not None and self._rate.rate_per_s > rate:
             self._rate.set_rate(rate)
 
@@ -346,6 +359,7 @@ class Limiter:
         rate = max(MIN_RATE_PER_S, base * DECREASE)
         if self._rate is None:
             self._rate = TokenBucket(rate, self.clock)
+            self._all = None
             self._rate.tokens = 0.0  # no burst right after a 429
         else:
             self._rate.set_rate(rate)

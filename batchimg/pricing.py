@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 
 from . import specs
 from .catalog import Catalog, ModelPrices, ModelSpec, load_catalog
@@ -76,6 +76,10 @@ class Bound:
     basis: Literal["published", "learned", "ceiling"]
 
 
+_Fixed = TypeVar("_Fixed", Estimate, Bound | None)
+_UNKNOWN = object()
+
+
 class PriceTable:
     """The catalog's prices, with the arithmetic on them."""
 
@@ -87,6 +91,9 @@ class PriceTable:
         self.multiplier = multiplier
         #: What the catalog alone bounds, by the request's shape (asked for every answer).
         self._ceilings: dict[tuple[Any, ...], int | None] = {}
+        #: Estimates and worst cases that no learned count enters (published counts, or no
+        #: prices), by shape and input sizes: asked for every attempt, the same for most.
+        self._fixed: dict[tuple[Any, ...], Estimate | Bound | None] = {}
 
     @classmethod
     def default(cls) -> PriceTable:
@@ -169,6 +176,10 @@ class PriceTable:
         n = _n(params)
         prompt = params.get("prompt")
         text = specs.estimate_text_tokens(prompt) if isinstance(prompt, str) else 0
+        key = ("estimate", specs.request_shape(params), text, image_tokens)
+        fixed = self._fixed.get(key)
+        if isinstance(fixed, Estimate):
+            return fixed
         spec = self.catalog.spec(str(params.get("model") or ""))
         quality, size = self._resolved(params)
         inputs = text + image_tokens
@@ -176,7 +187,7 @@ class PriceTable:
         if published is not None:
             output = published * n
             cost = self._cost(spec, text, image_tokens, output, quality, size, n)
-            return Estimate(n, inputs, output, cost)
+            return self._keep(key, Estimate(n, inputs, output, cost))
         learned = book.get(request_group(params, self.catalog)) if book is not None else None
         if learned is None or not learned.samples:
             return Estimate(n, inputs, 0, None, basis="unknown")
@@ -202,22 +213,35 @@ class PriceTable:
         prompt = params.get("prompt")
         text = len(prompt.encode("utf-8")) if isinstance(prompt, str) else 0  # <= 1 token a byte
         image = int(image_tokens * WORST_CASE_INPUT_MARGIN)
+        key = ("worst", specs.request_shape(params), text, image)
+        fixed = self._fixed.get(key, _UNKNOWN)
+        if fixed is not _UNKNOWN:
+            return cast("Bound | None", fixed)
         spec = self.catalog.spec(str(params.get("model") or ""))
         if spec.prices is None:
-            return None
+            return self._keep(key, None)
         n = _n(params)
         worst: Bound | None = None
+        published = True  # every choice's bound is a published count: no answer changes it
         for quality, size in self._choices(params):
             per_image = self._output_bound(spec, params, quality, size, book)
             if per_image is None:
                 return None
             tokens, basis = per_image
+            published = published and basis == "published"
             cost = self._cost(spec, text, image, tokens * n, quality, size, n)
             if cost is None:
                 return None
             if worst is None or cost > worst.cost_usd:
                 worst = Bound(cost, basis)
-        return worst
+        return self._keep(key, worst) if published else worst
+
+    def _keep(self, key: tuple[Any, ...], value: _Fixed) -> _Fixed:
+        """Remember an estimate or bound no answer can change (see `_fixed`)."""
+        if len(self._fixed) > 4096:
+            self._fixed.clear()
+        self._fixed[key] = value
+        return value
 
     def _resolved(self, params: Mapping[str, Any]) -> tuple[str, str]:
         """The quality and size a request will most likely be answered at (once per shape)."""

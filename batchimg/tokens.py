@@ -54,10 +54,12 @@ def record_group(record: Mapping[str, Any], catalog: Catalog) -> GroupKey | None
     model = record.get("model")
     if not isinstance(model, str) or not model:
         return None
-    params = {k: record.get(k) for k in ("model", "size", "quality", "output_format")}
-    params["complexity"] = record.get("complexity")
-    params["frame_count"] = record.get("frame_count")
-    return request_group({k: v for k, v in params.items() if v is not None}, catalog)
+    params = {k: v for k in _RECORD_FIELDS if (v := record.get(k)) is not None}
+    return request_group(params, catalog)
+
+
+#: What a record says of its answer that decides its group (`request_group` reads them).
+_RECORD_FIELDS = ("model", "size", "quality", "output_format", "complexity", "frame_count")
 
 
 def per_image_output(usage: Any, images: int) -> float | None:

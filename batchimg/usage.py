@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 #: More tokens than any one image request can use (OpenAI's largest counts are tens of
 #: thousands): a bigger number is a broken or hostile answer, not a bill.
@@ -52,6 +52,27 @@ def _count(value: Any, where: str) -> int | UsageProblem:
 
 def read_usage(raw: Any) -> Usage | UsageProblem:
     """The counts in an answer's `usage`, or why they cannot be believed."""
+    if type(raw) is dict:  # the usual shapes, every count plain and in range: read at once
+        output = raw.get("output_tokens")
+        details = raw.get("input_tokens_details")
+        if details is None:
+            details = {}
+        if type(details) is dict:
+            if "text_tokens" in details or "image_tokens" in details:
+                text, image = details.get("text_tokens", 0), details.get("image_tokens", 0)
+            else:
+                text, image = raw.get("input_tokens", raw.get("prompt_tokens", 0)), 0
+            cached = details.get("cached_tokens", 0)
+            if _plain(output) and _plain(text) and _plain(image) and _plain(cached):
+                return Usage(text, min(cached, text), image, output)
+    return _read_usage(raw)  # anything else: its problem named
+
+
+def _plain(value: Any) -> TypeGuard[int]:
+    return type(value) is int and 0 <= value <= MAX_TOKENS
+
+
+def _read_usage(raw: Any) -> Usage | UsageProblem:
     if raw is None:
         return UsageProblem("the answer has no usage")
     if not isinstance(raw, Mapping):

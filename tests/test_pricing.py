@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from batchimg.pricing import PRICE_TABLE, request_cost_usd, usage_cost_usd
+from batchimg.pricing import PRICE_TABLE, PriceTable, request_cost_usd, usage_cost_usd
+from batchimg.tokens import TokenBook, request_group
 
 
 def usage(text: int, output: int, image: int = 0, cached: int | None = None) -> dict[str, Any]:
@@ -134,3 +135,21 @@ def test_a_price_file_without_image_in_prices_input_images_alike_in_ledger_and_c
     params = {"model": "gpt-image-1", "prompt": "x" * 10, "quality": "low", "size": "1024x1024"}
     worst = table.worst_case_usd(params, image_tokens=1000)
     assert worst == pytest.approx((10 * 4 + 1250 * 4 + 272 * 40) / 1e6)  # inputs with headroom
+
+
+def test_a_bound_or_estimate_that_answers_teach_follows_the_book_after_being_asked() -> None:
+    """Bounds and estimates are remembered by request shape only where no answer can change
+    them: one resting on learned counts follows the book each time it is asked."""
+    table, book = PriceTable.default(), TokenBook()
+    params = {"model": "gpt-image-2.6-sunburst", "prompt": "a cathedral", "size": "2560x1440",
+              "quality": "max"}  # fmt: skip
+    ceiling = table.worst_case(params, 0, book)
+    assert ceiling is not None and ceiling.basis == "ceiling"
+    assert table.estimate(params, 0, book).basis == "unknown"
+    book.add(request_group(params, table.catalog), 1000.0)
+    learned = table.worst_case(params, 0, book)
+    assert learned is not None and learned.basis == "learned"
+    assert learned.cost_usd < ceiling.cost_usd
+    assert table.estimate(params, 0, book).basis == "learned"
+    published = {"model": "gpt-image-1", "prompt": "a cathedral", "quality": "high"}
+    assert table.worst_case(published, 0, book) == table.worst_case(published, 0, None)

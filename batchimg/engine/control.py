@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -67,27 +66,51 @@ class RunControl:
             await self._stop_event.wait()
         return self.stopping
 
-    @contextlib.contextmanager
-    def on_the_wire(self) -> Iterator[None]:
+    def on_the_wire(self) -> contextlib.AbstractContextManager[None]:
         """Count a request or download as in flight while the block runs."""
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            self.last_progress = time.monotonic()
+        return _OnTheWire(self)
 
-    @contextlib.contextmanager
-    def item_scope(self) -> Iterator[anyio.CancelScope]:
+    def item_scope(self) -> contextlib.AbstractContextManager[anyio.CancelScope]:
         """A cancel scope for one item's processing, cancelled by `cancel_items`."""
-        with anyio.CancelScope() as scope:
-            self._item_scopes.add(scope)
-            try:
-                yield scope
-            finally:
-                self._item_scopes.discard(scope)
+        return _ItemScope(self._item_scopes)
 
     def cancel_items(self) -> None:
         """Drop the items being processed (no ledger line: the next run sends them again)."""
         for scope in list(self._item_scopes):
             scope.cancel()
+
+
+# The two context managers every item enters, as classes: a generator's would cost more than
+# what they do.
+
+
+class _OnTheWire:
+    __slots__ = ("_control",)
+
+    def __init__(self, control: RunControl) -> None:
+        self._control = control
+
+    def __enter__(self) -> None:
+        self._control.in_flight += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        control = self._control
+        control.in_flight -= 1
+        control.last_progress = time.monotonic()
+
+
+class _ItemScope:
+    __slots__ = ("_scope", "_scopes")
+
+    def __init__(self, scopes: set[anyio.CancelScope]) -> None:
+        self._scopes = scopes
+        self._scope = anyio.CancelScope()
+
+    def __enter__(self) -> anyio.CancelScope:
+        scope = self._scope.__enter__()
+        self._scopes.add(scope)
+        return scope
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        self._scopes.discard(self._scope)
+        return self._scope.__exit__(*exc_info)
