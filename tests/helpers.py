@@ -122,6 +122,20 @@ def check_ok_record(out: Path, record: dict[str, Any]) -> None:
                 assert im.n_frames == record["frame_count"]
 
 
+#: `python -c MEASURED ARGS...` runs ARGS as a child (its stdout to /dev/null) and prints the
+#: child's peak RSS in KiB when it ends, exiting with its status. A child's ru_maxrss counts the
+#: memory of the process it was forked from (Linux keeps the high-water mark across exec), and a
+#: test process grows over a whole suite: forked from this small launcher, the figure is the
+#: child's own.
+MEASURED = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(usage.ru_maxrss, flush=True)
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
     """Poll until predicate() holds (a condition another process brings about)."""
     deadline = time.monotonic() + timeout_s

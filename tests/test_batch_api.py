@@ -29,6 +29,7 @@ from batchimg.mock import MockConfig, MockServer
 from batchimg.pricing import PriceTable
 from tests.conftest import TEST_KEY, StartMock
 from tests.helpers import (
+    MEASURED,
     ROOT,
     check_ok_record,
     last_states,
@@ -686,8 +687,8 @@ def test_collecting_a_large_output_file_keeps_memory_flat(
 ) -> None:
     """The output file is streamed to disk and read a line at a time: the collecting run's
     peak memory does not grow from 30 photo-sized answers to 90 (~290 MB of output). The mock
-    runs in a process of its own, so this one stays small (a child's peak counts its parent's
-    memory at the fork)."""
+    runs in a process of its own, and the run is measured through `MEASURED` (a child's peak
+    counts its parent's memory at the fork)."""
     peak: dict[int, float] = {}
     auth = {"Authorization": f"Bearer {TEST_KEY}"}
     mock = [sys.executable, "-m", "batchimg", "mock", "--port", "0", "--api-key", TEST_KEY,
@@ -708,11 +709,11 @@ def test_collecting_a_large_output_file_keeps_memory_flat(
                                 for b in get_json(f"{base_url}/batches", auth)["data"]),
                     timeout_s=300,
                 )  # fmt: skip
-                proc = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL, cwd=ROOT)
-                _, status, usage = os.wait4(proc.pid, 0)
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                assert proc.returncode == 0
-                peak[count] = usage.ru_maxrss / 1024  # MiB
+                done = subprocess.run([sys.executable, "-c", MEASURED, *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                      cwd=ROOT, text=True)  # fmt: skip
+                assert done.returncode == 0
+                peak[count] = int(done.stdout.split()[-1]) / 1024  # MiB
                 assert len(last_states(out)) == count
             outputs = get_json(f"{base_url}/files?purpose=batch_output", auth)["data"]
             biggest = max(f["bytes"] for f in outputs) / 2**20

@@ -138,7 +138,7 @@ def traced_run(strace: str, server: MockServer, tmp_path: Path, count: int) -> t
         )
     )
     out, trace = tmp_path / "out", tmp_path / "trace.txt"
-    cmd = [strace, "-f", "-y", "-s", "100000", "-e", f"trace={TRACED}", "-o", str(trace),
+    cmd = [strace, "-f", "-y", "-s", "4096", "-e", f"trace={TRACED}", "-o", str(trace),
            sys.executable, "-m", "batchimg", "run", str(manifest), "--out", str(out),
            "--base-url", server.base_url, "--concurrency", "8", "--quiet"]  # fmt: skip
     env = {**os.environ, "BATCHIMG_API_KEY": TEST_KEY}

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.helpers import ROOT, ledger, wait_for
+from tests.helpers import MEASURED, ROOT, ledger, wait_for
 from tests.hostile import HostileServer
 
 MAX_RSS_MB = 400
@@ -29,18 +29,25 @@ def write_manifest(path: Path, count: int) -> Path:
     return path
 
 
-def start(manifest: Path, out: Path, server: HostileServer, *extra: str) -> subprocess.Popen[str]:
+def start(
+    manifest: Path, out: Path, server: HostileServer, *extra: str, measured: bool = False
+) -> subprocess.Popen[str]:
+    """`batchimg run` in a child process; `measured`: through `MEASURED` (no signals then)."""
     args = [
         *(sys.executable, "-m", "batchimg", "run", str(manifest), "--out", str(out)),
         *("--base-url", server.base_url, "--concurrency", "4", "--max-attempts", "1", *extra),
     ]
+    if measured:
+        args = [sys.executable, "-c", MEASURED, *args]
     env = {**os.environ, "BATCHIMG_API_KEY": "sk-hostile"}
-    return subprocess.Popen(args, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, cwd=ROOT)  # fmt: skip
+    stdout = subprocess.PIPE if measured else subprocess.DEVNULL
+    return subprocess.Popen(args, env=env, stderr=subprocess.PIPE, stdout=stdout, text=True,
+                            cwd=ROOT)  # fmt: skip
 
 
 def finish(process: subprocess.Popen[str], timeout_s: float = 60.0) -> tuple[int, float, str]:
-    """Exit status, peak RSS in MB and stderr of a child, reaped with os.wait4."""
+    """Exit status, peak RSS in MB and stderr of a child (the run's own peak if started
+    `measured`; else os.wait4's, which counts the memory of the test process too)."""
     deadline = time.monotonic() + timeout_s
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -49,9 +56,13 @@ def finish(process: subprocess.Popen[str], timeout_s: float = 60.0) -> tuple[int
         assert time.monotonic() < deadline, "the run did not end"
         time.sleep(0.05)
     process.returncode = os.waitstatus_to_exitcode(status)
+    rss_kib = float(usage.ru_maxrss)
+    if process.stdout is not None:
+        with process.stdout:
+            rss_kib = float(process.stdout.read().split()[-1])
     assert process.stderr is not None
     with process.stderr:
-        return process.returncode, usage.ru_maxrss / 1024, process.stderr.read()
+        return process.returncode, rss_kib / 1024, process.stderr.read()
 
 
 @pytest.mark.timeout(120)
@@ -59,7 +70,8 @@ def finish(process: subprocess.Popen[str], timeout_s: float = 60.0) -> tuple[int
 def test_no_answer_can_exhaust_memory_and_its_cost_is_kept(tmp_path: Path, mode: str) -> None:
     with HostileServer(mode) as server:
         out = tmp_path / "out"
-        code, rss_mb, stderr = finish(start(write_manifest(tmp_path / "m.jsonl", 4), out, server))
+        manifest = write_manifest(tmp_path / "m.jsonl", 4)
+        code, rss_mb, stderr = finish(start(manifest, out, server, measured=True))
     assert code == 1, stderr  # the items failed; the run did not
     assert rss_mb < MAX_RSS_MB, rss_mb
     records = ledger(out)
