@@ -8,10 +8,11 @@ One `aiohttp.ClientSession`, an `asyncio.Semaphore(concurrency)`, every manifest
 429, a 5xx or a dropped connection is tried again a few times, nothing more. Prints one JSON line:
 {"ok": N, "failed": N}.
 
-`--durable` adds what batchimg promises of every image, and nothing else: written to a temp
-file, fsynced, renamed into place, and the directory fsynced, one image at a time (on the event
-loop, as such a script would). Its distance from the plain loop is what durability costs on the
-filesystem at hand; batchimg's distance from it is everything else (ledger, hashing, checks).
+`--durable` adds what batchimg promises of every image, and nothing else, the usual way: written
+to a temp file, fsynced, renamed into place, and the directory fsynced, one image at a time (on
+the event loop, as such a script would). Its distance from the plain loop is what per-file
+durability costs on the filesystem at hand (batchimg syncs a batch with one syncfs where that is
+as safe: see bench_sync.py).
 """
 
 from __future__ import annotations

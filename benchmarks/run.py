@@ -21,7 +21,7 @@ Scenarios:
 
 overhead and payload run five clients in turn, the order reversed every other repetition:
 batchimg, the SDK baseline (peer_baseline.py), the bare aiohttp loop (peer_aiohttp.py), the
-same loop with batchimg's durability (--durable: fsync, rename, directory fsync) and the
+same loop with per-image durability (--durable: fsync, rename, directory fsync) and the
 cookbook-style script (peer_cookbook.py). Each client runs in its own process against a mock in
 another process; CPU and peak RSS are that client process's own (os.wait4), wall time includes
 its start-up. Figures are medians over the repetitions, and ratios are of those medians. --fs
