@@ -750,7 +750,8 @@ def read_json(path: str | Path, what: str) -> Any:
 def _default_catalog() -> Catalog:
     try:  # installed as files (the usual case): read beside this module
         text = Path(__file__).with_name(CATALOG_FILE).read_text(encoding="utf-8")
-    except OSError:  # a zip or another loader: importlib.resources (5 ms to import) knows it
+    except (OSError, NameError, TypeError):  # a zip or a loader without files (no __file__):
+        # importlib.resources (5 ms to import) knows where it is
         from importlib import resources
 
         text = resources.files("batchimg").joinpath(CATALOG_FILE).read_text(encoding="utf-8")

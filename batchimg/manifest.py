@@ -24,9 +24,6 @@ import os
 import re
 import stat
 import sys
-
-# hashlib's own blake2b (hashlib.blake2b is this one), without hashlib loading OpenSSL (2 ms)
-from _blake2 import blake2b
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import specs
-from ._idset import IdSet, count_lines
+from ._idset import IdSet, blake2b, count_lines
 from .catalog import Catalog, today_utc
 
 if TYPE_CHECKING:
