@@ -24,10 +24,12 @@ import os
 import stat
 import sys
 
-try:  # hashlib's own blake2b (hashlib.blake2b is this one), without hashlib loading OpenSSL
-    from _blake2 import blake2b  # (2 ms); a build without the module has it through hashlib
+# hashlib's own blake2b (hashlib.blake2b is this one), without hashlib loading OpenSSL (2 ms);
+# a build without the _blake2 module has it through hashlib.
+try:
+    from _blake2 import blake2b as blake2b
 except ImportError:  # pragma: no cover - CPython builds _blake2 unless told not to
-    from hashlib import blake2b
+    from hashlib import blake2b as blake2b
 
 _WIDTH = 5  # bytes stored per id
 _PER_BUCKET = 64  # ids a bucket holds on average when its table is as full as it was sized
