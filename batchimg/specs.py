@@ -164,7 +164,7 @@ def request_shape(params: Mapping[str, Any]) -> tuple[Any, ...]:
     memos of what follows from them: items of one manifest share a handful of shapes."""
     shape = tuple(map(params.get, _SHAPE_FIELDS))
     kinds = tuple(map(type, shape))  # 1, 1.0 and True are one key otherwise
-    if all(kind in _PLAIN for kind in kinds):
+    if _PLAIN.issuperset(kinds):
         return shape + kinds
     return tuple(repr(v) if type(v) not in _PLAIN else v for v in shape) + kinds
 
