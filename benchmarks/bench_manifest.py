@@ -18,15 +18,18 @@ cached in the temporary directory first, as an installed package's is.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import LAUNCHER
 
 BARE = """
 import sys, orjson
@@ -84,15 +87,14 @@ def write(path: Path, kind: str, lines: int) -> None:
 
 
 def measure(args: list[str], env: dict[str, str]) -> tuple[float, float, float]:
-    """(CPU s, wall s, peak RSS MiB) of one fresh process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode not in (0, 1):  # validate says 1 when some lines are bad
-        raise SystemExit(f"{args} exited {process.returncode}")
-    return usage.ru_utime + usage.ru_stime, wall, usage.ru_maxrss / 1024
+    """(CPU s, wall s, peak RSS MiB) of one fresh process, started by run.py's LAUNCHER (so
+    that its peak RSS is its own, not this process's)."""
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *args], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    seen = json.loads(done.stderr.strip().splitlines()[-1])
+    if seen["exit"] not in (0, 1):  # validate says 1 when some lines are bad
+        raise SystemExit(f"{args} exited {seen['exit']}")
+    return seen["cpu_s"], seen["wall_s"], seen["rss_kib"] / 1024
 
 
 def main() -> None:

@@ -23,10 +23,11 @@ overhead and payload run five clients in turn, the order reversed every other re
 batchimg, the SDK baseline (peer_baseline.py), the bare aiohttp loop (peer_aiohttp.py), the
 same loop with per-image durability (--durable: fsync, rename, directory fsync) and the
 cookbook-style script (peer_cookbook.py). Each client runs in its own process against a mock in
-another process; CPU and peak RSS are that client process's own (os.wait4), wall time includes
-its start-up. Figures are medians over the repetitions, and ratios are of those medians. --fs
-puts the clients' output directories on the default filesystem (the temporary directory, on
-disk), on tmpfs (/dev/shm), or runs those two scenarios on both.
+another process; CPU and peak RSS are that client process's own (os.wait4, from a small
+launcher: a child's peak RSS counts the memory of the process it was forked from), wall time
+includes its start-up. Figures are medians over the repetitions, and ratios are of those
+medians. --fs puts the clients' output directories on the default filesystem (the temporary
+directory, on disk), on tmpfs (/dev/shm), or runs those two scenarios on both.
 
 Start-up (interpreter, imports, client set-up, the first connection) is a fixed cost the floor
 does not pay, so each client is also run on a one-image manifest of the scenario (the least CPU
@@ -120,19 +121,33 @@ class Bar:
         return self.value <= self.limit
 
 
+#: `python -c LAUNCHER CMD...` runs CMD as its child (stdout passed through, stderr dropped) and
+#: prints, as the last line of its own stderr, JSON: the child's wall time from its start to its
+#: end, its CPU (user + sys), peak RSS (KiB) and exit status. Linux counts in a child's
+#: ru_maxrss the memory of the process it was forked from, and the runner can hold more than a
+#: small client: forked from this small launcher, each client's peak is its own.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:], stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+wall_s = time.perf_counter() - started
+print(json.dumps({"wall_s": wall_s, "cpu_s": usage.ru_utime + usage.ru_stime,
+                  "rss_kib": usage.ru_maxrss, "exit": os.waitstatus_to_exitcode(status)}),
+      file=sys.stderr)
+"""
+
+
 def run_process(cmd: Sequence[str]) -> Process:
-    """Run a process to the end (in the repository, so `-m batchimg` is this tree's)."""
+    """Run a process to the end (in the repository, so `-m batchimg` is this tree's), through
+    `LAUNCHER`: its own wall time, CPU and peak RSS."""
     env = {**os.environ, "OPENAI_API_KEY": "sk-bench"}
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-                            cwd=ROOT)  # fmt: skip
-    assert proc.stdout is not None
-    out = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    return Process(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out,
-                   proc.returncode)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=ROOT)  # fmt: skip
+    out, err = proc.communicate()
+    seen = json.loads(err.decode().strip().splitlines()[-1])
+    return Process(seen["wall_s"], seen["cpu_s"], seen["rss_kib"] / 1024, out.decode(),
+                   seen["exit"])  # fmt: skip
 
 
 def measure(cmd: list[str]) -> tuple[float, float, float, str]:
