@@ -117,7 +117,8 @@ def main() -> None:
         cells = [statistics.median(figures[way]) for figures in (own, busy, wall)]
         print(f"| {way} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
     first, second = (statistics.median(busy[w]) for w in WAYS)
-    print(f"\nsyncfs per batch / fsync each, whole machine busy: {second / first:.2f}x")
+    if first > 0:  # /proc/stat counts in clock ticks (10 ms): a smoke run may see none
+        print(f"\nsyncfs per batch / fsync each, whole machine busy: {second / first:.2f}x")
 
 
 if __name__ == "__main__":
