@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from batchimg.stores.fssync import filesystem_sync, libc_syncfs, mount_kind
+from batchimg.stores.local import fsync_path
 
 DATA = os.urandom(300)
 
@@ -38,14 +39,6 @@ def machine_busy_s() -> float:
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def dir_fsync(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def each_fsync(directory: str, count: int, batch: int) -> None:
     for start in range(0, count, batch):
         for i in range(start, min(start + batch, count)):
@@ -54,7 +47,7 @@ def each_fsync(directory: str, count: int, batch: int) -> None:
             os.fsync(fd)
             os.close(fd)
             os.rename(f"{directory}/{i}.tmp", f"{directory}/{i}.png")
-        dir_fsync(directory)
+        fsync_path(directory, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def one_syncfs(directory: str, count: int, batch: int) -> None:
@@ -73,7 +66,7 @@ def one_syncfs(directory: str, count: int, batch: int) -> None:
             os.close(fd)
         for i in names:
             os.rename(f"{directory}/{i}.tmp", f"{directory}/{i}.png")
-        dir_fsync(directory)
+        fsync_path(directory, os.O_RDONLY | os.O_DIRECTORY)
 
 
 WAYS: dict[str, Callable[[str, int, int], None]] = {

@@ -20,7 +20,6 @@ from batchimg._spool import ResponseSpool, SpooledImage
 from batchimg.errors import ItemFailed, StorageError
 from batchimg.stores import LocalStore
 from batchimg.stores import local as local_store
-from batchimg.stores.fssync import filesystem_sync
 from batchimg.writer import (
     BatchedWriter,
     ImageWriter,
@@ -28,6 +27,7 @@ from batchimg.writer import (
     check_image,
     decode_b64_image,
 )
+from tests.test_durability import local_batch_sync_applies
 
 
 def image_bytes(fmt: str, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -407,10 +407,7 @@ def test_a_temp_fsynced_as_written_is_named_so_and_put_like_any_other(
             super().put(name, temp)
 
     store = Recording(tmp_path / "out", fs_sync=fs_sync)
-    (tmp_path / "out").mkdir()
-    fd = os.open(tmp_path / "out", os.O_RDONLY)
-    by_filesystem = fs_sync and filesystem_sync(fd, tmp_path / "out") is not None
-    os.close(fd)
+    by_filesystem = fs_sync and local_batch_sync_applies(tmp_path / "out")
     ImageWriter(store).save("cat", [PNG], "png")
     assert len(calls) == 1 and calls[0].endswith(local_store.SYNCED_SUFFIX) != by_filesystem
     assert (tmp_path / "out" / "images" / "cat-0.png").read_bytes() == PNG
