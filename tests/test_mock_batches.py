@@ -28,10 +28,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
+import signal
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -501,3 +506,48 @@ def test_a_large_output_file_is_streamed_from_disk(start: Start) -> None:
     # Neither side held the file: the server sends it from disk, the client reads it in chunks.
     assert peak < on_disk.size / 4
     assert time.monotonic() - started < 10
+
+
+# -- the mock's own files -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stopped_mock_leaves_no_batch_files_and_sweeps_those_of_killed_ones(
+    tmp_path: Path, signum: int
+) -> None:
+    """A batch's output can be hundreds of MB in the temp directory: `kill`, a script's
+    `terminate()` or a closed terminal must remove it as Ctrl-C does, and files left by a mock
+    that was killed outright (its process gone) are removed by the next one."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"batchimg-mock-{gone.pid}-left"
+    alive = tmp_path / f"batchimg-mock-{os.getpid()}-running"
+    for directory in (stale, alive):
+        directory.mkdir()
+        (directory / "batch_x_output.jsonl").write_bytes(b"{}\n" * 1000)
+    config = f"MockConfig(api_key={KEY!r}, **{QUICK!r})"
+    code = f"from batchimg.mock import MockConfig, serve; serve({config}, '127.0.0.1', 0)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        base_url = proc.stdout.readline().strip()
+        with openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0) as client:
+            batch, _ = wait(client, submit(client, [line("a"), line("b")]).id)
+            assert batch.status == "completed"
+            assert len(results(client, batch.output_file_id)) == 2
+        own = list(tmp_path.glob(f"batchimg-mock-{proc.pid}-*"))
+        assert len(own) == 1 and any(own[0].iterdir())
+        assert not stale.exists()  # its process is gone: swept
+        assert (alive / "batch_x_output.jsonl").exists()  # a live process's: kept
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=20)
+        assert proc.returncode == 0, stderr
+        assert not own[0].exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

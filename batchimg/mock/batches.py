@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import secrets
 import shutil
@@ -312,6 +313,31 @@ def read_input(
 # -- the batches ---------------------------------------------------------------------------------
 
 
+#: A server's result files go in `<temp>/batchimg-mock-<pid>-<random>`, removed when it stops.
+SPOOL_PREFIX = "batchimg-mock-"
+
+
+def sweep_spools(temp: Path) -> list[Path]:
+    """Remove the result files of mocks that died without stopping (killed: a batch's output
+    can be hundreds of MB); those of a process still running, or of another user, stay. Which
+    directories it removed."""
+    if os.name != "posix":  # os.kill(pid, 0) tells whether a process lives on POSIX only
+        return []
+    removed = []
+    for entry in temp.glob(f"{SPOOL_PREFIX}*-*"):
+        pid = entry.name[len(SPOOL_PREFIX) :].partition("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or not entry.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # gone: nothing will ever serve these files
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        except OSError:  # alive (or not ours to signal)
+            continue
+    return removed
+
+
 class _Spool:
     """One result file, written line by line to disk as lines finish."""
 
@@ -481,7 +507,8 @@ class Batches:
 
     def _spool(self, batch: Batch, kind: str) -> _Spool:
         if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="batchimg-mock-"))
+            sweep_spools(Path(tempfile.gettempdir()))
+            self._dir = Path(tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-"))
         return _Spool(self._dir / f"{batch.id}_{kind}.jsonl")
 
     async def _drive(self, batch: Batch, data: bytes) -> None:
