@@ -92,18 +92,24 @@ def main() -> None:
     own: dict[str, list[float]] = {way: [] for way in WAYS}
     busy: dict[str, list[float]] = {way: [] for way in WAYS}
     wall: dict[str, list[float]] = {way: [] for way in WAYS}
-    for r in range(repeat):
-        order = list(WAYS) if r % 2 == 0 else list(reversed(WAYS))
-        for way in order:
-            directory = tempfile.mkdtemp(dir=args.dir, prefix="bench-sync-")
-            os.sync()
-            b0, c0, w0 = machine_busy_s(), time.process_time(), time.perf_counter()
-            WAYS[way](directory, count, batch)
-            b1, c1, w1 = machine_busy_s(), time.process_time(), time.perf_counter()
-            own[way].append(1000 * (c1 - c0) / count)
-            busy[way].append(1000 * (b1 - b0) / count)
-            wall[way].append(1000 * (w1 - w0) / count)
-            shutil.rmtree(directory)
+    # Every repetition's files stay until the end: on a journal-less ext4 a file created within
+    # a minute of removals scans past each inode they freed (see run.done_with).
+    made: list[str] = []
+    try:
+        for r in range(repeat):
+            order = list(WAYS) if r % 2 == 0 else list(reversed(WAYS))
+            for way in order:
+                made.append(directory := tempfile.mkdtemp(dir=args.dir, prefix="bench-sync-"))
+                os.sync()
+                b0, c0, w0 = machine_busy_s(), time.process_time(), time.perf_counter()
+                WAYS[way](directory, count, batch)
+                b1, c1, w1 = machine_busy_s(), time.process_time(), time.perf_counter()
+                own[way].append(1000 * (c1 - c0) / count)
+                busy[way].append(1000 * (b1 - b0) / count)
+                wall[way].append(1000 * (w1 - w0) / count)
+    finally:
+        for directory in made:
+            shutil.rmtree(directory, ignore_errors=True)
     print("| way | process CPU ms/file | whole machine busy ms/file | wall ms/file |")
     print("|---|---|---|---|")
     for way in WAYS:
