@@ -471,7 +471,10 @@ def floor(where: str, directory: Path, b64: bytes, per_round: int, rounds: int,
                 with open(path, "wb", buffering=0) as fh:
                     view = memoryview(data)
                     while view:  # in pieces: one write of 2 MB or more can cost 8x (see above)
-                        view = view[fh.write(view[:FLOOR_PIECE]) or 0 :]
+                        written = fh.write(view[:FLOOR_PIECE])
+                        if not written:
+                            raise OSError(f"{path}: nothing written")
+                        view = view[written:]
                     hashlib.sha256(data).hexdigest()
                     if syncfs is None:
                         os.fsync(fh.fileno())

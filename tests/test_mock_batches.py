@@ -26,6 +26,8 @@ create-time 404/400 for an unknown or non-batch input file, `failed` counting ne
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import fcntl
 import hashlib
 import io
 import os
@@ -522,9 +524,22 @@ def test_a_stopped_mock_leaves_no_batch_files_and_sweeps_those_of_killed_ones(
     gone.wait()
     stale = tmp_path / f"batchimg-mock-{gone.pid}-left"
     alive = tmp_path / f"batchimg-mock-{os.getpid()}-running"
-    for directory in (stale, alive):
+    # A live mock whose pid means nothing here (another pid namespace): it holds its lock.
+    locked = tmp_path / f"batchimg-mock-{gone.pid}-locked"
+    for directory in (stale, alive, locked):
         directory.mkdir()
         (directory / "batch_x_output.jsonl").write_bytes(b"{}\n" * 1000)
+    # What a sweep must neither follow, remove nor trip over.
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    (tmp_path / f"batchimg-mock-{gone.pid}-link").symlink_to(precious)
+    (tmp_path / f"batchimg-mock-{gone.pid}-file").write_text("not a directory")
+    (tmp_path / "batchimg-mock-\u00b2-odd").mkdir()  # isdigit(), but int() refuses it
+    (tmp_path / f"batchimg-mock-{'9' * 30}-huge").mkdir()  # no such pid can be
+    kept = sorted(p.name for p in tmp_path.iterdir() if p != stale)
+    lock = os.open(locked, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     config = f"MockConfig(api_key={KEY!r}, **{QUICK!r})"
     code = f"from batchimg.mock import MockConfig, serve; serve({config}, '127.0.0.1', 0)"
     proc = subprocess.Popen(
@@ -542,11 +557,44 @@ def test_a_stopped_mock_leaves_no_batch_files_and_sweeps_those_of_killed_ones(
         assert len(own) == 1 and any(own[0].iterdir())
         assert not stale.exists()  # its process is gone: swept
         assert (alive / "batch_x_output.jsonl").exists()  # a live process's: kept
+        assert (locked / "batch_x_output.jsonl").exists()  # locked by a live mock: kept
+        assert (precious / "keep.txt").read_text() == "mine"
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=20)
         assert proc.returncode == 0, stderr
         assert not own[0].exists()
-        assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]
+        assert sorted(p.name for p in tmp_path.iterdir()) == kept
+    finally:
+        os.close(lock)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_a_mock_started_under_nohup_outlives_its_terminal() -> None:
+    """A hang-up while a request is being answered (1.5 s of latency): a mock that stopped on
+    it would cut the request off (it stops within 0.5 s), whenever the signal lands."""
+    config = "MockConfig(require_auth=False, latency_s=1.5)"
+    code = f"from batchimg.mock import MockConfig, serve; serve({config}, '127.0.0.1', 0)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        base_url = proc.stdout.readline().strip()
+        with (
+            openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0) as client,
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+        ):
+            answer = pool.submit(client.images.generate, model="gpt-image-1", prompt="p",
+                                 quality="low", size="1024x1024")  # fmt: skip
+            proc.send_signal(signal.SIGHUP)
+            assert answer.result(timeout=20).data  # answered in full
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+        assert proc.returncode == 0, stderr
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -314,28 +314,72 @@ def read_input(
 
 
 #: A server's result files go in `<temp>/batchimg-mock-<pid>-<random>`, removed when it stops.
+#: While it runs it holds an flock on that directory, so no other mock removes it.
 SPOOL_PREFIX = "batchimg-mock-"
+
+
+def claim_spool_dir(temp: Path) -> tuple[Path, int]:
+    """This server's directory for result files, and a descriptor of it holding its lock
+    (close it once the directory is removed). Removes what killed mocks left first."""
+    sweep_spools(temp)
+    directory = Path(tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", dir=temp))
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    if os.name == "posix":
+        import fcntl  # POSIX only
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh directory: nobody else has it
+    return directory, fd
 
 
 def sweep_spools(temp: Path) -> list[Path]:
     """Remove the result files of mocks that died without stopping (killed: a batch's output
-    can be hundreds of MB); those of a process still running, or of another user, stay. Which
-    directories it removed."""
-    if os.name != "posix":  # os.kill(pid, 0) tells whether a process lives on POSIX only
+    can be hundreds of MB). Only a directory of this user, not a symlink, named for a process
+    that is gone and whose lock nobody holds (a live mock in another pid namespace still holds
+    its own) is removed. Never raises; returns the directories removed."""
+    if os.name != "posix":  # os.kill(pid, 0) and flock: POSIX only
+        return []
+    try:
+        entries = list(temp.glob(f"{SPOOL_PREFIX}*-*"))
+    except OSError:
         return []
     removed = []
-    for entry in temp.glob(f"{SPOOL_PREFIX}*-*"):
+    for entry in entries:
         pid = entry.name[len(SPOOL_PREFIX) :].partition("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or not entry.is_dir():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:  # gone: nothing will ever serve these files
-            shutil.rmtree(entry, ignore_errors=True)
+        if pid.isascii() and pid.isdigit() and _gone(int(pid)) and _remove_unlocked(entry):
             removed.append(entry)
-        except OSError:  # alive (or not ours to signal)
-            continue
     return removed
+
+
+def _gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # alive and not ours to signal, or no such pid can be
+        return False
+    return False
+
+
+def _remove_unlocked(directory: Path) -> bool:
+    import fcntl  # POSIX only (the caller checked)
+
+    try:  # O_NOFOLLOW: a symlink under that name is not followed, nor removed
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_uid != os.getuid():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live mock holds it
+            return False
+        shutil.rmtree(directory, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 class _Spool:
@@ -390,6 +434,8 @@ class Batches:
         self._default_model = default_model
         self._tasks: set[asyncio.Task[None]] = set()
         self._dir: Path | None = None
+        self._dir_fd = -1  # holds the directory's lock while this server runs
+        self._claiming = asyncio.Lock()
 
     # -- the requests --
 
@@ -485,6 +531,9 @@ class Batches:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
     # -- moving a batch on --
 
@@ -505,11 +554,16 @@ class Batches:
             return True
         return time.time() >= batch.created + self.config.batch_expire_after_s
 
-    def _spool(self, batch: Batch, kind: str) -> _Spool:
-        if self._dir is None:
-            sweep_spools(Path(tempfile.gettempdir()))
-            self._dir = Path(tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-"))
-        return _Spool(self._dir / f"{batch.id}_{kind}.jsonl")
+    async def _spool_dir(self) -> Path:
+        """The directory for result files, made on first use (in a thread: the sweep of what
+        killed mocks left may remove gigabytes)."""
+        async with self._claiming:
+            if self._dir is None:
+                temp = Path(tempfile.gettempdir())
+                made, self._dir_fd = await asyncio.to_thread(claim_spool_dir, temp)
+                self._dir = made
+                return made
+            return self._dir
 
     async def _drive(self, batch: Batch, data: bytes) -> None:
         try:
@@ -540,7 +594,9 @@ class Batches:
         batch.status, batch.in_progress_at = "in_progress", _now()
         rng = random.Random(f"{config.seed}:{batch.number}")
         order = [lines[i] for i in rng.sample(range(len(lines)), len(lines))]
-        output, error = self._spool(batch, "output"), self._spool(batch, "error")
+        directory = await self._spool_dir()
+        output = _Spool(directory / f"{batch.id}_output.jsonl")
+        error = _Spool(directory / f"{batch.id}_error.jsonl")
         try:
             done = 0
             for line in order:

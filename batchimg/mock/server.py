@@ -1019,14 +1019,16 @@ class MockServer:
 
 def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the mock in the foreground; prints its base URL once listening. Ctrl-C, SIGTERM
-    (`kill`, a service manager, a script's `terminate()`) and SIGHUP (its terminal closed) stop
-    it the same way: the server closes and removes the files its batches wrote."""
+    (`kill`, a service manager, a script's `terminate()`) and SIGHUP (its terminal closed,
+    unless started under `nohup`) stop it the same way: the server closes and removes the
+    files its batches wrote."""
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if signum is not None:
+            # One inherited as ignored stays so (`nohup batchimg mock` outlives its terminal).
+            if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
                 with contextlib.suppress(NotImplementedError):  # no such handlers on Windows
                     loop.add_signal_handler(signum, stop.set)
         async with MockServer(config, host=host, port=port) as server:
