@@ -319,15 +319,15 @@ SPOOL_PREFIX = "batchimg-mock-"
 
 
 def claim_spool_dir(temp: Path) -> tuple[Path, int]:
-    """This server's directory for result files, and a descriptor of it holding its lock
-    (close it once the directory is removed). Removes what killed mocks left first."""
-    sweep_spools(temp)
+    """A new directory for a server's result files, and a descriptor of it holding its lock
+    (-1 where there is no flock; close it once the directory is removed)."""
     directory = Path(tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", dir=temp))
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    if os.name == "posix":
-        import fcntl  # POSIX only
+    if os.name != "posix":
+        return directory, -1
+    import fcntl  # POSIX only
 
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh directory: nobody else has it
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh directory: nobody else has it
     return directory, fd
 
 
@@ -555,14 +555,14 @@ class Batches:
         return time.time() >= batch.created + self.config.batch_expire_after_s
 
     async def _spool_dir(self) -> Path:
-        """The directory for result files, made on first use (in a thread: the sweep of what
-        killed mocks left may remove gigabytes)."""
+        """The directory for result files, made on first use, after removing what killed mocks
+        left (in a thread: that may be gigabytes). Made on the loop itself, so that a stop
+        cannot come between making it and `close` knowing of it."""
         async with self._claiming:
             if self._dir is None:
                 temp = Path(tempfile.gettempdir())
-                made, self._dir_fd = await asyncio.to_thread(claim_spool_dir, temp)
-                self._dir = made
-                return made
+                await asyncio.to_thread(sweep_spools, temp)
+                self._dir, self._dir_fd = claim_spool_dir(temp)
             return self._dir
 
     async def _drive(self, batch: Batch, data: bytes) -> None:
