@@ -164,6 +164,33 @@ def threaded_mock(config: MockConfig) -> Iterator[MockServer]:
         server.stop_in_thread()
 
 
+@contextlib.contextmanager
+def served_mock(
+    config: str, *, env: dict[str, str] | None = None, preexec_fn: Callable[[], Any] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`serve(<config>)` (a MockConfig expression) in a process of its own, as `batchimg mock`
+    runs: the process and the base URL it printed; killed on the way out if still running."""
+    code = f"from batchimg.mock import MockConfig, serve; serve({config}, '127.0.0.1', 0)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, preexec_fn=preexec_fn,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        yield proc, proc.stdout.readline().strip()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def stop_served(proc: subprocess.Popen[str], signum: int, timeout_s: float = 20) -> None:
+    """Send `signum` to a `served_mock` process: it must exit 0 within `timeout_s`."""
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == 0, stderr
+
+
 async def run_on_mock(
     manifest: Path, out: Path, server: MockServer, *, sleep: Any = None, **options: Any
 ) -> batchimg.Summary:

@@ -11,8 +11,6 @@ import base64
 import io
 import json
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -25,6 +23,7 @@ from PIL import Image
 from batchimg import specs
 from batchimg.mock import MockConfig, MockServer, decide_fault
 from tests.conftest import StartMock
+from tests.helpers import served_mock, stop_served
 
 KEY = "sk-mock-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -580,20 +579,10 @@ async def test_edit_needs_a_multipart_or_json_body(
 @pytest.mark.parametrize("inherited", ["default", "ignored"])
 def test_serve_prints_its_base_url_and_stops_on_ctrl_c(inherited: str) -> None:
     # "ignored": started as a shell's background job, which gets SIGINT ignored.
-    code = (
-        "from batchimg.mock import MockConfig, serve; "
-        "serve(MockConfig(require_auth=False), '127.0.0.1', 0)"
-    )
     ignore = (
         (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if inherited == "ignored" else None
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=ignore,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        base_url = proc.stdout.readline().strip()
+    with served_mock("MockConfig(require_auth=False)", preexec_fn=ignore) as (proc, base_url):
         assert base_url.startswith("http://127.0.0.1:")
         assert base_url.endswith("/v1")
         request = urllib.request.Request(
@@ -604,13 +593,7 @@ def test_serve_prints_its_base_url_and_stops_on_ctrl_c(inherited: str) -> None:
         with urllib.request.urlopen(request, timeout=10) as resp:
             assert resp.status == 200
             assert json.load(resp)["size"] == "1024x1024"
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=10)
-        assert proc.returncode == 0, stderr
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop_served(proc, signal.SIGINT, timeout_s=10)
 
 
 # -- the API's twin, not the engine's echo ------------------------------------------------------

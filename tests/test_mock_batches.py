@@ -48,7 +48,7 @@ from openai.types import Batch
 from PIL import Image
 
 from batchimg.mock import MockConfig, MockServer
-from tests.helpers import threaded_mock
+from tests.helpers import served_mock, stop_served, threaded_mock
 
 KEY = "sk-mock-batches"
 GENERATIONS = "/v1/images/generations"
@@ -541,48 +541,31 @@ def test_a_stopped_mock_leaves_no_batch_files_and_sweeps_those_of_killed_ones(
     lock = os.open(locked, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     config = f"MockConfig(api_key={KEY!r}, **{QUICK!r})"
-    code = f"from batchimg.mock import MockConfig, serve; serve({config}, '127.0.0.1', 0)"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
-    )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        base_url = proc.stdout.readline().strip()
-        with openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0) as client:
-            batch, _ = wait(client, submit(client, [line("a"), line("b")]).id)
-            assert batch.status == "completed"
-            assert len(results(client, batch.output_file_id)) == 2
-        own = list(tmp_path.glob(f"batchimg-mock-{proc.pid}-*"))
-        assert len(own) == 1 and any(own[0].iterdir())
-        assert not stale.exists()  # its process is gone: swept
-        assert (alive / "batch_x_output.jsonl").exists()  # a live process's: kept
-        assert (locked / "batch_x_output.jsonl").exists()  # locked by a live mock: kept
-        assert (precious / "keep.txt").read_text() == "mine"
-        proc.send_signal(signum)
-        _, stderr = proc.communicate(timeout=20)
-        assert proc.returncode == 0, stderr
-        assert not own[0].exists()
-        assert sorted(p.name for p in tmp_path.iterdir()) == kept
+        with served_mock(config, env={**os.environ, "TMPDIR": str(tmp_path)}) as (proc, base_url):
+            with openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0) as client:
+                batch, _ = wait(client, submit(client, [line("a"), line("b")]).id)
+                assert batch.status == "completed"
+                assert len(results(client, batch.output_file_id)) == 2
+            own = list(tmp_path.glob(f"batchimg-mock-{proc.pid}-*"))
+            assert len(own) == 1 and any(own[0].iterdir())
+            assert not stale.exists()  # its process is gone: swept
+            assert (alive / "batch_x_output.jsonl").exists()  # a live process's: kept
+            assert (locked / "batch_x_output.jsonl").exists()  # locked by a live mock: kept
+            assert (precious / "keep.txt").read_text() == "mine"
+            stop_served(proc, signum)
+            assert not own[0].exists()
+            assert sorted(p.name for p in tmp_path.iterdir()) == kept
     finally:
         os.close(lock)
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def test_a_mock_started_under_nohup_outlives_its_terminal() -> None:
     """A hang-up while a request is being answered (1.5 s of latency): a mock that stopped on
     it would cut the request off (it stops within 0.5 s), whenever the signal lands."""
+    nohup = lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)  # noqa: E731 (as nohup does)
     config = "MockConfig(require_auth=False, latency_s=1.5)"
-    code = f"from batchimg.mock import MockConfig, serve; serve({config}, '127.0.0.1', 0)"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        base_url = proc.stdout.readline().strip()
+    with served_mock(config, preexec_fn=nohup) as (proc, base_url):
         with (
             openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0) as client,
             concurrent.futures.ThreadPoolExecutor(1) as pool,
@@ -592,10 +575,4 @@ def test_a_mock_started_under_nohup_outlives_its_terminal() -> None:
             proc.send_signal(signal.SIGHUP)
             assert answer.result(timeout=20).data  # answered in full
         assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=20)
-        assert proc.returncode == 0, stderr
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop_served(proc, signal.SIGTERM)
