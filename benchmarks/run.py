@@ -239,6 +239,28 @@ def done_with(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+#: What every client imports, read back into the page cache after it is dropped (`same_memory`)
+#: so that no client pays for reading the interpreter's files from the disk.
+WARM_IMPORTS = "import aiohttp, anyio, click, openai, orjson, pybase64, batchimg.api, batchimg.cli"
+
+
+def same_memory() -> bool:
+    """Give the next measured run the memory state every other had: written back (`sync`), the
+    page cache dropped, then the clients' own files read back. On this machine (a Firecracker
+    VM) a write costs what the pages it lands on cost: decoding, writing and hashing a
+    photo-sized image took 6.6-7.1 ms with 7 GB of page cache from earlier runs and 2.44 ms
+    right after a drop, so without this each run's figure depends on what ran before it.
+    Dropping needs root; elsewhere only the sync is done (False)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("1\n")
+    except OSError:
+        return False
+    subprocess.run([sys.executable, "-c", WARM_IMPORTS], cwd=ROOT, check=True)
+    return True
+
+
 def disk_root() -> Path:
     """The runner's temporary directory, unless that is tmpfs: then /var/tmp (on disk)."""
     tmp = Path(tempfile.gettempdir())
@@ -317,7 +339,7 @@ def compare(tmp: Path, outdir: Path, name: str, count: int, concurrency: int, re
         rep = []
         for client in alternate(CLIENTS, r):
             out = outdir / f"{name}-{client}-{r}"
-            os.sync()  # no earlier run's dirty pages written back during this one
+            same_memory()  # no earlier run's dirty pages or page cache weigh on this one
             with mock_process(*mock_options) as base_url:
                 p = run_process(client_cmd(client, manifest, out, base_url, concurrency))
             done = ledger_ok(out) if client == "batchimg" else peer_ok(p.stdout)
@@ -463,7 +485,7 @@ def floor(where: str, directory: Path, b64: bytes, per_round: int, rounds: int,
         round_cpu_ms: list[float] = []
         for r in range(rounds):
             out.mkdir(parents=True, exist_ok=True)
-            os.sync()
+            same_memory()
             this_round = []
             for i in range(per_round):
                 path = out / f"{r}-{i}.png"
@@ -708,6 +730,10 @@ def main() -> None:
         dirs["tmpfs"] = Path(tempfile.mkdtemp(prefix="batchimg-bench-", dir="/dev/shm"))
     for where, path in dirs.items():
         print(f"{where} filesystem: {path} ({fs_type(path)})")
+    if same_memory():
+        print("page cache: dropped (and the clients' files read back) before each measured run")
+    else:
+        print("page cache: not dropped (needs root): a run's figures may depend on the runs before")
     print()
     bars: list[Bar] = []
     try:
