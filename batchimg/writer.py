@@ -114,7 +114,7 @@ class ImageWriter:
     def __init__(self, store: Store) -> None:
         self.store = store
         #: A store that makes a temp durable as it writes it (a local disk; see `stores.base`).
-        self._write_temp: Callable[[str, bytes], Path] | None = getattr(store, "write_temp", None)
+        self._write_temp: Callable[[str, bytes], str] | None = getattr(store, "write_temp", None)
         #: A store that makes a batch of temps durable at once (a local disk: one syncfs).
         self._settle: Callable[[Sequence[str]], None] | None = getattr(store, "settle", None)
 
@@ -156,7 +156,7 @@ class ImageWriter:
         if isinstance(data, SpooledImage):
             return Staged(name, str(data.path), data.nbytes, data.sha256)
         if self._write_temp is not None:  # a local disk: durable once settled
-            return Staged(name, str(self._write_temp(name, data)), len(data), _sha256(data))
+            return Staged(name, self._write_temp(name, data), len(data), _sha256(data))
         temp = str(self.store.new_temp(name))
         write_new(temp, data, sync=False)  # fsynced, or uploaded, by `put`
         return Staged(name, temp, len(data), _sha256(data))

@@ -300,5 +300,5 @@ def test_after_a_failed_syncfs_each_file_is_checked_on_its_own(
     subprocess.run(["mount", "-o", "remount,size=400M", str(backing)], check=True)
     store.settle([str(big)])
     with pytest.raises(OSError):
-        store.put("images/batch2-0.png", big)
+        store.put("images/batch2-0.png", Path(big))
     assert not (mountpoint / "out" / "images" / "batch2-0.png").exists()

@@ -306,10 +306,10 @@ async def test_batched_store_keeps_every_concurrent_item_intact(tmp_path: Path) 
 class RefusesOne(LocalStore):
     """A store whose disk refuses the files of one stem (as ENOSPC would), and only those."""
 
-    def new_temp(self, hint: str) -> Path:
+    def write_temp(self, hint: str, data: bytes) -> str:  # how a local disk stages an image
         if hint.startswith("doomed-1"):  # the second image: the first is already staged
             raise OSError(errno.ENOSPC, "No space left on device")
-        return super().new_temp(hint)
+        return super().write_temp(hint, data)
 
 
 async def test_a_refused_item_fails_alone_and_leaves_no_temp_files(tmp_path: Path) -> None:

@@ -13,14 +13,14 @@ Implementations:
   is in the run's local state directory, `put` uploads the file whole (one PUT) and removes
   it, and `sync` has nothing left to do.
 
-Optional tuning a store may declare (the engine reads them if present): `write_temp(hint,
-data)` (a new temp file holding `data`, durable once `settle` returns) and `settle(temps)`
-(make a batch of temp files durable at once, so that `put` need not sync each: a local
-directory, with one syncfs where that is as safe as an fsync of each), `writer_threads` and
-`writer_batch` (the writer threads, and the most items each takes at a time), `upload_queue`
-(items that may wait on the store beyond the requests in flight, in units of --concurrency),
-and `park(name, temp)` / `hold(record)` (keep a refused, paid-for file and its item's line for
-the next run, instead of failing the item).
+Optional tuning a store may declare (the engine reads them if present): `write_temp(hint, data)`
+(the path, a str, of a new temp file holding `data`, durable once `settle` returns) and
+`settle(temps)` (make a batch of temp files durable at once, so that `put` need not sync each: a
+local directory, with one syncfs where that is as safe as an fsync of each), `writer_threads` and
+`writer_batch` (the writer threads, and the most items each takes at a time), `upload_queue` (items
+that may wait on the store beyond the requests in flight, in units of --concurrency), and
+`park(name, temp)` / `hold(record)` (keep a refused, paid-for file and its item's line for the next
+run, instead of failing the item).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ class TempArea:
         self._tag = uuid.uuid4().hex[:8]  # temp names: unique per store, then a counter
         self._count = itertools.count()
         self._ready = False
+        self._prefix = f"{directory}/"
 
     def clean(self) -> None:
         """Remove what an interrupted run left (only while no run writes)."""
@@ -38,10 +39,14 @@ class TempArea:
                 stale.unlink(missing_ok=True)
 
     def new(self, hint: str) -> Path:
+        return Path(self.new_name(hint))
+
+    def new_name(self, hint: str) -> str:
+        """`new` as a string: a store's own per-image path builds no Path (~4 us each)."""
         if not self._ready:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._ready = True
-        return self.dir / f"{hint}.{self._tag}{next(self._count)}"
+        return f"{self._prefix}{hint}.{self._tag}{next(self._count)}"
 
 
 def aside_name(name: str) -> str:
@@ -94,18 +99,18 @@ class LocalStore:
     def new_temp(self, hint: str) -> Path:
         return self._temps.new(hint)
 
-    def write_temp(self, hint: str, data: bytes) -> Path:
+    def write_temp(self, hint: str, data: bytes) -> str:
         """A new temp file holding `data`, durable once `settle` returns. Where a batch is
         synced with one syncfs it is only written; elsewhere it is fsynced through the
         descriptor that wrote it and its name says so (`SYNCED_SUFFIX`), so that `put` does not
         open it again to sync it. Raises OSError, leaving no file behind."""
         if self._filesystem_sync() is not None:
-            temp = str(self.new_temp(hint))
+            temp = self._temps.new_name(hint)
             write_new(temp, data, sync=False)
         else:
-            temp = f"{self.new_temp(hint)}{SYNCED_SUFFIX}"
+            temp = f"{self._temps.new_name(hint)}{SYNCED_SUFFIX}"
             write_new(temp, data, sync=True)
-        return Path(temp)
+        return temp
 
     def settle(self, temps: Sequence[str]) -> None:
         """Make the bytes of these temp files (written, closed, not yet put) durable, so that
