@@ -13,18 +13,21 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import click
 import orjson
 
-from . import specs
-from .catalog import Catalog, today_utc
 from .config import check_defaults, check_manifest, load_run_catalog
+from .defaults import Defaults
 from .errors import UsageError
-from .manifest import Defaults, materialized
 from .options import LOG_EVERY_S, Flag, RunOptions, flag_of
 
 if TYPE_CHECKING:
+    from .catalog import Catalog
     from .engine import Summary
     from .view import Mode
 
 FC = TypeVar("FC", bound=Callable[..., Any])
+
+#: The image formats batchimg can verify and store: `specs.IMAGE_MIME`'s keys, written out so
+#: that --help does not import the rules engine and the catalog (a test keeps the two in step).
+OUTPUT_FORMATS = ("png", "jpeg", "webp", "gif", "svg")
 
 
 #: The flags that fill what manifest lines leave out (`Defaults`), shared by every command that
@@ -53,7 +56,7 @@ _DEFAULT_OPTIONS: list[Callable[[Any], Any]] = [
     ),
     click.option(
         "--output-format",
-        type=click.Choice(list(specs.IMAGE_MIME)),
+        type=click.Choice(list(OUTPUT_FORMATS)),
         help="Image format for lines that set none and whose model takes it (gif and svg: "
         "gpt-image-2.6).",
     ),
@@ -209,6 +212,8 @@ def run(
     running (--batch-api: run it again later), 130 interrupted.
     """
     try:
+        from .manifest import materialized  # within the try: a Ctrl-C here is said as below
+
         with materialized(manifest) as (path, inputs_dir):
             check_manifest(path)
             from .view import ProgressView, count_items  # the engine's events: for a run
@@ -350,7 +355,7 @@ def validate(manifest: Path, defaults: Defaults, catalog: Path | None) -> None:
     Prints each problem as MANIFEST:LINE: reason and each warning (a model the catalog does not
     know, a retired one) once, then a summary; exit 1 if any line is bad.
     """
-    from .manifest import Refusal, survey_manifest
+    from .manifest import Refusal, materialized, survey_manifest
 
     try:
         the_catalog = load_run_catalog(catalog)
@@ -419,6 +424,7 @@ def estimate(
     """
     from .estimate import estimate_manifest
     from .estimate import format_table as estimate_table
+    from .manifest import materialized
 
     try:
         the_catalog = load_run_catalog(catalog, prices)
@@ -453,6 +459,7 @@ def estimate(
 def models(fmt: str, catalog: Path | None) -> None:
     """List the catalog's models: status and shutdown date, replacement, sizes, qualities,
     formats, how their tokens are known, prices."""
+    from .catalog import today_utc
     from .lifecycle import models_json, models_table
 
     try:
