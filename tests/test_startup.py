@@ -111,6 +111,8 @@ def test_a_run_with_nothing_to_send_never_loads_aiohttp(tmp_path: Path) -> None:
     assert status == 0
     assert "batchimg.engine.run" in names  # it did run
     assert "aiohttp" not in names
+    # Nor the batch state (a directory without batches) or the edit inputs (no edit lines).
+    assert "batchimg.engine.batchstate" not in names and "batchimg.inputs" not in names
     assert (out / "ledger.jsonl").exists()
 
 
