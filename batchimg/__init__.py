@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .backends import PROFILES, Answer, Backend, ClientConfig, OnlineBackend, Profile, Secret
     from .catalog import Catalog, ModelSpec
     from .config import RunConfig
+    from .defaults import Defaults
     from .engine import Engine, ProgressEvent, RunSnapshot, Summary
     from .errors import (
         BatchimgError,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from .layouts import OutputLayout
     from .ledger import read_ledger
     from .limiter import Limiter, LimiterStats
-    from .manifest import BadLine, Defaults, Item, read_manifest
+    from .manifest import BadLine, Item, read_manifest
     from .options import RunOptions
     from .pricing import PriceTable
     from .report import Report, build_report
@@ -55,7 +56,7 @@ _EXPORTS: dict[str, str] = {
     "BatchimgError": "errors",
     "Catalog": "catalog",
     "ClientConfig": "backends",
-    "Defaults": "manifest",
+    "Defaults": "defaults",
     "Engine": "engine",
     "ErrorInfo": "errors",
     "Item": "manifest",

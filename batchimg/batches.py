@@ -15,10 +15,10 @@ from typing import Any
 
 from .backends import PROFILES, ClientConfig, OnlineBackend, Secret
 from .backends.batch import BatchAPI
-from .engine.batchstate import STATE_DIR, STATE_NAME, TERMINAL, BatchFile, BatchState
+from .engine.batchstate import TERMINAL, BatchFile, BatchState
 from .errors import ItemFailed, RequestError, UsageError
 from .ledger import LEDGER_NAME, unsettled_sends
-from .outdir import exclusive
+from .outdir import STATE_DIR, STATE_NAME, exclusive
 
 
 @dataclass(frozen=True)

@@ -11,20 +11,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
-import orjson
 
-from . import specs
-from .catalog import Catalog, today_utc
 from .config import check_defaults, check_manifest, load_run_catalog
+from .defaults import Defaults
 from .errors import UsageError
-from .manifest import Defaults, materialized
 from .options import LOG_EVERY_S, Flag, RunOptions, flag_of
 
 if TYPE_CHECKING:
+    from .catalog import Catalog
     from .engine import Summary
     from .view import Mode
 
 FC = TypeVar("FC", bound=Callable[..., Any])
+
+#: The image formats batchimg can verify and store: `specs.IMAGE_MIME`'s keys, written out so
+#: that --help does not import the rules engine and the catalog (a test keeps the two in step).
+OUTPUT_FORMATS = ("png", "jpeg", "webp", "gif", "svg")
 
 
 #: The flags that fill what manifest lines leave out (`Defaults`), shared by every command that
@@ -53,7 +55,7 @@ _DEFAULT_OPTIONS: list[Callable[[Any], Any]] = [
     ),
     click.option(
         "--output-format",
-        type=click.Choice(list(specs.IMAGE_MIME)),
+        type=click.Choice(list(OUTPUT_FORMATS)),
         help="Image format for lines that set none and whose model takes it (gif and svg: "
         "gpt-image-2.6).",
     ),
@@ -103,6 +105,14 @@ def default_options(command: FC) -> FC:
     for option in reversed(_DEFAULT_OPTIONS):
         wrapper = option(wrapper)
     return wrapper  # type: ignore[return-value]
+
+
+def _json(data: Any, *, indent: bool = True) -> str:
+    """`data` as JSON, for a command's json output (orjson, and json with it, 2 ms, are
+    imported here: `--help` does not need them)."""
+    import orjson
+
+    return orjson.dumps(data, option=orjson.OPT_INDENT_2 if indent else 0).decode()
 
 
 def _usage_error(exc: UsageError) -> click.UsageError:
@@ -209,6 +219,8 @@ def run(
     running (--batch-api: run it again later), 130 interrupted.
     """
     try:
+        from .manifest import materialized  # within the try: a Ctrl-C here is said as below
+
         with materialized(manifest) as (path, inputs_dir):
             check_manifest(path)
             from .view import ProgressView, count_items  # the engine's events: for a run
@@ -249,7 +261,7 @@ def run(
         click.echo("interrupted before the run started", err=True)
         sys.exit(130)
     if log_format == "json":
-        click.echo(orjson.dumps({"event": "summary", **summary_json(summary)}).decode(), err=True)
+        click.echo(_json({"event": "summary", **summary_json(summary)}, indent=False), err=True)
     else:
         click.echo(format_summary(summary, warnings_shown=not quiet), err=True)
     sys.exit(summary.exit_code)
@@ -350,7 +362,7 @@ def validate(manifest: Path, defaults: Defaults, catalog: Path | None) -> None:
     Prints each problem as MANIFEST:LINE: reason and each warning (a model the catalog does not
     know, a retired one) once, then a summary; exit 1 if any line is bad.
     """
-    from .manifest import Refusal, survey_manifest
+    from .manifest import Refusal, materialized, survey_manifest
 
     try:
         the_catalog = load_run_catalog(catalog)
@@ -419,6 +431,7 @@ def estimate(
     """
     from .estimate import estimate_manifest
     from .estimate import format_table as estimate_table
+    from .manifest import materialized
 
     try:
         the_catalog = load_run_catalog(catalog, prices)
@@ -435,7 +448,7 @@ def estimate(
     except UsageError as exc:
         raise _usage_error(exc) from None
     if fmt == "json":
-        click.echo(orjson.dumps(result.as_json(), option=orjson.OPT_INDENT_2).decode())
+        click.echo(_json(result.as_json()))
     else:
         click.echo(estimate_table(result))
 
@@ -453,6 +466,7 @@ def estimate(
 def models(fmt: str, catalog: Path | None) -> None:
     """List the catalog's models: status and shutdown date, replacement, sizes, qualities,
     formats, how their tokens are known, prices."""
+    from .catalog import today_utc
     from .lifecycle import models_json, models_table
 
     try:
@@ -461,8 +475,7 @@ def models(fmt: str, catalog: Path | None) -> None:
         raise _usage_error(exc) from None
     today = today_utc()
     if fmt == "json":
-        data = models_json(the_catalog, today)
-        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+        click.echo(_json(models_json(the_catalog, today)))
     else:
         click.echo(models_table(the_catalog, today))
 
@@ -522,7 +535,7 @@ def report(
         _write_html_report(targets, html_file, fields, repriced)
         return
     if fmt == "json":
-        click.echo(orjson.dumps(result.as_json(), option=orjson.OPT_INDENT_2).decode())
+        click.echo(_json(result.as_json()))
     elif fmt == "csv":
         click.echo(format_csv(result), nl=False)
     else:
@@ -670,7 +683,7 @@ def _api_errors(rows: list[dict[str, Any]]) -> bool:
 
 def _show_batches(rows: list[dict[str, Any]], fmt: str, empty: str) -> None:
     if fmt == "json":
-        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        click.echo(_json(rows))
         return
     if not rows:
         click.echo(empty)

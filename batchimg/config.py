@@ -1,6 +1,8 @@
 """What the engine runs: the run options, resolved against the files they name, and the checks
 every command that reads a manifest makes before anything else (kept apart from `api`, so that
-`validate`, `estimate` and `report` never import the engine)."""
+`validate`, `estimate` and `report` never import the engine). The command line imports this
+module for `--help` too: the catalog and the rules engine are imported by the functions that
+use them."""
 
 from __future__ import annotations
 
@@ -8,13 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import specs
-from .catalog import Catalog, load_catalog
 from .errors import UsageError
-from .manifest import Defaults
 from .options import RunOptions
 
 if TYPE_CHECKING:
+    from .catalog import Catalog
+    from .defaults import Defaults
     from .pricing import PriceTable
 
 
@@ -43,9 +44,11 @@ def check_manifest(path: Path) -> None:
 
 def check_defaults(defaults: Defaults, catalog: Catalog | None = None) -> None:
     """UsageError naming the flag if a manifest default is illegal for the default model."""
+    from .specs import ParamError  # the rules engine: imported by a command that checks
+
     try:
         defaults.check(catalog)
-    except specs.ParamError as exc:
+    except ParamError as exc:
         hint = "" if defaults.model else " (or name a model that takes it with --model)"
         raise UsageError(f"bad default --{exc.param.replace('_', '-')}: {exc}{hint}") from None
 
@@ -55,7 +58,8 @@ def load_run_catalog(
     prices: str | Path | PriceTable | None = None,
 ) -> Catalog:
     """The built-in catalog, overlaid by a `--catalog` file and then by a `--prices` file."""
-    from .pricing import PriceTable  # its module is not needed for --help
+    from .catalog import load_catalog  # neither module is needed for --help
+    from .pricing import PriceTable
 
     if isinstance(prices, PriceTable):
         if catalog is not None:

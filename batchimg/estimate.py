@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog
-from .manifest import Defaults, Refusal, Shape, Surveyed, survey_manifest
+from .defaults import Defaults
+from .manifest import Refusal, Shape, Surveyed, survey_manifest
 from .pricing import Estimate, PriceTable
 from .stores.remote import shown_ledger
 from .tokens import GroupKey, TokenBook, request_group

@@ -18,14 +18,13 @@ way without handing out ids or building Items, for `validate` and `estimate`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import os
 import re
 import stat
 import sys
 from collections.abc import Callable, Container, Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +33,7 @@ import orjson
 from . import specs
 from ._idset import IdSet, blake2b, count_lines
 from .catalog import Catalog, today_utc
+from .defaults import Defaults
 
 if TYPE_CHECKING:
     from .inputs import InputFile
@@ -44,73 +44,6 @@ EDIT_KEYS = ("image", "mask", "endpoint")
 
 MAX_FILE_STEM = 80
 Warn = Callable[[str], None]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Defaults:
-    """Values the CLI (or API caller) supplies for fields a manifest line leaves out.
-
-    `model` None means the provider's default (the catalog's `default_model` for OpenAI). The
-    other fields are filled in this order, so a default `output_format` is known before the
-    fields that depend on it (`output_compression`, `frame_count`).
-    """
-
-    model: str | None = None
-    n: int | None = None
-    size: str | None = None
-    quality: str | None = None
-    output_format: str | None = None
-    output_compression: int | None = None
-    background: str | None = None
-    moderation: str | None = None
-    complexity: str | None = None
-    frame_count: int | None = None
-    safety_identifier: str | None = None
-
-    @functools.cached_property
-    def _given(self) -> dict[str, Any]:
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name != "model" and getattr(self, f.name) is not None
-        }
-
-    def model_for(self, catalog: Catalog | None = None) -> str:
-        return (
-            self.model if self.model is not None else (catalog or Catalog.default()).default_model
-        )
-
-    def fill(
-        self,
-        params: dict[str, Any],
-        endpoint: specs.Endpoint = "generations",
-        catalog: Catalog | None = None,
-    ) -> None:
-        """Set every default the line left out, where its model, endpoint and output format
-        take it (`--quality xhigh` fills gpt-image-2.5 lines; a gpt-image-2 line keeps the
-        API's default)."""
-        params.setdefault("model", self.model_for(catalog))
-        for name, value in self._given.items():
-            if name not in params and specs.takes_default(params, name, value, endpoint, catalog):
-                params[name] = value
-
-    def check(self, catalog: Catalog | None = None) -> None:
-        """Raise specs.ParamError if a default is illegal for the default model (defaults for
-        fields it does not take at all are left to the lines whose models take them)."""
-        model = self.model_for(catalog)
-        spec = (catalog or Catalog.default()).spec(model)
-        params: dict[str, Any] = {"prompt": "check", "model": model}
-        for name, value in self._given.items():  # checked as given: fill() would skip bad ones
-            rule = spec.rule(name)
-            if spec.params is None or (rule is not None and rule.formats is None):
-                params[name] = value
-        specs.validate_params(params, catalog=catalog)
-        for name in ("output_compression", "frame_count"):  # those that depend on the format
-            value = self._given.get(name)
-            rule = spec.rule(name)
-            if value is not None and rule is not None:
-                specs.check_value(name, value, rule, model, "generations", rule.formats[0]
-                                  if rule.formats else "png")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 import click
 
 from .backends.profiles import PROFILES, ClientConfig
+from .defaults import Defaults
 from .errors import UsageError
 from .layouts import DEFAULT_SHARD_SIZE, LAYOUT_NAMES, LAYOUTS, Layout
-from .manifest import Defaults
 from .retry import RetryPolicy
 
 if TYPE_CHECKING:

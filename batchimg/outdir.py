@@ -25,6 +25,10 @@ LOCK_NAME = ".batchimg.lock"  # held while a run writes into the directory
 #: starts waits until no worker of an earlier one (its driver killed) is left.
 WORKERS_LOCK_NAME = ".batchimg.workers"
 WORKERS_GONE_WAIT_S = 20.0
+#: The batch state of `run --batch-api` (`engine.batchstate`): DIR/batches/state.jsonl. Named
+#: here so that a run can tell there is none without importing that module.
+STATE_DIR = "batches"
+STATE_NAME = "state.jsonl"
 #: Less free space than this at the start and a run would buy images it cannot keep.
 MIN_FREE_BYTES = 64 << 20
 #: Files a run writes in place: each must be a plain file of the directory's own.

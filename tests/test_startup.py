@@ -19,11 +19,12 @@ import orjson
 import pytest
 
 import batchimg
+from batchimg import cli
 from batchimg.backends import ClientConfig, Secret
 from batchimg.backends.online import OnlineBackend
 from batchimg.engine.records import now
 from batchimg.limiter import RateLimitHeaders, parse_go_duration
-from batchimg.specs import request_shape
+from batchimg.specs import IMAGE_MIME, request_shape
 from batchimg.usage import Usage, UsageProblem, read_usage
 
 from .helpers import KEY_VARS, ROOT
@@ -42,6 +43,11 @@ UNUSED = (
     "batchimg.backends.base",
     "batchimg.inputs",
 )
+
+
+#: Nor, for `--help`, these: the catalog, the rules engine and the manifest reader (the command
+#: line is built from the run options, which hold a `Defaults` but check it only when asked).
+RULES = ("batchimg.catalog", "batchimg.specs", "batchimg.manifest")
 
 
 def imported(*args: str, env: dict[str, str] | None = None) -> tuple[int, set[str]]:
@@ -83,6 +89,18 @@ def test_commands_that_send_nothing_import_neither_aiohttp_nor_the_engine(
         assert not [name for name in UNUSED if name in names]
 
 
+@pytest.mark.parametrize("command", [(), ("run",)], ids=["help", "run-help"])
+def test_help_imports_neither_the_catalog_nor_the_rules_engine(command: tuple[str, ...]) -> None:
+    status, names = imported(*command, "--help")
+    assert status == 0
+    assert not [name for name in RULES if name in names]
+
+
+def test_the_output_format_flag_offers_every_format_batchimg_stores() -> None:
+    # Written out in the CLI, so that --help need not import the rules engine for it.
+    assert tuple(IMAGE_MIME) == cli.OUTPUT_FORMATS
+
+
 def test_a_run_with_nothing_to_send_never_loads_aiohttp(tmp_path: Path) -> None:
     out = tmp_path / "out"
     status, names = imported(
@@ -93,6 +111,8 @@ def test_a_run_with_nothing_to_send_never_loads_aiohttp(tmp_path: Path) -> None:
     assert status == 0
     assert "batchimg.engine.run" in names  # it did run
     assert "aiohttp" not in names
+    # Nor the batch state (a directory without batches) or the edit inputs (no edit lines).
+    assert "batchimg.engine.batchstate" not in names and "batchimg.inputs" not in names
     assert (out / "ledger.jsonl").exists()
 
 

@@ -31,7 +31,6 @@ from ..errors import (
     TransportError,
     classify,
 )
-from ..inputs import InputFile
 from ..limiter import RateLimitHeaders
 from ..manifest import Item
 from ..specs import ANSWER_SLACK
@@ -41,6 +40,8 @@ from .profiles import ClientConfig
 if TYPE_CHECKING:  # imported where used: a run that sends nothing never loads aiohttp
     import aiohttp
     import yarl
+
+    from ..inputs import InputFile
 
 _T = TypeVar("_T")
 MIN_SECRET_CHARS = 8

@@ -28,17 +28,18 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ..errors import StorageError, UsageError
-from ..inputs import InputFile
 from ..ledger import LedgerRecord, cut_torn_tail
 from ..manifest import Item
+from ..outdir import STATE_DIR, STATE_NAME
 
-STATE_DIR = "batches"
-STATE_NAME = "state.jsonl"
+if TYPE_CHECKING:
+    from ..inputs import InputFile
+
 #: A batch in one of these states has finished: its files say what became of every line.
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
@@ -289,6 +290,8 @@ def _input_json(f: InputFile) -> dict[str, Any]:
 
 
 def _input(raw: dict[str, Any]) -> InputFile:
+    from ..inputs import InputFile  # a batch of edit lines only
+
     return InputFile(
         path=Path(raw["path"]),
         given=str(raw["given"]),

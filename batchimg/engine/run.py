@@ -42,12 +42,11 @@ from ..layouts.imagefolder import METADATA_NAME, SVG_METADATA_NAME
 from ..ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerState, read_ledger
 from ..limiter import Limiter
 from ..manifest import BadLine, Item, manifest_lines, read_manifest
-from ..outdir import WORKERS_GONE_WAIT_S, exclusive
+from ..outdir import STATE_DIR, STATE_NAME, WORKERS_GONE_WAIT_S, exclusive
 from ..pricing import PriceTable
 from ..stores import Store
 from ..tokens import TokenBook
 from ..writer import MAX_BATCH, WRITER_THREADS, BatchedWriter, ImageWriter
-from .batchstate import BatchState
 from .control import RunControl
 from .events import ProgressCallback, ProgressEvent, RunSnapshot, Summary
 from .items import Abandoned, ItemRunner
@@ -337,10 +336,12 @@ class Engine:
         """Items in the directory's live batches (`--batch-api`), which this run leaves for
         a batch run to collect; UsageError if the ledger has batch lines the batch state does
         not know (it was damaged): sending those items again could pay twice."""
-        batches = BatchState(self.config.out_dir)
         sent_by_batch = any(r.get("via") == "batch" for r in ledger.unsettled)
-        if not batches.path.exists() and not sent_by_batch:
+        if not (self.config.out_dir / STATE_DIR / STATE_NAME).exists() and not sent_by_batch:
             return frozenset()
+        from .batchstate import BatchState  # a directory `run --batch-api` wrote to only
+
+        batches = BatchState(self.config.out_dir)
         batches.load()
         batches.check_sends(ledger.unsettled)
         return frozenset(batches.held())
