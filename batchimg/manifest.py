@@ -33,7 +33,7 @@ import orjson
 from . import specs
 from ._idset import IdSet, blake2b, count_lines
 from .catalog import Catalog, today_utc
-from .defaults import Defaults
+from .defaults import Defaults as Defaults  # re-exported: it lived here before `defaults`
 
 if TYPE_CHECKING:
     from .inputs import InputFile

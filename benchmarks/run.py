@@ -239,26 +239,30 @@ def done_with(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-#: What every client imports, read back into the page cache after it is dropped (`same_memory`)
-#: so that no client pays for reading the interpreter's files from the disk.
+#: What the clients import as they start, read back into the page cache after it is dropped
+#: (`same_memory`), so that no client pays for reading the interpreter's files from the disk.
 WARM_IMPORTS = "import aiohttp, anyio, click, openai, orjson, pybase64, batchimg.api, batchimg.cli"
 
 
-def same_memory() -> bool:
+def same_memory() -> str | None:
     """Give the next measured run the memory state every other had: written back (`sync`), the
-    page cache dropped, then the clients' own files read back. On this machine (a Firecracker
+    page cache dropped, then what the clients import read back. On this machine (a Firecracker
     VM) a write costs what the pages it lands on cost: decoding, writing and hashing a
     photo-sized image took 6.6-7.1 ms with 7 GB of page cache from earlier runs and 2.44 ms
     right after a drop, so without this each run's figure depends on what ran before it.
-    Dropping needs root; elsewhere only the sync is done (False)."""
+    Returns why the cache could not be dropped (not root, no /proc), or None if it was; only
+    the sync is done then, and a run goes on as it can."""
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as fh:
             fh.write("1\n")
-    except OSError:
-        return False
-    subprocess.run([sys.executable, "-c", WARM_IMPORTS], cwd=ROOT, check=True)
-    return True
+    except OSError as exc:
+        return f"cannot write /proc/sys/vm/drop_caches ({exc.strerror}; it needs root)"
+    warm = subprocess.run([sys.executable, "-c", WARM_IMPORTS], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    if warm.returncode != 0:  # a peer's library missing: its client run will say so itself
+        return "dropped, but the clients' imports could not all be read back"
+    return None
 
 
 def disk_root() -> Path:
@@ -730,13 +734,13 @@ def main() -> None:
         dirs["tmpfs"] = Path(tempfile.mkdtemp(prefix="batchimg-bench-", dir="/dev/shm"))
     for where, path in dirs.items():
         print(f"{where} filesystem: {path} ({fs_type(path)})")
-    if same_memory():
-        print("page cache: dropped (and the clients' files read back) before each measured run")
-    else:
-        print("page cache: not dropped (needs root): a run's figures may depend on the runs before")
-    print()
     bars: list[Bar] = []
     try:
+        why = same_memory()
+        print("page cache: dropped before each client run of overhead and payload and each "
+              "round of the floor" if why is None else
+              f"page cache: {why}: a run's figures may depend on the runs before it")  # fmt: skip
+        print()
         if "startup" in only:
             print(startup(tmp, sizes["startup"], bars) + "\n")
         if "overhead" in only:
