@@ -711,15 +711,17 @@ def materialized(path: str | Path) -> Iterator[tuple[Path, Path]]:
 
     `-` is standard input, and a pipe (`/dev/stdin`, a FIFO) is read once: either is copied to
     a temporary file first, its edit inputs taken relative to the current directory (stdin) or
-    the pipe's. A regular file is used as it is.
+    the pipe's. Anything else is used as it is: a regular file, and what is not a manifest at
+    all (missing, unreadable, a directory), which the caller's check then names.
     """
     if str(path) != "-":
         given = Path(path)
         try:
-            regular = stat.S_ISREG(given.stat().st_mode)
+            mode = given.stat().st_mode
+            piped = stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
         except OSError:
-            regular = True  # missing or unreadable: opening it says why
-        if regular:
+            piped = False  # missing or unreadable: opening it says why
+        if not piped:
             yield given, given.resolve().parent
             return
     import shutil  # with tempfile: only a piped manifest needs them (`--help` does not)

@@ -92,6 +92,20 @@ def test_unreadable_manifest_exits_2(tmp_path: Path) -> None:
     assert "missing.jsonl" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["run", "validate", "estimate"])
+def test_a_directory_given_as_the_manifest_exits_2_with_a_message(
+    tmp_path: Path, command: str
+) -> None:
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    out = ["--out", str(tmp_path / "o"), "--mock"] if command == "run" else []
+    result = batchimg(command, str(folder), *out)
+    assert result.returncode == 2
+    assert f"cannot read manifest {str(folder)!r}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()  # nothing written before the error
+
+
 def test_some_items_failing_exits_1(tmp_path: Path, write_manifest: Callable[..., Path]) -> None:
     manifest = write_manifest([{"prompt": "a fine boat"}, {"prompt": "bad", "n": 0}])
     result = batchimg("run", str(manifest), "--out", str(tmp_path / "o"), "--mock")
