@@ -29,6 +29,13 @@ WORKERS_GONE_WAIT_S = 20.0
 #: here so that a run can tell there is none without importing that module.
 STATE_DIR = "batches"
 STATE_NAME = "state.jsonl"
+
+
+def batch_state_path(out_dir: Path) -> Path:
+    """Where an output directory's batch state is (see `STATE_DIR`)."""
+    return out_dir / STATE_DIR / STATE_NAME
+
+
 #: Less free space than this at the start and a run would buy images it cannot keep.
 MIN_FREE_BYTES = 64 << 20
 #: Files a run writes in place: each must be a plain file of the directory's own.

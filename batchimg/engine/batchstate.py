@@ -35,7 +35,7 @@ import orjson
 from ..errors import StorageError, UsageError
 from ..ledger import LedgerRecord, cut_torn_tail
 from ..manifest import Item
-from ..outdir import STATE_DIR, STATE_NAME
+from ..outdir import batch_state_path
 
 if TYPE_CHECKING:
     from ..inputs import InputFile
@@ -102,8 +102,8 @@ class BatchState:
     """The state file, read once and appended to."""
 
     def __init__(self, out_dir: Path) -> None:
-        self.dir = out_dir / STATE_DIR
-        self.path = self.dir / STATE_NAME
+        self.path = batch_state_path(out_dir)
+        self.dir = self.path.parent
         self.files: dict[str, BatchFile] = {}
         self.inputs: dict[str, str] = {}  # sha256 -> file_id of edit inputs uploaded
         self.garbled = 0  # lines that are not events (skipped)

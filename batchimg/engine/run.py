@@ -42,7 +42,7 @@ from ..layouts.imagefolder import METADATA_NAME, SVG_METADATA_NAME
 from ..ledger import FSYNC_INTERVAL_S, LEDGER_NAME, LedgerState, read_ledger
 from ..limiter import Limiter
 from ..manifest import BadLine, Item, manifest_lines, read_manifest
-from ..outdir import STATE_DIR, STATE_NAME, WORKERS_GONE_WAIT_S, exclusive
+from ..outdir import WORKERS_GONE_WAIT_S, batch_state_path, exclusive
 from ..pricing import PriceTable
 from ..stores import Store
 from ..tokens import TokenBook
@@ -337,7 +337,7 @@ class Engine:
         a batch run to collect; UsageError if the ledger has batch lines the batch state does
         not know (it was damaged): sending those items again could pay twice."""
         sent_by_batch = any(r.get("via") == "batch" for r in ledger.unsettled)
-        if not (self.config.out_dir / STATE_DIR / STATE_NAME).exists() and not sent_by_batch:
+        if not batch_state_path(self.config.out_dir).exists() and not sent_by_batch:
             return frozenset()
         from .batchstate import BatchState  # a directory `run --batch-api` wrote to only
 
