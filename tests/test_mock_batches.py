@@ -542,7 +542,11 @@ def test_a_stopped_mock_leaves_no_batch_files_and_sweeps_those_of_killed_ones(
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     config = f"MockConfig(api_key={KEY!r}, **{QUICK!r})"
     try:
-        with served_mock(config, env={**os.environ, "TMPDIR": str(tmp_path)}) as (proc, base_url):
+        # Started as from a terminal: a suite run under `nohup` passes SIGHUP on ignored, and a
+        # mock keeps an ignored SIGHUP so (see the test below).
+        terminal = lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)  # noqa: E731
+        env = {**os.environ, "TMPDIR": str(tmp_path)}
+        with served_mock(config, env=env, preexec_fn=terminal) as (proc, base_url):
             with openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0) as client:
                 batch, _ = wait(client, submit(client, [line("a"), line("b")]).id)
                 assert batch.status == "completed"
