@@ -139,6 +139,7 @@ class Ledgered:
             files.append({"path": f"images/{name}", "bytes": len(data),
                           "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
             waits.append(self._put(temp, os.path.join(self.images, name)))
+            del value, data  # not held while the turn's sync is awaited
         await asyncio.gather(*waits)
         self.line(self.ledger, {"id": str(index), "status": "ok", "usage": usage,
                                 "files": files, "at": time.time()})  # fmt: skip
@@ -249,7 +250,7 @@ async def main() -> None:
             images = answer["data"]
             if ledgered is not None:  # nothing but the images' values held while they are stored
                 values, usage = [image["b64_json"] for image in images], answer.get("usage")
-                del raw, answer, images
+                del raw, answer, images, response  # the response keeps its body
                 await ledgered.item(index, line.get("prompt"), usage, values)
                 return True
             for k, image in enumerate(images):

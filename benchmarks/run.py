@@ -20,17 +20,17 @@ Scenarios:
   ratelimit 300 items against a mock limited to 20 requests/s: batchimg without flags, with
             --rpm, and the SDK baseline
 
-overhead and payload run six clients in turn, the order reversed every other repetition:
-batchimg, the SDK baseline (peer_baseline.py), the bare aiohttp loop (peer_aiohttp.py), the
-same loop with per-image durability (--durable: fsync, rename, directory fsync), the same loop
-keeping batchimg's promises the cheapest way (--ledgered: a `sent` line before each request,
-hashed images made durable a loop turn at a time, then the ledger and metadata lines) and the
-cookbook-style script (peer_cookbook.py). Each client runs in its own process against a mock in
-another process; CPU and peak RSS are that client process's own (os.wait4, from a small
-launcher: a child's peak RSS counts the memory of the process it was forked from), wall time
-includes its start-up. Figures are medians over the repetitions, and ratios are of those
-medians. --fs puts the clients' output directories on the default filesystem (the temporary
-directory, on disk), on tmpfs (/dev/shm), or runs those two scenarios on both.
+overhead and payload run six clients in turn, the order reversed every other repetition: batchimg,
+the SDK baseline (peer_baseline.py), the bare aiohttp loop (peer_aiohttp.py), the same loop with
+per-image durability (--durable: fsync, rename, directory fsync), the same loop keeping batchimg's
+promises for each image's bytes and its ledger lines (--ledgered: a `sent` line before each
+request, hashed images made durable a loop turn at a time, then the ledger and metadata lines) and
+the cookbook-style script (peer_cookbook.py). Each client runs in its own process against a mock in
+another process; CPU and peak RSS are that client process's own (os.wait4, from a small launcher: a
+child's peak RSS counts the memory of the process it was forked from), wall time includes its
+start-up. Figures are medians over the repetitions, and ratios are of those medians. --fs puts the
+clients' output directories on the default filesystem (the temporary directory, on disk), on tmpfs
+(/dev/shm), or runs those two scenarios on both.
 
 Start-up (interpreter, imports, client set-up, the first connection) is a fixed cost the floor
 does not pay, so each client is also run on a one-image manifest of the scenario (the least CPU
