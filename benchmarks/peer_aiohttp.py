@@ -123,24 +123,33 @@ class Ledgered:
         """Store an answer's images (its `b64_json` values, dropped as they are decoded), then
         write the item's ledger line and its metadata lines."""
         files: list[dict[str, Any]] = []
-        waits: list[asyncio.Future[None]] = []
-        for k, value in enumerate(values):
-            values[k] = None
-            data = b64decode(value, validate=True)
-            name = f"{index}-{k}.png"
-            temp = os.path.join(self.temps, name)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                write_all(fd, data)
-                if self.syncfs is None:  # no syncfs: each through the descriptor that wrote it
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            files.append({"path": f"images/{name}", "bytes": len(data),
-                          "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
-            waits.append(self._put(temp, os.path.join(self.images, name)))
-            del value, data  # not held while the turn's sync is awaited
-        await asyncio.gather(*waits)
+        temps: list[str] = []
+        for k, value in enumerate(values):  # all decoded first: a bad one stores none
+            values[k] = b64decode(value, validate=True)
+            del value
+        try:
+            for k, data in enumerate(values):
+                values[k] = None
+                name = f"{index}-{k}.png"
+                temp = os.path.join(self.temps, name)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                temps.append(temp)
+                try:
+                    write_all(fd, data)
+                    if self.syncfs is None:  # no syncfs: each through the descriptor that wrote it
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                files.append({"path": f"images/{name}", "bytes": len(data),
+                              "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+                del data  # not held while the turn's sync is awaited
+        except OSError:
+            for temp in temps:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+            raise
+        await asyncio.gather(*(self._put(temp, f"{self.images}/{os.path.basename(temp)}")
+                               for temp in temps))  # fmt: skip
         self.line(self.ledger, {"id": str(index), "status": "ok", "usage": usage,
                                 "files": files, "at": time.time()})  # fmt: skip
         for entry in files:
@@ -260,10 +269,12 @@ async def main() -> None:
             return False
         return True
 
-    async with aiohttp.ClientSession() as session:
-        results = await asyncio.gather(*(one(session, i, line) for i, line in enumerate(lines)))
-    if ledgered is not None:
-        ledgered.close()
+    try:
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(*(one(session, i, line) for i, line in enumerate(lines)))
+    finally:
+        if ledgered is not None:  # its lines fsynced, however the run ends
+            ledgered.close()
     ok = sum(results)
     print(orjson.dumps({"ok": ok, "failed": len(results) - ok}).decode())
 

@@ -39,7 +39,9 @@ cost of each image beyond the first, (CPU - one-image CPU) / (images - 1), the s
 client. (An empty manifest would not do: batchimg imports its HTTP client for the first
 request only, the peers at start.) batchimg's modules are byte-compiled first, as `pip install`
 does, so no run pays for compiling them. The bars of issue 19 are printed at the end with a
-verdict; nothing fails on them (CI runs --smoke, whose sizes are too small for verdicts).
+verdict; nothing fails on them (CI runs --smoke, whose sizes are too small for verdicts). A
+client run of overhead or payload (or its one-image start-up) that did not do every item is
+listed with the end of its stderr, its scenario's bars get no verdict, and the runner exits 1.
 """
 
 from __future__ import annotations
@@ -130,20 +132,21 @@ class Bar:
         return self.value <= self.limit
 
 
-#: `python -c LAUNCHER CMD...` runs CMD as its child (stdout passed through, stderr dropped) and
-#: prints, as the last line of its own stderr, JSON: the child's wall time from its start to its
-#: end, its CPU (user + sys), peak RSS (KiB) and exit status. Linux counts in a child's
+#: `python -c LAUNCHER CMD...` runs CMD as its child (stdout passed through, stderr into a temp
+#: file, read after it ends) and prints, as the last line of its own stderr, JSON: the child's
+#: wall time from its start to its end, its CPU (user + sys), peak RSS (KiB), exit status and the
+#: last 2,000 bytes of its stderr. Linux counts in a child's
 #: ru_maxrss the memory of the process it was forked from, and the runner can hold more than a
 #: small client: forked from this small launcher, each client's peak is its own.
 LAUNCHER = """
-import json, os, subprocess, sys, time
+import json, os, subprocess, sys, tempfile, time
+err = tempfile.TemporaryFile()  # a file, not a pipe: no wake-ups of this launcher while it runs
 started = time.perf_counter()
-child = subprocess.Popen(sys.argv[1:], stderr=subprocess.PIPE)
-tail = b""
-while chunk := child.stderr.read(65536):  # what it says of a failure: its last lines
-    tail = (tail + chunk)[-2000:]
+child = subprocess.Popen(sys.argv[1:], stderr=err)
 _, status, usage = os.wait4(child.pid, 0)
 wall_s = time.perf_counter() - started
+err.seek(max(0, err.seek(0, 2) - 2000))
+tail = err.read()  # what it said of a failure: its last lines
 print(json.dumps({"wall_s": wall_s, "cpu_s": usage.ru_utime + usage.ru_stime,
                   "rss_kib": usage.ru_maxrss, "exit": os.waitstatus_to_exitcode(status),
                   "stderr": tail.decode(errors="replace")}), file=sys.stderr)
@@ -283,8 +286,8 @@ def disk_root() -> Path:
 # --- start-up -------------------------------------------------------------------------------
 
 
-def client_startups(tmp: Path, clients: Sequence[str], mock_options: Sequence[str],
-                    runs: int = 3) -> dict[str, float]:  # fmt: skip
+def client_startups(tmp: Path, scenario: str, clients: Sequence[str],
+                    mock_options: Sequence[str], runs: int = 3) -> dict[str, float]:  # fmt: skip
     """Each client's CPU on a one-image manifest (start, import, set up, connect, one image,
     exit): the least of a few runs. What a run pays once is in it, whatever the client loads
     lazily (an HTTP client imported for the first request is start-up too)."""
@@ -296,8 +299,8 @@ def client_startups(tmp: Path, clients: Sequence[str], mock_options: Sequence[st
             for client in alternate(clients, r):
                 out = tmp / f"one-{client}-{r}"
                 p = run_process(client_cmd(client, manifest, out, base_url, 32))
-                check_done(f"one-image start-up, {LABELS[client]}, run {r + 1}", p,
-                           items_done(client, out, p), 1)  # fmt: skip
+                check_done(scenario, None, f"{scenario}, one-image start-up, {LABELS[client]}, "
+                           f"run {r + 1}", p, items_done(client, out, p), 1)  # fmt: skip
                 cpus[client].append(p.cpu_s)
                 shutil.rmtree(out, ignore_errors=True)
     return {c: min(v) for c, v in cpus.items()}
@@ -344,26 +347,33 @@ def startup(tmp: Path, runs: int, bars: list[Bar]) -> str:
 # --- overhead and payload: batchimg beside its peers ----------------------------------------
 
 
-#: Client runs (overhead, payload and their one-image start-ups) that did not do every item:
-#: their figures measure a failure, not the client. Their scenario's bars get no verdict, and the
-#: runner exits 1 after its tables (so CI's smoke run fails on a broken client).
-INCOMPLETE: list[str] = []
+#: Client runs (overhead, payload and their one-image start-ups) that did not do every item, as
+#: (scenario, filesystem or None for a start-up run, what happened): their figures measure a
+#: failure, not the client. The bars of that scenario (there) get no verdict, and the runner exits
+#: 1 after its tables (so CI's smoke run fails on a broken client).
+INCOMPLETE: list[tuple[str, str | None, str]] = []
 
 
 def items_done(client: str, out: Path, p: Process) -> int:
     return ledger_ok(out) if client == "batchimg" else peer_ok(p.stdout)
 
 
-def check_done(what: str, p: Process, done: int, count: int) -> None:
+def check_done(scenario: str, where: str | None, what: str, p: Process, done: int,
+               count: int) -> None:  # fmt: skip
     """Note a run that did not do all of its `count` items, with the end of its stderr."""
     if done != count or p.exit_code:
         said = p.stderr_tail.strip().splitlines()[-3:]
-        INCOMPLETE.append(f"{what}: {done} of {count} items done, exit code {p.exit_code}"
-                          + "".join(f"\n    {line}" for line in said))  # fmt: skip
+        text = f"{what}: {done} of {count} items done, exit code {p.exit_code}"
+        INCOMPLETE.append((scenario, where, text + "".join(f"\n    {x}" for x in said)))
 
 
-def compare(tmp: Path, outdir: Path, name: str, count: int, concurrency: int, repeat: int,
-            mock_options: list[str], startups: dict[str, float]
+def incomplete(bar: Bar) -> bool:
+    return any(scenario == bar.scenario and where in (None, bar.where)
+               for scenario, where, _ in INCOMPLETE)  # fmt: skip
+
+
+def compare(tmp: Path, outdir: Path, where: str, name: str, count: int, concurrency: int,
+            repeat: int, mock_options: list[str], startups: dict[str, float]
             ) -> list[list[Measure]]:  # fmt: skip
     """Every client on the same manifest, once per repetition; rows[r] is repetition r."""
     manifest = tmp / f"{name}.jsonl"
@@ -376,7 +386,8 @@ def compare(tmp: Path, outdir: Path, name: str, count: int, concurrency: int, re
             with mock_process(*mock_options) as base_url:
                 p = run_process(client_cmd(client, manifest, out, base_url, concurrency))
             done = items_done(client, out, p)
-            check_done(f"{name}, {LABELS[client]}, repetition {r + 1}", p, done, count)
+            check_done(name, where, f"{name} ({where} fs), {LABELS[client]}, repetition "
+                       f"{r + 1}", p, done, count)  # fmt: skip
             done_with(out)
             extra = f"exit {p.exit_code}" if p.exit_code else ""
             rep.append(Measure(client, p.wall_s, p.cpu_s, p.rss_mib, done, count, extra,
@@ -774,11 +785,11 @@ def main() -> None:
         if "startup" in only:
             print(startup(tmp, sizes["startup"], bars) + "\n")
         if "overhead" in only:
-            startups = client_startups(tmp, CLIENTS, [])
+            startups = client_startups(tmp, "overhead", CLIENTS, [])
             write_manifest(tmp / "overhead.jsonl", sizes["overhead"], quality="low")
             for where in wanted:
-                rows = compare(tmp, dirs[where], "overhead", sizes["overhead"], 32, args.repeat,
-                               [], startups)  # fmt: skip
+                rows = compare(tmp, dirs[where], where, "overhead", sizes["overhead"], 32,
+                               args.repeat, [], startups)  # fmt: skip
                 text, medians = report(f"overhead ({where} fs): {sizes['overhead']} tiny "
                                        "images, concurrency 32", rows)  # fmt: skip
                 print(text + "\n")
@@ -795,10 +806,10 @@ def main() -> None:
                 each += [f for f in (fsynced, batched) if f is not None]
             doubts = {w: floor_doubt(w, each) for w in floors}
             write_manifest(tmp / "payload.jsonl", sizes["payload"], quality="low")
-            startups = client_startups(tmp, CLIENTS, ["--detailed-images"])
+            startups = client_startups(tmp, "payload", CLIENTS, ["--detailed-images"])
             for where in wanted:
-                rows = compare(tmp, dirs[where], "payload", sizes["payload"], 32, args.repeat,
-                               ["--detailed-images"], startups)  # fmt: skip
+                rows = compare(tmp, dirs[where], where, "payload", sizes["payload"], 32,
+                               args.repeat, ["--detailed-images"], startups)  # fmt: skip
                 floor_ms = floors[where].median_cpu_ms
                 text, medians = report(f"payload ({where} fs): {sizes['payload']} images of "
                                        "2.5 MB, concurrency 32", rows, floor_ms)  # fmt: skip
@@ -820,10 +831,11 @@ def main() -> None:
                         rows) + "\n")  # fmt: skip
         if INCOMPLETE:
             print("### runs that did not do every item (their scenarios' bars: no verdict)\n\n"
-                  + "\n".join(f"- {run}" for run in INCOMPLETE) + "\n")  # fmt: skip
+                  + "\n".join(f"- {run}" for _, _, run in INCOMPLETE) + "\n")  # fmt: skip
             for bar in bars:
-                if bar.scenario in ("overhead", "payload"):
-                    bar.doubt = bar.doubt or "a client run did not do every item"
+                if incomplete(bar):
+                    why = "a client run did not do every item"
+                    bar.doubt = f"{bar.doubt}; {why}" if bar.doubt else why
         if bars:
             print(bars_table(bars, args.repeat, args.smoke))
     finally:

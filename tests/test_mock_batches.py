@@ -542,8 +542,8 @@ def test_a_stopped_mock_leaves_no_batch_files_and_sweeps_those_of_killed_ones(
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     config = f"MockConfig(api_key={KEY!r}, **{QUICK!r})"
     try:
-        # Started as from a terminal: a suite run under `nohup` passes SIGHUP on ignored, and a
-        # mock keeps an ignored SIGHUP so (see the test below).
+        # Started as from a terminal: under `nohup` the suite passes SIGHUP on to its children
+        # ignored, and a mock that inherits an ignored SIGHUP keeps ignoring it (the next test).
         terminal = lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)  # noqa: E731
         env = {**os.environ, "TMPDIR": str(tmp_path)}
         with served_mock(config, env=env, preexec_fn=terminal) as (proc, base_url):
