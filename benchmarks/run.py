@@ -133,11 +133,11 @@ class Bar:
 
 
 #: `python -c LAUNCHER CMD...` runs CMD as its child (stdout passed through, stderr into a temp
-#: file, read after it ends) and prints, as the last line of its own stderr, JSON: the child's
-#: wall time from its start to its end, its CPU (user + sys), peak RSS (KiB), exit status and the
-#: last 2,000 bytes of its stderr. Linux counts in a child's
-#: ru_maxrss the memory of the process it was forked from, and the runner can hold more than a
-#: small client: forked from this small launcher, each client's peak is its own.
+#: file, read after it ends) and prints, as the last line of its own stderr, JSON: the child's wall
+#: time from its start to its end, its CPU (user + sys), peak RSS (KiB), exit status and the last
+#: 2,000 bytes of its stderr. Linux counts in a child's ru_maxrss the memory of the process it was
+#: forked from, and the runner can hold more than a small client: forked from this small launcher,
+#: each client's peak is its own.
 LAUNCHER = """
 import json, os, subprocess, sys, tempfile, time
 err = tempfile.TemporaryFile()  # a file, not a pipe: no wake-ups of this launcher while it runs
