@@ -67,11 +67,15 @@ def durable_write(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.rename(temp, path)
-    directory = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    fsync_directory(os.path.dirname(path))
+
+
+def fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(directory)
+        os.fsync(fd)
     finally:
-        os.close(directory)
+        os.close(fd)
 
 
 PIECE = 1 << 20  # one write of 2 MB or more costs several times as much on ext4 here (run.py)
@@ -123,7 +127,7 @@ class Ledgered:
         """Store an answer's images (its `b64_json` values, dropped as they are decoded), then
         write the item's ledger line and its metadata lines."""
         files: list[dict[str, Any]] = []
-        temps: list[str] = []
+        temps: list[tuple[str, str]] = []  # (temp, final)
         for k, value in enumerate(values):  # all decoded first: a bad one stores none
             values[k] = b64decode(value, validate=True)
             del value
@@ -133,7 +137,7 @@ class Ledgered:
                 name = f"{index}-{k}.png"
                 temp = os.path.join(self.temps, name)
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                temps.append(temp)
+                temps.append((temp, os.path.join(self.images, name)))
                 try:
                     write_all(fd, data)
                     if self.syncfs is None:  # no syncfs: each through the descriptor that wrote it
@@ -144,12 +148,11 @@ class Ledgered:
                               "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
                 del data  # not held while the turn's sync is awaited
         except OSError:
-            for temp in temps:
+            for temp, _ in temps:
                 with contextlib.suppress(OSError):
                     os.unlink(temp)
             raise
-        await asyncio.gather(*(self._put(temp, f"{self.images}/{os.path.basename(temp)}")
-                               for temp in temps))  # fmt: skip
+        await asyncio.gather(*(self._put(temp, final) for temp, final in temps))
         self.line(self.ledger, {"id": str(index), "status": "ok", "usage": usage,
                                 "files": files, "at": time.time()})  # fmt: skip
         for entry in files:
@@ -183,11 +186,7 @@ class Ledgered:
                     with contextlib.suppress(OSError):
                         os.unlink(temp)
                     _answer(done, exc)
-            fd = os.open(self.images, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_directory(self.images)
         except BaseException as exc:
             for _, _, done in turn:
                 _answer(done, exc if isinstance(exc, Exception) else OSError("interrupted"))
